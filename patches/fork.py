@@ -278,7 +278,7 @@ def am_failure_message(patch: str, output: str) -> str:
     return (
         f"patch {patch} does not apply cleanly (no fuzz is allowed) to {where}.\n"
         f"Rebase it on the new upstream and re-export; the procedure is in {REBASE_DOC}.\n"
-        f"git am said:\n  " + "\n  ".join(output.strip().splitlines()[-8:])
+        "git am said:\n  " + "\n  ".join([ln for ln in output.splitlines() if ln.startswith("error:")][:8])
     )
 
 

@@ -1,0 +1,81 @@
+# longctx: full-parameter long-context fine-tuning on a patched transformers.
+#   make test            everything from a fresh clone: venv, pinned deps, the fork, pytest (what CI runs)
+#   make run             the embedded default fine-tune (the README's run command, inside the venv)
+#   make apply-patches   build transformers-fork/ from the verified sdist and patches/series
+#   make help            all targets
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+PATCH_INPUTS := patches/UPSTREAM patches/series $(wildcard patches/*.patch) patches/fork.py
+
+.DEFAULT_GOAL := help
+.PHONY: help venv apply-patches export-patches check-patches install-fork test test-fast run bench report \
+        wheelhouse clean-fork clean
+
+help:
+	@grep -E '^#   make' Makefile | sed 's/^#   //'
+	@echo "make export-patches  regenerate patches/ from the fork's commits"
+	@echo "make check-patches   apply from clean, re-export, fail on any diff, lint headers"
+	@echo "make bench           the GPU benchmark ladder (see bench/README.md)"
+	@echo "make report          regenerate docs/RESULTS.md and plots from bench/results/*.json"
+	@echo "make wheelhouse PYTHON_VERSION=3.12   wheels for an offline install"
+
+# --- environment ------------------------------------------------------------------------------------------------------
+# torch first (the CPU build where no GPU build is wanted), then deepspeed against it, then the rest, all pinned.
+$(VENV)/.deps: requirements.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(PIP) install -q --disable-pip-version-check -r requirements.txt -c constraints.txt
+	touch $@
+
+venv: $(VENV)/.deps
+
+# --- the fork ---------------------------------------------------------------------------------------------------------
+apply-patches:
+	$(PYTHON) patches/fork.py apply
+
+export-patches:
+	$(PYTHON) patches/fork.py export
+
+check-patches:
+	$(PYTHON) patches/fork.py check
+
+# Reinstalled only when the series or the pin changes; editable, so the fork's tree is what gets imported.
+$(VENV)/.fork: $(VENV)/.deps $(PATCH_INPUTS)
+	$(PYTHON) patches/fork.py apply
+	$(PIP) install -q --disable-pip-version-check --no-deps --no-build-isolation -e ./transformers-fork
+	touch $@
+
+install-fork: $(VENV)/.fork
+
+# --- tests and the main job -------------------------------------------------------------------------------------------
+test: $(VENV)/.fork
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+
+test-fast: $(VENV)/.fork
+	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS) tests
+
+run: $(VENV)/.fork
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed train.py --deepspeed ds_configs/zero3_offload.json
+
+# --- benchmarks and offline install -----------------------------------------------------------------------------------
+bench:
+	$(PYTHON) -m bench.run $(BENCH_ARGS)
+
+report:
+	$(PYTHON) -m bench.report
+
+PYTHON_VERSION ?= 3.12
+wheelhouse:
+	PYTHON_VERSION=$(PYTHON_VERSION) bash bench/wheelhouse.sh
+
+# --- cleaning ---------------------------------------------------------------------------------------------------------
+clean-fork:
+	find transformers-fork -mindepth 1 -maxdepth 1 ! -name README-FORK.md -exec rm -rf {} +
+
+clean: clean-fork
+	rm -rf $(VENV) .pytest_cache

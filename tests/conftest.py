@@ -1,0 +1,50 @@
+"""Shared test setup: the `gpu` marker, and a check that the transformers under test is our fork."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped on CPU-only machines")
+    config.addinivalue_line("markers", "slow: launches real multi-process runs")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def expected_fork_version() -> str:
+    import sys
+
+    sys.path.insert(0, str(ROOT / "patches"))
+    import fork
+
+    upstream = fork.read_upstream(ROOT / "patches" / "UPSTREAM")
+    return fork.read_series(ROOT / "patches").fork_version(upstream)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _transformers_is_the_fork():
+    """Every test runs against the fork built from this checkout's series, never a stray upstream install."""
+    if os.environ.get("LONGCTX_ALLOW_UPSTREAM") == "1":
+        return
+    import transformers
+
+    expected = expected_fork_version()
+    if transformers.__version__ != expected:
+        pytest.exit(
+            f"transformers {transformers.__version__} from {transformers.__file__} is not the fork {expected}: "
+            "run `make test` (it applies the patches and installs ./transformers-fork)",
+            returncode=3,
+        )
