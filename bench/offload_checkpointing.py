@@ -1,11 +1,13 @@
 """GPU benchmark of the fork's offloaded checkpointing against plain and upstream-offloaded checkpointing.
 
 One process, one GPU, a Llama-3.1-8B-shaped decoder stack (default 8 of its 32 layers, random init, bf16) trained
-forward + backward at each sequence length with three checkpointing modes, measured side by side:
+forward + backward at each sequence length with each checkpointing mode, measured side by side:
 
-    plain     activation_checkpointing_enable()                checkpoints on the GPU
-    fork      offload_gradient_checkpointing_enable()          pinned host memory, side stream, prefetch
-    upstream  activation_checkpointing_enable(offload=True)    upstream 5.23: save_on_cpu on the compute stream
+    plain            activation_checkpointing_enable(): checkpoints on the GPU (non-reentrant, upstream's default)
+    plain_reentrant  the same with use_reentrant=True
+    fork             offload_gradient_checkpointing_enable(): pinned host memory, side-stream copies, prefetch
+    fork_reentrant   the same through the reentrant autograd function (use_reentrant=True)
+    upstream         activation_checkpointing_enable(offload=True): upstream 5.23, save_on_cpu on the compute stream
 
 The language-model head is left out (the loss is the mean square of the last hidden state): at 128K its fp32 logits
 alone are 67 GB, and it does not depend on the checkpointing mode. So the memory difference between `plain` and
@@ -46,8 +48,12 @@ def set_mode(model, mode: str) -> None:
     model.activation_checkpointing_disable()
     if mode == "plain":
         model.activation_checkpointing_enable()
+    elif mode == "plain_reentrant":
+        model.activation_checkpointing_enable({"use_reentrant": True})
     elif mode == "fork":
         model.offload_gradient_checkpointing_enable()
+    elif mode == "fork_reentrant":
+        model.offload_gradient_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     elif mode == "upstream":
         model.activation_checkpointing_enable(offload=True)
     else:
@@ -126,8 +132,8 @@ def main() -> int:
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"{'len':>7} {'mode':>9} {'s/step':>8} {'peak GiB':>9} {'vs plain':>9}")
-    plain = {r["seq_len"]: r for r in rows if r["mode"] == "plain" and r["status"] == "ok"}
+    print(f"{'len':>7} {'mode':>9} {'s/step':>8} {'peak GiB':>9} {'vs ' + args.modes[0]:>9}")
+    plain = {r["seq_len"]: r for r in rows if r["mode"] == args.modes[0] and r["status"] == "ok"}
     for r in rows:
         if r["status"] != "ok":
             print(f"{r['seq_len']:>7} {r['mode']:>9} {'OOM':>8}")

@@ -31,7 +31,9 @@ MODES = {
     "none": lambda m: None,
     "plain_reentrant": lambda m: m.activation_checkpointing_enable({"use_reentrant": True}),
     "plain_nonreentrant": lambda m: m.activation_checkpointing_enable({"use_reentrant": False}),
-    "offload_reentrant": lambda m: m.offload_gradient_checkpointing_enable(),
+    "offload_default": lambda m: m.offload_gradient_checkpointing_enable(),
+    "offload_reentrant": lambda m: m.offload_gradient_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": True}),
     "offload_nonreentrant": lambda m: m.offload_gradient_checkpointing_enable(
         activation_checkpointing_kwargs={"use_reentrant": False}),
     "offload_first_two": lambda m: m.offload_gradient_checkpointing_enable(num_offloaded_layers=2),
@@ -101,7 +103,7 @@ def test_parity_under_bf16_autocast():
     assert_same(train_step(model, "plain_reentrant", input_ids, autocast_dtype=torch.bfloat16), reference)
 
 
-@pytest.mark.parametrize("mode,expected", [("offload_reentrant", 3), ("offload_nonreentrant", 3),
+@pytest.mark.parametrize("mode,expected", [("offload_default", 3), ("offload_reentrant", 3), ("offload_nonreentrant", 3),
                                            ("offload_first_two", 2), ("plain_reentrant", 0)])
 def test_checkpoints_really_go_through_the_offloader(monkeypatch, mode, expected):
     stored = []
