@@ -63,15 +63,17 @@ run: $(VENV)/.fork
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed train.py --deepspeed ds_configs/zero3_offload.json
 
 # --- benchmarks and offline install -----------------------------------------------------------------------------------
-bench:
-	$(PYTHON) -m bench.run $(BENCH_ARGS)
+# PROFILE=cpu-smoke|1xgpu-3b|4xh200-8b-48g|4xh200-8b-16g|4xh200-8b-48g-full (bench/README.md)
+bench: $(VENV)/.fork
+	$(PY) -m bench.run --profile $(or $(PROFILE),cpu-smoke) $(BENCH_ARGS)
 
-report:
-	$(PYTHON) -m bench.report
+report: $(VENV)/.deps
+	$(PY) -m bench.report
 
+# PYTHON_VERSION=3.12 [PLATFORM=x86_64|aarch64] [TORCH_SPEC=torch==2.11.0]
 PYTHON_VERSION ?= 3.12
-wheelhouse:
-	PYTHON_VERSION=$(PYTHON_VERSION) bash bench/wheelhouse.sh
+wheelhouse: $(VENV)/.fork
+	PYTHON_VERSION=$(PYTHON_VERSION) PYTHON=$(PY) bash bench/wheelhouse.sh
 
 # --- cleaning ---------------------------------------------------------------------------------------------------------
 clean-fork:
