@@ -253,7 +253,37 @@ def render_targets(runs: list[dict]) -> list[str]:
     return L
 
 
-def render(runs: list[dict]) -> str:
+def load_offload_results(results_dir: Path) -> list[dict]:
+    """Runs of bench/offload_checkpointing.py (the fork's checkpointer against plain and upstream offload)."""
+    return [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("offload_checkpointing/*.json"))]
+
+
+def render_offload(results: list[dict]) -> list[str]:
+    L = []
+    for res in results:
+        cfg = res["config"]
+        L += [f"## Offloaded checkpointing: {cfg['shape']} shape, {cfg['layers']} layers, 1× {res['device']}", "",
+              f"Date {res['date']}; torch {res['versions']['torch']}, transformers {res['versions']['transformers']}; "
+              f"{cfg['dtype']}, {cfg['attention']}, loss: {cfg['loss']}; median of {cfg['steps']} steps after a "
+              f"warm-up. `bench/offload_checkpointing.py`. {res.get('note', '')}".rstrip(), "",
+              "| Seq len | Mode | s/step | vs plain | Peak GPU GiB (allocated) | Saved vs plain GiB "
+              "| Predicted checkpoints GiB (L×S×hidden×2) | Peak reserved GiB |",
+              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        plain = {r["seq_len"]: r for r in res["rows"] if r["mode"] == "plain" and r["status"] == "ok"}
+        for r in res["rows"]:
+            p = plain.get(r["seq_len"])
+            if r["status"] != "ok":
+                L.append(f"| {fmt_len(r['seq_len'])} | {r['mode']} | OOM | — | — | — | — | — |")
+                continue
+            ratio = f"{r['step_s'] / p['step_s']:.3f}×" if p else "—"
+            saved = f"{p['peak_gib'] - r['peak_gib']:.1f}" if p else "—"
+            L.append(f"| {fmt_len(r['seq_len'])} | {r['mode']} | {r['step_s']:.2f} | {ratio} | {r['peak_gib']:.1f} "
+                     f"| {saved} | {r['predicted_checkpoint_gib']:.1f} | {r['reserved_gib']:.1f} |")
+        L.append("")
+    return L
+
+
+def render(runs: list[dict], offload: list[dict] | None = None) -> str:
     L = [BEGIN, "", "## Definitions", "",
          "- **Max trainable length**: longest sequence (one sample per GPU) for which a full optimizer step "
          "(forward, backward, optimizer step) completed; step-up search doubling then refined to 10%.",
@@ -271,6 +301,7 @@ def render(runs: list[dict]) -> str:
         L += ["No benchmark results yet: run `make bench` on a GPU machine (see bench/README.md).", ""]
     for run in runs:
         L += render_run(run)
+    L += render_offload(offload or [])
     L.append(ANCHORS)
     L.append(END)
     return "\n".join(L) + "\n"
@@ -351,7 +382,7 @@ def main(argv=None) -> int:
     runs = load_results(Path(a.results_dir))
     out = Path(a.out)
     existing = out.read_text() if out.exists() else None
-    new = update_document(existing, render(runs))
+    new = update_document(existing, render(runs, load_offload_results(Path(a.results_dir))))
     if a.check:
         if existing != new:
             print(f"{out} is stale: run `python -m bench.report` (or `make report`)", file=sys.stderr)
