@@ -1,0 +1,776 @@
+"""Memory planner: predicted peak GPU memory per rank, host RAM and pinned memory of one training step.
+
+    plan(Setup(...)) -> Plan                    the breakdown (bytes), GPU peak, host RAM, pinned
+    max_seq_len_that_fits(setup, hw) -> int     the largest length that fits the hardware
+    next_knobs(setup, hw) -> list[Knob]         which setting to change next, each re-planned
+    format_plan(setup, hw) -> str               the text `train.py --plan` prints
+
+Pure functions, no torch: usable on a CPU machine for any target hardware.
+
+How the GPU peak is formed. Memory that lives for the whole step (model states, framework buffers, small
+per-token buffers) plus the largest of three phases, which never overlap in time:
+  * layer backward: backward of one checkpointed decoder layer just after its forward is recomputed,
+    plus the checkpoints still held on the GPU and DeepSpeed's live parameters/gradients/buckets;
+  * loss: the end of the forward, the LM head and cross-entropy (full logits, chunked or Liger's fused);
+  * embedding backward (ZeRO-3): the gathered embedding and its dense gradient.
+
+The per-layer working set is counted tensor by tensor, in units of one hidden-state tensor
+U = tokens x hidden x act_bytes (q = H*d/hidden, kv = K*d/hidden, r = intermediate/hidden). The peak of a
+Llama/Mistral/Qwen decoder layer's backward (transformers ops, non-Liger) is in the MLP's `act(gate) * up`
+backward, where these are alive:
+    saved by the layer's recomputed forward:
+      2 RMSNorms x (fp32 copy of the input 4/a + normalized input 1 + output 1)   2 (4/a + 2)
+      q and k after RoPE, v                                                    q + 2 kv
+      attention output (saved by SDPA/flash) and its contiguous copy (o_proj)  2 q
+      gate, up, act(gate)   (act(gate)*up was freed by down_proj's backward)   3 r
+    gradients: of the layer output 1, of act(gate)*up r, of act(gate) r, of up r          1 + 3 r
+  = 2 (4/a + 2) + 3 q + 2 kv + 6 r + 1        (33.5 U for Llama-3.1-8B in bf16)
+With Liger (RMSNorm saves its input and output only; RoPE in place; SwiGLU saves gate and up and
+recomputes the activation) the peak moves to down_proj's backward:
+    2 x 2 (norms) + 3 q + 2 kv + 3 r (gate, up, product) + 1 + r (gradient of the product)
+  = 4 + 3 q + 2 kv + 4 r + 1                  (22.5 U for Llama-3.1-8B)
+Tiled MLP (n shards) holds the r-sized tensors of one shard at a time: every r above becomes r / n.
+These counts were derived from the ops, then checked against bench/results/offload_checkpointing: the
+prediction matches the measured peak to the byte per token (see tests/test_plan_calibration.py).
+
+Global constants are below, each with its physical meaning and where its value comes from. Nothing is
+tuned per configuration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from .flops import ModelShape
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+# ---- global constants -------------------------------------------------------------------------------
+# Allocated by torch on every GPU besides tensors of the model: cuBLAS/cuBLASLt workspaces, rotary
+# inv_freq, small buffers. Measured: allocated after the warm-up step minus params, grads and ids in
+# bench/results/offload_checkpointing (64.25 MiB on H100, both lengths).
+FRAMEWORK_GPU_BYTES = 64 * MiB
+# Per token, whatever the layer count: input_ids/labels/position_ids (int64, 8 B each), the rotary cos
+# and sin (head_dim x act bytes each), flash's logsumexp (heads x fp32). In the offload benchmark
+# (ids + positions only, no labels) these are exactly the 656 B/token left over beyond 33.5 U.
+IDS_BYTES_PER_TOKEN = 24
+# Extra checkpoint-sized tensors (units of one layer input) held on the GPU by each checkpointing
+# implementation, besides the working set. Measured (bench/results/offload_checkpointing, 32K rows;
+# the 128K rows are the check):
+#   plain: every layer's input stays on the GPU (counted separately, L x U); reentrant adds one more copy
+#          (the detached input the reentrant function keeps for the recompute);
+#   fork: the prefetched checkpoint of the next layer (copy-back buffer, 1 U); reentrant adds the
+#         detached input and its copy (2 U);
+#   upstream (save_on_cpu): nothing beyond the working set; reentrant assumed like plain (+1).
+CKPT_EXTRA_UNITS = {("plain", False): 0, ("plain", True): 1, ("fork", False): 1, ("fork", True): 3,
+                    ("upstream", False): 0, ("upstream", True): 1}
+# Ulysses sequence parallelism: all-to-all send/receive buffers of q, k, v and the attention output.
+SP_A2A_UNITS = 2.0
+# Fit check, outside what torch reports as allocated: the CUDA context (driver, kernels, NCCL) and
+# allocator slack between reserved and allocated (expandable segments keep it small).
+CUDA_CONTEXT_BYTES = 0.75 * GiB
+ALLOCATOR_SLACK = 0.08
+# Host RAM of a rank before the model: interpreter, torch + CUDA host-side libraries, DeepSpeed, NCCL.
+HOST_PROCESS_BYTES = 3.0 * GiB
+# Host RAM a rank keeps beyond the model states it holds, per parameter of its shard: what the ZeRO-3 init
+# leaves resident (weights built on the host in act dtype, fp32 conversions before pinning). FITTED, provisional:
+# on the one host measurement with a clean pinned cache (bench/results 3B 1xH100 baseline 16K; 32K is the check).
+HOST_INIT_BYTES_PER_PARAM = 3.5
+# Host RAM usable by training: the rest is the OS, page cache for the data, other processes.
+HOST_USABLE = 0.90
+# Tokens per chunk of longctx.modeling's chunked LM-head loss (kept equal to modeling.HEAD_CHUNK_TOKENS, which
+# imports torch; tests/test_plan.py checks they agree). Liger's fused CE picks its own chunk, about one
+# hidden-state tensor of logits: next_pow2(ceil(tokens / ceil(vocab / hidden))) rows.
+HEAD_CHUNK_TOKENS = 8192
+
+CHECKPOINTING = ("none", "plain", "offload")
+OFFLOAD_IMPLS = ("fork", "upstream")
+LOSSES = ("full", "chunked", "liger", "none")
+ATTENTIONS = ("flash", "dense_mask", "eager")
+PRECISIONS = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything the memory of a step depends on. Tokens per rank = micro_batch x seq_len / sp."""
+    shape: ModelShape
+    seq_len: int
+    micro_batch: int = 1
+    world: int = 1
+    zero_stage: int = 3
+    offload_params: bool = True
+    offload_optimizer: bool = True
+    pin_memory: bool = True
+    optimizer: str = "adamw"             # "adamw" | "none" (forward+backward only, grads kept: a benchmark)
+    precision: str = "bf16"
+    checkpointing: str = "plain"         # none | plain (checkpoints on GPU) | offload (in pinned host RAM)
+    offload_impl: str = "fork"           # fork (offload_gradient_checkpointing_enable) | upstream (save_on_cpu)
+    reentrant: bool = True               # torch.utils.checkpoint use_reentrant (train.py: True)
+    num_offloaded_layers: Optional[int] = None   # None: all layers
+    loss: str = "chunked"                # full (HF: fp32 logits) | chunked (longctx) | liger (fused) | none
+    liger_kernels: bool = False          # Liger RMSNorm / RoPE / SwiGLU
+    tiled_mlp_shards: int = 1
+    attention: str = "flash"             # flash: O(S) (flash, varlen, SDPA mem-efficient) | dense_mask | eager
+    sp: int = 1                          # sequence-parallel degree (Ulysses)
+    lm_head: bool = True                 # False: the decoder stack only (a benchmark)
+    tied_embeddings: bool = False
+    head_gathered_throughout: bool = True  # ZeRO-3 external parameter (train.py) vs only inside the loss call
+    reduce_bucket_size: int = 0          # elements; 0: hidden^2 (the "auto" value)
+    prefetch_bucket_size: int = 0        # elements; 0: 0.9 hidden^2
+    overlap_comm: bool = True
+
+    def __post_init__(self):
+        problems = []
+        if self.seq_len < 1 or self.micro_batch < 1 or self.world < 1 or self.sp < 1 or self.tiled_mlp_shards < 1:
+            problems.append("seq_len, micro_batch, world, sp and tiled_mlp_shards must be >= 1")
+        if self.zero_stage not in (0, 1, 2, 3):
+            problems.append(f"zero_stage {self.zero_stage} not in 0..3")
+        for name, value, allowed in (("checkpointing", self.checkpointing, CHECKPOINTING),
+                                     ("offload_impl", self.offload_impl, OFFLOAD_IMPLS),
+                                     ("loss", self.loss, LOSSES), ("attention", self.attention, ATTENTIONS),
+                                     ("precision", self.precision, tuple(PRECISIONS)),
+                                     ("optimizer", self.optimizer, ("adamw", "none"))):
+            if value not in allowed:
+                problems.append(f"{name}={value!r} not in {allowed}")
+        if self.offload_params and self.zero_stage != 3:
+            problems.append("offload_params needs ZeRO stage 3")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def act_bytes(self) -> int:
+        return PRECISIONS[self.precision]
+
+    @property
+    def tokens(self) -> int:
+        """Tokens whose activations one rank holds."""
+        return math.ceil(self.micro_batch * self.seq_len / self.sp)
+
+    @property
+    def offloaded_layers(self) -> int:
+        if self.checkpointing != "offload":
+            return 0
+        n = self.shape.layers if self.num_offloaded_layers is None else self.num_offloaded_layers
+        return max(0, min(self.shape.layers, n))
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpus: int
+    gpu_mem: int            # bytes per GPU
+    host_mem: int           # bytes of host RAM shared by the `gpus` ranks (one node)
+    pinned_limit: Optional[int] = None   # bytes, if the machine limits it (None: only host RAM limits)
+    name: str = ""
+
+    @property
+    def gpu_usable(self) -> float:
+        """Bytes torch may allocate: the card minus the CUDA context, divided by the allocator's slack."""
+        return (self.gpu_mem - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_SLACK)
+
+    @property
+    def host_usable(self) -> float:
+        return self.host_mem * HOST_USABLE
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str
+    bytes: float
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    setup: Setup
+    persistent: list[Item]                  # GPU, alive during the whole step
+    phases: dict[str, list[Item]]           # GPU, the peak is the largest phase
+    host: list[Item]                        # per rank
+    pinned: float                           # per rank, bytes (part of host)
+    working_set_untiled: float = 0.0
+    working_set_tiled: Optional[float] = None
+
+    @property
+    def phase_totals(self) -> dict[str, float]:
+        return {k: sum(i.bytes for i in v) for k, v in self.phases.items()}
+
+    @property
+    def peak_phase(self) -> str:
+        t = self.phase_totals
+        return max(t, key=t.get)
+
+    @property
+    def gpu_peak(self) -> float:
+        """Predicted torch.cuda.max_memory_allocated() of one rank, bytes."""
+        return sum(i.bytes for i in self.persistent) + max(self.phase_totals.values())
+
+    @property
+    def host_per_rank(self) -> float:
+        return sum(i.bytes for i in self.host)
+
+    def host_total(self, ranks: int) -> float:
+        return ranks * self.host_per_rank
+
+    def components(self) -> dict[str, float]:
+        """Flat name -> bytes of the persistent items and the peak phase (for tests and JSON)."""
+        out = {i.name: i.bytes for i in self.persistent}
+        out.update({i.name: i.bytes for i in self.phases[self.peak_phase]})
+        return out
+
+
+# ---- component formulas ---------------------------------------------------------------------------------
+def _ratios(s: ModelShape) -> tuple[float, float, float]:
+    h = s.hidden
+    return s.heads * s.head_dim / h, s.kv_heads * s.head_dim / h, s.intermediate / h
+
+
+def layer_params(s: ModelShape) -> int:
+    h, d = s.hidden, s.head_dim
+    return h * s.heads * d * 2 + h * s.kv_heads * d * 2 + 3 * h * s.intermediate + 2 * h
+
+
+def total_params(s: ModelShape, *, lm_head: bool = True, tied: bool = False) -> int:
+    """Matmul weights, norms, embedding, and the LM head unless tied or left out."""
+    emb = s.vocab * s.hidden
+    return s.layers * layer_params(s) + emb + s.hidden + (emb if lm_head and not tied else 0)
+
+
+def working_set_units(s: ModelShape, act_bytes: int, *, liger: bool, mlp_shards: int = 1) -> float:
+    """Peak of one decoder layer's backward after recompute, in units of tokens x hidden x act_bytes."""
+    q, kv, r = _ratios(s)
+    r = r / mlp_shards
+    attn = 3 * q + 2 * kv
+    if liger:
+        return 4 + attn + 4 * r + 1
+    return 2 * (4 / act_bytes + 2) + attn + 6 * r + 1
+
+
+def saved_units(s: ModelShape, act_bytes: int, *, liger: bool) -> float:
+    """Activations one layer saves for backward without checkpointing (units as above)."""
+    q, kv, r = _ratios(s)
+    attn = 3 * q + 2 * kv
+    return (4 + attn + 3 * r) if liger else (2 * (4 / act_bytes + 2) + attn + 4 * r)
+
+
+def per_token_bytes(s: ModelShape, act_bytes: int) -> int:
+    """ids/labels/positions, rotary cos+sin, flash's logsumexp (fp32 per head)."""
+    return IDS_BYTES_PER_TOKEN + 2 * s.head_dim * act_bytes + 4 * s.heads
+
+
+def attention_workspace(setup: Setup) -> float:
+    """Beyond the O(S) tensors already in the working set: the dense mask or eager's S x S scores."""
+    S, B, a = setup.seq_len, setup.micro_batch, setup.act_bytes
+    heads = setup.shape.heads / setup.sp
+    if setup.attention == "dense_mask":   # boolean block-diagonal mask, one per row
+        return B * S * S
+    if setup.attention == "eager":        # additive mask, scores (act), fp32 softmax saved, probs (act)
+        return B * S * S * a + B * heads * S * S * (a + 4 + a)
+    return 0.0
+
+
+def loss_items(setup: Setup) -> list[Item]:
+    s, a, T = setup.shape, setup.act_bytes, setup.tokens
+    V, h = s.vocab, s.hidden
+    if setup.loss == "none" or not setup.lm_head:
+        return []
+    if setup.loss == "full":
+        # transformers: bf16 logits, fp32 copy, log_softmax output; in backward the saved log-probs, the
+        # dense gradient from nll_loss and log_softmax's gradient: 4 + 4 + 4 bytes per logit.
+        return [Item("logits (full, fp32 log-softmax + grads)", 12 * T * V, f"{T:,} x {V:,} x 12 B"),
+                Item("LM head input and its gradient", 2 * T * h * a)]
+    if setup.loss == "chunked":
+        c = min(T, HEAD_CHUNK_TOKENS)
+        w32 = 0 if a == 4 else V * h * 4
+        return [Item("logits chunk (fp32 + act copy)", c * V * (4 + a), f"{c:,} x {V:,} tokens x vocab"),
+                Item("fp32 weight copy + fp32 weight gradient", w32 + V * h * 4),
+                Item("LM head input (target rows) and its gradient", 2 * T * h * a)]
+    # Liger fused linear cross-entropy: one logits chunk in act dtype, gradient of the weight (act),
+    # gradient of the input, the kept input rows.
+    c = min(T, 1 << max(0, math.ceil(math.log2(max(1, math.ceil(T / math.ceil(V / h)))))))
+    return [Item("logits chunk (Liger fused CE)", c * V * a, f"{c:,} x {V:,}"),
+            Item("LM head weight gradient", V * h * a),
+            Item("LM head input (target rows) and its gradient", 2 * T * h * a)]
+
+
+def pinned_block(nbytes: float) -> float:
+    """torch's caching host allocator (tensor.pin_memory(), save_on_cpu) rounds each block up to a power of two
+    and keeps freed blocks cached for the life of the process (bench pinned peaks: 37.4 -> 40.9 GiB = 28
+    checkpoints of 96 MiB taking 128 MiB each)."""
+    return float(1 << math.ceil(math.log2(nbytes))) if nbytes > 0 else 0.0
+
+
+def model_state_items(setup: Setup) -> tuple[list[Item], list[Item], float]:
+    """(GPU items, host items, pinned bytes) of parameters, gradients and optimizer states per rank."""
+    s, a, W = setup.shape, setup.act_bytes, setup.world
+    P = total_params(s, lm_head=setup.lm_head, tied=setup.tied_embeddings)
+    z = setup.zero_stage
+    gpu, host, pinned = [], [], 0.0
+    params_div = W if z == 3 else 1
+    if setup.offload_params:
+        host.append(Item("params (ZeRO-3 offload)", a * P / W))
+        pinned += a * P / W if setup.pin_memory else 0
+    else:
+        gpu.append(Item(f"params{' (ZeRO-3 shard)' if z == 3 else ''}", a * P / params_div))
+    if setup.optimizer == "none":
+        gpu.append(Item("grads", a * P))
+        return gpu, host, pinned
+    opt_div = W if z >= 1 else 1
+    states = 12 * P / opt_div          # fp32 master + Adam m + v
+    if setup.offload_optimizer:
+        # fp32 master and fp32 grads are one flat pinned buffer each (rounded to a power of two), m and v are not
+        flat = pinned_block(4 * P / opt_div) if setup.pin_memory else 4 * P / opt_div
+        host.append(Item("fp32 master (flat, pinned)" if setup.pin_memory else "fp32 master", flat))
+        host.append(Item("fp32 grads (flat, pinned)" if setup.pin_memory else "fp32 grads", flat))
+        host.append(Item("Adam m, v", 8 * P / opt_div))
+        pinned += 2 * flat if setup.pin_memory else 0
+    else:
+        gpu.append(Item("fp32 master + Adam m, v", states))
+    if z <= 1:
+        gpu.append(Item("grads", a * P))
+    elif not setup.offload_optimizer:
+        gpu.append(Item("grads (shard)", a * P / W))
+    return gpu, host, pinned
+
+
+def deepspeed_items(setup: Setup) -> list[Item]:
+    """Live DeepSpeed buffers during a layer's backward.
+
+    ZeRO-3 gathers the layer being recomputed (and the prefetch bucket of the next one). Gradients are
+    reduced in buckets (double-buffered with overlap_comm); a gradient larger than the bucket is reduced
+    from its own tensor on the side stream, so the largest one produced so far (the LM head's, for the
+    last layer's backward) is still allocated while that layer's backward runs."""
+    s, a = setup.shape, setup.act_bytes
+    if setup.zero_stage == 0:
+        return []
+    reduce = setup.reduce_bucket_size or s.hidden * s.hidden
+    items = [Item("reduce bucket(s)", reduce * a * (2 if setup.overlap_comm else 1))]
+    if setup.zero_stage == 3:
+        prefetch = setup.prefetch_bucket_size or int(0.9 * s.hidden * s.hidden)
+        lp = layer_params(s)
+        head = s.vocab * s.hidden if setup.lm_head else 0
+        items += [Item("gathered layer params + prefetch", (lp + min(prefetch, lp)) * a),
+                  Item("largest gradient in the reduce queue", max(head, s.hidden * s.intermediate) * a,
+                       "LM head" if head > s.hidden * s.intermediate else "MLP matrix")]
+    return items
+
+
+def ckpt_gpu_units(setup: Setup) -> float:
+    L = setup.shape.layers
+    if setup.checkpointing == "none":
+        return 0.0
+    on_gpu = L - setup.offloaded_layers
+    if setup.checkpointing == "plain":
+        return on_gpu + CKPT_EXTRA_UNITS[("plain", setup.reentrant)]
+    return on_gpu + CKPT_EXTRA_UNITS[(setup.offload_impl, setup.reentrant)]
+
+
+def plan(setup: Setup) -> Plan:
+    s, a, T = setup.shape, setup.act_bytes, setup.tokens
+    U = T * s.hidden * a
+    V, h = s.vocab, s.hidden
+    head_bytes = V * h * a if setup.lm_head else 0  # tied: the embedding matrix, gathered as the head
+
+    gpu_states, host_states, pinned = model_state_items(setup)
+    persistent = gpu_states + [Item("framework (cuBLAS workspaces, buffers)", FRAMEWORK_GPU_BYTES),
+                               Item("ids, rotary cos/sin, logsumexp", T * per_token_bytes(s, a))]
+
+    liger = setup.liger_kernels
+    ws_units = working_set_units(s, a, liger=liger, mlp_shards=setup.tiled_mlp_shards)
+    untiled = working_set_units(s, a, liger=liger) * U
+    ckpt_units = ckpt_gpu_units(setup)
+    ckpt_note = {"none": "no checkpointing", "plain": f"{s.layers} layers on GPU",
+                 "offload": f"{setup.offloaded_layers}/{s.layers} layers in host RAM ({setup.offload_impl})"}
+    ds = deepspeed_items(setup)
+    zero3_head = setup.zero_stage == 3 and head_bytes > 0
+    head_live = [Item("LM head weight (ZeRO-3 external param)", head_bytes)] if (
+        zero3_head and setup.head_gathered_throughout) else []
+
+    layer = [Item("checkpoints on GPU", ckpt_units * U, ckpt_note[setup.checkpointing])]
+    if setup.checkpointing == "none":
+        # every layer's saved activations, plus the backward transient of the last layer
+        full = saved_units(s, a, liger=liger)
+        layer = [Item("saved activations (no checkpointing)", (s.layers - 1) * full * U, f"{s.layers - 1} layers")]
+    layer.append(Item("per-layer working set", ws_units * U,
+                      f"{ws_units:.2f} x tokens x hidden x {a} B" +
+                      (f" (untiled {working_set_units(s, a, liger=liger):.2f})" if setup.tiled_mlp_shards > 1 else "")))
+    attn_ws = attention_workspace(setup)
+    if attn_ws:
+        layer.append(Item("attention workspace", attn_ws, setup.attention))
+    if setup.sp > 1:
+        q, kv, _ = _ratios(s)
+        layer.append(Item("sequence-parallel all-to-all buffers", SP_A2A_UNITS * (q + kv) * U))
+    layer += ds + head_live
+
+    phases = {"layer backward": layer}
+    if setup.lm_head and setup.loss != "none":
+        norm = (2 if liger else 2 * (4 / a + 2)) * U
+        loss = [Item("checkpoints on GPU", ckpt_units * U if setup.checkpointing != "none" else
+                     s.layers * saved_units(s, a, liger=liger) * U),
+                Item("final norm (saved)", norm)] + loss_items(setup)
+        if zero3_head:
+            loss.append(Item("LM head weight (gathered)", head_bytes))
+        loss += [i for i in ds if i.name.startswith("reduce")]
+        phases["loss"] = loss
+    if setup.zero_stage == 3:
+        phases["embedding backward"] = [Item("embedding weight (gathered) + dense grad", 2 * V * h * a),
+                                        Item("gradient of the embedding output", U)] + head_live
+
+    host = [Item("process (python, torch, CUDA, DeepSpeed)", HOST_PROCESS_BYTES)] + host_states
+    if setup.zero_stage == 3 and setup.optimizer != "none":
+        P = total_params(s, lm_head=setup.lm_head, tied=setup.tied_embeddings)
+        host.append(Item("ZeRO-3 init residue", HOST_INIT_BYTES_PER_PARAM * P / setup.world))
+    if setup.offloaded_layers:
+        ck = setup.offloaded_layers * pinned_block(U)
+        host.append(Item("offloaded checkpoints", ck, f"{setup.offloaded_layers} layers x {T:,} tokens"))
+        pinned += ck
+    return Plan(setup, persistent, phases, host, pinned, working_set_untiled=untiled,
+                working_set_tiled=ws_units * U if setup.tiled_mlp_shards > 1 else None)
+
+
+# ---- fit, search, advice ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Verdict:
+    gpu_ok: bool
+    host_ok: bool
+    pinned_ok: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.gpu_ok and self.host_ok and self.pinned_ok
+
+
+def check_fit(p: Plan, hw: Hardware) -> Verdict:
+    ranks = hw.gpus
+    pinned_total = p.pinned * ranks
+    return Verdict(gpu_ok=p.gpu_peak <= hw.gpu_usable,
+                   host_ok=p.host_total(ranks) <= hw.host_usable,
+                   pinned_ok=hw.pinned_limit is None or pinned_total <= hw.pinned_limit)
+
+
+def fits(setup: Setup, hw: Hardware) -> bool:
+    return check_fit(plan(setup), hw).ok
+
+
+def max_seq_len_that_fits(setup: Setup, hw: Hardware, *, multiple: int = 1024, limit: int = 1 << 24) -> int:
+    """Largest seq_len (a multiple of `multiple`, up to `limit`) for which the plan fits `hw`; 0 if none."""
+    hi = limit // multiple
+    if not fits(replace(setup, seq_len=multiple), hw):
+        return 0
+    lo = 1
+    while lo < hi:  # memory grows with seq_len: bisect on the multiple count
+        mid = (lo + hi + 1) // 2
+        if fits(replace(setup, seq_len=mid * multiple), hw):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * multiple
+
+
+@dataclass(frozen=True)
+class Knob:
+    flag: str
+    what: str
+    setup: Setup
+
+    def effect(self, base: Setup, hw: Hardware) -> tuple[float, float, int]:
+        """(GPU peak before, after, max_seq_len after), bytes and tokens."""
+        return plan(base).gpu_peak, plan(self.setup).gpu_peak, max_seq_len_that_fits(self.setup, hw)
+
+
+# Knobs that need a feature train.py may not have yet; offered only when the caller says it exists.
+OPTIONAL_KNOBS = ("tiled_mlp", "sequence_parallel")
+
+
+def candidate_knobs(setup: Setup, optional: tuple[str, ...] = ()) -> list[Knob]:
+    s = setup
+    out: list[Knob] = []
+    if s.lm_head and s.loss != "liger":
+        out.append(Knob("--liger on", "Liger fused linear cross-entropy: no tokens x vocab logits",
+                        replace(s, loss="liger", liger_kernels=True)))
+    elif not s.liger_kernels:
+        out.append(Knob("--liger on", "Liger RMSNorm/SwiGLU/RoPE kernels: a smaller per-layer working set",
+                        replace(s, liger_kernels=True)))
+    if s.checkpointing == "none":
+        out.append(Knob("--gradient-checkpointing", "recompute layers in backward", replace(s, checkpointing="plain")))
+    elif s.checkpointing == "plain":
+        out.append(Knob("--offload-gradient-checkpointing", "checkpoints to pinned host RAM",
+                        replace(s, checkpointing="offload", offload_impl="fork", num_offloaded_layers=None)))
+    elif s.offloaded_layers < s.shape.layers:
+        out.append(Knob("--num-offloaded-layers", "offload every layer's checkpoint",
+                        replace(s, num_offloaded_layers=None)))
+    if s.zero_stage < 3:
+        out.append(Knob("ZeRO-3 (ds_configs/zero3_offload.json)", "partition parameters too",
+                        replace(s, zero_stage=3, offload_params=True, offload_optimizer=True)))
+    else:
+        if not s.offload_optimizer:
+            out.append(Knob("offload_optimizer cpu (ds_configs/zero3_offload.json)", "optimizer states to host RAM",
+                            replace(s, offload_optimizer=True)))
+        if not s.offload_params:
+            out.append(Knob("offload_param cpu (ds_configs/zero3_offload.json)", "parameters to host RAM",
+                            replace(s, offload_params=True)))
+    if s.attention != "flash":
+        out.append(Knob("--attn-implementation varlen (sm80+) or --no-packing", "no S x S mask or scores",
+                        replace(s, attention="flash")))
+    if s.micro_batch > 1:
+        out.append(Knob("--micro-batch-size 1 (raise --grad-accum)", "fewer tokens per forward",
+                        replace(s, micro_batch=1)))
+    if s.tiled_mlp_shards == 1 and "tiled_mlp" in optional:
+        n = max(2, math.ceil(s.shape.intermediate / s.shape.hidden))
+        out.append(Knob(f"tiled MLP ({n} shards)", "MLP intermediates one shard at a time",
+                        replace(s, tiled_mlp_shards=n)))
+    if "sequence_parallel" in optional and s.world % max(1, s.sp * 2) == 0 and s.world > s.sp:
+        out.append(Knob(f"sequence parallel {s.sp * 2}", "split each sequence over more GPUs",
+                        replace(s, sp=s.sp * 2)))
+    return out
+
+
+def next_knobs(setup: Setup, hw: Hardware, n: int = 3,
+               optional: tuple[str, ...] = ()) -> list[tuple[Knob, float, float, int]]:
+    """The knobs that lower the GPU peak most, re-planned: (knob, peak before, peak after, max length),
+    best first (the longest max_seq_len after the change)."""
+    base = plan(setup).gpu_peak
+    scored = []
+    for k in candidate_knobs(setup, optional):
+        after = plan(k.setup).gpu_peak
+        if after < base * 0.99:
+            scored.append((k, base, after, max_seq_len_that_fits(replace(k.setup), hw)))
+    scored.sort(key=lambda t: (-t[3], t[2]))
+    return scored[:n]
+
+
+def host_knob(p: Plan, hw: Hardware) -> str:
+    s = p.setup
+    if s.offloaded_layers:
+        return ("--num-offloaded-layers N (keep some checkpoints on the GPU), fewer GPUs per host, "
+                "or a shorter --max-seq-len")
+    if s.offload_params or s.offload_optimizer:
+        return "a ds_config without offload_param (then offload_optimizer), or more hosts"
+    return "a shorter --max-seq-len or more host RAM"
+
+
+# ---- text -------------------------------------------------------------------------------------------
+def gib(x: float) -> str:
+    return f"{x / GiB:7.2f}"
+
+
+def fmt_len(n: int) -> str:
+    return f"{n // 1024}K" if n and n % 1024 == 0 else str(n)
+
+
+def describe(setup: Setup) -> str:
+    s = setup
+    z = f"ZeRO-{s.zero_stage}" if s.zero_stage else "no ZeRO"
+    off = [n for n, on in (("params", s.offload_params), ("optimizer", s.offload_optimizer)) if on]
+    z += f", {' + '.join(off)} on CPU" + (" (pinned)" if s.pin_memory else "") if off else ""
+    ck = {"none": "off", "plain": "on GPU" + (" (reentrant)" if s.reentrant else ""),
+          "offload": f"offloaded ({s.offload_impl}, {s.offloaded_layers}/{s.shape.layers} layers)"}[s.checkpointing]
+    loss = {"full": "full fp32 logits", "chunked": f"chunked CE ({HEAD_CHUNK_TOKENS} tokens)",
+            "liger": "Liger fused linear CE", "none": "none"}[s.loss]
+    return (f"{s.precision} | {z} | checkpointing {ck} | loss {loss} | Liger kernels "
+            f"{'on' if s.liger_kernels else 'off'} | attention {s.attention} | tiled MLP "
+            f"{s.tiled_mlp_shards if s.tiled_mlp_shards > 1 else 'off'} | sequence parallel {s.sp}")
+
+
+def format_plan(setup: Setup, hw: Hardware, *, model_name: str = "", optional: tuple[str, ...] = ()) -> str:
+    p = plan(setup)
+    s, sh = setup, setup.shape
+    P = total_params(sh, lm_head=s.lm_head, tied=s.tied_embeddings)
+    v = check_fit(p, hw)
+    lines = [f"Memory plan: {model_name or 'model'} ({P / 1e9:.2f}B params: {sh.layers} layers, hidden {sh.hidden}, "
+             f"vocab {sh.vocab:,}); {s.seq_len:,} tokens x micro-batch {s.micro_batch} per GPU; "
+             f"{hw.gpus} GPU(s) x {hw.gpu_mem / GiB:g} GiB, host {hw.host_mem / GiB:g} GiB"
+             + (f" [{hw.name}]" if hw.name else ""),
+             f"  {describe(s)}", "", "GPU, per rank                                                   GiB"]
+    for i in p.persistent:
+        lines.append(f"  {i.name:<60}{gib(i.bytes)}")
+    totals = p.phase_totals
+    for ph, items in p.phases.items():
+        mark = "  <- peak" if ph == p.peak_phase else ""
+        lines.append(f"  phase: {ph:<53}{gib(totals[ph])}{mark}")
+        if ph == p.peak_phase:
+            for i in items:
+                if i.bytes:
+                    note = f" ({i.note})" if i.note else ""
+                    lines.append(f"    {(i.name + note)[:57]:<58}{gib(i.bytes)}")
+    if p.working_set_tiled is not None:
+        lines.append(f"  per-layer working set without tiling {gib(p.working_set_untiled).strip()} GiB, "
+                     f"with {s.tiled_mlp_shards} shards {gib(p.working_set_tiled).strip()} GiB")
+    else:
+        t = working_set_units(sh, s.act_bytes, liger=s.liger_kernels,
+                              mlp_shards=max(2, math.ceil(sh.intermediate / sh.hidden)))
+        lines.append(f"  per-layer working set {gib(p.working_set_untiled).strip()} GiB; with tiled MLP "
+                     f"{t * s.tokens * sh.hidden * s.act_bytes / GiB:.2f} GiB")
+    need = p.gpu_peak * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES
+    lines += [f"  {'predicted peak allocated':<60}{gib(p.gpu_peak)}",
+              f"  {f'+ allocator slack {ALLOCATOR_SLACK:.0%} + CUDA context {CUDA_CONTEXT_BYTES / GiB:g} GiB = needed':<60}"
+              f"{gib(need)}  of {hw.gpu_mem / GiB:g}: {'fits' if v.gpu_ok else 'DOES NOT FIT'}",
+              "", f"Host RAM, per rank (x{hw.gpus} ranks on the host)"]
+    for i in p.host:
+        lines.append(f"  {(i.name + (f' ({i.note})' if i.note else ''))[:59]:<60}{gib(i.bytes)}")
+    lines += [f"  {'total per rank':<60}{gib(p.host_per_rank)}",
+              f"  {f'total, {hw.gpus} ranks (usable {HOST_USABLE:.0%} of {hw.host_mem / GiB:g} GiB)':<60}"
+              f"{gib(p.host_total(hw.gpus))}  {'fits' if v.host_ok else 'DOES NOT FIT'}",
+              f"  {'pinned host memory, all ranks':<60}{gib(p.pinned * hw.gpus)}"
+              + ("" if hw.pinned_limit is None else
+                 f"  of {hw.pinned_limit / GiB:.1f} limit: {'fits' if v.pinned_ok else 'DOES NOT FIT'}"), ""]
+    best = max_seq_len_that_fits(setup, hw)
+    lines.append(f"Largest max_seq_len that fits: {best:,} ({fmt_len(best)})" if best else
+                 "Largest max_seq_len that fits: none (even 1K does not fit)")
+    knobs = next_knobs(setup, hw, optional=optional)
+    if not v.host_ok or not v.pinned_ok:
+        lines.append(f"Host memory is the limit: {host_knob(p, hw)}")
+    if not knobs and not v.gpu_ok:
+        lines.append("Next knob: none of the configured settings lowers the GPU peak further; more GPUs do not "
+                     "help either (each rank holds its whole sequence): a shorter --max-seq-len, or a GPU with more "
+                     "memory.")
+    elif knobs:
+        lines.append("Next knobs (re-planned at this length):")
+        for k, before, after, mx in knobs:
+            lines.append(f"  {k.flag}: {k.what}; peak {before / GiB:.2f} -> {after / GiB:.2f} GiB, "
+                         f"max_seq_len {fmt_len(mx)}")
+    return "\n".join(lines)
+
+
+# ---- parsing helpers for the CLI ------------------------------------------------------------------------
+_UNITS = {"": 1, "b": 1, "k": KiB, "kb": 1000, "kib": KiB, "m": MiB, "mb": 1000 ** 2, "mib": MiB,
+          "g": GiB, "gb": 1000 ** 3, "gib": GiB, "t": 1 << 40, "tb": 1000 ** 4, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'16GiB', '16G', '512 GB', '80' (GiB when no unit) -> bytes."""
+    t = str(text).strip().lower().replace(" ", "")
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    if not num or unit not in _UNITS:
+        raise ValueError(f"cannot read a memory size from {text!r} (e.g. 16GiB, 512G, 48GB)")
+    value = float(num)
+    return int(value * (_UNITS[unit] if unit else GiB))
+
+
+# ---- from train.py's configuration ---------------------------------------------------------------------
+def setup_from_config(cfg, *, world: int, model_config, ds_config: dict, precision: str, use_liger: bool,
+                      attention: str) -> Setup:
+    """The Setup of a train.py run (longctx.config.Config + the resolved ds_config and model config)."""
+    zero = ds_config.get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 0) or 0)
+
+    def offloaded(sec: str) -> bool:
+        d = zero.get(sec) or {}
+        return isinstance(d, dict) and d.get("device") not in (None, "none")
+
+    pin = any(bool((zero.get(sec) or {}).get("pin_memory", False)) for sec in ("offload_param", "offload_optimizer"))
+    ckpt = "none"
+    if cfg.gradient_checkpointing:
+        ckpt = "offload" if cfg.offload_gradient_checkpointing else "plain"
+    return Setup(shape=ModelShape.from_config(model_config), seq_len=cfg.max_seq_len,
+                 micro_batch=cfg.micro_batch_size, world=world, zero_stage=stage,
+                 offload_params=stage == 3 and offloaded("offload_param"),
+                 offload_optimizer=offloaded("offload_optimizer"), pin_memory=pin or not (
+                     offloaded("offload_param") or offloaded("offload_optimizer")),
+                 precision=precision, checkpointing=ckpt, offload_impl="fork", reentrant=True,
+                 num_offloaded_layers=cfg.num_offloaded_layers, loss="liger" if use_liger else "chunked",
+                 liger_kernels=use_liger, attention=attention,
+                 tied_embeddings=bool(getattr(model_config, "tie_word_embeddings", False)),
+                 head_gathered_throughout=True,
+                 reduce_bucket_size=int(zero.get("reduce_bucket_size") or 0),
+                 prefetch_bucket_size=int(zero.get("stage3_prefetch_bucket_size") or 0),
+                 overlap_comm=bool(zero.get("overlap_comm", stage > 0)))
+
+
+def attention_kind(impl: str, packing: bool) -> str:
+    """Memory class of an attention implementation name (config or longctx.attention's choice)."""
+    if impl == "eager":
+        return "eager"
+    if impl == "sdpa" and packing:
+        return "dense_mask"
+    return "flash"  # flash_attention_2, varlen, SDPA without a mask (flash or memory-efficient kernel)
+
+
+def _read_model_config(path: str) -> dict:
+    import json
+    from pathlib import Path
+
+    from .errors import LongctxError
+
+    p = Path(path)
+    f = p / "config.json" if p.is_dir() else p
+    try:
+        d = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise LongctxError(f"--model {path}: cannot read the model config ({e})") from None
+    if "text_config" in d:
+        d = {**d, **d["text_config"]}
+    return d
+
+
+def cli_plan(cfg, optional: tuple[str, ...] = ()) -> str:
+    """`train.py --plan`: the plan of the run `cfg` describes, on the hardware named by --gpus/--gpu-mem/--host-mem
+    (default: this machine). Reads only JSON: no model, no torch allocation, no GPU needed."""
+    import os
+
+    import psutil
+
+    from . import config as config_mod, dsconfig
+    from .errors import LongctxError
+
+    gpus, gpu_mem, host_mem = getattr(cfg, "gpus", None), getattr(cfg, "gpu_mem", ""), getattr(cfg, "host_mem", "")
+    notes = []
+    cap = None
+    name, dev_total = "", None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            cap = torch.cuda.get_device_capability()
+            name = torch.cuda.get_device_name()
+            dev_total = torch.cuda.get_device_properties(0).total_memory
+            gpus = gpus or torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        pass
+    gpus = gpus or int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        gpu_bytes = parse_size(gpu_mem) if gpu_mem else dev_total
+        host_bytes = parse_size(host_mem) if host_mem else psutil.virtual_memory().total
+    except ValueError as e:
+        raise LongctxError(str(e)) from None
+    if gpu_bytes is None:
+        raise LongctxError("--plan: no GPU here; name the target with --gpus N --gpu-mem SIZE (e.g. --gpu-mem 16GiB)")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if cap is None or cap >= (8, 0) else "fp16"
+        notes.append(f"precision auto -> {precision}" + (" (assumed sm80+; pass --precision fp16 for V100)"
+                                                        if cap is None else ""))
+    sm80 = (cap >= (8, 0)) if cap is not None else precision == "bf16"
+    if cfg.liger == "auto":
+        from importlib.util import find_spec
+        use_liger = find_spec("liger_kernel") is not None and cap is not None
+        notes.append(f"liger auto -> {'on' if use_liger else 'off'} (on with liger-kernel installed on a GPU; "
+                     "pass --liger on/off to plan for the target)")
+    else:
+        use_liger = cfg.liger == "on"
+    impl = cfg.attn_implementation
+    if impl == "auto":
+        impl = "varlen" if sm80 and precision != "fp32" else "sdpa"
+    if impl in ("sdpa", "eager") and (impl == "eager" or cfg.packing) and cfg.max_seq_len > cfg.dense_mask_max_len:
+        notes.append(f"attention {impl} with {'packing' if cfg.packing else 'eager scores'} needs a dense mask: "
+                     f"train.py refuses this beyond --dense-mask-max-len {cfg.dense_mask_max_len} (use --no-packing "
+                     "or an sm80+ GPU)")
+    mc = _read_model_config(cfg.model)
+    shape = ModelShape.from_config(mc)
+    ds = dsconfig.build(cfg.deepspeed, cfg, world_size=gpus, precision=precision, lr=config_mod.resolved_lr(cfg),
+                        hidden_size=shape.hidden, on_cuda=True)
+
+    class _MC:  # the attributes setup_from_config reads
+        pass
+
+    m = _MC()
+    for k, v in mc.items():
+        setattr(m, k, v)
+    setup = setup_from_config(cfg, world=gpus, model_config=m, ds_config=ds, precision=precision,
+                              use_liger=use_liger, attention=attention_kind(impl, cfg.packing))
+    hw = Hardware(gpus=gpus, gpu_mem=int(gpu_bytes), host_mem=int(host_bytes), name=name)
+    from pathlib import Path
+    text = format_plan(setup, hw, model_name=Path(cfg.model).stem if Path(cfg.model).is_file() else cfg.model,
+                       optional=optional)
+    return text + ("\n\nAssumed: " + "; ".join(notes) if notes else "")

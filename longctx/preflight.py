@@ -1,0 +1,186 @@
+"""Step-0 preflight: compare the memory plan with this machine and refuse before an OOM crash or an OOM kill.
+
+    machine = probe(local_rank, local_world)        free GPU memory, host RAM (cgroup-aware), memlock limit
+    problems, notes = check(the_plan, machine)       pure: what does not fit, and the knob to turn
+    run(setup, local_rank, local_world, say)         probe + check + agree over ranks; LongctxError if refused
+
+GPU: the predicted peak allocated x (1 + allocator slack) must fit in the free memory that
+torch.cuda.mem_get_info reports now (the CUDA context is already taken out of it). Host: the RAM the ranks of
+this host will still add (predicted per-rank RSS minus what each already uses) must fit in MemAvailable, or in
+the cgroup's memory.max minus its usage when that is smaller (a container's OOM killer acts on the cgroup).
+Pinned: pinned pages can be neither swapped nor reclaimed, so they are part of the host check. The
+RLIMIT_MEMLOCK (`ulimit -l`) limit is reported when it is below the plan, but does not refuse: CUDA pins
+host memory through its driver (cudaHostAlloc), which that limit does not govern; NCCL/RDMA registration is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from .errors import LongctxError
+from .plan import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GiB, Hardware, Plan, Setup, fmt_len, host_knob,
+                   max_seq_len_that_fits, next_knobs, plan)
+
+
+@dataclass(frozen=True)
+class Machine:
+    local_world: int
+    gpu_free: Optional[int]         # bytes free on this rank's GPU now (None: no GPU)
+    gpu_total: Optional[int]
+    host_available: int             # bytes the ranks of this host may still take
+    host_total: int
+    rss_now: int                    # this process's RSS now (already out of host_available)
+    memlock_limit: Optional[int]    # RLIMIT_MEMLOCK soft limit in bytes; None = unlimited
+    source: str = ""
+
+
+def read_meminfo(path: str = "/proc/meminfo") -> dict[str, int]:
+    """/proc/meminfo as bytes ("MemAvailable: 123 kB" -> 125952)."""
+    out = {}
+    try:
+        for line in Path(path).read_text().splitlines():
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                out[key.strip()] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1].lower() == "kb" else 1)
+    except OSError:
+        pass
+    return out
+
+
+def cgroup_room(root: str = "/sys/fs/cgroup") -> Optional[int]:
+    """Bytes left under the cgroup memory limit (v2 memory.max, or v1), None when unlimited/unknown."""
+    r = Path(root)
+    for limit_f, usage_f in (("memory.max", "memory.current"),
+                             ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit = (r / limit_f).read_text().strip()
+            usage = int((r / usage_f).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:
+            return None
+        return max(0, int(limit) - usage)
+    return None
+
+
+def memlock_limit() -> Optional[int]:
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def probe(local_rank: int, local_world: int) -> Machine:
+    import psutil
+
+    gpu_free = gpu_total = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu_free, gpu_total = torch.cuda.mem_get_info(local_rank)
+    except Exception:  # noqa: BLE001 - no usable GPU: host checks only
+        pass
+    mem = read_meminfo()
+    vm = psutil.virtual_memory()
+    available = mem.get("MemAvailable", vm.available)
+    room = cgroup_room()
+    source = "MemAvailable"
+    if room is not None and room < available:
+        available, source = room, "cgroup memory.max - memory.current"
+    return Machine(local_world=local_world, gpu_free=gpu_free, gpu_total=gpu_total, host_available=int(available),
+                   host_total=int(mem.get("MemTotal", vm.total)), rss_now=int(psutil.Process().memory_info().rss),
+                   memlock_limit=memlock_limit(), source=source)
+
+
+def _g(x: float) -> str:
+    return f"{x / GiB:.1f} GiB"
+
+
+def knob_advice(setup: Setup, gpu_budget: float, host_mem: float, world: int) -> str:
+    """The knob lines for a GPU refusal, re-planned against this machine."""
+    hw = Hardware(gpus=world, gpu_mem=int(gpu_budget + CUDA_CONTEXT_BYTES), host_mem=int(host_mem))
+    best = max_seq_len_that_fits(setup, hw)
+    lines = [f"  the largest --max-seq-len that fits as configured: {fmt_len(best) if best else 'none'}"]
+    for k, before, after, mx in next_knobs(setup, hw):
+        lines.append(f"  {k.flag}: {k.what} (peak {before / GiB:.1f} -> {after / GiB:.1f} GiB; "
+                     f"fits up to --max-seq-len {fmt_len(mx) if mx else 'none'})")
+    return "\n".join(lines)
+
+
+def check(p: Plan, m: Machine) -> tuple[list[str], list[str]]:
+    """(problems that refuse the run, notes). Pure: the machine is given."""
+    problems, notes = [], []
+    s = p.setup
+    if m.gpu_free is not None:
+        need = p.gpu_peak * (1 + ALLOCATOR_SLACK)
+        if need > m.gpu_free:
+            problems.append(
+                f"GPU: the plan needs {_g(need)} per rank (peak allocated {_g(p.gpu_peak)} in the "
+                f"'{p.peak_phase}' phase + {ALLOCATOR_SLACK:.0%} allocator slack), but only {_g(m.gpu_free)} of "
+                f"{_g(m.gpu_total or 0)} is free on this GPU. Knobs:\n"
+                + knob_advice(s, m.gpu_free, m.host_total, s.world))
+    add = m.local_world * max(0.0, p.host_per_rank - m.rss_now)
+    if add > m.host_available:
+        problems.append(
+            f"host RAM: {m.local_world} rank(s) on this host would add {_g(add)} ({_g(p.host_per_rank)} per rank: "
+            + ", ".join(f"{i.name} {_g(i.bytes)}" for i in p.host[1:] if i.bytes)
+            + f"), but only {_g(m.host_available)} is available ({m.source}); this would end in an OOM kill. "
+            f"Knob: {host_knob(p, Hardware(gpus=m.local_world, gpu_mem=0, host_mem=m.host_total))}")
+    pinned = p.pinned * m.local_world
+    if pinned and m.memlock_limit is not None and pinned > m.memlock_limit:
+        notes.append(f"pinned host memory: the plan pins {_g(pinned)} on this host, above RLIMIT_MEMLOCK "
+                     f"(ulimit -l = {m.memlock_limit // 1024} KiB). CUDA's pinned allocations do not count against "
+                     "it; raise it (ulimit -l unlimited) if NCCL or RDMA registration fails.")
+    return problems, notes
+
+
+def _worst_over_ranks(m: Machine) -> Machine:
+    """Every rank judges by the least free GPU memory and host room of all ranks, so all decide alike."""
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError:
+        return m
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return m
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    big = float(1 << 62)
+    t = torch.tensor([float(m.gpu_free) if m.gpu_free is not None else big, float(m.host_available),
+                      float(m.rss_now)], dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    free, avail, rss = t.tolist()
+    return dataclasses.replace(m, gpu_free=None if free >= big else int(free), host_available=int(avail),
+                               rss_now=int(rss))
+
+
+def run(setup: Setup, local_rank: int, local_world: int, say: Callable[[str], None] = print,
+        machine: Optional[Machine] = None) -> Plan:
+    """Probe (unless `machine` is given), check, agree over all ranks: every rank judges by the worst rank's
+    free memory, so all refuse together. Raises LongctxError with the reason and the knob."""
+    p = plan(setup)
+    m = _worst_over_ranks(machine or probe(local_rank, local_world))
+    problems, notes = check(p, m)
+    refused = bool(problems)
+    for n in notes:
+        say(f"preflight note: {n}")
+    if refused:
+        raise LongctxError("preflight refused the run before building the model (train.py --plan shows the "
+                           "breakdown; --no-preflight skips this check):\n" + "\n".join(problems))
+    free = f", {_g(m.gpu_free)} free on the GPU" if m.gpu_free is not None else ""
+    say(f"preflight: predicted peak {_g(p.gpu_peak)} per GPU{free}; host {_g(p.host_per_rank)} per rank "
+        f"x {local_world}, {_g(m.host_available)} available; pinned {_g(p.pinned * local_world)}")
+    return p
+
+
+def longest_first(order, lengths, k: int) -> list[int]:
+    """`order` with the `k` longest rows (ties: earlier in `order`) moved to the front, longest first, the
+    rest in their given (seeded) order. Deterministic, so an exact resume replays the same sequence."""
+    order = [int(i) for i in order]
+    pos = {r: n for n, r in enumerate(order)}
+    head = sorted(order, key=lambda r: (-lengths[r], pos[r]))[:max(0, k)]
+    chosen = set(head)
+    return head + [r for r in order if r not in chosen]

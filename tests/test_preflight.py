@@ -1,0 +1,89 @@
+"""Preflight: refuse what cannot fit (GPU, host RAM), with the message and the knob; read this machine."""
+
+from __future__ import annotations
+
+import resource
+
+import pytest
+
+from longctx.errors import LongctxError
+from longctx.flops import ModelShape
+from longctx.plan import GiB, Setup, plan
+from longctx.preflight import Machine, cgroup_room, check, memlock_limit, probe, read_meminfo, run
+
+LLAMA8B = ModelShape(hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256)
+TINY = ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, intermediate=384, vocab=2048)
+
+
+def machine(**kw) -> Machine:
+    base = dict(local_world=1, gpu_free=int(79 * GiB), gpu_total=int(80 * GiB), host_available=int(500 * GiB),
+                host_total=int(512 * GiB), rss_now=int(1 * GiB), memlock_limit=None, source="test")
+    base.update(kw)
+    return Machine(**base)
+
+
+def test_refuses_gpu_with_message_and_knob():
+    # 8B at 128K with the chunked loss, checkpoints on the GPU: about 60 GiB per rank; a V100 has 16
+    s = Setup(LLAMA8B, 131072, world=8, precision="fp16", loss="chunked", checkpointing="plain")
+    need = plan(s).gpu_peak
+    assert need > 40 * GiB
+    problems, _ = check(plan(s), machine(gpu_free=int(15.5 * GiB), gpu_total=int(16 * GiB)))
+    assert len(problems) == 1
+    msg = problems[0]
+    assert msg.startswith("GPU:") and "15.5 GiB" in msg and "free" in msg
+    assert "--offload-gradient-checkpointing" in msg or "--liger on" in msg
+    assert "largest --max-seq-len that fits" in msg
+
+
+def test_refuses_host_before_the_oom_killer():
+    # ZeRO-3 offload of 8B on 8 ranks needs ~18 B/param/8 + checkpoints per rank: far above 64 GiB of host RAM
+    s = Setup(LLAMA8B, 65536, world=8, precision="fp16", loss="liger", liger_kernels=True, checkpointing="offload")
+    problems, _ = check(plan(s), machine(local_world=8, host_available=int(64 * GiB), host_total=int(64 * GiB)))
+    assert len(problems) == 1 and problems[0].startswith("host RAM:")
+    assert "offloaded checkpoints" in problems[0] and "--num-offloaded-layers" in problems[0]
+
+
+def test_fitting_run_passes_and_memlock_is_a_note():
+    s = Setup(LLAMA8B, 16384, world=4, loss="liger", liger_kernels=True, checkpointing="offload")
+    problems, notes = check(plan(s), machine(local_world=4, memlock_limit=64 * 1024))
+    assert problems == []
+    assert len(notes) == 1 and "RLIMIT_MEMLOCK" in notes[0]
+
+
+def test_run_raises_longctx_error_and_prints_nothing_else():
+    s = Setup(TINY, 4096, world=1, zero_stage=0, offload_params=False, offload_optimizer=False, loss="full")
+    said = []
+    with pytest.raises(LongctxError) as e:
+        run(s, 0, 1, say=said.append, machine=machine(gpu_free=int(0.01 * GiB)))
+    assert "preflight refused" in str(e.value) and "GPU:" in str(e.value)
+    p = run(s, 0, 1, say=said.append, machine=machine())
+    assert p.gpu_peak > 0 and said and said[-1].startswith("preflight: predicted peak")
+
+
+def test_probe_reads_this_machine(tmp_path):
+    m = probe(0, 2)
+    assert m.host_total > 0 and 0 < m.host_available <= max(m.host_total, m.host_available)
+    assert m.rss_now > 0 and m.local_world == 2
+    soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+    assert memlock_limit() == (None if soft == resource.RLIM_INFINITY else soft)
+    (tmp_path / "meminfo").write_text("MemTotal:       1000 kB\nMemAvailable:    600 kB\nHugePages_Total: 0\n")
+    assert read_meminfo(str(tmp_path / "meminfo")) == {"MemTotal": 1024000, "MemAvailable": 614400,
+                                                       "HugePages_Total": 0}
+    (tmp_path / "memory.max").write_text("8589934592\n")
+    (tmp_path / "memory.current").write_text("2147483648\n")
+    assert cgroup_room(str(tmp_path)) == 6 * GiB
+    (tmp_path / "memory.max").write_text("max\n")
+    assert cgroup_room(str(tmp_path)) is None
+
+
+def test_longest_batch_comes_first():
+    from longctx.preflight import longest_first
+
+    lengths = [5, 90, 7, 100, 3, 100, 8]
+    order = [6, 0, 5, 2, 1, 4, 3]           # a seeded permutation
+    out = longest_first(order, lengths, k=2)  # global batch of 2 rows
+    assert out[:2] == [5, 3]                 # both 100-token rows, in their seeded order
+    assert out[2:] == [6, 0, 2, 1, 4]        # the rest keeps the seeded order
+    assert sorted(out) == sorted(order)
+    assert longest_first(order, lengths, k=0) == order
+    assert longest_first(order, lengths, k=2) == out  # deterministic (resume replays it)
