@@ -49,6 +49,21 @@ PROFILES: dict[str, dict] = {
     "4xh200-8b-16g": dict(shape="llama3.1-8b", gpus=4, cap=16, layers=8, techniques=LADDER6,
                           lengths="8K,16K,32K,64K", search=True, search_techniques="fork_offload",
                           search_limit="2M", budget_s=480),
+    # sequence parallel (Ulysses, one sample over the 4 GPUs) without and with tiled MLP; SP sets need their own
+    # worker (SP is fixed at engine build). Throughput at 128K and 512K, then the max length of sp_tiled.
+    "4xh200-8b-48g-sp": dict(shape="llama3.1-8b", gpus=4, cap=48, layers=8, techniques="sp,sp_tiled",
+                             lengths="128K,512K", search=True, search_techniques="sp_tiled", search_limit="8M",
+                             budget_s=480),
+    "4xh200-8b-16g-sp": dict(shape="llama3.1-8b", gpus=4, cap=16, layers=8, techniques="sp,sp_tiled",
+                             lengths="128K", search=True, search_techniques="sp_tiled", search_limit="4M",
+                             budget_s=480),
+    # tiled MLP alone (data parallel, one sample per GPU), against the last rung of the ladder
+    "4xh200-8b-48g-tiled": dict(shape="llama3.1-8b", gpus=4, cap=48, layers=8, techniques="fork_offload,tiled_mlp",
+                                lengths="128K,256K", search=True, search_techniques="tiled_mlp", search_limit="4M",
+                                budget_s=480),
+    "cpu-smoke-sp": dict(shape="tiny-llama", gpus=2, cap=None, layers=None, techniques="sp,sp_tiled",
+                         lengths="256,512", search=False, init_warmup_len="128",
+                         env={"BENCH_LIGER_FALLBACK": "torch"}),
     # full depth, last rung only: the headline step time / MFU / host RAM (start detached: it can outlast a call)
     "4xh200-8b-48g-full": dict(shape="llama3.1-8b", gpus=4, cap=48, layers=None, techniques="fork_offload",
                                lengths="64K,128K", search=False, budget_s=1500),

@@ -8,6 +8,25 @@ Features: attention (sdpa | varlen), checkpointing (gc | upstream_offload | fork
     liger             varlen + upstream_offload + liger   + Liger fused linear CE, RMSNorm, SwiGLU, RoPE
     fork_offload      varlen + fork_offload + liger       the fork's offloaded checkpointing instead of upstream's
 
+Sequence-parallel and tiling sets (longctx/sequence_parallel.py; DeepSpeed's ALST pieces):
+
+    tiled_mlp         fork_offload + DeepSpeed TiledMLP (ceil(seq / hidden) chunks)
+    sp                fork_offload + Ulysses SP over all GPUs of the process: one sample spread over the node
+    sp_tiled          sp + tiled MLP
+
+SP is fixed when the engine is built (the mpu goes to deepspeed.initialize), so a worker runs either only SP
+sets or none (`resolve` refuses a mix); the worker registers Ulysses over varlen attention at init.
+
+LongLoRA sets (longctx/lora.py, longctx/s2attn.py), the fork_offload stack with the training reduced:
+
+    lora              fork_offload + LoRA r=8 on q,k,v,o + trainable embeddings and norms (the rest frozen)
+    longlora          lora + S²-Attn (group = seq_len / 4, half the heads shifted by half a group)
+
+LoRA is also fixed when the engine is built (the optimizer holds only the trainable parameters), so a worker
+runs either only LoRA sets or none; `bench.run --subprocess-per-try` gives each technique its own worker.
+Their rows carry no TFLOPs/MFU (longctx/flops.py counts full fine-tuning with full attention): compare
+tokens/s and memory with fork_offload at the same lengths.
+
 Extra named sets: upstream_best = sdpa + upstream_offload + liger (the best stack without this project);
 liger_gc = varlen + gc + liger (no offload: the reference for offloaded checkpointing's step-time overhead).
 Custom: --technique 'varlen+gc+liger' (features joined with '+'; missing features take the baseline value).
@@ -42,10 +61,17 @@ class Technique:
     attn: str = "sdpa"
     ckpt: str = "gc"
     liger: bool = False
+    tiled_mlp: bool = False
+    sp: bool = False  # sequence parallel over every rank of the worker
+    lora: bool = False  # LongLoRA's trainable set (LoRA + embeddings + norms), fixed at engine build
+    s2attn: bool = False  # S²-Attn over the chosen attention, group = seq_len / 4
 
     def features_dict(self) -> dict:
         d = asdict(self)
         d.pop("name")
+        for k in ("tiled_mlp", "sp", "lora", "s2attn"):  # only when on: the original ladder's rows stay as they were
+            if not d.get(k):
+                d.pop(k, None)
         return d
 
 
@@ -58,11 +84,17 @@ NAMED = {
     "fork_offload": Technique("fork_offload", attn="varlen", ckpt="fork_offload", liger=True),
     "upstream_best": Technique("upstream_best", attn="sdpa", ckpt="upstream_offload", liger=True),
     "liger_gc": Technique("liger_gc", attn="varlen", ckpt="gc", liger=True),
+    "tiled_mlp": Technique("tiled_mlp", attn="varlen", ckpt="fork_offload", liger=True, tiled_mlp=True),
+    "sp": Technique("sp", attn="varlen", ckpt="fork_offload", liger=True, sp=True),
+    "sp_tiled": Technique("sp_tiled", attn="varlen", ckpt="fork_offload", liger=True, tiled_mlp=True, sp=True),
+    "lora": Technique("lora", attn="varlen", ckpt="fork_offload", liger=True, lora=True),
+    "longlora": Technique("longlora", attn="varlen", ckpt="fork_offload", liger=True, lora=True, s2attn=True),
 }
 LADDER = ("baseline", "upstream_offload", "varlen", "liger", "fork_offload")
 # display order in reports; liger_gc (no offload) is the reference for the offload step-time overhead
 ORDER = {n: i for i, n in enumerate(("baseline", "upstream_offload", "varlen", "upstream_best", "liger_gc",
-                                     "liger", "fork_offload"))}
+                                     "liger", "fork_offload", "tiled_mlp", "sp", "sp_tiled", "lora", "longlora"))}
+FLAGS = ("liger", "tiled_mlp", "sp", "s2attn")  # "lora" is the named set (fixed at engine build), not a flag
 
 
 def parse_custom(spec: str) -> Technique:
@@ -72,12 +104,12 @@ def parse_custom(spec: str) -> Technique:
             t = replace(t, attn=f)
         elif f in CKPT:
             t = replace(t, ckpt=f)
-        elif f == "liger":
-            t = replace(t, liger=True)
+        elif f in FLAGS:
+            t = replace(t, **{f: True})
         elif f in NAMED:
             t = NAMED[f]
         else:
-            raise ValueError(f"unknown feature {f!r}: use {ATTN + CKPT + ('liger',)} or a named set {tuple(NAMED)}")
+            raise ValueError(f"unknown feature {f!r}: use {ATTN + CKPT + FLAGS} or a named set {tuple(NAMED)}")
     return replace(t, name=spec)
 
 
@@ -92,6 +124,16 @@ def resolve(techniques: str | None, override: str | None = None) -> list[Techniq
         if seen_liger and not t.liger:
             raise ValueError(f"technique {t.name!r} (no liger) comes after a liger set; put liger-free sets first")
         seen_liger |= t.liger
+    if len({t.sp for t in out}) > 1:
+        raise ValueError("SP sets (sp, sp_tiled) and sets without SP cannot share a worker: SP is fixed when the "
+                         "engine is built; run them in separate workers")
+    if any(t.sp and t.attn != "varlen" for t in out):
+        raise ValueError("SP sets need varlen attention (Ulysses is registered over it at init)")
+    if len({t.lora for t in out}) > 1:
+        raise ValueError("LoRA sets (lora, longlora) and full fine-tuning sets cannot share a worker: the trainable "
+                         "set is fixed when the engine is built; run them in separate workers (--subprocess-per-try)")
+    if any(t.lora and t.sp for t in out):
+        raise ValueError("LoRA sets with SP are not supported")
     return out
 
 
@@ -107,6 +149,9 @@ class State:
     attn_desc: str = "sdpa"
     loss_desc: str = "transformers (fp32 logits)"
     gc_desc: str | None = None
+    tiled_mlp: bool = False
+    sp: int = 1  # the SP size the engine was built with (set by the worker)
+    s2_base: str | None = None  # with S²-Attn: the implementation it runs on (its group is set per length)
 
     def recompute_layers(self, layers: int) -> int:
         return layers if self.ckpt else 0
@@ -122,13 +167,14 @@ class BenchLM(torch.nn.Module):
         super().__init__()
         self.lm = lm
         self.fused_ce = None  # callable(hidden_2d, weight, target_1d, bias) -> scalar loss
+        self.labels_shifted = False  # SP: every rank gets its slice of the already shifted labels
 
     def forward(self, input_ids, labels, position_ids=None):
         if self.fused_ce is None:
             return self.lm(input_ids=input_ids, labels=labels, position_ids=position_ids, use_cache=False).loss
         base = getattr(self.lm, self.lm.base_model_prefix)
         hidden = base(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        target = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+        target = labels.reshape(-1) if self.labels_shifted else F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
         return loss_through_module(self.lm.get_output_embeddings(), self.fused_ce,
                                    hidden.reshape(-1, hidden.shape[-1]), target)
 
@@ -268,3 +314,45 @@ def apply(lm, model: BenchLM, tech: Technique, state: State, device) -> None:
             lm.offload_gradient_checkpointing_enable(num_offloaded_layers=None)
             state.gc_desc = f"offload_gradient_checkpointing_enable() ({getattr(lm, 'offloaded_checkpointing_layers', '?')} layers)"
         state.ckpt = tech.ckpt
+    # tiled MLP (after Liger: the MLP forward in place, Liger's SwiGLU included, is what runs per chunk)
+    if tech.tiled_mlp != state.tiled_mlp:
+        from longctx import sequence_parallel as sp_mod
+        if tech.tiled_mlp:
+            sp_mod.enable_tiled_mlp(lm)
+        else:
+            sp_mod.disable_tiled_mlp(lm)
+        state.tiled_mlp = tech.tiled_mlp
+    if tech.sp and (state.sp <= 1 or model.fused_ce is None):
+        raise Unavailable("SP needs the worker started with SP sets only (Ulysses at init) and a fused CE")
+    if tech.lora and not getattr(model, "lora", False):
+        raise Unavailable("LoRA needs the worker started with LoRA sets only (applied before the engine is built)")
+    # S²-Attn last: it wraps whatever attention is now set (set_s2_group fixes the group per length)
+    if tech.s2attn and state.s2_base is None:
+        state.s2_base = lm.config._attn_implementation
+    elif not tech.s2attn and state.s2_base is not None:
+        _set_attn(lm, state.s2_base)
+        state.s2_base = None
+
+
+# -------------------------------------------------------------------------------------------- LongLoRA
+def apply_lora(model: BenchLM, log=print) -> None:
+    """LongLoRA's trainable set on the (ZeRO-3 Init'ed) model, before deepspeed.initialize: LoRA r=8, alpha=16
+    on q,k,v,o plus embeddings and norms, everything else frozen (longctx.lora.apply)."""
+    from types import SimpleNamespace
+
+    from longctx import lora
+
+    cfg = SimpleNamespace(lora=True, lora_rank=8, lora_alpha=16, lora_target_modules=list(lora.DEFAULT_TARGETS),
+                          trainable_modules=lora.DEFAULT_TRAINABLE, gradient_checkpointing=True)
+    lora.apply(model, cfg, say=log)
+    model.lora = True
+
+
+def set_s2_group(lm, state: State, seq_len: int) -> None:
+    """Before each length of an S²-Attn set: register S²-Attn with group seq_len / 4 over state.s2_base."""
+    from longctx import s2attn
+
+    group = s2attn.resolve_group_size(0, seq_len)
+    _set_attn(lm, s2attn.register(state.s2_base, group))
+    base_desc = state.attn_desc.split(" | S²-Attn")[0]
+    state.attn_desc = f"{base_desc} | S²-Attn group {group} (training)"

@@ -257,6 +257,10 @@ class Bench:
         self.shape = ModelShape.from_config(self.config)
         self.ds_cfg = ds_config(args, self.shape.hidden, self.cuda)
         self.sets = T.resolve(args.techniques, args.technique)
+        # SP sets spread one sample over every rank of this worker (Ulysses); fixed at engine build
+        self.sp = self.world if any(t.sp for t in self.sets) and self.world > 1 else 1
+        if self.sp > 1:
+            self.ds_cfg["sequence_parallel_size"] = self.sp  # zero.Init's batch check without the mpu
 
         t = time.monotonic()
         from transformers import AutoModelForCausalLM
@@ -265,12 +269,15 @@ class Bench:
         self.lm = AutoModelForCausalLM.from_config(self.config, dtype=torch.bfloat16, attn_implementation="sdpa")
         self.lm.config.use_cache = False
         self.model = T.BenchLM(self.lm)
+        self.state = T.State()
+        mpu = self.setup_sp() if self.sp > 1 else None
+        if any(t.lora for t in self.sets):  # the trainable set is fixed at engine build (techniques.py)
+            T.apply_lora(self.model, log=self.log)
         t_model = time.monotonic() - t
-        self.engine, *_ = deepspeed.initialize(model=self.model, config=self.ds_cfg,
+        self.engine, *_ = deepspeed.initialize(model=self.model, config=self.ds_cfg, mpu=mpu,
                                                model_parameters=[p for p in self.model.parameters()
                                                                  if p.requires_grad])
         self.t_init = {"model_s": round(t_model, 1), "engine_s": round(time.monotonic() - t - t_model, 1)}
-        self.state = T.State()
         self.last_ok = None
         fake = os.environ.get("BENCH_FAKE_OOM_ABOVE")  # tests only: OOM inside the last layer above this length
         if fake:
@@ -284,8 +291,21 @@ class Bench:
                     "host": socket.gethostname(), "host_ram_gib": round(self._host_ram() / GiB, 1),
                     "versions": versions(), "shape": args.shape, "layers": self.shape.layers,
                     "model_shape": self.shape.as_dict(), "techniques": [s.name for s in self.sets],
-                    "argv": sys.argv[1:], "ds_config": self.ds_cfg, "init": self.t_init,
+                    "argv": sys.argv[1:], "ds_config": self.ds_cfg, "init": self.t_init, "sequence_parallel": self.sp,
                     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")})
+
+    def setup_sp(self):
+        """Varlen attention wrapped by DeepSpeed's Ulysses over all ranks; returns the mpu."""
+        from bench import varlen_attention
+        from longctx import sequence_parallel as sp_mod
+
+        sp_mod.check(self.sp, self.world, self.config)
+        mode = varlen_attention.probe(self.device)
+        T._set_attn(self.lm, varlen_attention.register())
+        self.state.attn, self.state.attn_desc = "varlen", f"ulysses sp={self.sp} over torch varlen_attn ({mode})"
+        self.state.sp = self.sp
+        self.model.labels_shifted = True
+        return sp_mod.register_ulysses(self.lm, varlen_attention.NAME, self.sp, micro_batch_size=1)
 
     @staticmethod
     def _host_ram():
@@ -311,12 +331,26 @@ class Bench:
 
     def batch(self, seq_len: int):
         v = self.config.vocab_size
+        if self.sp > 1:
+            return self.sp_batch(seq_len)
         ids = torch.randint(0, v, (1, seq_len), device=self.device)
         pos = None
         if self.args.docs > 1 or self.state.attn != "sdpa":
             bounds = [round(i * seq_len / self.args.docs) for i in range(self.args.docs + 1)]
             pos = torch.cat([torch.arange(b - a, device=self.device) for a, b in zip(bounds, bounds[1:])])[None]
         return ids, ids.clone(), pos
+
+    def sp_batch(self, seq_len: int):
+        """The same full sample on every rank (same generator), shifted labels, then this rank's slice."""
+        if seq_len % self.sp:
+            raise ValueError(f"seq_len {seq_len} is not a multiple of the SP size {self.sp}")
+        g = torch.Generator(device=self.device).manual_seed(self.args.seed * 1_000_003 + seq_len)
+        ids = torch.randint(0, self.config.vocab_size, (1, seq_len), device=self.device, generator=g)
+        labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+        pos = torch.cat([torch.arange(n, device=self.device) for n in self.doc_lens(seq_len)])[None]
+        n = seq_len // self.sp
+        cut = slice(self.rank * n, (self.rank + 1) * n)
+        return ids[:, cut].contiguous(), labels[:, cut].contiguous(), pos[:, cut].contiguous()
 
     def doc_lens(self, seq_len: int) -> list[int]:
         bounds = [round(i * seq_len / self.args.docs) for i in range(self.args.docs + 1)]
@@ -342,6 +376,8 @@ class Bench:
         warm = a.warmup if seq_len <= a.warmup_max_len else 0
         steps = max(1, a.steps)
         self.write({"kind": "attempt", "technique": tech.name, "seq_len": seq_len, "phase": phase})
+        if tech.s2attn:
+            T.set_s2_group(self.lm, self.state, seq_len)
         reset_peaks(self.sampler)
         if self.cuda:
             base_alloc = torch.cuda.memory_allocated(self.device)
@@ -349,7 +385,7 @@ class Bench:
                "docs": a.docs, "phase": phase, "n_gpus": self.world, "mem_cap_gib": self.cap_gib,
                "layers": self.shape.layers, "warmup_steps": warm, "timed_steps": steps,
                "attn_impl": self.state.attn_desc, "loss_impl": self.state.loss_desc,
-               "checkpointing": self.state.gc_desc}
+               "checkpointing": self.state.gc_desc, "sp": self.sp, "tiled_mlp": self.state.tiled_mlp}
         err = None
         times, loss = [], None
         try:
@@ -375,13 +411,17 @@ class Bench:
         if status == "ok":
             t = max(self._reduce([statistics.median(times)], self.dist.ReduceOp.MAX)[0], 1e-9)
             docs = self.doc_lens(seq_len)
-            f_model = train_flops(self.shape, docs)           # per GPU (each GPU runs its own sample)
-            f_hw = hardware_flops(self.shape, docs, recompute_layers=self.state.recompute_layers(self.shape.layers))
+            # per GPU: each GPU runs its own sample, or 1/sp of one sample under SP
+            f_model = train_flops(self.shape, docs) / self.sp
+            f_hw = hardware_flops(self.shape, docs,
+                                  recompute_layers=self.state.recompute_layers(self.shape.layers)) / self.sp
             row.update(step_time_s=round(t, 4), step_times_s=[round(x, 4) for x in times], loss=round(loss, 4),
-                       tokens_per_s_per_gpu=round(seq_len / t, 2), tflops_per_gpu=round(f_model / t / 1e12, 2),
+                       tokens_per_s_per_gpu=round(seq_len / t / self.sp, 2), tflops_per_gpu=round(f_model / t / 1e12, 2),
                        model_flops_per_gpu=f_model, hardware_flops_per_gpu=f_hw,
                        mfu=round(mfu(f_model, t, 1, self.peak), 4) if self.peak else None,
                        hfu=round(mfu(f_hw, t, 1, self.peak), 4) if self.peak else None)
+            if tech.lora or tech.s2attn:  # flops.py counts full fine-tuning with full attention: not this work
+                row.update(tflops_per_gpu=None, mfu=None, hfu=None, flops_note="LoRA/S2-Attn: compare tokens/s")
             if self.last_ok is None or seq_len > self.last_ok[0]:
                 self.last_ok = (seq_len, t)
         # memory figures (also for OOM rows: how far it got)

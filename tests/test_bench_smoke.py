@@ -45,7 +45,7 @@ def test_technique_resolution():
     with pytest.raises(ValueError):
         T.resolve("liger,baseline")  # liger cannot be switched off in-process
     with pytest.raises(ValueError):
-        T.parse_custom("varlen+tiled_mlp")
+        T.parse_custom("varlen+bogus")
 
 
 def test_cu_seqlens_from_position_ids():
