@@ -1,0 +1,493 @@
+"""Data: read files, tokenize with label masks, truncate, pack, plan batches, collate.
+
+Formats (one per file, detected from the first record's keys):
+  {"text": str}                                     plain LM; every token after the first is a target
+  {"messages": [{"role", "content"}, ...]}          chat via the tokenizer's chat template; targets are
+                                                    the assistant turns (content + end-of-turn tokens)
+  {"prompt": str, "response": str}                  targets are the response (+ eos)
+
+Labels use the Hugging Face convention that the loss shifts internally: labels[t] is the target for
+the logits at t-1, so labels[t] == -100 means "token t is not predicted". The first token of every
+document is always -100; in a packed row this is what stops the last token of one document from
+being trained to predict the first token of the next. Attention is separated by position_ids, which
+restart at 0 for every document (and for the padding tail of a packed row).
+
+Batches are planned, not streamed: rows are fixed once (packing is deterministic), the row order of
+epoch e is a permutation seeded by (seed, e), and optimizer step s uses the s-th slice of that order.
+So the data position is just the step number, which makes resume exact.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import LongctxError
+
+IGNORE = -100
+FORMATS = {"text": ("text",), "messages": ("messages",), "prompt_response": ("prompt", "response")}
+SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+def _scan_json_lines(path: Path) -> list[int]:
+    """Validate a JSON-lines file line by line; return the line number of each record."""
+    lines = []
+    with path.open("r", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LongctxError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise LongctxError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            lines.append(n)
+    return lines
+
+
+def _json_lines_or_array(path: Path) -> list[int]:
+    """A .json file may be JSON lines or one JSON array of objects."""
+    head = path.read_text(encoding="utf-8").lstrip()[:1]
+    if head != "[":
+        return _scan_json_lines(path)
+    try:
+        arr = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LongctxError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    for i, obj in enumerate(arr):
+        if not isinstance(obj, dict):
+            raise LongctxError(f"{path}: element {i} is {type(obj).__name__}, expected an object")
+    return list(range(1, len(arr) + 1))
+
+
+def read_records(path_str: str) -> tuple[list[dict], list[str]]:
+    """Read one dataset file with `datasets`; return its records and their locations ("file:line")."""
+    path = Path(path_str)
+    if not path.exists():
+        raise LongctxError(f"dataset not found: {path_str}")
+    if path.is_dir() or path.suffix.lower() not in SUFFIXES:
+        raise LongctxError(f"dataset {path_str}: expected a .jsonl, .json, .parquet or .arrow file")
+    builder = SUFFIXES[path.suffix.lower()]
+    lines = _json_lines_or_array(path) if builder == "json" else None
+    if lines is not None and not lines:
+        raise LongctxError(f"dataset {path_str} is empty (no records)")
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory(prefix="longctx-ds-") as cache:
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache)
+        except Exception as e:  # pyarrow/datasets errors: report the file, keep the cause
+            cause = e.__cause__ or e
+            raise LongctxError(f"dataset {path_str}: cannot read ({type(cause).__name__}: {cause})") from None
+        records = ds.to_list()
+    if not records:
+        raise LongctxError(f"dataset {path_str} is empty (no records)")
+    if lines is None or len(lines) != len(records):
+        where = [f"{path.name}:row{i}" for i in range(len(records))]
+    else:
+        where = [f"{path.name}:{n}" for n in lines]
+    return records, where
+
+
+def detect_format(records: list[dict], where: list[str], path: str) -> str:
+    keys = {k for k, v in records[0].items() if v is not None}
+    for fmt, need in FORMATS.items():
+        if set(need) <= keys:
+            break
+    else:
+        raise LongctxError(f"{where[0]}: cannot tell the format of {path}: expected keys 'text', 'messages' or "
+                           f"'prompt'+'response', found {sorted(keys)}")
+    for rec, loc in zip(records, where):
+        for k in FORMATS[fmt]:
+            if rec.get(k) is None:
+                raise LongctxError(f"{loc}: missing '{k}' (the file's format is {fmt!r}, from its first record)")
+        if fmt == "messages":
+            msgs = rec["messages"]
+            if not isinstance(msgs, list) or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in msgs):
+                raise LongctxError(f"{loc}: 'messages' must be a list of {{'role': str, 'content': str}}")
+        else:
+            for k in FORMATS[fmt]:
+                if not isinstance(rec[k], str):
+                    raise LongctxError(f"{loc}: '{k}' must be a string, got {type(rec[k]).__name__}")
+    return fmt
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization
+# --------------------------------------------------------------------------------------------
+
+def _special(tok, name: str) -> list[int]:
+    tid = getattr(tok, f"{name}_token_id", None)
+    return [] if tid is None else [int(tid)]
+
+
+def tokenize_text(tok, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    bos, eos = _special(tok, "bos"), _special(tok, "eos")
+    out = []
+    for ids in tok(list(texts), add_special_tokens=False)["input_ids"]:
+        ids = bos + list(ids) + eos
+        labels = [IGNORE] + ids[1:]
+        out.append((ids, labels))
+    return out
+
+
+def tokenize_prompt_response(tok, prompts: Sequence[str], responses: Sequence[str]):
+    bos, eos = _special(tok, "bos"), _special(tok, "eos")
+    p_ids = tok(list(prompts), add_special_tokens=False)["input_ids"]
+    r_ids = tok(list(responses), add_special_tokens=False)["input_ids"]
+    out = []
+    for p, r in zip(p_ids, r_ids):
+        prompt = bos + list(p)
+        resp = list(r) + eos
+        out.append((prompt + resp, [IGNORE] * len(prompt) + resp))
+    return out
+
+
+def assistant_char_spans(tok, messages: list[dict], loc: str) -> tuple[str, list[tuple[int, int]]]:
+    """Render the conversation; return the text and the character spans of the assistant turns.
+
+    The span of assistant turn i runs from the end of the prefix rendered with a generation prompt to
+    the end of the conversation rendered through turn i, so it covers the content and whatever the
+    template closes a turn with (e.g. <|eot_id|>). Works with any template that renders prefixes as
+    prefixes (all common ones do); otherwise this is an error rather than a silent mis-mask.
+    """
+    def render(msgs, gen):
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    try:
+        full = render(messages, False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = len(render(messages[:i], True)) if i else 0
+            upto = render(messages[: i + 1], False)
+            if not full.startswith(upto) or start > len(upto):
+                raise LongctxError(f"{loc}: the chat template does not render conversation prefixes as "
+                                   "prefixes, so assistant turns cannot be located")
+            spans.append((start, len(upto)))
+    except LongctxError:
+        raise
+    except Exception as e:
+        raise LongctxError(f"{loc}: the tokenizer's chat template failed: {e}") from None
+    return full, spans
+
+
+def tokenize_messages(tok, conversations: Sequence[list[dict]], where: Sequence[str]):
+    if not getattr(tok, "chat_template", None):
+        raise LongctxError(f"{where[0]}: chat data ({{'messages'}}) needs a tokenizer with a chat template")
+    out = []
+    for msgs, loc in zip(conversations, where):
+        text, spans = assistant_char_spans(tok, msgs, loc)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        starts = [s for s, _ in enc["offset_mapping"]]
+        labels = [IGNORE] * len(ids)
+        for t, s in enumerate(starts):
+            if t > 0 and any(a <= s < b for a, b in spans):
+                labels[t] = ids[t]
+        out.append((ids, labels))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Documents, ledger
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Doc:
+    sample_id: str
+    input_ids: np.ndarray  # int32
+    labels: np.ndarray  # int32, IGNORE where not a target
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def n_supervised(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+
+@dataclass
+class Ledger:
+    """Token accounting, printed at start and saved in the run directory."""
+
+    per_file: dict[str, dict[str, int]] = field(default_factory=dict)
+    packing: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, name: str, **counts: int) -> None:
+        row = self.per_file.setdefault(name, {})
+        for k, v in counts.items():
+            row[k] = row.get(k, 0) + int(v)
+
+    def total(self) -> dict[str, int]:
+        tot: dict[str, int] = {}
+        for row in self.per_file.values():
+            for k, v in row.items():
+                tot[k] = tot.get(k, 0) + v
+        return tot
+
+    def format(self) -> str:
+        cols = ["documents", "tokens_raw", "tokens_kept", "tokens_truncated", "tokens_dropped",
+                "docs_truncated", "docs_dropped_too_long", "docs_dropped_no_targets", "targets_kept"]
+        head = f"{'source':<28}" + "".join(f"{c:>14}" for c in ["docs", "raw", "kept", "truncated", "dropped",
+                                                                  "docs_trunc", "drop_long", "drop_notgt",
+                                                                  "targets"])
+        lines = ["token ledger", head]
+        for name, row in list(self.per_file.items()) + [("TOTAL", self.total())]:
+            lines.append(f"{name[:27]:<28}" + "".join(f"{row.get(c, 0):>14,}" for c in cols))
+        for k, v in self.packing.items():
+            lines.append(f"  {k}: {v:.2%}" if isinstance(v, float) else f"  {k}: {v:,}" if isinstance(v, int)
+                         else f"  {k}: {v}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"per_file": self.per_file, "total": self.total(), "packing": self.packing}
+
+
+def load_docs(paths: Sequence[str], tok, max_seq_len: int, truncation: str, ledger: Ledger) -> list[Doc]:
+    """Read, tokenize and truncate every file; count everything in the ledger."""
+    docs: list[Doc] = []
+    for path in paths:
+        records, where = read_records(path)
+        fmt = detect_format(records, where, path)
+        if fmt == "text":
+            pairs = tokenize_text(tok, [r["text"] for r in records])
+        elif fmt == "prompt_response":
+            pairs = tokenize_prompt_response(tok, [r["prompt"] for r in records], [r["response"] for r in records])
+        else:
+            pairs = tokenize_messages(tok, [r["messages"] for r in records], where)
+        name = Path(path).name
+        for (ids, labels), loc in zip(pairs, where):
+            n = len(ids)
+            ledger.add(name, documents=1, tokens_raw=n)
+            if n > max_seq_len:
+                if truncation == "error":
+                    raise LongctxError(f"{loc}: document has {n:,} tokens > --max-seq-len {max_seq_len:,} "
+                                       "(--truncation error); use --truncation truncate or drop")
+                if truncation == "drop":
+                    ledger.add(name, tokens_dropped=n, docs_dropped_too_long=1)
+                    continue
+                ledger.add(name, tokens_truncated=n - max_seq_len, docs_truncated=1)
+                ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+            doc = Doc(loc, np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32))
+            if doc.n_supervised == 0:
+                ledger.add(name, tokens_dropped=len(doc), docs_dropped_no_targets=1)
+                continue
+            ledger.add(name, tokens_kept=len(doc), targets_kept=doc.n_supervised)
+            docs.append(doc)
+    return docs
+
+
+# --------------------------------------------------------------------------------------------
+# Packing and the batch plan
+# --------------------------------------------------------------------------------------------
+
+def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: each document (longest first) goes into the fullest row it fits in.
+
+    Deterministic (ties broken by index). Returns rows as lists of document indices.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (remaining capacity, row id)
+    for i in order:
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"document of {n} tokens exceeds row capacity {capacity}")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            rem, rid = free.pop(k)
+        else:
+            rid, rem = len(rows), capacity
+            rows.append([])
+        rows[rid].append(i)
+        if rem - n > 0:
+            bisect.insort(free, (rem - n, rid))
+    return rows
+
+
+class BatchPlan:
+    """Which rows every rank uses at every optimizer step; a pure function of (rows, seed, sizes)."""
+
+    def __init__(self, rows: list[list[int]], row_lengths: Sequence[int], row_targets: Sequence[int], *,
+                 micro: int, accum: int, world: int, seed: int, group_by_length: bool = False):
+        self.rows, self.row_lengths, self.row_targets = rows, list(row_lengths), list(row_targets)
+        self.micro, self.accum, self.world, self.seed = micro, accum, world, seed
+        self.group_by_length = group_by_length
+        self.global_batch = micro * accum * world
+        self.steps_per_epoch = len(rows) // self.global_batch
+        self._order_cache: dict[int, np.ndarray] = {}
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._order_cache:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+            if self.group_by_length:
+                mega = self.global_batch * 16
+                chunks = [order[i:i + mega] for i in range(0, len(order), mega)]
+                order = np.concatenate([sorted(c, key=lambda r: -self.row_lengths[r]) for c in chunks])
+            self._order_cache = {epoch: np.asarray(order)}  # keep one epoch in memory
+        return self._order_cache[epoch]
+
+    def step_rows(self, step: int) -> list[int]:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        order = self.epoch_order(epoch)
+        return [int(r) for r in order[i * self.global_batch:(i + 1) * self.global_batch]]
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        g = self.step_rows(step)
+        out = []
+        for m in range(self.accum):
+            start = (m * self.world + rank) * self.micro
+            out.append(g[start:start + self.micro])
+        return out
+
+    def step_targets(self, step: int) -> int:
+        return sum(self.row_targets[r] for r in self.step_rows(step))
+
+
+def make_rows(docs: list[Doc], max_seq_len: int, packing: bool) -> list[list[int]]:
+    if packing:
+        return pack([len(d) for d in docs], max_seq_len)
+    return [[i] for i in range(len(docs))]
+
+
+# --------------------------------------------------------------------------------------------
+# Collation
+# --------------------------------------------------------------------------------------------
+
+def collate(docs: list[Doc], rows: list[list[int]], *, pad_id: int, packing: bool, max_seq_len: int,
+            flatten: bool = False) -> dict:
+    """Build one micro-batch (B rows) as CPU tensors plus varlen metadata.
+
+    Packed rows are max_seq_len long; unpacked rows are padded to the longest row in the batch.
+    Padding is at the end of a row with label -100; causal attention keeps real tokens from seeing it.
+    flatten=True (varlen backends) returns the B rows as one (1, B*L) row: every row starts a new
+    segment (position 0), so this changes nothing for attention or loss, and transformers' own
+    flash-attention path then also recognizes the packing from position_ids alone.
+    """
+    import torch
+
+    lengths = [sum(len(docs[d]) for d in row) for row in rows]
+    L = max_seq_len if packing else max(lengths)
+    B = len(rows)
+    ids = np.full((B, L), pad_id, dtype=np.int64)
+    labels = np.full((B, L), IGNORE, dtype=np.int64)
+    pos = np.zeros((B, L), dtype=np.int64)
+    doc_lens, sample_ids = [], []
+    seg_starts = []  # flattened starts of attention segments (documents and padding tails)
+    for b, row in enumerate(rows):
+        t = 0
+        for d in row:
+            doc = docs[d]
+            n = len(doc)
+            ids[b, t:t + n] = doc.input_ids
+            labels[b, t:t + n] = doc.labels
+            labels[b, t] = IGNORE  # never predict a document's first token from the previous document
+            pos[b, t:t + n] = np.arange(n)
+            seg_starts.append(b * L + t)
+            doc_lens.append(n)
+            sample_ids.append(doc.sample_id)
+            t += n
+        if t < L:
+            pos[b, t:] = np.arange(L - t) if packing else np.arange(t, L)
+            if packing:
+                seg_starts.append(b * L + t)
+    cu = np.asarray(seg_starts + [B * L], dtype=np.int32)
+    if flatten:
+        ids, labels, pos = ids.reshape(1, -1), labels.reshape(1, -1), pos.reshape(1, -1)
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "labels": torch.from_numpy(labels),
+        "position_ids": torch.from_numpy(pos),
+        "cu_seq_lens": torch.from_numpy(cu),
+        "max_length": int(np.diff(cu).max()),
+        "doc_lens": doc_lens,
+        "sample_ids": sample_ids,
+        "n_tokens": int(sum(lengths)),
+        "n_targets": int((labels != IGNORE).sum()),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Everything train.py needs
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class DataBundle:
+    train_docs: list[Doc]
+    eval_docs: list[Doc]
+    plan: BatchPlan
+    eval_rows: list[list[int]]
+    ledger: Ledger
+
+    def step_sample_ids(self, step: int) -> list[str]:
+        return [self.train_docs[d].sample_id for r in self.plan.step_rows(step) for d in self.plan.rows[r]]
+
+
+def build(cfg, tok, world_size: int) -> DataBundle:
+    ledger = Ledger()
+    docs = load_docs(cfg.data, tok, cfg.max_seq_len, cfg.truncation, ledger)
+    tot = ledger.total()
+    if not docs:
+        raise LongctxError(
+            f"no usable training documents in {', '.join(cfg.data)}: {tot.get('documents', 0)} read, "
+            f"{tot.get('docs_dropped_no_targets', 0)} without any supervised token, "
+            f"{tot.get('docs_dropped_too_long', 0)} dropped as too long")
+    if cfg.eval_data:
+        eval_docs = load_docs(cfg.eval_data, tok, cfg.max_seq_len, cfg.truncation, Ledger())
+        train_docs = docs
+    elif cfg.eval_fraction > 0 and len(docs) >= 2:
+        perm = np.random.default_rng([cfg.seed, 7]).permutation(len(docs))
+        k = min(len(docs) - 1, max(1, round(cfg.eval_fraction * len(docs))))
+        held = set(perm[:k].tolist())
+        eval_docs = [d for i, d in enumerate(docs) if i in held]
+        train_docs = [d for i, d in enumerate(docs) if i not in held]
+    else:
+        eval_docs, train_docs = [], docs
+
+    rows = make_rows(train_docs, cfg.max_seq_len, cfg.packing)
+    row_len = [sum(len(train_docs[d]) for d in r) for r in rows]
+    row_tgt = [sum(train_docs[d].n_supervised for d in r) for r in rows]
+    plan = BatchPlan(rows, row_len, row_tgt, micro=cfg.micro_batch_size, accum=cfg.grad_accum,
+                     world=world_size, seed=cfg.seed, group_by_length=cfg.group_by_length and not cfg.packing)
+    if plan.steps_per_epoch == 0:
+        raise LongctxError(
+            f"the training data gives {len(rows)} rows but one optimizer step needs {plan.global_batch} "
+            f"(micro_batch_size {cfg.micro_batch_size} x grad_accum {cfg.grad_accum} x {world_size} ranks); "
+            "add data or lower the batch size")
+    eval_rows = make_rows(eval_docs, cfg.max_seq_len, cfg.packing) if eval_docs else []
+
+    kept = sum(row_len)
+    if cfg.packing:
+        padded = len(rows) * cfg.max_seq_len
+    else:  # what an epoch actually pads to: the longest row of each micro-batch
+        padded, order = 0, plan.epoch_order(0)
+        for i in range(0, len(order), plan.micro):
+            chunk = [row_len[r] for r in order[i:i + plan.micro]]
+            padded += max(chunk) * len(chunk)
+    ledger.packing = {
+        "train documents": len(train_docs), "eval documents": len(eval_docs),
+        "rows": len(rows), "row capacity (max_seq_len)": cfg.max_seq_len,
+        "documents per row (mean)": f"{len(train_docs) / max(1, len(rows)):.2f}",
+        "packing" if cfg.packing else "padding": "on" if cfg.packing else "per micro-batch",
+        "efficiency (real tokens / row tokens)": kept / max(1, padded),
+        "steps per epoch": plan.steps_per_epoch,
+        "rows unused per epoch (incomplete last step)": len(rows) - plan.steps_per_epoch * plan.global_batch,
+    }
+    return DataBundle(train_docs, eval_docs, plan, eval_rows, ledger)

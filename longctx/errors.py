@@ -1,0 +1,17 @@
+"""The one exception train.py turns into a clear message and a non-zero exit."""
+
+
+class LongctxError(Exception):
+    """A problem with the user's input or environment, reported without a traceback.
+
+    Raised before training starts for bad input (config, data, model, ds_config, output dir), and
+    during training when the run must stop (non-finite loss, fp16 loss-scale collapse).
+    """
+
+    exit_code = 2
+
+
+class TrainingDiverged(LongctxError):
+    """Training stopped because continuing would train on garbage."""
+
+    exit_code = 3

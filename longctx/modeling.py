@@ -1,0 +1,318 @@
+"""Model: tokenizer, config checks, load or random-init (under ZeRO-3), Liger, checkpointing, loss.
+
+The training loss is computed here, not by the Hugging Face forward: `CausalLMWithLoss` runs the
+decoder stack, keeps only the positions that have a target, and applies the LM head + cross-entropy
+as a *sum* over target tokens. The caller divides by the number of target tokens of the whole global
+batch (see train.py), so the gradient does not depend on how documents are packed, micro-batched,
+accumulated or spread over ranks.
+
+The head is either Liger's fused linear cross-entropy (no [tokens x vocab] logits tensor) or a
+chunked, checkpointed linear + cross-entropy (logits of one chunk at a time). Both read
+`lm_head.weight` directly instead of calling `lm_head`, so under ZeRO-3 the weight is registered as
+an external parameter of the wrapper: DeepSpeed gathers it for the wrapper's forward and backward,
+where the lm_head module's own hooks would never fire.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import LongctxError
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+HEAD_CHUNK_TOKENS = 8192
+
+
+# --------------------------------------------------------------------------------------------
+# Environment checks
+# --------------------------------------------------------------------------------------------
+
+def fork_info() -> dict | None:
+    """The patched transformers fork's marker, or None for an upstream transformers."""
+    try:
+        from transformers import fork_info as fi  # type: ignore[attr-defined]
+    except Exception:
+        return None
+    return {"version": getattr(fi, "FORK_VERSION", None), "patches": [p[0] if isinstance(p, tuple) else p
+                                                                       for p in getattr(fi, "PATCHES", ())]}
+
+
+def liger_installed() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def resolve_precision(requested: str, device) -> str:
+    if requested == "auto":
+        if device.kind != "cuda":
+            return "fp32"
+        return "bf16" if device.capability >= (8, 0) else "fp16"
+    if requested == "bf16" and device.kind == "cuda" and device.capability < (8, 0):
+        raise LongctxError(f"--precision bf16 needs sm80+; {device.name} is sm{device.capability[0]}"
+                           f"{device.capability[1]}: use fp16 (dynamic loss scaling) or auto")
+    if requested == "fp16" and device.kind != "cuda":
+        raise LongctxError("--precision fp16 needs a CUDA GPU; on CPU use fp32 (auto) or bf16")
+    return requested
+
+
+def resolve_liger(requested: str, device) -> bool:
+    if requested == "off":
+        return False
+    if requested == "on":
+        if not liger_installed():
+            raise LongctxError("--liger on, but liger-kernel is not installed (pip install liger-kernel)")
+        if device.kind != "cuda":
+            raise LongctxError("--liger on needs a CUDA GPU (Liger kernels are Triton kernels)")
+        return True
+    return liger_installed() and device.kind == "cuda"
+
+
+def check_offload(cfg, model_config) -> None:
+    if not cfg.offload_gradient_checkpointing:
+        return
+    import transformers
+
+    info = fork_info()
+    if info is None:
+        raise LongctxError(
+            "--offload-gradient-checkpointing needs the patched transformers fork, but the installed "
+            f"transformers {transformers.__version__} ({Path(transformers.__file__).parent}) is upstream "
+            "(no transformers.fork_info). Install ./transformers-fork (make apply-patches; pip install "
+            "./transformers-fork).")
+    from transformers import AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM._model_mapping[type(model_config)]
+    if not hasattr(cls, "offload_gradient_checkpointing_enable"):
+        raise LongctxError(f"transformers fork {info['version']}: {cls.__name__} has no "
+                           "offload_gradient_checkpointing_enable (the fork patches Llama, Mistral, Qwen2, Qwen3)")
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer and model config
+# --------------------------------------------------------------------------------------------
+
+def _has_weights(d: Path) -> bool:
+    return any(d.glob("*.safetensors")) or any(d.glob("pytorch_model*.bin")) or any(d.glob("*.safetensors.index.json"))
+
+
+def load_tokenizer(cfg):
+    from transformers import AutoTokenizer
+
+    from .config import DEFAULT_TOKENIZER
+
+    path = cfg.tokenizer
+    if not path:
+        m = Path(cfg.model)
+        path = str(m) if m.is_dir() and ((m / "tokenizer.json").exists() or (m / "tokenizer_config.json").exists()) \
+            else DEFAULT_TOKENIZER
+    if not Path(path).exists():
+        raise LongctxError(f"tokenizer not found: {path}")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise LongctxError(f"cannot load the tokenizer from {path}: {e}") from None
+    if tok.pad_token_id is None and tok.eos_token_id is None:
+        raise LongctxError(f"tokenizer {path} has neither a pad nor an eos token to pad with")
+    return tok, path
+
+
+def load_model_config(cfg, tok):
+    """Return (config, kind) with kind "pretrained" (a directory with weights) or "random"."""
+    from transformers import AutoConfig
+
+    p = Path(cfg.model)
+    if not p.exists():
+        raise LongctxError(f"--model {cfg.model}: not found (give a model directory or a config .json)")
+    try:
+        if p.is_dir():
+            if not (p / "config.json").exists():
+                raise LongctxError(f"--model {cfg.model}: no config.json in the directory")
+            if not _has_weights(p):
+                raise LongctxError(f"--model {cfg.model}: no weights (*.safetensors / pytorch_model*.bin); to "
+                                   "initialize randomly, pass the config .json file itself")
+            config, kind = AutoConfig.from_pretrained(str(p)), "pretrained"
+        else:
+            d = json.loads(p.read_text())
+            model_type = d.pop("model_type", None)
+            if model_type is None:
+                raise LongctxError(f"--model {cfg.model}: config has no model_type")
+            config, kind = AutoConfig.for_model(model_type, **d), "random"
+    except LongctxError:
+        raise
+    except Exception as e:
+        raise LongctxError(f"--model {cfg.model}: cannot read the config: {e}") from None
+    if config.model_type not in SUPPORTED_TYPES:
+        raise LongctxError(f"model_type {config.model_type!r} is not supported (supported: {SUPPORTED_TYPES})")
+    if len(tok) > config.vocab_size:
+        raise LongctxError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {config.vocab_size}")
+    check_positions(config, cfg.max_seq_len)
+    return config, kind
+
+
+def _rope_type(config) -> str:
+    rp = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rp, dict) and "rope_type" not in rp and any(isinstance(v, dict) for v in rp.values()):
+        rp = next(v for v in rp.values() if isinstance(v, dict))  # per-layer-type parameters
+    return (rp.get("rope_type") or rp.get("type") or "default") if isinstance(rp, dict) else "default"
+
+
+def check_positions(config, max_seq_len: int) -> None:
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None or max_seq_len <= limit:
+        return
+    rope = _rope_type(config)
+    if rope == "default":
+        raise LongctxError(
+            f"--max-seq-len {max_seq_len:,} is beyond the model's position range (max_position_embeddings "
+            f"{limit:,}) and the model has no RoPE scaling. Add rope scaling to the model config (e.g. "
+            "rope_parameters {rope_type: yarn, factor: ...}) or lower --max-seq-len.")
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+_HF_DS_CONFIG = None  # must stay alive while models are created under ZeRO-3
+
+
+def apply_liger(model_type: str):
+    """Patch the model family's classes before instantiation; return a checker for an instance."""
+    import liger_kernel.transformers as lt
+
+    fn = getattr(lt, f"apply_liger_kernel_to_{model_type}", None)
+    if fn is None:
+        raise LongctxError(f"liger-kernel has no apply_liger_kernel_to_{model_type}")
+    want = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    params = inspect.signature(fn).parameters
+    fn(**{k: v for k, v in want.items() if k in params})
+
+    def check(lm: nn.Module) -> list[str]:
+        from liger_kernel.transformers.rms_norm import LigerRMSNorm
+        from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+
+        problems = []
+        if not isinstance(lm.model.norm, LigerRMSNorm):
+            problems.append(f"final norm is {type(lm.model.norm).__name__}, not LigerRMSNorm")
+        layer = lm.model.layers[0]
+        if not isinstance(layer.mlp, LigerSwiGLUMLP):
+            problems.append(f"MLP is {type(layer.mlp).__name__}, not LigerSwiGLUMLP")
+        if not isinstance(layer.input_layernorm, LigerRMSNorm):
+            problems.append(f"input_layernorm is {type(layer.input_layernorm).__name__}, not LigerRMSNorm")
+        mod = inspect.getmodule(type(lm))
+        rope = getattr(mod, "apply_rotary_pos_emb", None)
+        if rope is None or not getattr(rope, "__module__", "").startswith("liger_kernel"):
+            problems.append("apply_rotary_pos_emb was not replaced by Liger's")
+        return problems
+
+    return check
+
+
+def build_model(cfg, model_config, kind: str, *, attn_impl: str, precision: str, ds_config: dict,
+                use_liger: bool):
+    """Create the HF model (under zero.Init for ZeRO-3) and wrap it with the training loss."""
+    global _HF_DS_CONFIG
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config) if zero3 else None
+    liger_check = apply_liger(model_config.model_type) if use_liger else None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    torch.manual_seed(cfg.seed)
+    if kind == "pretrained":
+        lm = AutoModelForCausalLM.from_pretrained(cfg.model, config=model_config, dtype=dtype,
+                                                  attn_implementation=attn_impl)
+    else:
+        lm = AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation=attn_impl)
+    lm.config.use_cache = False
+    if liger_check is not None:
+        problems = liger_check(lm)
+        if problems:
+            raise LongctxError("Liger kernels were requested but not applied: " + "; ".join(problems))
+    if cfg.offload_gradient_checkpointing:
+        lm.offload_gradient_checkpointing_enable(num_offloaded_layers=cfg.num_offloaded_layers,
+                                                 activation_checkpointing_kwargs={"use_reentrant": True})
+    elif cfg.gradient_checkpointing:
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    model = CausalLMWithLoss(lm, fused_ce=use_liger)
+    if zero3:
+        import deepspeed
+
+        deepspeed.zero.register_external_parameter(model, lm.lm_head.weight)
+    return model
+
+
+class LinearCrossEntropySum(torch.autograd.Function):
+    """sum_i CE(h_i @ w^T, y_i), computed chunk by chunk with gradients formed in forward.
+
+    Never holds more than [chunk x vocab] logits, and backward needs neither w nor the logits (the
+    same trick as Liger's fused linear cross-entropy), which also keeps it valid under ZeRO-3 where
+    w is only gathered during forward. Logits and softmax are fp32, as in transformers' loss.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = torch.promote_types(h.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+        total = torch.zeros((), dtype=acc, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
+        for s in range(0, h.shape[0], chunk):
+            hc, yc = h[s:s + chunk], y[s:s + chunk]
+            logits = F.linear(hc, w).to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                g = torch.exp_(logits.sub_(lse[:, None]))  # softmax, in place
+                g[torch.arange(g.shape[0], device=g.device), yc] -= 1.0
+                if need_h:
+                    grad_h[s:s + chunk] = (g @ w.to(acc)).to(h.dtype)
+                if need_w:
+                    grad_w.addmm_(g.t(), hc.to(acc))
+        ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
+        ctx.has = (need_h, need_w)
+        ctx.w_dtype = w.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        saved = list(ctx.saved_tensors)
+        grad_h = saved.pop(0) * grad_out if ctx.has[0] else None
+        grad_w = (saved.pop(0) * grad_out).to(ctx.w_dtype) if ctx.has[1] else None
+        return grad_h, grad_w, None, None
+
+
+class CausalLMWithLoss(nn.Module):
+    """The HF causal LM plus the training loss: sum of target-token cross-entropy."""
+
+    def __init__(self, lm: nn.Module, fused_ce: bool = False):
+        super().__init__()
+        self.lm = lm
+        self.fused_ce = fused_ce
+        if getattr(lm.config, "final_logit_softcapping", None):
+            raise LongctxError("models with final_logit_softcapping are not supported by the training loss")
+        if getattr(lm.lm_head, "bias", None) is not None:
+            raise LongctxError("an lm_head with a bias is not supported by the training loss")
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                **attn_kwargs: Any) -> torch.Tensor:
+        out = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **attn_kwargs)
+        hidden = out.last_hidden_state
+        # labels[t] is the target of the logits at t-1 (the Hugging Face convention)
+        h = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
+        y = labels[:, 1:].reshape(-1)
+        keep = (y != -100).nonzero().view(-1)
+        h, y = h.index_select(0, keep), y.index_select(0, keep)
+        w = self.lm.lm_head.weight
+        if self.fused_ce:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            return LigerFusedLinearCrossEntropyLoss(reduction="sum")(w, h, y)
+        return LinearCrossEntropySum.apply(h, w, y, HEAD_CHUNK_TOKENS)

@@ -1,0 +1,124 @@
+"""The run directory: what it may already hold, and the record of what this run is.
+
+<output_dir>/run.json        resolved config, git hash (+ dirty flag), patch-series hash, versions, world
+<output_dir>/config.yaml     the resolved config alone, reusable with --config
+<output_dir>/ledger.json     the token ledger
+<output_dir>/metrics.jsonl   one row per logged step (see metrics.py)
+<output_dir>/samples.jsonl   the sample ids of every step
+<output_dir>/checkpoints/    DeepSpeed checkpoints (see checkpoint.py)
+<output_dir>/final_model/    the consolidated Hugging Face model + tokenizer
+
+Nothing is written before every check has passed. An output directory that holds another run needs
+--resume auto (continue it) or --overwrite (replace it); a non-empty directory that is not a run
+directory is never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from .errors import LongctxError
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_FILE = "run.json"
+# Settings that decide which tokens each step sees: they must not change when resuming.
+RESUME_KEYS = ("model", "tokenizer", "data", "eval_data", "eval_fraction", "max_seq_len", "packing",
+               "group_by_length", "truncation", "micro_batch_size", "grad_accum", "seed")
+RUN_CONTENT = ("run.json", "config.yaml", "ledger.json", "metrics.jsonl", "samples.jsonl", "checkpoints",
+               "final_model", "final_model.tmp", "PAUSED_IN_SAVE", "PAUSED_AFTER_STEP")
+
+
+def check_output_dir(cfg) -> str:
+    """Return "fresh", "resume" or "overwrite"; raise if the directory must not be touched."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise LongctxError(f"--output-dir {out} exists and is not a directory")
+    if not out.exists() or not any(out.iterdir()):
+        return "fresh"
+    if not (out / RUN_FILE).is_file():
+        raise LongctxError(f"--output-dir {out} is not empty and holds no run ({RUN_FILE} missing); refusing to "
+                           "write into it. Choose another directory.")
+    if cfg.resume:
+        return "resume"
+    if cfg.overwrite:
+        return "overwrite"
+    prev = json.loads((out / RUN_FILE).read_text())
+    raise LongctxError(f"--output-dir {out} holds another run (started {prev.get('started', '?')}, git "
+                       f"{str(prev.get('git', {}).get('hash'))[:12]}). Pass --resume auto to continue it or "
+                       "--overwrite to replace it.")
+
+
+def check_resume_compatible(cfg, world_size: int) -> None:
+    prev = json.loads((Path(cfg.output_dir) / RUN_FILE).read_text())
+    old, new = prev.get("config", {}), cfg.to_dict()
+    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in RESUME_KEYS if old.get(k) != new.get(k)]
+    if prev.get("world_size") != world_size:
+        diffs.append(f"world size: {prev.get('world_size')} -> {world_size}")
+    if diffs:
+        raise LongctxError("cannot resume: settings that decide the data order changed since the run started:\n  "
+                           + "\n  ".join(diffs))
+
+
+def git_info() -> dict:
+    def git(*args):
+        try:
+            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except Exception:
+            return ""
+    return {"hash": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def patch_series_hash(patches_dir: Path = REPO / "patches") -> str | None:
+    """sha256 over patches/series and, in series order, each patch file's name and bytes."""
+    series = patches_dir / "series"
+    if not series.is_file():
+        return None
+    h = hashlib.sha256(series.read_bytes())
+    for line in series.read_text().splitlines():
+        name = line.split("#", 1)[0].strip()
+        if name:
+            p = patches_dir / name
+            h.update(name.encode() + b"\0" + (p.read_bytes() if p.is_file() else b"<missing>"))
+    return h.hexdigest()
+
+
+def versions() -> dict:
+    import deepspeed
+    import torch
+    import transformers
+
+    from .modeling import fork_info
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "deepspeed": deepspeed.__version__, "transformers_fork": fork_info()}
+
+
+def create(cfg, mode: str, record: dict) -> None:
+    """Rank 0, after all checks: prepare the directory and write the run record."""
+    out = Path(cfg.output_dir)
+    if mode == "overwrite":
+        for name in RUN_CONTENT:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("PAUSED_IN_SAVE", "PAUSED_AFTER_STEP"):
+        (out / name).unlink(missing_ok=True)
+    rec = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_info(),
+           "patch_series_sha256": patch_series_hash(), "versions": versions(), **record,
+           "config": cfg.to_dict()}
+    if mode == "resume" and (out / RUN_FILE).exists():
+        prev = json.loads((out / RUN_FILE).read_text())
+        rec["started"] = prev.get("started", rec["started"])
+        rec["resumed"] = prev.get("resumed", []) + [time.strftime("%Y-%m-%dT%H:%M:%S%z")]
+    (out / RUN_FILE).write_text(json.dumps(rec, indent=2, default=str) + "\n")
+    import yaml
+
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

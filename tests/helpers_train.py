@@ -1,0 +1,178 @@
+"""Shared helpers for the train.py tests: small datasets, a tiny model with known weights, and
+running train.py through the real `deepspeed` launcher (CPU ranks on gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `import longctx` from tests, whatever the working directory
+    sys.path.insert(0, str(REPO))
+DEFAULT_DATA = REPO / "longctx" / "default_data"
+TOKENIZER = DEFAULT_DATA / "tokenizer"
+TINY_CONFIG = DEFAULT_DATA / "tiny_llama.json"
+WORDS = ("apple anchor bottle candle desk engine feather garden harbor island jacket kettle lantern mirror "
+         "needle orchard pillow quartz ribbon saddle tunnel umbrella velvet window yarn").split()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def text_rows(n: int, seed: int = 0, lo: int = 8, hi: int = 60) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))} for _ in range(n)]
+
+
+def chat_rows(n: int, seed: int = 1) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        k = rng.choice(WORDS)
+        v = rng.randint(100, 999)
+        rows.append({"messages": [
+            {"role": "user", "content": f"{k} is {v}. " + " ".join(rng.choice(WORDS) for _ in range(20)) + f" {k}?"},
+            {"role": "assistant", "content": f"{k} is {v}."}]})
+    return rows
+
+
+def pr_rows(n: int, seed: int = 2) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        items = [rng.choice(WORDS) for _ in range(rng.randint(5, 25))]
+        out.append({"prompt": "Reverse: " + " ".join(items), "response": " " + " ".join(reversed(items))})
+    return out
+
+
+def small_dataset(d: Path, n_text: int = 60, n_chat: int = 20, n_pr: int = 20) -> list[str]:
+    d.mkdir(parents=True, exist_ok=True)
+    files = [write_jsonl(d / "text.jsonl", text_rows(n_text))]
+    if n_chat:
+        files.append(write_jsonl(d / "chat.jsonl", chat_rows(n_chat)))
+    if n_pr:
+        files.append(write_jsonl(d / "pr.jsonl", pr_rows(n_pr)))
+    return [str(f) for f in files]
+
+
+def tiny_config(**overrides) -> dict:
+    cfg = json.loads(TINY_CONFIG.read_text())
+    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=1024)
+    cfg.update(overrides)
+    return cfg
+
+
+def tiny_config_file(d: Path, **overrides) -> str:
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / "tiny_config.json"
+    p.write_text(json.dumps(tiny_config(**overrides)))
+    return str(p)
+
+
+def tiny_model_dir(d: Path, seed: int = 0, **overrides) -> str:
+    """A tiny Llama with fixed random weights saved as a HF directory (fp32) plus the tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = tiny_config(**overrides)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(str(d), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(TOKENIZER)).save_pretrained(str(d))
+    return str(d)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_cmd(args: list[str], nproc: int = 2) -> list[str]:
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    return [deepspeed, "--num_gpus", str(nproc), "--master_port", str(free_port()), "train.py", *args]
+
+
+def _env(extra: dict | None) -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra or {})
+    return env
+
+
+def run_train(args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 600,
+              check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(launcher_cmd(args, nproc), cwd=REPO, env=_env(env), capture_output=True, text=True,
+                       timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+def run_until_paused(args: list[str], marker: Path, env: dict, nproc: int = 2, timeout: int = 600) -> None:
+    """Start train.py, wait for a test-hook pause marker, then kill -9 the whole process group."""
+    log = open(marker.parent.parent / f"{marker.parent.name}.{marker.name}.log", "w")  # beside the run dir
+    proc = subprocess.Popen(launcher_cmd(args, nproc), cwd=REPO, env=_env(env), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.time()
+    try:
+        while not marker.exists():
+            if proc.poll() is not None:
+                raise AssertionError(f"train.py exited ({proc.returncode}) before pausing; see {log.name}")
+            if time.time() - t0 > timeout:
+                raise AssertionError("timed out waiting for the pause marker")
+            time.sleep(0.2)
+        time.sleep(0.5)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        log.close()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# Settings shared by the launcher tests: tiny model, short rows, fp32 on CPU.
+def fast_args(out: Path, data: list[str], model: str, *, steps: int, extra: list[str] = ()) -> list[str]:
+    return ["--deepspeed", "ds_configs/zero3_offload.json", "--model", model, "--data", *data,
+            "--max-seq-len", "128", "--output-dir", str(out), "--max-steps", str(steps), "--eval-fraction", "0",
+            "--lr", "3e-3", "--warmup-steps", "0", "--lr-scheduler", "constant", *extra]
+
+
+def reference_step(model_dir: str, data_file: Path, sample_ids: list[str]) -> tuple[float, float]:
+    """Independent reference for one optimizer step over text documents: transformers' own forward and
+    loss, one document at a time, fp32 on CPU. Returns (target-token mean loss, norm of its gradient)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    texts = Path(data_file).read_text().splitlines()
+    total, n_all = 0.0, 0
+    for sid in sample_ids:
+        name, line = sid.rsplit(":", 1)
+        assert name == Path(data_file).name
+        text = json.loads(texts[int(line) - 1])["text"]
+        x = torch.tensor([[tok.bos_token_id] + tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]])
+        n = x.shape[1] - 1
+        loss_sum = lm(input_ids=x, labels=x).loss * n
+        loss_sum.backward()  # gradients of the sum accumulate over documents
+        total += float(loss_sum.detach())
+        n_all += n
+    norm = torch.sqrt(sum((p.grad / n_all).pow(2).sum() for p in lm.parameters())).item()
+    return total / n_all, norm

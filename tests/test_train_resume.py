@@ -1,0 +1,71 @@
+"""Exact resume through the launcher (2 CPU ranks): 2N steps uninterrupted == N steps, kill -9, resume.
+
+The kill is a real SIGKILL of the launcher's whole process group, at a point the run reaches through a
+test hook (LONGCTX_TEST_PAUSE_AFTER_STEP / LONGCTX_TEST_PAUSE_IN_SAVE park every rank in a sleep and
+drop a marker file). Per-step losses must be identical (bitwise, as logged) and so must the sample ids.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers_train import fast_args, read_jsonl, run_train, run_until_paused, small_dataset, tiny_model_dir
+
+pytestmark = pytest.mark.slow
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("resume")
+    data = small_dataset(d / "data")
+    model = tiny_model_dir(d / "init")
+    # dropout-free model, but a non-constant schedule and accumulation make the resume state matter
+    extra = ["--grad-accum", "2", "--save-interval", "2", "--keep-last", "2", "--lr-scheduler", "cosine",
+             "--warmup-steps", "2", "--no-save-final-model"]
+    ref = d / "uninterrupted"
+    run_train(fast_args(ref, data, model, steps=STEPS, extra=extra))
+    return d, data, model, extra, ref
+
+
+def _losses(out):
+    return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in read_jsonl(out / "metrics.jsonl")]
+
+
+def _samples(out):
+    return [(r["step"], r["sample_ids"]) for r in read_jsonl(out / "samples.jsonl")]
+
+
+def test_kill_after_checkpoint_then_resume_is_exact(setup):
+    d, data, model, extra, ref = setup
+    out = d / "killed"
+    run_until_paused(fast_args(out, data, model, steps=STEPS, extra=extra), out / "PAUSED_AFTER_STEP",
+                     env={"LONGCTX_TEST_PAUSE_AFTER_STEP": "5"})
+    # step 5 ran (and was logged) after the step-4 checkpoint: resume must redo it from step 4
+    assert (out / "checkpoints" / "step-00000004" / "COMPLETE").exists()
+    assert max(r["step"] for r in read_jsonl(out / "metrics.jsonl")) == 5
+    p = run_train(fast_args(out, data, model, steps=STEPS, extra=extra + ["--resume", "auto"]))
+    assert "resumed at step 4" in p.stdout
+    assert _losses(out) == _losses(ref)
+    assert _samples(out) == _samples(ref)
+    assert json.loads((out / "run.json").read_text())["resumed"]
+
+
+def test_kill_during_save_resumes_from_previous_complete_checkpoint(setup):
+    d, data, model, extra, ref = setup
+    out = d / "killed_in_save"
+    run_until_paused(fast_args(out, data, model, steps=STEPS, extra=extra), out / "PAUSED_IN_SAVE",
+                     env={"LONGCTX_TEST_PAUSE_IN_SAVE": "6"})
+    partial = out / "checkpoints" / "step-00000006"
+    assert partial.is_dir() and any(partial.iterdir()) and not (partial / "COMPLETE").exists()
+    assert (out / "checkpoints" / "step-00000004" / "COMPLETE").exists()
+    p = run_train(fast_args(out, data, model, steps=STEPS, extra=extra + ["--resume", "auto"]))
+    assert "resumed at step 4" in p.stdout
+    assert _losses(out) == _losses(ref)
+    assert _samples(out) == _samples(ref)
+    # the partial save was replaced; keep-last 2 keeps the two newest complete checkpoints
+    names = sorted(c.name for c in (out / "checkpoints").glob("step-*"))
+    assert names == ["step-00000006", "step-00000008"]
+    assert all((out / "checkpoints" / n / "COMPLETE").exists() for n in names)
