@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 def train(cfg, rank: int, world: int, local_rank: int) -> None:
     import torch
 
-    from longctx import attention, checkpoint, data as data_mod, dsconfig, modeling, runs
+    from longctx import attention, checkpoint, data as data_mod, dsconfig, lora, modeling, runs, s2attn
+    from longctx.sequence_parallel import Layout
     from longctx.metrics import Metrics
 
     say = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
@@ -77,12 +78,15 @@ def train(cfg, rank: int, world: int, local_rank: int) -> None:
     tok, tok_path = modeling.load_tokenizer(cfg)
     model_config, kind = modeling.load_model_config(cfg, tok)
     modeling.check_offload(cfg, model_config)
+    sp = Layout.from_config(cfg, model_config, rank, world)  # SP group, data-parallel rank, tiling
     attn = attention.choose(cfg.attn_implementation, device, precision=precision, packing=cfg.packing,
                             max_seq_len=cfg.max_seq_len, dense_mask_max_len=cfg.dense_mask_max_len)
+    attn = s2attn.wrap_choice(attn, cfg)  # --s2-attn: S2-Attn over the chosen kernel, in training only
     lr = config_mod.resolved_lr(cfg)
-    ds_config = dsconfig.build(cfg.deepspeed, cfg, world_size=world, precision=precision, lr=lr,
-                               hidden_size=model_config.hidden_size, on_cuda=device.kind == "cuda")
-    data = data_mod.build(cfg, tok, world)
+    ds_config = sp.ds_config(dsconfig.build(cfg.deepspeed, cfg, world_size=sp.dp_world, precision=precision,
+                                            lr=lr, hidden_size=model_config.hidden_size,
+                                            on_cuda=device.kind == "cuda"))
+    data = data_mod.build(cfg, tok, sp.dp_world)
     resume_from = None
     if cfg.resume:
         if mode == "resume":
@@ -97,7 +101,8 @@ def train(cfg, rank: int, world: int, local_rank: int) -> None:
         f"{'offloaded' if cfg.offload_gradient_checkpointing else 'on' if cfg.gradient_checkpointing else 'off'}")
     say(f"model {cfg.model} ({kind}, {model_config.model_type}) | tokenizer {tok_path} | lr {lr:g}")
     say(f"ds_config {cfg.deepspeed}: ZeRO-{ds_config['zero_optimization'].get('stage', 0)}, train_batch_size "
-        f"{ds_config['train_batch_size']} = {cfg.micro_batch_size} x {cfg.grad_accum} x {world}")
+        f"{ds_config['train_batch_size']} = {cfg.micro_batch_size} x {cfg.grad_accum} x {sp.dp_world}")
+    say(sp.describe(attn.impl))
     say(data.ledger.format())
     say(f"steps: {total_steps} ({plan.steps_per_epoch} per epoch)"
         + (f"; resuming from {resume_from}" if resume_from else ""))
@@ -117,12 +122,13 @@ def train(cfg, rank: int, world: int, local_rank: int) -> None:
     # ---- 3. model and engine -----------------------------------------------------------------
     from transformers import get_scheduler
 
-    model = modeling.build_model(cfg, model_config, kind, attn_impl=attn.impl, precision=precision,
-                                 ds_config=ds_config, use_liger=use_liger)
+    model = modeling.build_model(cfg, model_config, kind, attn_impl=sp.core_attention(attn.impl),
+                                 precision=precision, ds_config=ds_config, use_liger=use_liger)
+    model, mpu = sp.prepare_model(model, ds_config, varlen=attn.varlen_kwargs)
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(cfg.warmup_ratio * total_steps)
     sched_kwargs = {"min_lr_rate": 0.1} if cfg.lr_scheduler == "cosine_with_min_lr" else None
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config, mpu=mpu,
         lr_scheduler=lambda opt: get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=warmup,
                                                num_training_steps=total_steps, scheduler_specific_kwargs=sched_kwargs))
     dev = engine.device
@@ -145,11 +151,11 @@ def train(cfg, rank: int, world: int, local_rank: int) -> None:
         done = step + 1  # optimizer steps completed after this one: the number used in logs and checkpoints
         metrics.start_step()
         n_targets = plan.step_targets(step)
-        scale = world * cfg.grad_accum / n_targets
+        scale = sp.loss_scale(cfg.grad_accum, n_targets)
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for m, rows in enumerate(plan.micro_batches(step, rank)):
-            batch = data_mod.collate(data.train_docs, [plan.rows[r] for r in rows], pad_id=pad_id,
-                                     packing=cfg.packing, max_seq_len=cfg.max_seq_len, flatten=attn.varlen_kwargs)
+        for m, rows in enumerate(plan.micro_batches(step, sp.dp_rank)):
+            batch = sp.collate(data.train_docs, [plan.rows[r] for r in rows], pad_id=pad_id,
+                               packing=cfg.packing, max_seq_len=cfg.max_seq_len, flatten=attn.varlen_kwargs)
             loss = engine(input_ids=batch["input_ids"].to(dev), position_ids=batch["position_ids"].to(dev),
                           labels=batch["labels"].to(dev), **attention.model_kwargs(batch, attn, dev))
             if rank == 0 and m == 0 and nan_injected(done):
@@ -165,7 +171,7 @@ def train(cfg, rank: int, world: int, local_rank: int) -> None:
 
         eval_loss = None
         if data.eval_rows and ((cfg.eval_interval and done % cfg.eval_interval == 0) or done == total_steps):
-            eval_loss = evaluate(engine, data, cfg, pad_id, attn, rank, world, dev)
+            eval_loss = evaluate(engine, data, cfg, pad_id, attn, sp, dev)
         metrics.log_samples(done, data.step_sample_ids(step))
         doc_lens = [len(data.train_docs[d]) for r in plan.step_rows(step) for d in plan.rows[r]]
         metrics.end_step(done, epoch=step // plan.steps_per_epoch, loss=step_loss, lr=scheduler.get_last_lr()[0],
@@ -205,13 +211,14 @@ def all_reduce_sum(x, dev):
     return float(t)
 
 
-def evaluate(engine, data, cfg, pad_id, attn, rank, world, dev) -> float:
+def evaluate(engine, data, cfg, pad_id, attn, sp, dev) -> float:
     """Target-token mean loss over the eval rows. Every rank runs the same number of forwards (ZeRO-3
     gathers parameters collectively); a rank without rows left repeats row 0 and discards it."""
     import torch
 
-    from longctx import attention, data as data_mod
+    from longctx import attention
 
+    rank, world = sp.dp_rank, sp.dp_world  # an SP group evaluates its rows together
     rows, per = data.eval_rows, world * cfg.micro_batch_size
     tot = torch.zeros(2, dtype=torch.float64)
     engine.eval()
@@ -219,14 +226,14 @@ def evaluate(engine, data, cfg, pad_id, attn, rank, world, dev) -> float:
         for b in range(math.ceil(len(rows) / per)):
             idx = [i for i in range(b * per + rank * cfg.micro_batch_size, b * per + (rank + 1) * cfg.micro_batch_size)
                    if i < len(rows)]
-            batch = data_mod.collate(data.eval_docs, [rows[i] for i in (idx or [0])], pad_id=pad_id,
-                                     packing=cfg.packing, max_seq_len=cfg.max_seq_len, flatten=attn.varlen_kwargs)
+            batch = sp.collate(data.eval_docs, [rows[i] for i in (idx or [0])], pad_id=pad_id,
+                               packing=cfg.packing, max_seq_len=cfg.max_seq_len, flatten=attn.varlen_kwargs)
             loss = engine(input_ids=batch["input_ids"].to(dev), position_ids=batch["position_ids"].to(dev),
                           labels=batch["labels"].to(dev), **attention.model_kwargs(batch, attn, dev))
             if idx:
                 tot += torch.tensor([float(loss), batch["n_targets"]], dtype=torch.float64)
     engine.train()
-    if world > 1:
+    if torch.distributed.get_world_size() > 1:
         t = tot.to(dev)
         torch.distributed.all_reduce(t)
         tot = t.cpu()

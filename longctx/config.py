@@ -55,6 +55,15 @@ class Config:
         False, "Keep checkpointed hidden states in host RAM (needs the patched transformers fork).", "model")
     num_offloaded_layers: Optional[int] = _f(None, "With --offload-gradient-checkpointing: how many layers "
                                              "offload their checkpoints (default: all).", "model")
+    sequence_parallel: int = _f(1, "Ulysses sequence parallelism (DeepSpeed ALST): every row is spread over N "
+                                "consecutive ranks, each holding 1/N of its tokens. Use it when one sample does "
+                                "not fit on one GPU; keep N within a node. N must divide the world size and the "
+                                "number of query heads. See docs/multinode.md.", "model")
+    tiled_mlp: Optional[bool] = _f(None, "Run each decoder MLP over ceil(seq / hidden) chunks of the sequence "
+                                   "(DeepSpeed TiledMLP; recomputed in backward). Default: on when a rank's slice "
+                                   "of a row is at least 4 x hidden_size tokens.", "model")
+    tiled_loss: bool = _f(True, "LM head + cross-entropy chunk by chunk, never holding [tokens x vocab] logits; "
+                          "--no-tiled-loss materializes them (ablation).", "model")
 
     # ---- data --------------------------------------------------------------------------------
     data: list[str] = _f(DEFAULT_DATA, "Training files (.jsonl/.json/.parquet/.arrow). Each file holds one "
@@ -95,6 +104,23 @@ class Config:
     fp16_collapse_patience: int = _f(3, "fp16: stop after this many consecutive overflowing steps at the "
                                      "minimum loss scale.", "training")
 
+    # ---- LongLoRA (longctx/lora.py, longctx/s2attn.py) -----------------------------------------
+    lora: bool = _f(False, "LongLoRA mode: train LoRA adapters (peft) plus --trainable-modules instead of every "
+                    "weight; saves <output-dir>/adapter (see --merge).", "lora")
+    lora_rank: int = _f(8, "LoRA rank r.", "lora")
+    lora_alpha: int = _f(16, "LoRA alpha; the adapter's update is scaled by alpha / r.", "lora")
+    lora_target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Linear layers that get "
+                                        "adapters (names or comma lists; all-linear: every linear but the head).",
+                                        "lora")
+    trainable_modules: str = _f("embed,norm", "With --lora: also train every parameter whose name contains one of "
+                                "these (comma list; LongLoRA's default trains embeddings and norms; none: LoRA only).",
+                                "lora")
+    s2_attn: Optional[int] = _f(None, "Shifted sparse attention (LongLoRA's S2-Attn) in training, with this group "
+                                "size; --s2-attn alone (or 0): max_seq_len / 4. Eval uses full attention. Needs "
+                                "--no-packing.", "lora", cli={"nargs": "?", "const": 0, "metavar": "GROUP"})
+    merge: bool = _f(False, "With --lora: also write <output-dir>/final_model, the adapter, embeddings and norms "
+                     "merged into the base weights (a plain Hugging Face model).", "lora")
+
     # ---- output ------------------------------------------------------------------------------
     output_dir: str = _f("runs/default", "Run directory: resolved config, metrics.jsonl, checkpoints/, "
                          "final_model/.", "output")
@@ -128,6 +154,7 @@ GROUPS = {
     "model": "Model, precision and techniques",
     "data": "Data (formats, packing, truncation)",
     "training": "Training loop, optimizer and schedule",
+    "lora": "LongLoRA: LoRA + trainable embeddings/norms, shifted sparse attention",
     "output": "Output, checkpoints and resume",
     "launcher": "Launcher",
 }
@@ -180,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         if optional and kw.get("type") in (int, float):
             base = kw["type"]
             kw["type"] = lambda s, base=base: None if s.lower() in ("none", "null", "") else base(s)
+        kw.update(f.metadata.get("cli", {}))  # e.g. an optional value: --s2-attn [GROUP]
         g.add_argument(*names, **kw)
     return parser
 
@@ -275,8 +303,18 @@ def validate(cfg: Config) -> None:
         problems.append("--resume and --overwrite contradict each other; pick one")
     if cfg.num_offloaded_layers is not None and not cfg.offload_gradient_checkpointing:
         problems.append("--num-offloaded-layers needs --offload-gradient-checkpointing")
+    if cfg.sequence_parallel < 1:
+        problems.append(f"--sequence-parallel must be >= 1, got {cfg.sequence_parallel}")
     if cfg.offload_gradient_checkpointing and not cfg.gradient_checkpointing:
         problems.append("--offload-gradient-checkpointing needs --gradient-checkpointing")
+    if cfg.lora or cfg.merge:
+        from .lora import config_problems as lora_problems
+
+        problems += lora_problems(cfg)
+    if cfg.s2_attn is not None:
+        from .s2attn import config_problems as s2attn_problems
+
+        problems += s2attn_problems(cfg)
     if problems:
         raise LongctxError("invalid arguments:\n  " + "\n  ".join(problems))
 

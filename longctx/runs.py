@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 RUN_FILE = "run.json"
 # Settings that decide which tokens each step sees: they must not change when resuming.
 RESUME_KEYS = ("model", "tokenizer", "data", "eval_data", "eval_fraction", "max_seq_len", "packing",
-               "group_by_length", "truncation", "micro_batch_size", "grad_accum", "seed")
+               "group_by_length", "truncation", "micro_batch_size", "grad_accum", "seed", "sequence_parallel")
 RUN_CONTENT = ("run.json", "config.yaml", "ledger.json", "metrics.jsonl", "samples.jsonl", "checkpoints",
                "final_model", "final_model.tmp", "PAUSED_IN_SAVE", "PAUSED_AFTER_STEP")
 
