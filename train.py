@@ -15,7 +15,8 @@ and world size therefore do not change the gradient. The logged loss is the same
 
 Where things live: longctx/config.py (arguments), data.py (formats, packing, batch plan, ledger),
 attention.py (backend), modeling.py (model, Liger, checkpointing, loss), dsconfig.py (ds_config),
-checkpoint.py (atomic save / exact resume), metrics.py (metrics.jsonl, progress), runs.py (run dir).
+checkpoint.py (atomic save / exact resume), metrics.py (metrics.jsonl, progress), runs.py (run dir),
+lora.py + s2attn.py (LongLoRA mode: --lora, --s2-attn, --merge).
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, local_rank = dist_env()
     try:
         cfg = config_mod.parse(argv)
+        if cfg.plan:
+            from longctx import plan
+
+            if rank == 0:
+                print(plan.cli_plan(cfg), flush=True)
+            return 0
         train(cfg, rank, world, local_rank)
         return 0
     except LongctxError as e:
@@ -112,6 +119,13 @@ def train(cfg, rank: int, world: int, local_rank: int) -> None:
 
     deepspeed.init_distributed(dist_backend="nccl" if device.kind == "cuda" else "gloo")
     barrier = torch.distributed.barrier
+    if cfg.preflight:  # refuse what cannot fit now, not with an OOM hours in (all ranks agree)
+        from longctx import plan as plan_mod, preflight
+
+        setup = plan_mod.setup_from_config(cfg, world=world, model_config=model_config, ds_config=ds_config,
+                                           precision=precision, use_liger=use_liger,
+                                           attention=plan_mod.attention_kind(attn.impl, cfg.packing))
+        preflight.run(setup, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", world)), say)
     if rank == 0:
         runs.create(cfg, mode, {"world_size": world, "device": device.name, "precision": precision,
                                 "attention": attn.impl, "liger": use_liger, "lr": lr, "ds_config": ds_config,
@@ -124,6 +138,7 @@ def train(cfg, rank: int, world: int, local_rank: int) -> None:
 
     model = modeling.build_model(cfg, model_config, kind, attn_impl=sp.core_attention(attn.impl),
                                  precision=precision, ds_config=ds_config, use_liger=use_liger)
+    model = lora.apply(model, cfg, say)  # --lora: adapters + trainable embeddings/norms, the rest frozen
     model, mpu = sp.prepare_model(model, ds_config, varlen=attn.varlen_kwargs)
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(cfg.warmup_ratio * total_steps)
     sched_kwargs = {"min_lr_rate": 0.1} if cfg.lr_scheduler == "cosine_with_min_lr" else None
@@ -146,6 +161,8 @@ def train(cfg, rank: int, world: int, local_rank: int) -> None:
                       recompute_layers=n_layers if cfg.gradient_checkpointing else 0,
                       device_name=device.name if device.kind == "cuda" else None)
     guard = DivergenceGuard(precision, ds_config, cfg.fp16_collapse_patience, engine)
+    if data.eval_rows and start_step == 0:
+        evaluate(engine, data, cfg, pad_id, attn, sp, dev, max_batches=1)  # the longest eval batch, before step 0
     engine.train()
     for step in range(start_step, total_steps):
         done = step + 1  # optimizer steps completed after this one: the number used in logs and checkpoints
@@ -188,7 +205,10 @@ def train(cfg, rank: int, world: int, local_rank: int) -> None:
     metrics.close()
 
     # ---- 5. the consolidated Hugging Face model --------------------------------------------------
-    if cfg.save_final_model:
+    if cfg.save_final_model and cfg.lora:  # <output-dir>/adapter (+ final_model with --merge)
+        for path in lora.save_final(engine, tok, cfg, rank, zero3, barrier):
+            say(f"saved {path}")
+    elif cfg.save_final_model:
         path = save_final_model(engine, tok, cfg.output_dir, rank, zero3, barrier)
         say(f"saved {path}")
     torch.distributed.barrier()
@@ -211,9 +231,10 @@ def all_reduce_sum(x, dev):
     return float(t)
 
 
-def evaluate(engine, data, cfg, pad_id, attn, sp, dev) -> float:
-    """Target-token mean loss over the eval rows. Every rank runs the same number of forwards (ZeRO-3
-    gathers parameters collectively); a rank without rows left repeats row 0 and discards it."""
+def evaluate(engine, data, cfg, pad_id, attn, sp, dev, max_batches: int | None = None) -> float:
+    """Target-token mean loss over the eval rows (the first `max_batches` batches only, if given). Every rank
+    runs the same number of forwards (ZeRO-3 gathers parameters collectively); a rank without rows left repeats
+    row 0 and discards it."""
     import torch
 
     from longctx import attention
@@ -223,7 +244,7 @@ def evaluate(engine, data, cfg, pad_id, attn, sp, dev) -> float:
     tot = torch.zeros(2, dtype=torch.float64)
     engine.eval()
     with torch.no_grad():
-        for b in range(math.ceil(len(rows) / per)):
+        for b in range(min(math.ceil(len(rows) / per), max_batches or math.inf)):
             idx = [i for i in range(b * per + rank * cfg.micro_batch_size, b * per + (rank + 1) * cfg.micro_batch_size)
                    if i < len(rows)]
             batch = sp.collate(data.eval_docs, [rows[i] for i in (idx or [0])], pad_id=pad_id,

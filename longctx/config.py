@@ -139,6 +139,18 @@ class Config:
     local_rank: int = _f(-1, "Set by the deepspeed launcher; ignored (the rank comes from the environment).",
                          "launcher")
 
+    # ---- memory plan and preflight -----------------------------------------------------------
+    plan: bool = _f(False, "Print the predicted peak GPU memory per rank, host RAM and pinned memory with a "
+                    "breakdown, the longest --max-seq-len that fits, and the next knob to turn; then exit "
+                    "without training. Needs no GPU.", "plan")
+    gpus: Optional[int] = _f(None, "With --plan: GPUs of the target machine (default: this machine's).", "plan")
+    gpu_mem: str = _f("", "With --plan: memory per GPU of the target, e.g. 16GiB (default: this machine's).",
+                      "plan")
+    host_mem: str = _f("", "With --plan: host RAM of the target, e.g. 512GiB (default: this machine's).", "plan")
+    preflight: bool = _f(True, "Before the model is built, compare the plan with free GPU memory, host RAM and "
+                         "the pinned-memory limit, and refuse a run that cannot fit (with the knob to turn).",
+                         "plan")
+
     # ---- helpers -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -157,6 +169,7 @@ GROUPS = {
     "lora": "LongLoRA: LoRA + trainable embeddings/norms, shifted sparse attention",
     "output": "Output, checkpoints and resume",
     "launcher": "Launcher",
+    "plan": "Memory plan and preflight",
 }
 
 

@@ -20,6 +20,7 @@ So the data position is just the step number, which makes resume exact.
 from __future__ import annotations
 
 import bisect
+import math
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -341,6 +342,8 @@ class BatchPlan:
                 mega = self.global_batch * 16
                 chunks = [order[i:i + mega] for i in range(0, len(order), mega)]
                 order = np.concatenate([sorted(c, key=lambda r: -self.row_lengths[r]) for c in chunks])
+            if epoch == 0:  # the longest rows make up the first step: a batch that cannot fit fails at step 0
+                order = longest_first(order, self.row_lengths, self.global_batch)
             self._order_cache = {epoch: np.asarray(order)}  # keep one epoch in memory
         return self._order_cache[epoch]
 
@@ -359,6 +362,16 @@ class BatchPlan:
 
     def step_targets(self, step: int) -> int:
         return sum(self.row_targets[r] for r in self.step_rows(step))
+
+
+def longest_first(order, lengths, k: int) -> list[int]:
+    """`order` with the `k` longest rows (ties: earlier in `order`) moved to the front, longest first, the
+    rest in their given (seeded) order. Deterministic, so an exact resume replays the same sequence."""
+    order = [int(i) for i in order]
+    pos = {r: n for n, r in enumerate(order)}
+    head = sorted(order, key=lambda r: (-lengths[r], pos[r]))[:max(0, k)]
+    chosen = set(head)
+    return head + [r for r in order if r not in chosen]
 
 
 def make_rows(docs: list[Doc], max_seq_len: int, packing: bool) -> list[list[int]]:
@@ -472,6 +485,10 @@ def build(cfg, tok, world_size: int) -> DataBundle:
             f"(micro_batch_size {cfg.micro_batch_size} x grad_accum {cfg.grad_accum} x {world_size} ranks); "
             "add data or lower the batch size")
     eval_rows = make_rows(eval_docs, cfg.max_seq_len, cfg.packing) if eval_docs else []
+    # longest first: train.py runs the first eval batch before step 0, so an eval OOM shows at once
+    eval_rows = [eval_rows[i] for i in longest_first(range(len(eval_rows)),
+                                                      [sum(len(eval_docs[d]) for d in r) for r in eval_rows],
+                                                      len(eval_rows))]
 
     kept = sum(row_len)
     if cfg.packing:

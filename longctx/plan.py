@@ -668,14 +668,27 @@ def setup_from_config(cfg, *, world: int, model_config, ds_config: dict, precisi
                  offload_params=stage == 3 and offloaded("offload_param"),
                  offload_optimizer=offloaded("offload_optimizer"), pin_memory=pin or not (
                      offloaded("offload_param") or offloaded("offload_optimizer")),
-                 precision=precision, checkpointing=ckpt, offload_impl="fork", reentrant=True,
+                 precision=precision, checkpointing=ckpt, offload_impl="fork", reentrant=False,
                  num_offloaded_layers=cfg.num_offloaded_layers, loss="liger" if use_liger else "chunked",
-                 liger_kernels=use_liger, attention=attention,
+                 liger_kernels=use_liger, attention=attention, sp=int(getattr(cfg, "sequence_parallel", 1) or 1),
+                 tiled_mlp_shards=tiled_mlp_shards(cfg, model_config),
                  tied_embeddings=bool(getattr(model_config, "tie_word_embeddings", False)),
                  head_gathered_throughout=True,
                  reduce_bucket_size=int(zero.get("reduce_bucket_size") or 0),
                  prefetch_bucket_size=int(zero.get("stage3_prefetch_bucket_size") or 0),
                  overlap_comm=bool(zero.get("overlap_comm", stage > 0)))
+
+
+def tiled_mlp_shards(cfg, model_config) -> int:
+    """The TiledMLP shard count train.py will use: ceil(rank's tokens / hidden) when tiling is on
+    (longctx.sequence_parallel's rule: --tiled-mlp, or auto at >= 4 x hidden tokens per rank)."""
+    sp = int(getattr(cfg, "sequence_parallel", 1) or 1)
+    tokens = math.ceil(cfg.max_seq_len / sp) * cfg.micro_batch_size
+    hidden = int(model_config.hidden_size)
+    on = getattr(cfg, "tiled_mlp", None)
+    if on is None:
+        on = tokens >= 4 * hidden
+    return max(1, math.ceil(tokens / hidden)) if on else 1
 
 
 def attention_kind(impl: str, packing: bool) -> str:

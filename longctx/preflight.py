@@ -174,13 +174,3 @@ def run(setup: Setup, local_rank: int, local_world: int, say: Callable[[str], No
     say(f"preflight: predicted peak {_g(p.gpu_peak)} per GPU{free}; host {_g(p.host_per_rank)} per rank "
         f"x {local_world}, {_g(m.host_available)} available; pinned {_g(p.pinned * local_world)}")
     return p
-
-
-def longest_first(order, lengths, k: int) -> list[int]:
-    """`order` with the `k` longest rows (ties: earlier in `order`) moved to the front, longest first, the
-    rest in their given (seeded) order. Deterministic, so an exact resume replays the same sequence."""
-    order = [int(i) for i in order]
-    pos = {r: n for n, r in enumerate(order)}
-    head = sorted(order, key=lambda r: (-lengths[r], pos[r]))[:max(0, k)]
-    chosen = set(head)
-    return head + [r for r in order if r not in chosen]
