@@ -348,11 +348,12 @@ def apply_lora(model: BenchLM, log=print) -> None:
     model.lora = True
 
 
-def set_s2_group(lm, state: State, seq_len: int) -> None:
+def set_s2_group(lm, state: State, seq_len: int) -> int:
     """Before each length of an S²-Attn set: register S²-Attn with group seq_len / 4 over state.s2_base."""
     from longctx import s2attn
 
     group = s2attn.resolve_group_size(0, seq_len)
     _set_attn(lm, s2attn.register(state.s2_base, group))
-    base_desc = state.attn_desc.split(" | S²-Attn")[0]
-    state.attn_desc = f"{base_desc} | S²-Attn group {group} (training)"
+    if " | S²-Attn" not in state.attn_desc:  # one description for every length (the row has the group)
+        state.attn_desc += " | S²-Attn, group seq_len/4 (training)"
+    return group

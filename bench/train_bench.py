@@ -376,8 +376,7 @@ class Bench:
         warm = a.warmup if seq_len <= a.warmup_max_len else 0
         steps = max(1, a.steps)
         self.write({"kind": "attempt", "technique": tech.name, "seq_len": seq_len, "phase": phase})
-        if tech.s2attn:
-            T.set_s2_group(self.lm, self.state, seq_len)
+        s2_group = T.set_s2_group(self.lm, self.state, seq_len) if tech.s2attn else None
         reset_peaks(self.sampler)
         if self.cuda:
             base_alloc = torch.cuda.memory_allocated(self.device)
@@ -386,6 +385,8 @@ class Bench:
                "layers": self.shape.layers, "warmup_steps": warm, "timed_steps": steps,
                "attn_impl": self.state.attn_desc, "loss_impl": self.state.loss_desc,
                "checkpointing": self.state.gc_desc, "sp": self.sp, "tiled_mlp": self.state.tiled_mlp}
+        if s2_group:
+            row["s2attn_group"] = s2_group
         err = None
         times, loss = [], None
         try:
