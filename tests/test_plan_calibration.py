@@ -81,8 +81,12 @@ def _bench_cases(path: Path) -> list[dict]:
         ckpt, impl = BENCH_CKPT[f.get("ckpt", "gc")]
         shape = ModelShape(**{**d["model_shape"], "layers": int(r.get("layers") or d["model_shape"]["layers"])})
         docs = int(r.get("docs") or 1)
+        world = int(r.get("n_gpus") or d.get("n_gpus") or 1)
+        sp = world if f.get("sp") else 1  # bench: Ulysses over all GPUs, one sample per node
+        tokens = -(-int(r["seq_len"]) // sp)
+        shards = -(-tokens // shape.hidden) if f.get("tiled_mlp") else 1
         attention = "dense_mask" if f.get("attn") == "sdpa" and docs > 1 else "flash"
-        setup = Setup(shape, int(r["seq_len"]), world=int(r.get("n_gpus") or d.get("n_gpus") or 1),
+        setup = Setup(shape, int(r["seq_len"]), world=world, sp=sp, tiled_mlp_shards=shards,
                       zero_stage=int(zero.get("stage", 3)), offload_params=off("offload_param"),
                       offload_optimizer=off("offload_optimizer"),
                       pin_memory=bool((zero.get("offload_param") or {}).get("pin_memory", True)),
