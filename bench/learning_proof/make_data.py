@@ -1,0 +1,158 @@
+"""Training and evaluation data for the learning proof, and the untrained model it starts from.
+
+    python -m bench.learning_proof.make_data --out DIR/data --init-model DIR/init_model
+
+Writes
+  train.jsonl     {"text"} documents, every token a target (train.py's plain-LM format):
+                    needle documents (70%): a haystack of bank filler (each document repeats its own
+                      bank of 4-256 random sentences) holding 1-8 needles "The value of KEY is 12345.",
+                      then one question per needle, each followed by its answer:
+                      "What is the value of KEY? The value of KEY is 12345."
+                    recall documents (30%): random sentences, then the same sentences again, shuffled.
+                  Half the documents are max_len long, the rest log-uniform in [256, max_len]; train.py
+                  packs them into max_len rows with no attention across documents (varlen).
+  calib.jsonl     the first --calib-docs training documents: run.sh times a few steps on them first
+  ppl_eval.jsonl  held-out recall documents of max_len tokens (another seed): the second half is
+                  predictable only from the first, up to max_len/2 tokens back.
+  init_model/     the randomly initialized model (config from --model-config) + the shipped tokenizer:
+                  evaluated as "before", then trained by train.py.
+
+Why this design: the retrieval answer is a copy from far back in the context (an induction-style
+lookup), and the bank filler and recall documents ask for the same copy mechanism at every sentence,
+so a from-scratch model gets a dense signal for it instead of five answer tokens per 8K document.
+The evaluation (eval.py --filler bank) uses the same needle/question wording with fresh keys, values,
+banks and positions (another seed), so memorizing training documents cannot score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import random
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from longctx.evaluation import needle  # noqa: E402
+
+BANK_SIZES = (4, 8, 16, 32, 64, 128, 256)
+FMT = needle.NeedleFormat()
+_TOK = None
+_PTOK = None
+
+
+def _init(tokenizer: str) -> None:
+    global _TOK, _PTOK
+    from transformers import AutoTokenizer
+
+    _TOK = AutoTokenizer.from_pretrained(tokenizer)
+    _PTOK = needle.PieceTokenizer(_TOK)
+
+
+def doc_length(rng: random.Random, max_len: int, min_len: int = 256) -> int:
+    if rng.random() < 0.5:
+        return max_len - 64
+    return int(math.exp(rng.uniform(math.log(min_len), math.log(max_len - 64))))
+
+
+def needle_doc(rng: random.Random, length: int) -> str:
+    n = rng.randint(1, max(1, min(8, length // 400)))
+    tail = 30 * (n - 1) + 8  # tokens of the answers and the other questions, appended below
+    s = needle.make_sample(_TOK, length - tail, rng.random(), rng=rng, filler=needle.BankFiller(rng.choice(BANK_SIZES)),
+                           n_needles=n, ptok=_PTOK)
+    text = s.text + " " + s.answer + "."
+    others = [nd for i, nd in enumerate(s.needles) if i != s.query]
+    rng.shuffle(others)
+    for nd in others:
+        text += " " + FMT.question.format(key=nd.key) + " " + nd.value + "."
+    return text
+
+
+def recall_doc(rng: random.Random, length: int) -> str:
+    first, n = [], 0
+    while n < length // 2:
+        sent = needle.random_sentence(rng)
+        first.append(sent)
+        n += len(_PTOK(sent))
+    second = first[:]
+    rng.shuffle(second)
+    return " " + " ".join(first + second)
+
+
+def train_doc(args: tuple[int, int, int]) -> str:
+    seed, i, max_len = args
+    rng = random.Random(f"train|{seed}|{i}")
+    length = doc_length(rng, max_len)
+    return needle_doc(rng, length) if rng.random() < 0.7 else recall_doc(rng, length)
+
+
+def ppl_doc(args: tuple[int, int, int]) -> str:
+    seed, i, max_len = args
+    return recall_doc(random.Random(f"ppl|{seed}|{i}"), max_len + 64)  # a little over: one window per document
+
+
+def write_jsonl(path: Path, texts) -> int:
+    n = 0
+    with path.open("w") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}) + "\n")
+            n += 1
+    return n
+
+
+def init_model(config_path: str, tokenizer: str, out: Path, seed: int) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    d = json.loads(Path(config_path).read_text())
+    config = AutoConfig.for_model(d.pop("model_type"), **d)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(str(out))
+    print(f"init model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters -> {out}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    here = Path(__file__).resolve().parent
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="Directory for train.jsonl and ppl_eval.jsonl.")
+    p.add_argument("--docs", type=int, default=6000, help="Training documents.")
+    p.add_argument("--calib-docs", type=int, default=300, help="Documents of calib.jsonl.")
+    p.add_argument("--ppl-docs", type=int, default=16, help="Held-out perplexity documents.")
+    p.add_argument("--max-len", type=int, default=8192, help="Longest document (train.py's --max-seq-len).")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--workers", type=int, default=min(8, mp.cpu_count()))
+    p.add_argument("--tokenizer", default=str(ROOT / "longctx" / "default_data" / "tokenizer"))
+    p.add_argument("--init-model", default="", help="Also write the randomly initialized model here.")
+    p.add_argument("--model-config", default=str(here / "model.json"))
+    a = p.parse_args(argv)
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(a.seed, i, a.max_len) for i in range(a.docs)]
+    ppl_jobs = [(a.seed, i, a.max_len) for i in range(a.ppl_docs)]
+    if a.workers > 1:
+        with mp.get_context("fork").Pool(a.workers, initializer=_init, initargs=(a.tokenizer,)) as pool:
+            n = write_jsonl(out / "train.jsonl", pool.imap(train_doc, jobs, chunksize=16))
+            m = write_jsonl(out / "ppl_eval.jsonl", pool.imap(ppl_doc, ppl_jobs))
+    else:
+        _init(a.tokenizer)
+        n = write_jsonl(out / "train.jsonl", map(train_doc, jobs))
+        m = write_jsonl(out / "ppl_eval.jsonl", map(ppl_doc, ppl_jobs))
+    with (out / "train.jsonl").open() as src, (out / "calib.jsonl").open("w") as dst:
+        for _, line in zip(range(a.calib_docs), src):
+            dst.write(line)
+    print(f"wrote {n} training documents and {m} perplexity documents (max {a.max_len} tokens) to {out}", flush=True)
+    if a.init_model:
+        init_model(a.model_config, a.tokenizer, Path(a.init_model), a.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Figures and summary of a learning-proof run (bench/learning_proof/run.sh), and its section of docs/RESULTS.md.
+
+    python -m bench.learning_proof.report steps --metrics CAL/metrics.jsonl --seconds 210   # steps that fit
+    python -m bench.learning_proof.report summarize --run OUT       # OUT/summary.json, OUT/*.png, OUT/section.md
+    python -m bench.learning_proof.report collect --run OUT --to DIR  # the 8 files worth keeping, flat
+    python -m bench.learning_proof.report publish --run OUT|DIR     # copy into docs/learning_proof/ and
+                                                                    # rewrite the region in docs/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+BEGIN = "<!-- BEGIN GENERATED: learning_proof (python -m bench.learning_proof.report publish) -->"
+END = "<!-- END GENERATED: learning_proof -->"
+FIGURES = ("passkey_before_after.png", "multi_needle_before_after.png", "ppl_before_after.png", "train_loss.png")
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def steps_for(metrics: Path, seconds: float, lo: int = 50, hi: int = 20000) -> int:
+    """Optimizer steps that fit in `seconds`, from the median step time of a calibration run (first 3 skipped)."""
+    times = [r["step_time_s"] for r in _jsonl(metrics) if r.get("step_time_s")]
+    if not times:
+        raise SystemExit(f"no step times in {metrics}: did the calibration run fail?")
+    t = statistics.median(times[3:] or times)
+    return max(lo, min(hi, int(seconds / t)))
+
+
+def summarize(run: Path) -> dict:
+    from longctx.evaluation import plot
+
+    before = json.loads((run / "eval_before" / "eval.json").read_text())
+    after = json.loads((run / "eval_after" / "eval.json").read_text())
+    metrics = _jsonl(run / "train" / "metrics.jsonl")
+    for task in ("passkey", "multi_needle"):
+        label = "passkey" if task == "passkey" else f"multi-needle ({after[task]['needles']} needles, 1 asked)"
+        plot.heatmaps([(f"untrained: mean {before[task]['mean_accuracy']:.0%}", before[task]),
+                       (f"trained: mean {after[task]['mean_accuracy']:.0%}", after[task])],
+                      run / f"{task}_before_after.png", suptitle=f"{label} retrieval accuracy")
+    plot.ppl_by_position([("untrained", before["ppl"]), ("trained", after["ppl"])], run / "ppl_before_after.png",
+                         title=f"NLL by position, {after['ppl']['documents']} held-out recall documents of "
+                               f"{after['ppl']['seq_len']:,} tokens")
+    _loss_plot(metrics, run / "train_loss.png")
+
+    timing, prev = {}, 0  # seconds per phase of run.sh, from its cumulative stamps
+    if (run / "timing.txt").exists():
+        for line in (run / "timing.txt").read_text().splitlines():
+            name, sec = line.rsplit(" ", 1)
+            timing[name], prev = int(sec) - prev, int(sec)
+        timing["total"] = prev
+    run_json = json.loads((run / "train" / "run.json").read_text()) if (run / "train" / "run.json").exists() else {}
+    last = metrics[-1] if metrics else {}
+    summary = {
+        "model_params": after.get("params"),
+        "device": after.get("device"),
+        "train": {"steps": last.get("step"), "final_loss": last.get("loss"),
+                  "first_loss": metrics[0]["loss"] if metrics else None,
+                  "tokens_per_step": statistics.median([r["tokens"] for r in metrics]) if metrics else None,
+                  "median_tokens_per_s": statistics.median([r["tokens_per_s"] for r in metrics if r.get("tokens_per_s")])
+                  if metrics else None,
+                  "attention": run_json.get("attention"), "precision": run_json.get("precision"),
+                  "max_seq_len": run_json.get("config", {}).get("max_seq_len")},
+        "before": _scores(before), "after": _scores(after), "timing_s": timing,
+    }
+    (run / "summary.json").write_text(json.dumps(summary, indent=1))
+    (run / "section.md").write_text(section(summary, before, after))
+    print(json.dumps({k: summary[k] for k in ("before", "after")}, indent=1))
+    return summary
+
+
+def _scores(ev: dict) -> dict:
+    ppl = ev["ppl"]["buckets"]
+    return {"passkey": ev["passkey"]["mean_accuracy"], "multi_needle": ev["multi_needle"]["mean_accuracy"],
+            "passkey_at_max_len": [row[-1] for row in ev["passkey"]["accuracy"]],
+            "nll_first_bucket": ppl[0]["nll"], "nll_last_bucket": ppl[-1]["nll"],
+            "nll_by_bucket": [round(b["nll"], 4) for b in ppl], "ppl_overall": ev["ppl"]["overall"]["ppl"]}
+
+
+def _loss_plot(metrics: list[dict], path: Path) -> None:
+    from longctx.evaluation.plot import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    ax.plot([r["step"] for r in metrics], [r["loss"] for r in metrics])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title("train.py from scratch, 8K-token rows", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _fmt_len(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else f"{n:,}"
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{x:.0%}"
+
+
+def learned(s: dict) -> bool:
+    """Retrieval well above chance after training, and late positions predicted better than early ones."""
+    nll = s["after"]["nll_by_bucket"]
+    return (s["after"]["passkey"] or 0) >= 0.5 and nll[-1] < nll[0] - 0.1
+
+
+def verdict(s: dict) -> str:
+    if learned(s):
+        return "a Llama trained from scratch learns 8K retrieval"
+    return (f"not shown: after {s['train']['steps']} steps from scratch the model did not learn retrieval "
+            "(accuracy stayed at chance, late positions no better than early ones)")
+
+
+def section(s: dict, before: dict, after: dict) -> str:
+    t = s["train"]
+    L = after["passkey"]["lengths"]
+    rows = "\n".join(
+        f"| {name} | {_pct(s['before'][k])} | {_pct(s['after'][k])} |"
+        for name, k in (("passkey, mean over the grid", "passkey"),
+                        ("multi-needle (4 needles, 1 asked), mean", "multi_needle")))
+    edges = [(b["start"], b["end"]) for b in after["ppl"]["buckets"]]
+    nll = "\n".join(f"| {a:,}–{b:,} | {x:.3f} | {y:.3f} |" for (a, b), x, y in
+                    zip(edges, s["before"]["nll_by_bucket"], s["after"]["nll_by_bucket"]))
+    tm = s.get("timing_s", {})
+    return f"""## Learning proof: {verdict(s)}
+
+`bash bench/learning_proof/run.sh OUT` on one {s.get('device') or 'GPU'}: a {s['model_params'] / 1e6:.1f}M-parameter
+Llama (bench/learning_proof/model.json) trained from random initialization by train.py ({t['precision']},
+attention `{t['attention']}`, {t['max_seq_len']:,}-token packed rows) for {t['steps']} steps on locally generated
+long-context documents (bench/learning_proof/make_data.py), then evaluated with eval.py on fresh prompts
+(other keys, values, filler banks and positions). Chance for a 5-digit value is 0.001%.
+Training loss {t['first_loss']:.2f} → {t['final_loss']:.3f} ({t['tokens_per_step']:,} tokens per step,
+{t['median_tokens_per_s']:,.0f} tokens/s); wall clock {tm.get('total', '—')} s for everything, of which train.py
+{tm.get('train', '—')} s (seconds per phase: {', '.join(f'{k} {v}' for k, v in tm.items() if k != 'total')}).
+
+| Retrieval accuracy ({', '.join(_fmt_len(x) for x in L)} tokens × depths 0–100%) | untrained | trained |
+| --- | ---: | ---: |
+{rows}
+
+![passkey before/after](learning_proof/passkey_before_after.png)
+![multi-needle before/after](learning_proof/multi_needle_before_after.png)
+
+Perplexity by position on held-out recall documents (random sentences, then the same sentences shuffled:
+the second half is predictable only from up to {after['ppl']['seq_len'] // 2:,} tokens back). Mean NLL
+(nats/token) per position bucket:
+
+| positions | untrained | trained |
+| --- | ---: | ---: |
+{nll}
+
+![NLL by position](learning_proof/ppl_before_after.png)
+![training loss](learning_proof/train_loss.png)
+"""
+
+
+def _kept_files(run: Path) -> dict[str, Path]:
+    """name -> source, from a run directory or from a flat `collect`ed one."""
+    files = {name: run / name for name in FIGURES + ("summary.json", "section.md")}
+    for sub in ("eval_before", "eval_after"):
+        files[f"{sub}.json"] = run / sub / "eval.json" if (run / sub / "eval.json").exists() else run / f"{sub}.json"
+    return files
+
+
+def collect(run: Path, to: Path) -> None:
+    to.mkdir(parents=True, exist_ok=True)
+    for name, src in _kept_files(run).items():
+        shutil.copy2(src, to / name)
+
+
+def publish(run: Path, docs: Path) -> None:
+    dest = docs / "learning_proof"
+    dest.mkdir(parents=True, exist_ok=True)
+    files = _kept_files(run)
+    for name, src in files.items():
+        if name != "section.md":
+            shutil.copy2(src, dest / name)
+    # the section is rendered again from the run's JSON, so a change of wording here reaches published runs too
+    text = section(json.loads(files["summary.json"].read_text()), json.loads(files["eval_before.json"].read_text()),
+                   json.loads(files["eval_after.json"].read_text()))
+    results = docs / "RESULTS.md"
+    cur = results.read_text() if results.exists() else "# Results\n"
+    block = f"{BEGIN}\n\n{text.rstrip()}\n\n{END}"
+    if BEGIN in cur and END in cur:
+        head, rest = cur.split(BEGIN, 1)
+        cur = head + block + rest.split(END, 1)[1]
+    else:
+        cur = cur.rstrip() + "\n\n" + block + "\n"
+    results.write_text(cur)
+    print(f"updated {results} and {dest}/")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("steps")
+    s.add_argument("--metrics", required=True)
+    s.add_argument("--seconds", type=float, required=True)
+    m = sub.add_parser("summarize")
+    m.add_argument("--run", required=True)
+    c = sub.add_parser("collect")
+    c.add_argument("--run", required=True)
+    c.add_argument("--to", required=True)
+    u = sub.add_parser("publish")
+    u.add_argument("--run", required=True)
+    u.add_argument("--docs", default=str(ROOT / "docs"))
+    a = p.parse_args(argv)
+    if a.cmd == "steps":
+        print(steps_for(Path(a.metrics), a.seconds))
+    elif a.cmd == "summarize":
+        summarize(Path(a.run))
+    elif a.cmd == "collect":
+        collect(Path(a.run), Path(a.to))
+    else:
+        publish(Path(a.run), Path(a.docs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The learning-proof kit (bench/learning_proof/): its documents pose the task they claim to, and run.sh
+goes end to end on the CPU at toy size (the real run is one GPU, see bench/learning_proof/README.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from helpers_train import REPO, TOKENIZER
+
+NEEDLE = re.compile(r"The value of (\w+) is (\d+)\.")
+QA = re.compile(r"What is the value of (\w+)\? The value of \1 is (\d+)\.")
+
+
+def test_training_documents_pose_the_task(tmp_path):
+    from transformers import AutoTokenizer
+
+    from bench.learning_proof import make_data
+
+    assert make_data.main(["--out", str(tmp_path), "--docs", "40", "--ppl-docs", "2", "--max-len", "1024",
+                           "--workers", "1"]) == 0
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    docs = [json.loads(x)["text"] for x in (tmp_path / "train.jsonl").read_text().splitlines()]
+    kinds = {"needle": 0, "recall": 0}
+    for text in docs:
+        assert len(tok(text)["input_ids"]) + 2 <= 1024  # bos + eos: nothing is truncated by train.py
+        qas = QA.findall(text)
+        if qas:
+            kinds["needle"] += 1
+            head = text[:text.index("What is the value of")]
+            facts = dict(NEEDLE.findall(head))
+            assert len(facts) == len(NEEDLE.findall(head)), "keys are distinct"
+            assert sorted(qas) == sorted(facts.items()), "every needle is asked for once, with its own value"
+            assert all(len(v) == 5 for v in facts.values())
+        else:
+            kinds["recall"] += 1
+            sents = [s.strip() for s in text.split(".") if s.strip()]
+            half = len(sents) // 2
+            assert len(sents) % 2 == 0 and sorted(sents[:half]) == sorted(sents[half:])
+    assert kinds["needle"] >= 15 and kinds["recall"] >= 5, kinds
+    ppl_docs = [json.loads(x)["text"] for x in (tmp_path / "ppl_eval.jsonl").read_text().splitlines()]
+    assert len(ppl_docs) == 2 and all(len(tok(t)["input_ids"]) >= 1024 for t in ppl_docs)
+
+
+def test_steps_fit_the_time_budget(tmp_path):
+    from bench.learning_proof.report import steps_for
+
+    m = tmp_path / "metrics.jsonl"
+    m.write_text("".join(json.dumps({"step": i, "step_time_s": t}) + "\n"
+                         for i, t in enumerate([9.0, 3.0, 2.0, 0.5, 0.5, 0.6, 0.4, 0.5], 1)))
+    assert steps_for(m, 100) == 200  # median of the steps after the first three: 0.5 s
+    assert steps_for(m, 1) == 50  # never fewer than 50
+
+
+@pytest.mark.slow
+def test_run_sh_end_to_end_on_cpu(tmp_path):
+    cfg = json.loads((REPO / "bench" / "learning_proof" / "model.json").read_text())
+    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16)
+    (tmp_path / "model.json").write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHON=sys.executable, MAX_LEN="512", DOCS="24", LENGTHS="256,512", SAMPLES="1",
+               PPL_DOCS="2", STEPS="3", WORKERS="1", MODEL_CONFIG=str(tmp_path / "model.json"))
+    keep = tmp_path / "keep"
+    r = subprocess.run(["bash", str(REPO / "bench" / "learning_proof" / "run.sh"), str(out), str(keep)], cwd=str(tmp_path),
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["train"]["steps"] == 3 and s["train"]["max_seq_len"] == 512
+    for side in ("before", "after"):
+        assert 0.0 <= s[side]["passkey"] <= 1.0 and len(s[side]["nll_by_bucket"]) == 8
+    assert list(s["timing_s"]) == ["data", "eval_before", "train", "eval_after", "total"]
+    assert s["after"]["ppl_overall"] < s["before"]["ppl_overall"], "3 steps already move the unigram statistics"
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "RESULTS.md").write_text("# Results\n\nhand-written text\n")
+    from bench.learning_proof import report
+
+    assert len(list(keep.iterdir())) == 8, "what a GPU call can bring back: 8 files"
+    report.publish(out, docs)
+    report.publish(keep, docs)  # from the collected files too; idempotent: the region is replaced, not appended again
+    text = (docs / "RESULTS.md").read_text()
+    assert text.startswith("# Results\n\nhand-written text\n") and text.count(report.BEGIN) == 1
+    assert "Learning proof" in text
+    for name in report.FIGURES:
+        assert (docs / "learning_proof" / name).read_bytes()[:4] == b"\x89PNG"
