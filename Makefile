@@ -1,6 +1,6 @@
 # longctx: full-parameter long-context fine-tuning on a patched transformers.
 #   make test            everything from a fresh clone: venv, pinned deps, the fork, pytest (what CI runs)
-#   make run             the embedded default fine-tune (the README's run command, inside the venv)
+#   make run             the embedded default fine-tune (RUN_ARGS=... adds train.py flags, e.g. --overwrite)
 #   make apply-patches   build transformers-fork/ from the verified sdist and patches/series
 #   make help            all targets
 
@@ -60,7 +60,7 @@ test-fast: $(VENV)/.fork
 	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS) tests
 
 run: $(VENV)/.fork
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed train.py --deepspeed ds_configs/zero3_offload.json
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed train.py --deepspeed ds_configs/zero3_offload.json $(RUN_ARGS)
 
 # --- benchmarks and offline install -----------------------------------------------------------------------------------
 # PROFILE=cpu-smoke|1xgpu-3b|4xh200-8b-48g|4xh200-8b-16g|4xh200-8b-48g-full (bench/README.md)
