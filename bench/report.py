@@ -163,7 +163,7 @@ def status_cell(r: dict) -> str:
 # ------------------------------------------------------------------------------------------------ render
 def render_run(run: dict) -> list[str]:
     v = run.get("versions") or {}
-    layers, full = run.get("layers"), (run.get("model_shape") or {}).get("layers")
+    layers = run.get("layers")
     rows = final_rows(run)
     techs = sorted({t for t, _ in rows}, key=tech_key)
     L = [f"### {run.get('shape')}, {run.get('n_gpus')}× {run.get('device')}, cap {fmt_cap(run.get('mem_cap_gib'))}"

@@ -20,7 +20,6 @@ So the data position is just the step number, which makes resume exact.
 from __future__ import annotations
 
 import bisect
-import math
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -40,10 +39,9 @@ SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": 
 # Reading
 # --------------------------------------------------------------------------------------------
 
-def _scan_json_lines(path: Path) -> list[int]:
-    """Validate a JSON-lines file line by line; return the line number of each record."""
-    lines = []
-    with path.open("r", encoding="utf-8") as f:
+def iter_json_lines(path: Path):
+    """(line number, object) of each record of a JSON-lines file; a bad line stops with file:line and why."""
+    with Path(path).open("r", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -53,8 +51,12 @@ def _scan_json_lines(path: Path) -> list[int]:
                 raise LongctxError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise LongctxError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            lines.append(n)
-    return lines
+            yield n, obj
+
+
+def _scan_json_lines(path: Path) -> list[int]:
+    """Validate a JSON-lines file line by line; return the line number of each record."""
+    return [n for n, _ in iter_json_lines(path)]
 
 
 def _json_lines_or_array(path: Path) -> list[int]:

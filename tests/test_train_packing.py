@@ -10,7 +10,6 @@ catches cross-document attention. The last test does the same through the deepsp
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

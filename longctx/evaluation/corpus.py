@@ -18,6 +18,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ..data import iter_json_lines
 from ..errors import LongctxError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
@@ -68,16 +69,9 @@ def check(path: str) -> None:
         if not any(f.suffix.lower() in TEXT_SUFFIXES for f in p.rglob("*") if f.is_file()):
             raise LongctxError(f"--ppl-data {path}: no {'/'.join(sorted(TEXT_SUFFIXES))} files in the directory")
     elif p.suffix.lower() == ".jsonl":
-        with p.open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise LongctxError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise LongctxError(f"{path}:{n}: expected an object with a string 'text'")
+        for n, rec in iter_json_lines(p):
+            if not isinstance(rec.get("text"), str):
+                raise LongctxError(f"{path}:{n}: expected an object with a string 'text'")
 
 
 def windows(docs: Iterable[str], tok, seq_len: int, n: int) -> list[list[int]]:

@@ -14,13 +14,13 @@ over its reference answers.
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data import iter_json_lines
 from ..errors import LongctxError
 
 DEFAULT_TEMPLATE = ("Read the text below and answer the question.\n\n{context}\n\n"
@@ -73,29 +73,20 @@ def read(path: str) -> list[QASample]:
     if not p.is_file():
         raise LongctxError(f"--longbench-data {path}: file not found")
     out = []
-    with p.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            loc = f"{path}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LongctxError(f"{loc}: malformed JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise LongctxError(f"{loc}: expected a JSON object")
-            question = rec.get("question", rec.get("input"))
-            answers = rec.get("answers")
-            if isinstance(answers, str):
-                answers = [answers]
-            missing = [k for k, ok in (("context", isinstance(rec.get("context"), str)),
-                                       ("question (or input)", isinstance(question, str)),
-                                       ("answers", isinstance(answers, list) and bool(answers)
-                                        and all(isinstance(a, str) for a in answers))) if not ok]
-            if missing:
-                raise LongctxError(f"{loc}: missing or invalid {', '.join(missing)} (expected context: str, "
-                                   "question: str, answers: [str, ...])")
-            out.append(QASample(str(rec.get("_id", rec.get("id", n))), rec["context"], question, answers))
+    for n, rec in iter_json_lines(p):
+        loc = f"{path}:{n}"
+        question = rec.get("question", rec.get("input"))
+        answers = rec.get("answers")
+        if isinstance(answers, str):
+            answers = [answers]
+        missing = [k for k, ok in (("context", isinstance(rec.get("context"), str)),
+                                   ("question (or input)", isinstance(question, str)),
+                                   ("answers", isinstance(answers, list) and bool(answers)
+                                    and all(isinstance(a, str) for a in answers))) if not ok]
+        if missing:
+            raise LongctxError(f"{loc}: missing or invalid {', '.join(missing)} (expected context: str, "
+                               "question: str, answers: [str, ...])")
+        out.append(QASample(str(rec.get("_id", rec.get("id", n))), rec["context"], question, answers))
     if not out:
         raise LongctxError(f"--longbench-data {path}: no records")
     return out
