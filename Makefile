@@ -54,7 +54,7 @@ install-fork: $(VENV)/.fork
 
 # --- tests and the main job -------------------------------------------------------------------------------------------
 test: $(VENV)/.fork
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS) tests
 
 test-fast: $(VENV)/.fork
 	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS) tests
