@@ -119,6 +119,9 @@ def train(cfg, rank: int, world: int, local_rank: int) -> None:
 
     deepspeed.init_distributed(dist_backend="nccl" if device.kind == "cuda" else "gloo")
     barrier = torch.distributed.barrier
+    if device.kind == "cpu":
+        barrier()  # every rank has mapped every peer's buffer: the names can go
+        release_deepspeed_shm(rank)
     if cfg.preflight:  # refuse what cannot fit now, not with an OOM hours in (all ranks agree)
         from longctx import plan as plan_mod, preflight
 
@@ -159,7 +162,7 @@ def train(cfg, rank: int, world: int, local_rank: int) -> None:
     metrics = Metrics(cfg.output_dir, rank=rank, world=world, model_config=model_config, precision=precision,
                       total_steps=total_steps, start_step=start_step,
                       recompute_layers=n_layers if cfg.gradient_checkpointing else 0,
-                      device_name=device.name if device.kind == "cuda" else None)
+                      device_name=device.name if device.kind == "cuda" else None, count_flops=not cfg.lora)
     guard = DivergenceGuard(precision, ds_config, cfg.fp16_collapse_patience, engine)
     if data.eval_rows and start_step == 0:
         evaluate(engine, data, cfg, pad_id, attn, sp, dev, max_batches=1)  # the longest eval batch, before step 0
@@ -213,6 +216,15 @@ def train(cfg, rank: int, world: int, local_rank: int) -> None:
         say(f"saved {path}")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def release_deepspeed_shm(rank: int) -> None:
+    """DeepSpeed's CPU backend maps a 66 MB shared-memory all-reduce buffer per rank under /dev/shm and never
+    unlinks it, so every CPU run (or killed run) leaves it behind in RAM. Unlinking our own name once all ranks
+    have mapped it keeps the mapping alive and frees the memory when the processes exit."""
+    port = os.environ.get("MASTER_PORT", "")
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_{rank}"):
+        path.unlink(missing_ok=True)
 
 
 def nan_injected(step: int) -> bool:

@@ -38,12 +38,15 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
 
 class Metrics:
     def __init__(self, run_dir: str | Path, *, rank: int, world: int, model_config, precision: str,
-                 total_steps: int, start_step: int, recompute_layers: int, device_name: str | None):
+                 total_steps: int, start_step: int, recompute_layers: int, device_name: str | None,
+                 count_flops: bool = True):
         self.rank, self.world = rank, world
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.samples_path = self.run_dir / "samples.jsonl"
-        self.shape = _flops.ModelShape.from_config(model_config) if _flops else None
+        # FLOPs, TFLOPs and MFU count full fine-tuning; a LoRA run (no weight gradients for frozen weights)
+        # reports them as null rather than overstated
+        self.shape = _flops.ModelShape.from_config(model_config) if (_flops and count_flops) else None
         self.recompute_layers = recompute_layers
         self.peak = _flops.peak_flops(device_name, precision) if (_flops and device_name) else None
         self.bar = None

@@ -48,3 +48,15 @@ def _transformers_is_the_fork():
             "run `make test` (it applies the patches and installs ./transformers-fork)",
             returncode=3,
         )
+
+
+@pytest.fixture(autouse=True)
+def _remove_leaked_deepspeed_shm():
+    """DeepSpeed's CPU backend leaves a 66 MB /dev/shm buffer per rank of every run it starts (train.py unlinks its
+    own; bench and test workers may not). Remove what a test's processes left, so RAM does not fill over the suite."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.is_dir() else set()
+    yield
+    if shm.is_dir():
+        for path in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
+            path.unlink(missing_ok=True)
