@@ -621,9 +621,10 @@ def format_plan(setup: Setup, hw: Hardware, *, model_name: str = "", optional: t
     if not v.host_ok or not v.pinned_ok:
         lines.append(f"Host memory is the limit: {host_knob(p, hw)}")
     if not knobs and not v.gpu_ok:
-        lines.append("Next knob: none of the configured settings lowers the GPU peak further; more GPUs do not "
-                     "help either (each rank holds its whole sequence): a shorter --max-seq-len, or a GPU with more "
-                     "memory.")
+        more = ("a larger --sequence-parallel (on more GPUs: each rank holds 1/N of a row)" if setup.sp > 1 else
+                "--sequence-parallel N over N GPUs (now each rank holds its whole row)")
+        lines.append("Next knob: none of the configured settings on these GPUs lowers the GPU peak further; "
+                     f"{more}, a shorter --max-seq-len, or a GPU with more memory.")
     elif knobs:
         lines.append("Next knobs (re-planned at this length):")
         for k, before, after, mx in knobs:

@@ -90,3 +90,18 @@ def test_collect_keeps_rows_of_a_killed_run(tmp_path):
     res = collect(raw, tmp_path / "run.json")
     assert [(r["seq_len"], r["status"]) for r in res["rows"]] == [(256, "ok"), (512, "crashed")]
     assert json.loads((tmp_path / "run.json").read_text())["device"] == "X"
+
+
+def test_overhead_target_from_the_offload_benchmark():
+    """Without a liger_gc row beside fork_offload, the target reads the side-by-side offload benchmark."""
+    res = {"device": "GPU X", "config": {"layers": 8}, "rows": [
+        {"mode": "plain", "seq_len": 1024, "status": "ok", "step_s": 2.0},
+        {"mode": "fork", "seq_len": 1024, "status": "ok", "step_s": 2.3},
+        {"mode": "plain", "seq_len": 4096, "status": "ok", "step_s": 10.0},
+        {"mode": "fork", "seq_len": 4096, "status": "ok", "step_s": 10.2},
+        {"mode": "upstream", "seq_len": 4096, "status": "ok", "step_s": 99.0}]}
+    line = next(x for x in report.render_targets([], [res]) if "step-time overhead" in x)
+    assert "+2.0% (met)" in line and "at 4K" in line   # the longest common length, fork vs plain
+    res["rows"][3]["step_s"] = 11.0
+    line = next(x for x in report.render_targets([], [res]) if "step-time overhead" in x)
+    assert "+10.0% (not met)" in line
