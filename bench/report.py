@@ -360,26 +360,30 @@ def plot(runs: list[dict], plots_dir: Path) -> list[Path]:
              ("tokens_per_s_vs_seqlen.png", "tokens_per_s_per_gpu", "Tokens/s per GPU"))
     for fname, key, ylabel in specs:
         n = max(1, len(plotted))
-        fig, axes = plt.subplots(n, 1, figsize=(8, 3.6 * n), squeeze=False)
+        fig, axes = plt.subplots(n, 1, figsize=(9.5, 3.6 * n), squeeze=False)
         for ax, run in zip(axes[:, 0], plotted):
             rows = final_rows(run)
             for t in sorted({t for t, _ in rows}, key=tech_key):
                 pts = sorted((s, r.get(key)) for (tt, s), r in rows.items()
                              if tt == t and r.get("status") == "ok" and r.get(key) is not None)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=t)
+                    line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=t)
+                    oom = [s for (tt, s), r in rows.items() if tt == t and r.get("status") == "oom"]
+                    if oom and key == "peak_gpu_alloc_gib" and run.get("mem_cap_gib"):  # where it ran out
+                        ax.plot(oom, [run["mem_cap_gib"]] * len(oom), marker="x", markersize=9, linestyle="none",
+                                color=line.get_color())
             cap = run.get("mem_cap_gib")
             if key == "peak_gpu_alloc_gib" and cap:
                 ax.axhline(cap, color="grey", linestyle="--", linewidth=1, label=f"cap {cap:g} GiB")
             ax.set_xscale("log", base=2)
             ax.set_xlabel("sequence length (tokens per sample)")
-            ax.set_ylabel(ylabel)
+            ax.set_ylabel(ylabel + (" (x: OOM at the cap)" if key == "peak_gpu_alloc_gib" else ""))
             depth = f", {run.get('layers')} layers" if run.get("layers") else ""
             ax.set_title(f"{run.get('shape')}{depth}, {run.get('n_gpus')}× {run.get('device')}, "
                          f"cap {fmt_cap(cap)}", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         if not plotted:
             axes[0, 0].text(0.5, 0.5, "no results yet", ha="center", va="center")
             axes[0, 0].set_axis_off()
