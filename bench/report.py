@@ -176,6 +176,10 @@ def render_run(run: dict) -> list[str]:
              f"{v.get('transformers_fork') or v.get('transformers') or DASH}, deepspeed {v.get('deepspeed') or DASH}, "
              f"liger-kernel {v.get('liger_kernel') or DASH}; git {commit}; peak "
              f"{fmt_f(run.get('peak_tflops'), 0)} TFLOP/s per GPU for MFU.")
+    for res in run.get("resumes") or []:  # later invocations appended to this run (bench.run --resume)
+        techniques = (res.get("config") or {}).get("techniques") or (res.get("config") or {}).get("technique")
+        L.append(f"Resumed (`bench.run --resume`, a fresh worker on the same kind of machine, git "
+                 f"{((res.get('git') or {}).get('commit') or 'unknown')[:10]}): {techniques}.")
     L.append("")
     L += ["| Technique | What it adds | Max trainable length | First failure | How found | As run |",
           "| --- | --- | --- | --- | --- | --- |"]

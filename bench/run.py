@@ -127,6 +127,13 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def _with_resume(resumes: list, extra: dict | None, prev: dict) -> list:
+    if not (extra or {}).get("resumed") or not prev.get("config"):
+        return resumes
+    entry = {"config": extra["config"], "git": extra.get("git")}
+    return resumes if entry in resumes else resumes + [entry]
+
+
 def collect(raw: Path, out: Path | None = None, extra: dict | None = None) -> dict:
     """Fold a worker JSONL into the result JSON (written atomically). Dangling attempts become 'crashed'."""
     recs = read_jsonl(raw)
@@ -164,8 +171,12 @@ def collect(raw: Path, out: Path | None = None, extra: dict | None = None) -> di
         "ds_config": meta.get("ds_config") or prev.get("ds_config"),
         "init": [m.get("init") for m in metas],
         "worker_argv": [m.get("argv") for m in metas],
-        "git": (extra or {}).get("git") or prev.get("git"),
-        "config": (extra or {}).get("config") or prev.get("config"),
+        "git": prev.get("git") if (extra or {}).get("resumed") and prev.get("git") else
+        (extra or {}).get("git") or prev.get("git"),
+        "config": prev.get("config") if (extra or {}).get("resumed") and prev.get("config") else
+        (extra or {}).get("config") or prev.get("config"),
+        # --resume: the first invocation's config and commit stay above; every later one is listed here
+        "resumes": _with_resume(prev.get("resumes", []), extra, prev),
         "rows": rows,
         "searches": searches,
     }
@@ -266,7 +277,7 @@ def main(argv=None) -> int:
     env_extra = prof.pop("env", {}) or {}
     config = {k: v for k, v in prof.items()}
     config["profile"] = a.profile
-    extra = {"run_id": run_id, "git": git_info(), "config": config}
+    extra = {"run_id": run_id, "git": git_info(), "config": config, "resumed": bool(a.resume)}
     log = lambda m: print(f"[bench.run] {m}", file=sys.stderr, flush=True)  # noqa: E731
 
     done = {(r.get("technique"), r.get("seq_len")) for r in collect(raw)["rows"]

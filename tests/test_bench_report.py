@@ -105,3 +105,20 @@ def test_overhead_target_from_the_offload_benchmark():
     res["rows"][3]["step_s"] = 11.0
     line = next(x for x in report.render_targets([], [res]) if "step-time overhead" in x)
     assert "+10.0% (not met)" in line
+
+
+def test_resume_keeps_the_first_config_and_lists_later_ones(tmp_path):
+    raw, out = tmp_path / "r.jsonl", tmp_path / "r.json"
+    rows = [{"kind": "meta", "date": "2026-11-22", "device": "X"},
+            {"kind": "row", "technique": "baseline", "seq_len": 16, "status": "ok"}]
+    raw.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first = {"run_id": "r", "git": {"commit": "a"}, "config": {"techniques": "baseline,liger"}, "resumed": False}
+    collect(raw, out, first)
+    with raw.open("a") as f:
+        f.write(json.dumps({"kind": "row", "technique": "liger", "seq_len": 16, "status": "ok"}) + "\n")
+    later = {"run_id": "r", "git": {"commit": "b"}, "config": {"techniques": "liger"}, "resumed": True}
+    collect(raw, out, later)
+    res = collect(raw, out, later)  # collected again after every worker: listed once
+    assert res["config"] == first["config"] and res["git"] == first["git"]
+    assert res["resumes"] == [{"config": later["config"], "git": later["git"]}]
+    assert [r["technique"] for r in res["rows"]] == ["baseline", "liger"]
