@@ -22,11 +22,11 @@ def test_training_documents_pose_the_task(tmp_path):
 
     from bench.learning_proof import make_data
 
-    assert make_data.main(["--out", str(tmp_path), "--docs", "40", "--ppl-docs", "2", "--max-len", "1024",
-                           "--workers", "1"]) == 0
+    assert make_data.main(["--out", str(tmp_path), "--docs", "60", "--ppl-docs", "2", "--max-len", "1024",
+                           "--repeat", "0.25", "--workers", "1"]) == 0
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
     docs = [json.loads(x)["text"] for x in (tmp_path / "train.jsonl").read_text().splitlines()]
-    kinds = {"needle": 0, "recall": 0}
+    kinds = {"needle": 0, "recall": 0, "repeat": 0}
     for text in docs:
         assert len(tok(text)["input_ids"]) + 2 <= 1024  # bos + eos: nothing is truncated by train.py
         qas = QA.findall(text)
@@ -37,12 +37,17 @@ def test_training_documents_pose_the_task(tmp_path):
             assert len(facts) == len(NEEDLE.findall(head)), "keys are distinct"
             assert sorted(qas) == sorted(facts.items()), "every needle is asked for once, with its own value"
             assert all(len(v) == 5 for v in facts.values())
+        elif "." not in text:  # a run of words repeated in order
+            kinds["repeat"] += 1
+            words = text.split()
+            period = next(p for p in range(8, 65) if words[p:] == words[:-p])
+            assert len(words) >= 2 * period
         else:
             kinds["recall"] += 1
             sents = [s.strip() for s in text.split(".") if s.strip()]
             half = len(sents) // 2
             assert len(sents) % 2 == 0 and sorted(sents[:half]) == sorted(sents[half:])
-    assert kinds["needle"] >= 15 and kinds["recall"] >= 5, kinds
+    assert kinds["needle"] >= 15 and kinds["recall"] >= 5 and kinds["repeat"] >= 5, kinds
     ppl_docs = [json.loads(x)["text"] for x in (tmp_path / "ppl_eval.jsonl").read_text().splitlines()]
     assert len(ppl_docs) == 2 and all(len(tok(t)["input_ids"]) >= 1024 for t in ppl_docs)
 
@@ -64,17 +69,21 @@ def test_run_sh_end_to_end_on_cpu(tmp_path):
                num_key_value_heads=2, head_dim=16)
     (tmp_path / "model.json").write_text(json.dumps(cfg))
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHON=sys.executable, MAX_LEN="512", DOCS="24", LENGTHS="256,512", SAMPLES="1",
-               PPL_DOCS="2", STEPS="3", WORKERS="1", MODEL_CONFIG=str(tmp_path / "model.json"))
+    env = dict(os.environ, PYTHON=sys.executable, MAX_LEN="512", SHORT_LEN="256", DOCS="24", SHORT_DOCS="48",
+               LENGTHS="256,512", SAMPLES="1", PPL_DOCS="2", STEPS="3", WORKERS="1",
+               MODEL_CONFIG=str(tmp_path / "model.json"))
     keep = tmp_path / "keep"
     r = subprocess.run(["bash", str(REPO / "bench" / "learning_proof" / "run.sh"), str(out), str(keep)], cwd=str(tmp_path),
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
-    assert s["train"]["steps"] == 3 and s["train"]["max_seq_len"] == 512
+    assert s["train"]["steps"] == 3 and s["train"]["max_seq_len"] == 512  # both stages: 2 on 256-token rows, 1 on 512
+    assert s["train"]["stage1_steps"] == 2 and s["train"]["stage1_max_seq_len"] == 256
     for side in ("before", "after"):
         assert 0.0 <= s[side]["passkey"] <= 1.0 and len(s[side]["nll_by_bucket"]) == 8
-    assert list(s["timing_s"]) == ["data", "eval_before", "train", "eval_after", "total"]
+    assert list(s["timing_s"]) == ["data", "eval_before", "train_short", "train", "eval_after", "total"]
+    stage2 = json.loads((out / "train" / "run.json").read_text())
+    assert stage2["config"]["model"].endswith("train_short/final_model"), "stage 2 starts from stage 1"
     assert s["after"]["ppl_overall"] < s["before"]["ppl_overall"], "3 steps already move the unigram statistics"
 
     docs = tmp_path / "docs"

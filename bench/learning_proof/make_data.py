@@ -4,13 +4,14 @@
 
 Writes
   train.jsonl     {"text"} documents, every token a target (train.py's plain-LM format):
-                    needle documents (70%): a haystack of bank filler (each document repeats its own
-                      bank of 4-256 random sentences) holding 1-8 needles "The value of KEY is 12345.",
-                      then one question per needle, each followed by its answer:
+                    repeat documents (--repeat of them): a random run of 8-64 words repeated in order;
+                    of the rest, needle documents (70%): a haystack of bank filler (each document repeats
+                      its own bank of 4-256 random sentences) holding 1-8 needles "The value of KEY is 12345."
+                      (up to one per 64 tokens), then one question per needle, each followed by its answer:
                       "What is the value of KEY? The value of KEY is 12345."
-                    recall documents (30%): random sentences, then the same sentences again, shuffled.
-                  Half the documents are max_len long, the rest log-uniform in [256, max_len]; train.py
-                  packs them into max_len rows with no attention across documents (varlen).
+                    and recall documents (30%): random sentences, then the same sentences again, shuffled.
+                  Half the documents are max_len long (less a little slack), the rest log-uniform in
+                  [--min-len, max_len]; train.py packs them into max_len rows with no attention across documents.
   calib.jsonl     the first --calib-docs training documents: run.sh times a few steps on them first
   ppl_eval.jsonl  held-out recall documents of max_len tokens (another seed): the second half is
                   predictable only from the first, up to max_len/2 tokens back.
@@ -18,8 +19,12 @@ Writes
                   evaluated as "before", then trained by train.py.
 
 Why this design: the retrieval answer is a copy from far back in the context (an induction-style
-lookup), and the bank filler and recall documents ask for the same copy mechanism at every sentence,
-so a from-scratch model gets a dense signal for it instead of five answer tokens per 8K document.
+lookup: find the question's "KEY is" earlier, copy what followed). A from-scratch model has to form
+that mechanism (a previous-token head feeding an induction head) before it can score at all, and the
+loss barely rewards the pieces on their own, so training sits on a plateau first. Repeat documents
+reward the lookup at every token with the least ambiguity; bank filler and recall documents reward it
+at every sentence; the answers alone would give five supervised tokens per needle. run.sh also trains
+on short documents first (--max-len 512), where the plateau is far shorter than at 8K.
 The evaluation (eval.py --filler bank) uses the same needle/question wording with fresh keys, values,
 banks and positions (another seed), so memorizing training documents cannot score.
 """
@@ -55,13 +60,14 @@ def _init(tokenizer: str) -> None:
 
 
 def doc_length(rng: random.Random, max_len: int, min_len: int = 256) -> int:
-    if rng.random() < 0.5:
-        return max_len - 64
-    return int(math.exp(rng.uniform(math.log(min_len), math.log(max_len - 64))))
+    top = max_len - max(32, max_len // 128)  # slack: the text is re-tokenized whole by train.py
+    if rng.random() < 0.5 or min_len >= top:
+        return top
+    return int(math.exp(rng.uniform(math.log(min_len), math.log(top))))
 
 
 def needle_doc(rng: random.Random, length: int) -> str:
-    n = rng.randint(1, max(1, min(8, length // 400)))
+    n = rng.randint(1, max(1, min(8, length // 64)))  # short documents hold several needles too
     tail = 30 * (n - 1) + 8  # tokens of the answers and the other questions, appended below
     s = needle.make_sample(_TOK, length - tail, rng.random(), rng=rng, filler=needle.BankFiller(rng.choice(BANK_SIZES)),
                            n_needles=n, ptok=_PTOK)
@@ -84,11 +90,22 @@ def recall_doc(rng: random.Random, length: int) -> str:
     return " " + " ".join(first + second)
 
 
-def train_doc(args: tuple[int, int, int]) -> str:
-    seed, i, max_len = args
-    rng = random.Random(f"train|{seed}|{i}")
-    length = doc_length(rng, max_len)
-    return needle_doc(rng, length) if rng.random() < 0.7 else recall_doc(rng, length)
+def repeat_doc(rng: random.Random, length: int) -> str:
+    """A random run of 8-64 words, repeated in the same order to the end: the plainest copy task, where
+    an induction head (find the current word earlier, predict what followed it) pays off at every token."""
+    run = [rng.choice(needle.WORDS) for _ in range(rng.randint(8, 64))]
+    words = (run * (length // len(run) + 1))[:length]
+    return " " + " ".join(words)
+
+
+def train_doc(args: tuple[int, int, int, int, float]) -> str:
+    seed, i, max_len, min_len, repeat = args
+    rng = random.Random(f"train|{seed}|{max_len}|{i}")
+    length = doc_length(rng, max_len, min_len)
+    u = rng.random()
+    if u < repeat:
+        return repeat_doc(rng, length)
+    return needle_doc(rng, length) if u < repeat + 0.7 * (1 - repeat) else recall_doc(rng, length)
 
 
 def ppl_doc(args: tuple[int, int, int]) -> str:
@@ -126,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-docs", type=int, default=300, help="Documents of calib.jsonl.")
     p.add_argument("--ppl-docs", type=int, default=16, help="Held-out perplexity documents.")
     p.add_argument("--max-len", type=int, default=8192, help="Longest document (train.py's --max-seq-len).")
+    p.add_argument("--min-len", type=int, default=256, help="Shortest document.")
+    p.add_argument("--repeat", type=float, default=0.0, help="Share of repeat documents (the rest: 70%% needle, "
+                   "30%% recall).")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workers", type=int, default=min(8, mp.cpu_count()))
     p.add_argument("--tokenizer", default=str(ROOT / "longctx" / "default_data" / "tokenizer"))
@@ -135,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(a.seed, i, a.max_len) for i in range(a.docs)]
+    jobs = [(a.seed, i, a.max_len, a.min_len, a.repeat) for i in range(a.docs)]
     ppl_jobs = [(a.seed, i, a.max_len) for i in range(a.ppl_docs)]
     if a.workers > 1:
         with mp.get_context("fork").Pool(a.workers, initializer=_init, initargs=(a.tokenizer,)) as pool:

@@ -43,7 +43,10 @@ def summarize(run: Path) -> dict:
 
     before = json.loads((run / "eval_before" / "eval.json").read_text())
     after = json.loads((run / "eval_after" / "eval.json").read_text())
-    metrics = _jsonl(run / "train" / "metrics.jsonl")
+    short = _jsonl(run / "train_short" / "metrics.jsonl")  # stage 1 (short rows), when run.sh ran one
+    long = _jsonl(run / "train" / "metrics.jsonl")
+    offset = short[-1]["step"] if short else 0
+    metrics = short + [{**r, "step": r["step"] + offset} for r in long]
     for task in ("passkey", "multi_needle"):
         label = "passkey" if task == "passkey" else f"multi-needle ({after[task]['needles']} needles, 1 asked)"
         plot.heatmaps([(f"untrained: mean {before[task]['mean_accuracy']:.0%}", before[task]),
@@ -52,7 +55,7 @@ def summarize(run: Path) -> dict:
     plot.ppl_by_position([("untrained", before["ppl"]), ("trained", after["ppl"])], run / "ppl_before_after.png",
                          title=f"NLL by position, {after['ppl']['documents']} held-out recall documents of "
                                f"{after['ppl']['seq_len']:,} tokens")
-    _loss_plot(metrics, run / "train_loss.png")
+    _loss_plot(metrics, run / "train_loss.png", offset)
 
     timing, prev = {}, 0  # seconds per phase of run.sh, from its cumulative stamps
     if (run / "timing.txt").exists():
@@ -71,7 +74,8 @@ def summarize(run: Path) -> dict:
                   "median_tokens_per_s": statistics.median([r["tokens_per_s"] for r in metrics if r.get("tokens_per_s")])
                   if metrics else None,
                   "attention": run_json.get("attention"), "precision": run_json.get("precision"),
-                  "max_seq_len": run_json.get("config", {}).get("max_seq_len")},
+                  "max_seq_len": run_json.get("config", {}).get("max_seq_len"),
+                  "stage1_steps": offset, "stage1_max_seq_len": _stage1_len(run) if short else None},
         "before": _scores(before), "after": _scores(after), "timing_s": timing,
     }
     (run / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -88,15 +92,23 @@ def _scores(ev: dict) -> dict:
             "nll_by_bucket": [round(b["nll"], 4) for b in ppl], "ppl_overall": ev["ppl"]["overall"]["ppl"]}
 
 
-def _loss_plot(metrics: list[dict], path: Path) -> None:
+def _stage1_len(run: Path) -> int | None:
+    p = run / "train_short" / "run.json"
+    return json.loads(p.read_text()).get("config", {}).get("max_seq_len") if p.exists() else None
+
+
+def _loss_plot(metrics: list[dict], path: Path, stage1: int = 0) -> None:
     from longctx.evaluation.plot import _plt
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     ax.plot([r["step"] for r in metrics], [r["loss"] for r in metrics])
+    if stage1:
+        ax.axvline(stage1, color="grey", ls="--", lw=1)
+        ax.text(stage1, ax.get_ylim()[1], " long rows from here", va="top", fontsize=8, color="grey")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (nats/token)")
-    ax.set_title("train.py from scratch, 8K-token rows", fontsize=10)
+    ax.set_title("train.py from scratch" + (": short rows, then long rows" if stage1 else ""), fontsize=10)
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -104,6 +116,13 @@ def _loss_plot(metrics: list[dict], path: Path) -> None:
 
 def _fmt_len(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else f"{n:,}"
+
+
+def _stages(t: dict) -> str:
+    if not t.get("stage1_steps"):
+        return f" on {t['max_seq_len']:,}-token packed rows"
+    return (f" (the first {t['stage1_steps']} on {t['stage1_max_seq_len']:,}-token packed rows, the rest on "
+            f"{t['max_seq_len']:,}-token rows)")
 
 
 def _pct(x) -> str:
@@ -138,12 +157,12 @@ def section(s: dict, before: dict, after: dict) -> str:
 
 `bash bench/learning_proof/run.sh OUT` on one {s.get('device') or 'GPU'}: a {s['model_params'] / 1e6:.1f}M-parameter
 Llama (bench/learning_proof/model.json) trained from random initialization by train.py ({t['precision']},
-attention `{t['attention']}`, {t['max_seq_len']:,}-token packed rows) for {t['steps']} steps on locally generated
+attention `{t['attention']}`) for {t['steps']} steps{_stages(t)} on locally generated
 long-context documents (bench/learning_proof/make_data.py), then evaluated with eval.py on fresh prompts
 (other keys, values, filler banks and positions). Chance for a 5-digit value is 0.001%.
 Training loss {t['first_loss']:.2f} → {t['final_loss']:.3f} ({t['tokens_per_step']:,} tokens per step,
 {t['median_tokens_per_s']:,.0f} tokens/s); wall clock {tm.get('total', '—')} s for everything, of which train.py
-{tm.get('train', '—')} s (seconds per phase: {', '.join(f'{k} {v}' for k, v in tm.items() if k != 'total')}).
+{tm.get('train', 0) + tm.get('train_short', 0) or '—'} s (seconds per phase: {', '.join(f'{k} {v}' for k, v in tm.items() if k != 'total')}).
 
 | Retrieval accuracy ({', '.join(_fmt_len(x) for x in L)} tokens × depths 0–100%) | untrained | trained |
 | --- | ---: | ---: |
