@@ -127,9 +127,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _with_resume(resumes: list, extra: dict | None, prev: dict) -> list:
-    if not (extra or {}).get("resumed") or not prev.get("config"):
-        return resumes
+def _with_resume(resumes: list, extra: dict) -> list:
     entry = {"config": extra["config"], "git": extra.get("git")}
     return resumes if entry in resumes else resumes + [entry]
 
@@ -154,9 +152,11 @@ def collect(raw: Path, out: Path | None = None, extra: dict | None = None) -> di
                      "error": "no result row: the worker died during this try (host OOM kill, timeout or signal)"})
     meta = metas[0] if metas else {}
     prev = json.loads(out.read_text()) if out and out.exists() else {}
+    extra = extra or {}
+    resumed = bool(extra.get("resumed") and prev.get("config"))
     res = {
         "schema": SCHEMA,
-        "run_id": (extra or {}).get("run_id") or prev.get("run_id") or raw.stem,
+        "run_id": extra.get("run_id") or prev.get("run_id") or raw.stem,
         "date": meta.get("date") or prev.get("date"),
         "device": meta.get("device") or prev.get("device"),
         "n_gpus": meta.get("n_gpus") or prev.get("n_gpus"),
@@ -171,12 +171,10 @@ def collect(raw: Path, out: Path | None = None, extra: dict | None = None) -> di
         "ds_config": meta.get("ds_config") or prev.get("ds_config"),
         "init": [m.get("init") for m in metas],
         "worker_argv": [m.get("argv") for m in metas],
-        "git": prev.get("git") if (extra or {}).get("resumed") and prev.get("git") else
-        (extra or {}).get("git") or prev.get("git"),
-        "config": prev.get("config") if (extra or {}).get("resumed") and prev.get("config") else
-        (extra or {}).get("config") or prev.get("config"),
-        # --resume: the first invocation's config and commit stay above; every later one is listed here
-        "resumes": _with_resume(prev.get("resumes", []), extra, prev),
+        # --resume: the first invocation's config and commit stay; every later one is listed under "resumes"
+        "git": prev.get("git") if resumed else extra.get("git") or prev.get("git"),
+        "config": prev.get("config") if resumed else extra.get("config") or prev.get("config"),
+        "resumes": _with_resume(prev.get("resumes", []), extra) if resumed else prev.get("resumes", []),
         "rows": rows,
         "searches": searches,
     }
