@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from longctx import runs
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 SCHEMA = 1
@@ -100,15 +102,9 @@ def detect_device() -> str:
 
 
 def git_info() -> dict:
-    def git(*a):
-        try:
-            r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=20)
-            return r.stdout.strip() if r.returncode == 0 else None
-        except OSError:
-            return None
-    commit = git("rev-parse", "HEAD") or os.environ.get("BENCH_GIT_COMMIT")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+    """{"commit", "dirty"} of the code under test (LONGCTX_GIT_COMMIT overrides a stale checkout's HEAD)."""
+    info = runs.git_info()
+    return {"commit": info["hash"], "dirty": info["dirty"], **({"source": info["source"]} if "source" in info else {})}
 
 
 # ---------------------------------------------------------------------------------------------- collect

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -65,6 +66,12 @@ def check_resume_compatible(cfg, world_size: int) -> None:
 
 
 def git_info() -> dict:
+    """The commit the code came from. LONGCTX_GIT_COMMIT overrides git for a copied tree whose .git is stale or
+    missing (a lent GPU machine's checkout keeps the session's first commit as HEAD); dirty is then unknown."""
+    stated = os.environ.get("LONGCTX_GIT_COMMIT", "").strip()
+    if stated:
+        return {"hash": stated, "dirty": None, "source": "LONGCTX_GIT_COMMIT"}
+
     def git(*args):
         try:
             return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
