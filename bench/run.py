@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -250,7 +251,36 @@ def run_worker(cmd: list[str], env_extra: dict, log) -> int:
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
     log(f"$ {shlex.join(cmd)}")
-    return subprocess.call(cmd, env=env, cwd=ROOT)
+    # The worker gets its own process group, and a signal that stops this process (timeout's SIGTERM, ^C) stops the
+    # whole group first: an orphaned worker would hold the GPU and slow whatever runs next on it.
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True)
+
+    def stop(signum, _frame):
+        _stop_group(proc)
+        raise SystemExit(128 + signum)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers (deepspeed ranks) that ignored SIGTERM
+    except ProcessLookupError:
+        pass
 
 
 def main(argv=None) -> int:
