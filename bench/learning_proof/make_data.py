@@ -10,6 +10,7 @@ Writes
                       (up to one per 64 tokens), then one question per needle, each followed by its answer:
                       "What is the value of KEY? The value of KEY is 12345."
                     and recall documents (30%): random sentences, then the same sentences again, shuffled.
+                  number documents (--numbers of them): a run of 2-24 random 5-digit values repeated in order.
                   Half the documents are max_len long (less a little slack), the rest log-uniform in
                   [--min-len, max_len]; train.py packs them into max_len rows with no attention across documents.
   calib.jsonl     the first --calib-docs training documents: run.sh times a few steps on them first
@@ -98,14 +99,26 @@ def repeat_doc(rng: random.Random, length: int) -> str:
     return " " + " ".join(words)
 
 
-def train_doc(args: tuple[int, int, int, int, float]) -> str:
-    seed, i, max_len, min_len, repeat = args
+def number_doc(rng: random.Random, length: int) -> str:
+    """A run of 2-24 random values (the needles' 5-digit format), repeated in the same order to the end. Nothing
+    but a copy predicts a value's digits, so the lookup pays ~10 nats per value, and it copies the very tokens
+    (the tokenizer's digit chunks) a retrieval answer is made of."""
+    run = [FMT.value(rng) for _ in range(rng.randint(2, 24))]
+    values = (run * (length // (3 * len(run)) + 1))[:length // 3]  # a value is 2-3 tokens
+    return " " + " ".join(values)
+
+
+def train_doc(args: tuple[int, int, int, int, float, float]) -> str:
+    seed, i, max_len, min_len, repeat, numbers = args
     rng = random.Random(f"train|{seed}|{max_len}|{i}")
     length = doc_length(rng, max_len, min_len)
     u = rng.random()
     if u < repeat:
         return repeat_doc(rng, length)
-    return needle_doc(rng, length) if u < repeat + 0.7 * (1 - repeat) else recall_doc(rng, length)
+    if u < repeat + numbers:
+        return number_doc(rng, length)
+    rest = 1 - repeat - numbers
+    return needle_doc(rng, length) if u < repeat + numbers + 0.7 * rest else recall_doc(rng, length)
 
 
 def ppl_doc(args: tuple[int, int, int]) -> str:
@@ -146,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-len", type=int, default=256, help="Shortest document.")
     p.add_argument("--repeat", type=float, default=0.0, help="Share of repeat documents (the rest: 70%% needle, "
                    "30%% recall).")
+    p.add_argument("--numbers", type=float, default=0.0, help="Share of number documents (repeated runs of values).")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workers", type=int, default=min(8, mp.cpu_count()))
     p.add_argument("--tokenizer", default=str(ROOT / "longctx" / "default_data" / "tokenizer"))
@@ -155,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(a.seed, i, a.max_len, a.min_len, a.repeat) for i in range(a.docs)]
+    if not (0 <= a.repeat and 0 <= a.numbers and a.repeat + a.numbers <= 1):
+        p.error(f"--repeat {a.repeat} and --numbers {a.numbers}: shares in [0, 1] that sum to at most 1")
+    jobs = [(a.seed, i, a.max_len, a.min_len, a.repeat, a.numbers) for i in range(a.docs)]
     ppl_jobs = [(a.seed, i, a.max_len) for i in range(a.ppl_docs)]
     if a.workers > 1:
         with mp.get_context("fork").Pool(a.workers, initializer=_init, initargs=(a.tokenizer,)) as pool:

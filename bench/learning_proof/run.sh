@@ -17,7 +17,7 @@
 #
 # Environment (defaults are the GPU run): PYTHON, TRAIN_SECONDS (180), STEPS (fixed total: no calibration),
 # MAX_LEN (8192), SHORT_LEN (512; >= MAX_LEN: no stage 1), SHORT_SHARE (0.5), REPEAT (share of repeat documents,
-# 0.3), DOCS (4000), SHORT_DOCS (30000), LENGTHS (1024,2048,4096,8192), SAMPLES (12 per cell), PPL_DOCS (16),
+# 0.3), NUMBERS (share of number documents, 0), LR (train.yaml's), DOCS (4000), SHORT_DOCS (30000), LENGTHS (1024,2048,4096,8192), SAMPLES (12 per cell), PPL_DOCS (16),
 # MODEL_CONFIG (bench/learning_proof/model.json), WORKERS (8), ROWS (8: MAX_LEN rows per step).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -30,6 +30,8 @@ MAX_LEN=${MAX_LEN:-8192}
 SHORT_LEN=${SHORT_LEN:-512}
 SHORT_SHARE=${SHORT_SHARE:-0.5}
 REPEAT=${REPEAT:-0.3}
+NUMBERS=${NUMBERS:-0}
+LR=${LR:-}
 ROWS=${ROWS:-8}
 DOCS=${DOCS:-4000}
 SHORT_DOCS=${SHORT_DOCS:-30000}
@@ -45,10 +47,10 @@ t0=$(date +%s)
 stamp() { echo "$1 $(( $(date +%s) - t0 ))" >> "$OUT/timing.txt"; echo "== [$(( $(date +%s) - t0 )) s] $1 done"; }
 
 "$PY" -m bench.learning_proof.make_data --out "$OUT/data" --docs "$DOCS" --max-len "$MAX_LEN" --ppl-docs "$PPL_DOCS" \
-  --repeat "$REPEAT" --workers "$WORKERS" --init-model "$OUT/init_model" --model-config "$MODEL_CONFIG"
+  --repeat "$REPEAT" --numbers "$NUMBERS" --workers "$WORKERS" --init-model "$OUT/init_model" --model-config "$MODEL_CONFIG"
 if [ "$SHORT_LEN" -lt "$MAX_LEN" ]; then
   "$PY" -m bench.learning_proof.make_data --out "$OUT/data_short" --docs "$SHORT_DOCS" --max-len "$SHORT_LEN" \
-    --min-len $(( SHORT_LEN / 4 )) --repeat "$REPEAT" --ppl-docs 1 --calib-docs 0 --workers "$WORKERS"
+    --min-len $(( SHORT_LEN / 4 )) --repeat "$REPEAT" --numbers "$NUMBERS" --ppl-docs 1 --calib-docs 0 --workers "$WORKERS"
 fi
 stamp data
 
@@ -58,7 +60,7 @@ EVAL=(eval.py --tasks passkey,multi_needle,ppl --filler bank --lengths "$LENGTHS
 "$PY" "${EVAL[@]}" --model "$OUT/init_model" --output-dir "$OUT/eval_before"
 stamp eval_before
 
-TRAIN=(train.py --config bench/learning_proof/train.yaml --overwrite)
+TRAIN=(train.py --config bench/learning_proof/train.yaml --overwrite ${LR:+--lr "$LR"})
 LONG=(--max-seq-len "$MAX_LEN" --micro-batch-size "$ROWS")
 if [ -z "$STEPS" ]; then
   "$PY" "${TRAIN[@]}" "${LONG[@]}" --model "$OUT/init_model" --data "$OUT/data/calib.jsonl" --output-dir "$OUT/calibrate" \
