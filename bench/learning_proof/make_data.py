@@ -10,7 +10,8 @@ Writes
                       (up to one per 64 tokens), then one question per needle, each followed by its answer:
                       "What is the value of KEY? The value of KEY is 12345."
                     and recall documents (30%): random sentences, then the same sentences again, shuffled.
-                  number documents (--numbers of them): a run of 2-24 random 5-digit values repeated in order.
+                  number documents (--numbers of them): a run of random 5-digit values (2 values to a sixth of the
+                    document, log-uniform) repeated in order.
                   Half the documents are max_len long (less a little slack), the rest log-uniform in
                   [--min-len, max_len]; train.py packs them into max_len rows with no attention across documents.
   calib.jsonl     the first --calib-docs training documents: run.sh times a few steps on them first
@@ -100,11 +101,14 @@ def repeat_doc(rng: random.Random, length: int) -> str:
 
 
 def number_doc(rng: random.Random, length: int) -> str:
-    """A run of 2-24 random values (the needles' 5-digit format), repeated in the same order to the end. Nothing
-    but a copy predicts a value's digits, so the lookup pays ~10 nats per value, and it copies the very tokens
-    (the tokenizer's digit chunks) a retrieval answer is made of."""
-    run = [FMT.value(rng) for _ in range(rng.randint(2, 24))]
-    values = (run * (length // (3 * len(run)) + 1))[:length // 3]  # a value is 2-3 tokens
+    """A run of random values (the needles' 5-digit format), repeated in the same order to the end. Nothing but
+    a copy predicts a value's digits, so the lookup pays ~10 nats per value, and it copies the very tokens (the
+    tokenizer's digit chunks) a retrieval answer is made of. The run is log-uniform from 2 values to a sixth of
+    the document (a value is 2-3 tokens, so the run repeats at least once): the copy distance spans every scale
+    up to half the document, which is what stretches the lookup to long range."""
+    k = int(math.exp(rng.uniform(math.log(2), math.log(max(2, length // 6)))))
+    run = [FMT.value(rng) for _ in range(k)]
+    values = (run * (length // (3 * len(run)) + 1))[:length // 3]
     return " " + " ".join(values)
 
 

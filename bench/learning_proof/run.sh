@@ -17,7 +17,7 @@
 #
 # Environment (defaults are the GPU run): PYTHON, TRAIN_SECONDS (180), STEPS (fixed total: no calibration),
 # MAX_LEN (8192), SHORT_LEN (512; >= MAX_LEN: no stage 1), SHORT_SHARE (0.5), REPEAT (share of repeat documents,
-# 0.3), NUMBERS (share of number documents, 0), LR (train.yaml's), DOCS (4000), SHORT_DOCS (30000), LENGTHS (1024,2048,4096,8192), SAMPLES (12 per cell), PPL_DOCS (16),
+# 0.2), NUMBERS (share of number documents, 0.3), LR (train.yaml's), LIGER (train.py --liger), DOCS (4000), SHORT_DOCS (30000), LENGTHS (1024,2048,4096,8192), SAMPLES (12 per cell), PPL_DOCS (16),
 # MODEL_CONFIG (bench/learning_proof/model.json), WORKERS (8), ROWS (8: MAX_LEN rows per step).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -29,9 +29,10 @@ STEPS=${STEPS:-}
 MAX_LEN=${MAX_LEN:-8192}
 SHORT_LEN=${SHORT_LEN:-512}
 SHORT_SHARE=${SHORT_SHARE:-0.5}
-REPEAT=${REPEAT:-0.3}
-NUMBERS=${NUMBERS:-0}
+REPEAT=${REPEAT:-0.2}
+NUMBERS=${NUMBERS:-0.3}
 LR=${LR:-}
+LIGER=${LIGER:-}
 ROWS=${ROWS:-8}
 DOCS=${DOCS:-4000}
 SHORT_DOCS=${SHORT_DOCS:-30000}
@@ -60,7 +61,7 @@ EVAL=(eval.py --tasks passkey,multi_needle,ppl --filler bank --lengths "$LENGTHS
 "$PY" "${EVAL[@]}" --model "$OUT/init_model" --output-dir "$OUT/eval_before"
 stamp eval_before
 
-TRAIN=(train.py --config bench/learning_proof/train.yaml --overwrite ${LR:+--lr "$LR"})
+TRAIN=(train.py --config bench/learning_proof/train.yaml --overwrite ${LR:+--lr "$LR"} ${LIGER:+--liger "$LIGER"})
 LONG=(--max-seq-len "$MAX_LEN" --micro-batch-size "$ROWS")
 if [ -z "$STEPS" ]; then
   "$PY" "${TRAIN[@]}" "${LONG[@]}" --model "$OUT/init_model" --data "$OUT/data/calib.jsonl" --output-dir "$OUT/calibrate" \
