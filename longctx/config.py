@@ -60,8 +60,9 @@ class Config:
                                 "not fit on one GPU; keep N within a node. N must divide the world size and the "
                                 "number of query heads. See docs/multinode.md.", "model")
     tiled_mlp: Optional[bool] = _f(None, "Run each decoder MLP over ceil(seq / hidden) chunks of the sequence "
-                                   "(DeepSpeed TiledMLP; recomputed in backward). Default: on when a rank's slice "
-                                   "of a row is at least 4 x hidden_size tokens.", "model")
+                                   "(DeepSpeed TiledMLP; recomputed in backward). Default: on when a rank's "
+                                   "micro-batch is at least 4 x hidden_size tokens and its bf16 [tokens x "
+                                   "intermediate] MLP activation at least 256 MiB (small models: off).", "model")
     tiled_loss: bool = _f(True, "LM head + cross-entropy chunk by chunk, never holding [tokens x vocab] logits; "
                           "--no-tiled-loss materializes them (ablation).", "model")
 

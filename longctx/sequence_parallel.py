@@ -50,12 +50,10 @@ import torch.nn.functional as F
 
 from .errors import LongctxError
 from .modeling import HEAD_CHUNK_TOKENS, CausalLMWithLoss, LinearCrossEntropySum
+from .plan import tiled_mlp_auto
 
 IGNORE = -100
 SEGMENT_SDPA = "longctx_sdpa_segments"
-# --tiled-mlp auto: on when the per-rank row is at least this many hidden sizes long, i.e. when tiling
-# cuts the MLP's [tokens x intermediate] working set at least this many times (8B: from 12K tokens per rank)
-TILED_MLP_AUTO_MIN_SHARDS = 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,12 +84,14 @@ def check(sp: int, world: int, model_config) -> None:
         raise LongctxError("--sequence-parallel: " + "; ".join(problems))
 
 
-def resolve_tiled_mlp(requested: bool | None, *, max_seq_len: int, sp: int, hidden_size: int) -> bool:
-    """None (auto): on where it pays, i.e. when a rank's slice of the longest row spans at least
-    TILED_MLP_AUTO_MIN_SHARDS hidden sizes (shorter rows would only pay the backward recompute)."""
+def resolve_tiled_mlp(requested: bool | None, *, max_seq_len: int, sp: int, hidden_size: int,
+                      micro_batch_size: int = 1, intermediate_size: int | None = None) -> bool:
+    """None (auto): on where it pays (tiled_mlp_auto), i.e. when a rank's micro-batch spans at least
+    TILED_MLP_AUTO_MIN_SHARDS hidden sizes and its MLP activation is large; shorter or smaller ones would only
+    pay the backward recompute and the per-tile overhead."""
     if requested is not None:
         return requested
-    return math.ceil(max_seq_len / sp) >= TILED_MLP_AUTO_MIN_SHARDS * hidden_size
+    return tiled_mlp_auto(math.ceil(max_seq_len / sp) * micro_batch_size, hidden_size, intermediate_size)
 
 
 @dataclass
@@ -119,7 +119,8 @@ class Layout:
         check(cfg.sequence_parallel, world, model_config)
         text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
         tiled_mlp = resolve_tiled_mlp(cfg.tiled_mlp, max_seq_len=cfg.max_seq_len, sp=cfg.sequence_parallel,
-                                      hidden_size=text.hidden_size)
+                                      hidden_size=text.hidden_size, micro_batch_size=cfg.micro_batch_size,
+                                      intermediate_size=getattr(text, "intermediate_size", None))
         return cls.make(cfg.sequence_parallel, rank, world, cfg.micro_batch_size, tiled_mlp=tiled_mlp,
                         tiled_loss=cfg.tiled_loss)
 
@@ -388,4 +389,4 @@ def describe(layout: Layout, tiled_mlp: bool, tiled_loss: bool, impl: str) -> st
 
 
 __all__ = ["Layout", "TrainingLM", "check", "core_attention", "describe", "enable_tiled_mlp", "register_ulysses",
-           "resolve_tiled_mlp", "shard_batch", "wrap"]
+           "resolve_tiled_mlp", "shard_batch", "tiled_mlp_auto", "wrap"]

@@ -165,3 +165,11 @@ def test_tiled_mlp_auto_rule():
     assert not sp.resolve_tiled_mlp(None, max_seq_len=8192, sp=1, hidden_size=4096)
     assert not sp.resolve_tiled_mlp(False, max_seq_len=10 ** 6, sp=1, hidden_size=4096)
     assert sp.resolve_tiled_mlp(True, max_seq_len=64, sp=1, hidden_size=4096)
+    # with the model's intermediate size: the 8B shape tiles at 16K (14336 x 16K x 2 bytes = 448 MiB) ...
+    assert sp.resolve_tiled_mlp(None, max_seq_len=16384, sp=1, hidden_size=4096, intermediate_size=14336)
+    # ... a 2.6M-parameter model's 8 x 8K micro-batch does not (768 x 64K x 2 bytes = 96 MiB): 256 tiny tiles per
+    # MLP made its step 30 times slower
+    assert not sp.resolve_tiled_mlp(None, max_seq_len=8192, sp=1, hidden_size=256, micro_batch_size=8,
+                                    intermediate_size=768)
+    assert sp.resolve_tiled_mlp(None, max_seq_len=8192 * 64, sp=1, hidden_size=256, micro_batch_size=8,
+                                intermediate_size=768)
