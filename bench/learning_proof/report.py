@@ -1,6 +1,5 @@
 """Figures and summary of a learning-proof run (bench/learning_proof/run.sh), and its section of docs/RESULTS.md.
 
-    python -m bench.learning_proof.report steps --metrics CAL/metrics.jsonl --seconds 210   # steps that fit
     python -m bench.learning_proof.report summarize --run OUT       # OUT/summary.json, OUT/*.png, OUT/section.md
     python -m bench.learning_proof.report collect --run OUT --to DIR  # the 8 files worth keeping, flat
     python -m bench.learning_proof.report publish --run OUT|DIR     # copy into docs/learning_proof/ and
@@ -29,24 +28,17 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def steps_for(metrics: Path, seconds: float, lo: int = 50, hi: int = 20000) -> int:
-    """Optimizer steps that fit in `seconds`, from the median step time of a calibration run (first 3 skipped)."""
-    times = [r["step_time_s"] for r in _jsonl(metrics) if r.get("step_time_s")]
-    if not times:
-        raise SystemExit(f"no step times in {metrics}: did the calibration run fail?")
-    t = statistics.median(times[3:] or times)
-    return max(lo, min(hi, int(seconds / t)))
-
-
 def summarize(run: Path) -> dict:
     from longctx.evaluation import plot
 
     before = json.loads((run / "eval_before" / "eval.json").read_text())
     after = json.loads((run / "eval_after" / "eval.json").read_text())
-    short = _jsonl(run / "train_short" / "metrics.jsonl")  # stage 1 (short rows), when run.sh ran one
-    long = _jsonl(run / "train" / "metrics.jsonl")
-    offset = short[-1]["step"] if short else 0
-    metrics = short + [{**r, "step": r["step"] + offset} for r in long]
+    metrics, stages = [], []  # every stage's rows, steps numbered across stages (run.sh's stages.txt order)
+    names = (run / "stages.txt").read_text().split() if (run / "stages.txt").exists() else ["train"]
+    for name in names:
+        rows, offset = _jsonl(run / name / "metrics.jsonl"), metrics[-1]["step"] if metrics else 0
+        metrics += [{**r, "step": r["step"] + offset} for r in rows]
+        stages.append({"max_seq_len": _run_len(run / name), "steps": rows[-1]["step"] if rows else 0})
     for task in ("passkey", "multi_needle"):
         label = "passkey" if task == "passkey" else f"multi-needle ({after[task]['needles']} needles, 1 asked)"
         plot.heatmaps([(f"untrained: mean {before[task]['mean_accuracy']:.0%}", before[task]),
@@ -55,7 +47,7 @@ def summarize(run: Path) -> dict:
     plot.ppl_by_position([("untrained", before["ppl"]), ("trained", after["ppl"])], run / "ppl_before_after.png",
                          title=f"NLL by position, {after['ppl']['documents']} held-out recall documents of "
                                f"{after['ppl']['seq_len']:,} tokens")
-    _loss_plot(metrics, run / "train_loss.png", offset)
+    _loss_plot(metrics, run / "train_loss.png", stages)
 
     timing, prev = {}, 0  # seconds per phase of run.sh, from its cumulative stamps
     if (run / "timing.txt").exists():
@@ -74,8 +66,7 @@ def summarize(run: Path) -> dict:
                   "median_tokens_per_s": statistics.median([r["tokens_per_s"] for r in metrics if r.get("tokens_per_s")])
                   if metrics else None,
                   "attention": run_json.get("attention"), "precision": run_json.get("precision"),
-                  "max_seq_len": run_json.get("config", {}).get("max_seq_len"),
-                  "stage1_steps": offset, "stage1_max_seq_len": _stage1_len(run) if short else None},
+                  "max_seq_len": run_json.get("config", {}).get("max_seq_len"), "stages": stages},
         "before": _scores(before), "after": _scores(after), "timing_s": timing,
     }
     (run / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -92,23 +83,25 @@ def _scores(ev: dict) -> dict:
             "nll_by_bucket": [round(b["nll"], 4) for b in ppl], "ppl_overall": ev["ppl"]["overall"]["ppl"]}
 
 
-def _stage1_len(run: Path) -> int | None:
-    p = run / "train_short" / "run.json"
+def _run_len(stage_dir: Path) -> int | None:
+    p = stage_dir / "run.json"
     return json.loads(p.read_text()).get("config", {}).get("max_seq_len") if p.exists() else None
 
 
-def _loss_plot(metrics: list[dict], path: Path, stage1: int = 0) -> None:
+def _loss_plot(metrics: list[dict], path: Path, stages: list[dict]) -> None:
     from longctx.evaluation.plot import _plt
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    ax.plot([r["step"] for r in metrics], [r["loss"] for r in metrics])
-    if stage1:
-        ax.axvline(stage1, color="grey", ls="--", lw=1)
-        ax.text(stage1, ax.get_ylim()[1], " long rows from here", va="top", fontsize=8, color="grey")
+    ax.plot([r["step"] for r in metrics], [r["loss"] for r in metrics], lw=0.8)
+    at = 0
+    for st in stages if len(stages) > 1 else []:
+        ax.axvline(at, color="grey", ls="--", lw=0.8)
+        ax.text(at, ax.get_ylim()[1], f" {_fmt_len(st['max_seq_len'] or 0)}", va="top", fontsize=7, color="grey")
+        at += st["steps"]
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (nats/token)")
-    ax.set_title("train.py from scratch" + (": short rows, then long rows" if stage1 else ""), fontsize=10)
+    ax.set_title("train.py from scratch" + (": row length by stage" if len(stages) > 1 else ""), fontsize=10)
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -119,10 +112,14 @@ def _fmt_len(n: int) -> str:
 
 
 def _stages(t: dict) -> str:
-    if not t.get("stage1_steps"):
-        return f" on {t['max_seq_len']:,}-token packed rows"
-    return (f" (the first {t['stage1_steps']} on {t['stage1_max_seq_len']:,}-token packed rows, the rest on "
-            f"{t['max_seq_len']:,}-token rows)")
+    st = t.get("stages") or []
+    if len(st) > 1:
+        return " in stages of growing row length (" + ", ".join(
+            f"{x['steps']} on {x['max_seq_len']:,}-token rows" for x in st) + ")"
+    if t.get("stage1_steps"):  # runs published before stages.txt (two stages)
+        return (f" (the first {t['stage1_steps']} on {t['stage1_max_seq_len']:,}-token packed rows, the rest on "
+                f"{t['max_seq_len']:,}-token rows)")
+    return f" on {t['max_seq_len']:,}-token packed rows"
 
 
 def _pct(x) -> str:
@@ -162,7 +159,7 @@ long-context documents (bench/learning_proof/make_data.py), then evaluated with 
 (other keys, values, filler banks and positions). Chance for a 5-digit value is 0.001%.
 Training loss {t['first_loss']:.2f} → {t['final_loss']:.3f} ({t['tokens_per_step']:,} tokens per step,
 {t['median_tokens_per_s']:,.0f} tokens/s); wall clock {tm.get('total', '—')} s for everything, of which train.py
-{tm.get('train', 0) + tm.get('train_short', 0) or '—'} s (seconds per phase: {', '.join(f'{k} {v}' for k, v in tm.items() if k != 'total')}).
+{sum(v for k, v in tm.items() if k.startswith('train')) or '—'} s (seconds per phase: {', '.join(f'{k} {v}' for k, v in tm.items() if k != 'total')}).
 
 | Retrieval accuracy ({', '.join(_fmt_len(x) for x in L)} tokens × depths 0–100%) | untrained | trained |
 | --- | ---: | ---: |
@@ -223,9 +220,6 @@ def publish(run: Path, docs: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("steps")
-    s.add_argument("--metrics", required=True)
-    s.add_argument("--seconds", type=float, required=True)
     m = sub.add_parser("summarize")
     m.add_argument("--run", required=True)
     c = sub.add_parser("collect")
@@ -235,9 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--run", required=True)
     u.add_argument("--docs", default=str(ROOT / "docs"))
     a = p.parse_args(argv)
-    if a.cmd == "steps":
-        print(steps_for(Path(a.metrics), a.seconds))
-    elif a.cmd == "summarize":
+    if a.cmd == "summarize":
         summarize(Path(a.run))
     elif a.cmd == "collect":
         collect(Path(a.run), Path(a.to))
