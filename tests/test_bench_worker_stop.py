@@ -1,6 +1,7 @@
 """A stopped `bench.run` (timeout's SIGTERM, ^C) takes its worker down with it: an orphaned worker would keep
-the GPU busy under whatever runs next (the likely reason the second learning-proof attempt ran 6 times slower
-than expected: its session script had just timed out a bench.run whose worker was at a 3B 128K step)."""
+the GPU busy under whatever runs next on it. (I first suspected this of the second learning-proof attempt's slow 8K
+steps; that turned out to be --tiled-mlp auto tiling a tiny model, see tests/test_sp_tiling.py. The orphan risk
+is real all the same: before this fix, `timeout bench.run` (as in h100_session3.sh) left the worker running.)"""
 import os
 import signal
 import subprocess

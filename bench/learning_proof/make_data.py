@@ -14,7 +14,7 @@ Writes
                     document, log-uniform) repeated in order.
                   Half the documents are max_len long (less a little slack), the rest log-uniform in
                   [--min-len, max_len]; train.py packs them into max_len rows with no attention across documents.
-  calib.jsonl     the first --calib-docs training documents: run.sh times a few steps on them first
+  calib.jsonl     the first --calib-docs training documents (for timing a few steps: diag/steptime.sh)
   ppl_eval.jsonl  held-out recall documents of max_len tokens (another seed): the second half is
                   predictable only from the first, up to max_len/2 tokens back.
   init_model/     the randomly initialized model (config from --model-config) + the shipped tokenizer:
