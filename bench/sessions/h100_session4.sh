@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (Ran against run.sh as of its commit; run.sh's STEPS/SHORT_SHARE/SHORT_LEN interface has since become STAGES.)
 # Fourth GPU session's single-GPU job (2026-11-22), issue 8's learning proof, third attempt. Started detached:
 #   setsid nohup bash bench/sessions/h100_session4.sh /tmp/s4 > /tmp/s4.log 2>&1 &
 # and followed by calls that copy /tmp/s4 back. Each part writes to /tmp/s4 before the next starts.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (Ran against run.sh as of its commit; run.sh's STEPS/SHORT_SHARE/SHORT_LEN interface has since become STAGES.)
 # Fifth GPU session's single-GPU job (2026-11-22), issue 8's learning proof, fourth attempt. Started detached:
 #   setsid nohup bash bench/sessions/h100_session5.sh /tmp/s5 > /tmp/s5.log 2>&1 &
 # and followed by calls that copy /tmp/s5 back.
