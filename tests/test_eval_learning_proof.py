@@ -65,7 +65,7 @@ def test_run_sh_end_to_end_on_cpu(tmp_path):
                num_key_value_heads=2, head_dim=16)
     (tmp_path / "model.json").write_text(json.dumps(cfg))
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHON=sys.executable, STAGES="256:2,512:1", STAGE_TOKENS="1", MIN_DOCS="24", ROW_TOKENS="1024",
+    env = dict(os.environ, PYTHON=sys.executable, STAGES="256:2,512:1", STAGE_TOKENS="1", MIN_DOCS="24", ROW_TOKENS="1024", PROBE_SAMPLES="1",
                LENGTHS="256,512", SAMPLES="1", PPL_DOCS="2", WORKERS="1", MODEL_CONFIG=str(tmp_path / "model.json"))
     keep = tmp_path / "keep"
     r = subprocess.run(["bash", str(REPO / "bench" / "learning_proof" / "run.sh"), str(out), str(keep)], cwd=str(tmp_path),
@@ -79,6 +79,9 @@ def test_run_sh_end_to_end_on_cpu(tmp_path):
     assert list(s["timing_s"])[:5] == ["data", "eval_before", "train_256", "train_512", "eval_after"]
     stage2 = json.loads((out / "train" / "run.json").read_text())
     assert stage2["config"]["model"].endswith("train_256/final_model"), "stage 2 starts from stage 1"
+    probes = s["probes"]  # teacher-forced retrieval after each stage, at its length and twice it
+    assert [(p["label"], p["model"].split("/")[-2]) for p in probes] == [("256", "train_256"), ("512", "train")]
+    assert all(0.0 <= probes[1][k] <= 1.0 for k in ("passkey@512", "passkey@1024", "multi@512", "multi@1024"))
     stage1 = json.loads((out / "train_256" / "run.json").read_text())
     assert stage1["config"]["micro_batch_size"] == 1024 // 256  # the same tokens per step at every stage
     assert s["after"]["ppl_overall"] < s["before"]["ppl_overall"], "3 steps already move the unigram statistics"
@@ -93,6 +96,6 @@ def test_run_sh_end_to_end_on_cpu(tmp_path):
     report.publish(keep, docs)  # from the collected files too; idempotent: the region is replaced, not appended again
     text = (docs / "RESULTS.md").read_text()
     assert text.startswith("# Results\n\nhand-written text\n") and text.count(report.BEGIN) == 1
-    assert "Learning proof" in text
+    assert "Learning proof" in text and "| 256 | " in text  # the per-stage probe table
     for name in report.FIGURES:
         assert (docs / "learning_proof" / name).read_bytes()[:4] == b"\x89PNG"

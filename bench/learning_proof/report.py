@@ -68,6 +68,7 @@ def summarize(run: Path) -> dict:
                   "attention": run_json.get("attention"), "precision": run_json.get("precision"),
                   "max_seq_len": run_json.get("config", {}).get("max_seq_len"), "stages": stages},
         "before": _scores(before), "after": _scores(after), "timing_s": timing,
+        "probes": _jsonl(run / "probe.jsonl"),  # teacher-forced retrieval after each stage (run.sh)
     }
     (run / "summary.json").write_text(json.dumps(summary, indent=1))
     (run / "section.md").write_text(section(summary, before, after))
@@ -122,6 +123,21 @@ def _stages(t: dict) -> str:
     return f" on {t['max_seq_len']:,}-token packed rows"
 
 
+def _probe_table(probes: list[dict]) -> str:
+    """After each stage: teacher-forced retrieval at the stage's row length L and at 2L (sweep.py --probe)."""
+    if not probes:
+        return ""
+    lines = ["After each stage, teacher-forced (answer tokens all argmax; fresh prompts, "
+             "sweep.py --probe) at the stage's row length L and at 2L:", "",
+             "| stage (L) | passkey @L | passkey @2L | multi-needle @L | multi-needle @2L |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for r in probes:
+        L = int(r["label"])
+        lines.append(f"| {_fmt_len(L)} | {_pct(r.get(f'passkey@{L}'))} | {_pct(r.get(f'passkey@{2 * L}'))} | "
+                     f"{_pct(r.get(f'multi@{L}'))} | {_pct(r.get(f'multi@{2 * L}'))} |")
+    return "\n".join(lines) + "\n\n"
+
+
 def _pct(x) -> str:
     return "—" if x is None else f"{x:.0%}"
 
@@ -172,7 +188,7 @@ Training loss {t['first_loss']:.2f} → {t['final_loss']:.3f} ({t['tokens_per_st
 | --- | ---: | ---: |
 {rows}
 
-![passkey before/after](learning_proof/passkey_before_after.png)
+{_probe_table(s.get("probes") or [])}![passkey before/after](learning_proof/passkey_before_after.png)
 ![multi-needle before/after](learning_proof/multi_needle_before_after.png)
 
 Perplexity by position on held-out recall documents (random sentences, then the same sentences shuffled:

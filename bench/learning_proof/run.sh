@@ -11,7 +11,8 @@
 # 3. train.py stage by stage, each resuming from the previous stage's final_model (--model): STAGES lists
 #    LEN:STEPS pairs, shortest first. The copy mechanism retrieval needs (an induction-style lookup) forms fast
 #    at short range (bench/learning_proof/sweep.py); each later stage doubles-to-quadruples the length it must
-#    reach. Stages are OUT/train_<LEN>/, the last is OUT/train/; OUT/stages.txt lists them in order.
+#    reach. Stages are OUT/train_<LEN>/, the last is OUT/train/; OUT/stages.txt lists them in order, and
+#    OUT/probe.jsonl has each stage's teacher-forced retrieval at LEN and 2 x LEN (sweep.py --probe).
 # 4. eval.py on the trained model             -> OUT/eval_after/
 # 5. report summarize                         -> OUT/summary.json, OUT/*.png, OUT/section.md, OUT/timing.txt
 #
@@ -19,7 +20,7 @@
 # REPEAT (share of repeat documents, 0.2), NUMBERS (share of number documents, 0.3), LR (train.yaml's),
 # LIGER (train.py --liger), STAGE_TOKENS (tokens of documents generated per stage, 16M; MIN_DOCS 1000 to 30000
 # documents), LENGTHS (1024,2048,4096,8192),
-# SAMPLES (12 per cell), PPL_DOCS (16), MODEL_CONFIG (bench/learning_proof/model.json), WORKERS (8),
+# SAMPLES (12 per cell), PROBE_SAMPLES (16 prompts per probe after each stage), PPL_DOCS (16), MODEL_CONFIG (bench/learning_proof/model.json), WORKERS (8),
 # ROW_TOKENS (tokens per step, 65536: rows of LEN tokens, ROW_TOKENS / LEN of them).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -36,6 +37,7 @@ MIN_DOCS=${MIN_DOCS:-1000}
 ROW_TOKENS=${ROW_TOKENS:-65536}
 LENGTHS=${LENGTHS:-1024,2048,4096,8192}
 SAMPLES=${SAMPLES:-12}
+PROBE_SAMPLES=${PROBE_SAMPLES:-16}
 PPL_DOCS=${PPL_DOCS:-16}
 MODEL_CONFIG=${MODEL_CONFIG:-bench/learning_proof/model.json}
 WORKERS=${WORKERS:-8}
@@ -73,6 +75,9 @@ for i in "${!STAGE_LIST[@]}"; do
   "$PY" "${TRAIN[@]}" --max-seq-len "$L" --micro-batch-size $(( ROW_TOKENS / L )) --model "$START" \
     --data "$OUT/data_$L/train.jsonl" --output-dir "$dir" --max-steps "$S"
   rm -rf "$dir/checkpoints"  # the DeepSpeed checkpoint: final_model/ is what the next stage and eval read
+  # where the lookup stands after this stage, at its length and twice it (teacher-forced, OUT/probe.jsonl)
+  "$PY" -m bench.learning_proof.sweep --out "$OUT" --probe "$dir/final_model" --probe-label "$L" \
+    --probe-lengths "$L,$(( 2 * L ))" --eval-samples "$PROBE_SAMPLES" --device auto
   echo "$(basename "$dir")" >> "$OUT/stages.txt"
   START="$dir/final_model"
   stamp "train_$L"

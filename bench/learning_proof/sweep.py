@@ -174,6 +174,23 @@ def report(out: Path) -> dict:
     return runs
 
 
+def probe(model_dir: str, lengths: list[int], samples: int, device: str = "auto") -> dict:
+    """Teacher-forced retrieval of a saved model (run.sh calls it after every stage): where does the lookup
+    work, and does it reach past the stage's own length?"""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)
+    tok = AutoTokenizer.from_pretrained(str(ROOT / "longctx" / "default_data" / "tokenizer"))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").to(dev).eval()
+    rec = {"model": str(model_dir)}
+    for L in lengths:
+        for k in (1, 4):
+            rec[f"{'passkey' if k == 1 else 'multi'}@{L}"] = retrieval(model, eval_prompts(tok, L, samples, k), dev)
+    return rec
+
+
 def score(run: dict) -> float:
     """Retrieval at the training length, passkey and multi-needle, over the last two evaluations (less noise);
     4x the length breaks ties."""
@@ -208,15 +225,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-samples", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seconds", type=float, default=0, help="Stop training (and evaluate) after this long.")
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default="cuda", help="cuda, cpu, or auto (cuda when there is one).")
     p.add_argument("--workers", type=int, default=2, help="Data-generation processes per variant.")
     p.add_argument("--report", action="store_true", help="Only summarize OUT/*.jsonl into sweep.json/png.")
     p.add_argument("--best", action="store_true", help="Print run.sh's settings from the best variant in OUT.")
     p.add_argument("--docs", type=int, default=16000, help="Training documents per variant (drawn with replacement).")
+    p.add_argument("--probe", default="", help="Only score this saved model (teacher-forced retrieval at "
+                   "--probe-lengths, --eval-samples prompts each) and append the result to OUT/probe.jsonl.")
+    p.add_argument("--probe-lengths", default="512,1024")
+    p.add_argument("--probe-label", default="", help="Stored with the probe's result (run.sh: the stage).")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child process: one variant
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.probe:
+        rec = {"label": a.probe_label,
+               **probe(a.probe, [int(x) for x in a.probe_lengths.split(",")], a.eval_samples, a.device)}
+        with (out / "probe.jsonl").open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(json.dumps(rec), flush=True)
+        return 0
     if a.best:
         print(best(out))
         return 0
