@@ -94,8 +94,14 @@ TILED_MLP_AUTO_MIN_SHARDS = 4
 TILED_MLP_AUTO_MIN_BYTES = 256 * 2 ** 20
 
 
-def tiled_mlp_auto(tokens: int, hidden_size: int, intermediate_size: int | None = None) -> bool:
-    """--tiled-mlp auto for `tokens` per rank and micro-batch (the one rule train.py and the planner use)."""
+def resolve_tiled_mlp(requested: bool | None, *, max_seq_len: int, sp: int, hidden_size: int,
+                      micro_batch_size: int = 1, intermediate_size: int | None = None) -> bool:
+    """--tiled-mlp as train.py (longctx.sequence_parallel) and the planner apply it. None (auto): on where it
+    pays, i.e. when a rank's micro-batch spans at least TILED_MLP_AUTO_MIN_SHARDS hidden sizes and its MLP
+    activation is large; shorter or smaller ones would only pay the backward recompute and the per-tile overhead."""
+    if requested is not None:
+        return requested
+    tokens = math.ceil(max_seq_len / sp) * micro_batch_size
     big = intermediate_size is None or tokens * int(intermediate_size) * 2 >= TILED_MLP_AUTO_MIN_BYTES
     return tokens >= TILED_MLP_AUTO_MIN_SHARDS * hidden_size and big
 
@@ -697,13 +703,13 @@ def setup_from_config(cfg, *, world: int, model_config, ds_config: dict, precisi
 
 def tiled_mlp_shards(cfg, model_config) -> int:
     """The TiledMLP shard count train.py will use: ceil(rank's tokens / hidden) when tiling is on
-    (--tiled-mlp, or tiled_mlp_auto above)."""
+    (resolve_tiled_mlp above)."""
     sp = int(getattr(cfg, "sequence_parallel", 1) or 1)
     tokens = math.ceil(cfg.max_seq_len / sp) * cfg.micro_batch_size
     hidden = int(model_config.hidden_size)
-    on = getattr(cfg, "tiled_mlp", None)
-    if on is None:
-        on = tiled_mlp_auto(tokens, hidden, getattr(model_config, "intermediate_size", None))
+    on = resolve_tiled_mlp(getattr(cfg, "tiled_mlp", None), max_seq_len=cfg.max_seq_len, sp=sp, hidden_size=hidden,
+                           micro_batch_size=cfg.micro_batch_size,
+                           intermediate_size=getattr(model_config, "intermediate_size", None))
     return max(1, math.ceil(tokens / hidden)) if on else 1
 
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from .errors import LongctxError
 from .modeling import HEAD_CHUNK_TOKENS, CausalLMWithLoss, LinearCrossEntropySum
-from .plan import tiled_mlp_auto
+from .plan import resolve_tiled_mlp  # the --tiled-mlp rule (pure: shared with the planner)
 
 IGNORE = -100
 SEGMENT_SDPA = "longctx_sdpa_segments"
@@ -82,16 +82,6 @@ def check(sp: int, world: int, model_config) -> None:
                         "another (Ulysses splits or replicates KV heads)")
     if problems:
         raise LongctxError("--sequence-parallel: " + "; ".join(problems))
-
-
-def resolve_tiled_mlp(requested: bool | None, *, max_seq_len: int, sp: int, hidden_size: int,
-                      micro_batch_size: int = 1, intermediate_size: int | None = None) -> bool:
-    """None (auto): on where it pays (tiled_mlp_auto), i.e. when a rank's micro-batch spans at least
-    TILED_MLP_AUTO_MIN_SHARDS hidden sizes and its MLP activation is large; shorter or smaller ones would only
-    pay the backward recompute and the per-tile overhead."""
-    if requested is not None:
-        return requested
-    return tiled_mlp_auto(math.ceil(max_seq_len / sp) * micro_batch_size, hidden_size, intermediate_size)
 
 
 @dataclass
@@ -389,4 +379,4 @@ def describe(layout: Layout, tiled_mlp: bool, tiled_loss: bool, impl: str) -> st
 
 
 __all__ = ["Layout", "TrainingLM", "check", "core_attention", "describe", "enable_tiled_mlp", "register_ulysses",
-           "resolve_tiled_mlp", "shard_batch", "tiled_mlp_auto", "wrap"]
+           "resolve_tiled_mlp", "shard_batch", "wrap"]

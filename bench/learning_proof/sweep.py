@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in names:
             run_variant(n, a)
         return 0
-    args = [x for x in (argv if argv is not None else sys.argv[1:])]
+    args = list(argv if argv is not None else sys.argv[1:])
     procs = []
     for n in names:
         cmd = [sys.executable, "-m", "bench.learning_proof.sweep", *args, "--variants", n, "--one"]
