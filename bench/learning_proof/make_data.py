@@ -16,7 +16,13 @@ Writes
                   [--min-len, max_len]; train.py packs them into max_len rows with no attention across documents.
   calib.jsonl     the first --calib-docs training documents (for timing a few steps: diag/steptime.sh)
   ppl_eval.jsonl  held-out recall documents of max_len tokens (another seed): the second half is
-                  predictable only from the first, up to max_len/2 tokens back.
+                  predictable only from the first, up to max_len/2 tokens back (sentences shuffled, so a
+                  sentence's first words are not).
+  ppl_bank.jsonl  with --ppl-kinds bank: held-out bank-filler documents (the haystack of the retrieval prompts,
+                  a bank of 256 random sentences repeated in random order): the first sight of each sentence is
+                  unpredictable, so the more context, the more of the bank is known.
+  ppl_numbers.jsonl  with --ppl-kinds numbers: held-out number documents whose run of values fills half the
+                  document: the second half is a copy from max_len/2 tokens back, the first predictable by nothing.
   init_model/     the randomly initialized model (config from --model-config) + the shipped tokenizer:
                   evaluated as "before", then trained by train.py.
 
@@ -125,9 +131,28 @@ def train_doc(args: tuple[int, int, int, int, float, float]) -> str:
     return needle_doc(rng, length) if u < repeat + numbers + 0.7 * rest else recall_doc(rng, length)
 
 
-def ppl_doc(args: tuple[int, int, int]) -> str:
-    seed, i, max_len = args
-    return recall_doc(random.Random(f"ppl|{seed}|{i}"), max_len + 64)  # a little over: one window per document
+def bank_doc(rng: random.Random, length: int, bank_size: int = 256) -> str:
+    pieces = needle._filler_pieces(_PTOK, needle.BankFiller(bank_size), rng, length)
+    return _TOK.decode([t for p in pieces for t in p])
+
+
+def half_numbers_doc(rng: random.Random, length: int) -> str:
+    """A run of values as long as half the document, then the run again: a copy from length/2 tokens back."""
+    run, n = [], 0
+    while n < length // 2:
+        run.append(FMT.value(rng))
+        n += len(_PTOK(run[-1]))  # PieceTokenizer counts " " + value
+    return " " + " ".join(run + run)
+
+
+PPL_KINDS = {"recall": ("ppl_eval.jsonl", recall_doc), "bank": ("ppl_bank.jsonl", bank_doc),
+             "numbers": ("ppl_numbers.jsonl", half_numbers_doc)}
+
+
+def ppl_doc(args: tuple[int, int, int, str]) -> str:
+    seed, i, max_len, kind = args
+    rng = random.Random(f"ppl|{seed}|{i}" if kind == "recall" else f"ppl|{kind}|{seed}|{i}")
+    return PPL_KINDS[kind][1](rng, max_len + 64)  # a little over: one window per document
 
 
 def write_jsonl(path: Path, texts) -> int:
@@ -158,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="Directory for train.jsonl and ppl_eval.jsonl.")
     p.add_argument("--docs", type=int, default=6000, help="Training documents.")
     p.add_argument("--calib-docs", type=int, default=300, help="Documents of calib.jsonl.")
-    p.add_argument("--ppl-docs", type=int, default=16, help="Held-out perplexity documents.")
+    p.add_argument("--ppl-docs", type=int, default=16, help="Held-out perplexity documents (of each kind).")
+    p.add_argument("--ppl-kinds", default="recall", help=f"Held-out perplexity sets, comma-separated: "
+                   f"{', '.join(PPL_KINDS)} (files {', '.join(f for f, _ in PPL_KINDS.values())}).")
     p.add_argument("--max-len", type=int, default=8192, help="Longest document (train.py's --max-seq-len).")
     p.add_argument("--min-len", type=int, default=256, help="Shortest document.")
     p.add_argument("--repeat", type=float, default=0.0, help="Share of repeat documents (the rest: 70%% needle, "
@@ -175,16 +202,21 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if not (0 <= a.repeat and 0 <= a.numbers and a.repeat + a.numbers <= 1):
         p.error(f"--repeat {a.repeat} and --numbers {a.numbers}: shares in [0, 1] that sum to at most 1")
+    kinds = [k for k in a.ppl_kinds.split(",") if k]
+    if not kinds or any(k not in PPL_KINDS for k in kinds):
+        p.error(f"--ppl-kinds {a.ppl_kinds!r}: a comma-separated subset of {', '.join(PPL_KINDS)}")
     jobs = [(a.seed, i, a.max_len, a.min_len, a.repeat, a.numbers) for i in range(a.docs)]
-    ppl_jobs = [(a.seed, i, a.max_len) for i in range(a.ppl_docs)]
-    if a.workers > 1:
-        with mp.get_context("fork").Pool(a.workers, initializer=_init, initargs=(a.tokenizer,)) as pool:
-            n = write_jsonl(out / "train.jsonl", pool.imap(train_doc, jobs, chunksize=16))
-            m = write_jsonl(out / "ppl_eval.jsonl", pool.imap(ppl_doc, ppl_jobs))
-    else:
+    ppl_jobs = {k: [(a.seed, i, a.max_len, k) for i in range(a.ppl_docs)] for k in kinds}
+    pool = mp.get_context("fork").Pool(a.workers, initializer=_init, initargs=(a.tokenizer,)) if a.workers > 1 else None
+    if pool is None:
         _init(a.tokenizer)
-        n = write_jsonl(out / "train.jsonl", map(train_doc, jobs))
-        m = write_jsonl(out / "ppl_eval.jsonl", map(ppl_doc, ppl_jobs))
+    imap = (lambda f, xs: pool.imap(f, xs, chunksize=16)) if pool else map
+    try:
+        n = write_jsonl(out / "train.jsonl", imap(train_doc, jobs))
+        m = sum(write_jsonl(out / PPL_KINDS[k][0], imap(ppl_doc, js)) for k, js in ppl_jobs.items())
+    finally:
+        if pool:
+            pool.close()
     with (out / "train.jsonl").open() as src, (out / "calib.jsonl").open("w") as dst:
         for _, line in zip(range(a.calib_docs), src):
             dst.write(line)

@@ -44,9 +44,10 @@ def summarize(run: Path) -> dict:
         plot.heatmaps([(f"untrained: mean {before[task]['mean_accuracy']:.0%}", before[task]),
                        (f"trained: mean {after[task]['mean_accuracy']:.0%}", after[task])],
                       run / f"{task}_before_after.png", suptitle=f"{label} retrieval accuracy")
-    plot.ppl_by_position([("untrained", before["ppl"]), ("trained", after["ppl"])], run / "ppl_before_after.png",
-                         title=f"NLL by position, {after['ppl']['documents']} held-out recall documents of "
-                               f"{after['ppl']['seq_len']:,} tokens")
+    ppl_sets = _ppl_sets(run, before, after)
+    plot.ppl_panels([(f"{PPL_TITLES.get(name, name)}: {a['documents']} held-out documents of {a['seq_len']:,} tokens",
+                      [("untrained", b), ("trained", a)]) for name, (b, a) in ppl_sets.items()],
+                    run / "ppl_before_after.png")
     _loss_plot(metrics, run / "train_loss.png", stages)
 
     timing, prev = {}, 0  # seconds per phase of run.sh, from its cumulative stamps
@@ -69,11 +70,34 @@ def summarize(run: Path) -> dict:
                   "max_seq_len": run_json.get("config", {}).get("max_seq_len"), "stages": stages},
         "before": _scores(before), "after": _scores(after), "timing_s": timing,
         "probes": _jsonl(run / "probe.jsonl"),  # teacher-forced retrieval after each stage (run.sh)
+        "ppl_sets": {name: {"before": _nll(b), "after": _nll(a), "edges": [[x["start"], x["end"]] for x in a["buckets"]]}
+                     for name, (b, a) in ppl_sets.items()},
     }
     (run / "summary.json").write_text(json.dumps(summary, indent=1))
     (run / "section.md").write_text(section(summary, before, after))
     print(json.dumps({k: summary[k] for k in ("before", "after")}, indent=1))
     return summary
+
+
+PPL_TITLES = {"recall": "recall (sentences, then the same shuffled)",
+              "bank": "bank filler (256 sentences, random order)",
+              "numbers": "numbers (a run of values, then the run again)"}
+
+
+def _ppl_sets(run: Path, before: dict, after: dict) -> dict[str, tuple[dict, dict]]:
+    """name -> (untrained, trained) perplexity results: the recall set of eval_{before,after}/, then each further
+    set run.sh evaluated (eval_{before,after}_ppl_<name>/)."""
+    sets = {"recall": (before["ppl"], after["ppl"])}
+    for d in sorted(run.glob("eval_after_ppl_*")):
+        name = d.name.removeprefix("eval_after_ppl_")
+        b = run / f"eval_before_ppl_{name}" / "eval.json"
+        if (d / "eval.json").exists() and b.exists():
+            sets[name] = (json.loads(b.read_text())["ppl"], json.loads((d / "eval.json").read_text())["ppl"])
+    return sets
+
+
+def _nll(res: dict) -> list[float]:
+    return [round(b["nll"], 4) for b in res["buckets"]]
 
 
 def _scores(ev: dict) -> dict:
@@ -142,19 +166,36 @@ def _pct(x) -> str:
     return "—" if x is None else f"{x:.0%}"
 
 
+def _late_gain(nll: list[float]) -> bool:
+    return nll[-1] < nll[0] - 0.1
+
+
+def _ppl_by_set(s: dict) -> dict[str, list[float]]:
+    """Trained NLL by position per held-out set (summaries before ppl_sets: the recall set alone)."""
+    sets = s.get("ppl_sets") or {"recall": {"after": s["after"]["nll_by_bucket"]}}
+    return {name: v["after"] for name, v in sets.items()}
+
+
 def learned(s: dict) -> bool:
-    """Retrieval well above chance after training, and late positions predicted better than early ones."""
-    nll = s["after"]["nll_by_bucket"]
-    return (s["after"]["passkey"] or 0) >= 0.5 and nll[-1] < nll[0] - 0.1
+    """Retrieval well above chance after training, and late positions predicted better than early ones on a
+    held-out set."""
+    return (s["after"]["passkey"] or 0) >= 0.5 and any(_late_gain(n) for n in _ppl_by_set(s).values())
+
+
+def _late(s: dict) -> str:
+    sets = _ppl_by_set(s)
+    gain = [name for name, n in sets.items() if _late_gain(n)]
+    if not gain:
+        return "late positions no better than early ones"
+    return (f"late positions predicted better than early ones ({', '.join(f'{n[0]:.2f} → {n[-1]:.2f} nats on the {name} set' for name, n in sets.items() if name in gain)}"
+            + (f"; not on the {', '.join(x for x in sets if x not in gain)} set)" if len(gain) < len(sets) else ")"))
 
 
 def verdict(s: dict) -> str:
     a = s["after"]
-    nll = a["nll_by_bucket"]
-    late = "late positions predicted better than early ones" if nll[-1] < nll[0] - 0.1 else \
-        "late positions no better than early ones"
+    late = _late(s)
     if learned(s):
-        return "a Llama trained from scratch learns 8K retrieval"
+        return f"a Llama trained from scratch learns 8K retrieval ({a['passkey']:.0%} passkey); {late}"
     if (a["passkey"] or 0) >= 0.05:  # chance is 1e-5: far above it, short of the bar
         return (f"partly shown: after {s['train']['steps']} steps from scratch, passkey retrieval "
                 f"{a['passkey']:.0%} (chance 0.001%), multi-needle {a['multi_needle']:.0%}; {late}")
@@ -170,8 +211,20 @@ def section(s: dict, before: dict, after: dict) -> str:
         for name, k in (("passkey, mean over the grid", "passkey"),
                         ("multi-needle (4 needles, 1 asked), mean", "multi_needle")))
     edges = [(b["start"], b["end"]) for b in after["ppl"]["buckets"]]
-    nll = "\n".join(f"| {a:,}–{b:,} | {x:.3f} | {y:.3f} |" for (a, b), x, y in
-                    zip(edges, s["before"]["nll_by_bucket"], s["after"]["nll_by_bucket"]))
+    sets = s.get("ppl_sets") or {"recall": {"before": s["before"]["nll_by_bucket"], "after": s["after"]["nll_by_bucket"]}}
+    head = "| positions | " + " | ".join(f"{n}: untrained | {n}: trained" for n in sets) + " |"
+    rule = "| --- |" + " ---: | ---: |" * len(sets)
+    nll = "\n".join([head, rule] + [f"| {a:,}–{b:,} | " + " | ".join(
+        f"{v['before'][i]:.3f} | {v['after'][i]:.3f}" for v in sets.values()) + " |" for i, (a, b) in enumerate(edges)])
+    L2 = after['ppl']['seq_len'] // 2
+    what = {"recall": f"random sentences, then the same sentences shuffled: the second half is predictable only "
+                      f"from up to {L2:,} tokens back, and only after a sentence's first words",
+            "bank": "the retrieval prompts' filler, a bank of 256 random sentences drawn in random order: a "
+                    "sentence is predictable (after its first words) once it has been seen, so the more context, "
+                    "the more of it is",
+            "numbers": f"a run of random 5-digit values filling half the document, then the run again: the second "
+                       f"half is a copy from {L2:,} tokens back, the first predictable by nothing"}
+    ppl_text = "; ".join(f"**{n}**: {what.get(n, n)}" for n in sets)
     tm = s.get("timing_s", {})
     return f"""## Learning proof: {verdict(s)}
 
@@ -191,12 +244,9 @@ Training loss {t['first_loss']:.2f} → {t['final_loss']:.3f} ({t['tokens_per_st
 {_probe_table(s.get("probes") or [])}![passkey before/after](learning_proof/passkey_before_after.png)
 ![multi-needle before/after](learning_proof/multi_needle_before_after.png)
 
-Perplexity by position on held-out recall documents (random sentences, then the same sentences shuffled:
-the second half is predictable only from up to {after['ppl']['seq_len'] // 2:,} tokens back). Mean NLL
-(nats/token) per position bucket:
+Perplexity by position on held-out documents made like the training data but never trained on (another seed).
+{ppl_text}. Mean NLL (nats/token) per position bucket (uniform over the 2,048-token vocabulary: 7.62):
 
-| positions | untrained | trained |
-| --- | ---: | ---: |
 {nll}
 
 ![NLL by position](learning_proof/ppl_before_after.png)

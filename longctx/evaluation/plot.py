@@ -55,20 +55,27 @@ def heatmaps(panels: Sequence[tuple[str, dict]], path: str | Path, suptitle: str
 
 def ppl_by_position(curves: Sequence[tuple[str, dict]], path: str | Path, title: str = "") -> Path:
     """Mean NLL per position bucket, one line per (label, perplexity result)."""
+    return ppl_panels([(title or "Perplexity by position", curves)], path)
+
+
+def ppl_panels(panels: Sequence[tuple[str, Sequence[tuple[str, dict]]]], path: str | Path) -> Path:
+    """ppl_by_position side by side, one panel per (title, curves): several corpora in one figure."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for label, res in curves:
-        bs = [b for b in res["buckets"] if b["tokens"]]
-        mids = [math.sqrt(b["start"] * b["end"]) if res.get("bucket_spec", "log") == "log"
-                else (b["start"] + b["end"]) / 2 for b in bs]
-        ax.plot(mids, [b["nll"] for b in bs], marker="o", label=f"{label} (overall ppl {res['overall']['ppl']:.3g})")
-    if curves and curves[0][1].get("bucket_spec", "log") == "log":
-        ax.set_xscale("log", base=2)
-    ax.set_xlabel("token position in the document")
-    ax.set_ylabel("mean NLL (nats/token)")
-    ax.set_title(title or "Perplexity by position", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 3.8), squeeze=False, sharey=True)
+    for ax, (title, curves) in zip(axes[0], panels):
+        for label, res in curves:
+            bs = [b for b in res["buckets"] if b["tokens"]]
+            mids = [math.sqrt(b["start"] * b["end"]) if res.get("bucket_spec", "log") == "log"
+                    else (b["start"] + b["end"]) / 2 for b in bs]
+            ax.plot(mids, [b["nll"] for b in bs], marker="o",
+                    label=f"{label} (overall ppl {res['overall']['ppl']:.3g})")
+        if curves and curves[0][1].get("bucket_spec", "log") == "log":
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel("token position in the document")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("mean NLL (nats/token)")
     path = Path(path)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
