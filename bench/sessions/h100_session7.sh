@@ -6,7 +6,7 @@
 # output embeddings (a copy head then only has to map a token's embedding onto itself). Attempt 5 found the
 # first digit chunk of an answer mostly right and later chunks wrong (CPU, attempt 4's model: " 40739" ->
 # " 40721"), so the copy's precision, not only its reach, is in question.
-# Each run's OUT and its final models come back as OUT/<run>.tgz.
+# Each run's OUT, its first stage's and its final model come back as OUT/<run>.tgz.
 set -u
 OUT=${1:?usage: h100_session7.sh OUT}
 mkdir -p "$OUT"
@@ -23,8 +23,9 @@ sleep 20  # A's first data and init first: the two do not start their stages in 
 MODEL_CONFIG="$OUT/model_tied.json" WORKERS=6 bash bench/learning_proof/run.sh /tmp/lpB "$OUT/keepB" > "$OUT/B.log" 2>&1 &
 B=$!
 wait $A; echo "A rc=$? $(date +%T)"
-pack() {  # RUN NAME: everything small of the run, and its models
-  tar czf "$OUT/$2.tgz" --exclude='data_*' --exclude='checkpoints' -C "$(dirname "$1")" "$(basename "$1")"
+pack() {  # RUN NAME: everything small of the run, the first stage's and the final model (16 MiB a file back)
+  tar czf "$OUT/$2.tgz" --exclude='data_*' --exclude=checkpoints --exclude=init_model --exclude=train_1024/final_model \
+    --exclude=train_2048/final_model --exclude=train_4096/final_model -C "$(dirname "$1")" "$(basename "$1")"
 }
 pack /tmp/lpA A
 wait $B; echo "B rc=$? $(date +%T)"
