@@ -116,3 +116,24 @@ def test_extract_answer():
     assert needle.extract_answer(" 48213 and 1") == "48213"
     assert needle.extract_answer(" 482139") == "482139"  # extra digits are wrong, not a match
     assert needle.extract_answer(" no digits") is None
+
+
+def test_retrieval_counts_answers_taken_from_another_needle(tok, monkeypatch):
+    """Multi-needle scoring tells a lookup that found *a* needle (another key's value) from one that found none.
+    The generator is replaced by an answerer that, per prompt in turn, gives the asked value, another needle's
+    value, or a number in no needle; the expected counts are derived here from the prompts themselves."""
+    from longctx.evaluation import generate, runner
+
+    cfg = runner.EvalConfig(model="unused", lengths=[256], depths=[0.5], samples=6, needles=3, filler="bank:8")
+    grid = needle.make_grid(tok, cfg.lengths, cfg.depths, cfg.samples, seed=cfg.seed,
+                            filler=needle.make_filler(cfg.filler), n_needles=3, task="multi_needle")
+    prompts = grid[(256, 0.5)]
+    plan = {}  # prompt ids -> the text answered
+    for i, s in enumerate(prompts):
+        other = next(n.value for n in s.needles if n.value != s.answer)
+        plan[tuple(s.input_ids)] = [s.answer, other, "00000"][i % 3]
+    monkeypatch.setattr(generate, "greedy", lambda model, ids, n, stop=None:
+                        tok(" " + plan[tuple(ids)] + ".", add_special_tokens=False)["input_ids"])
+    res = runner.retrieval(None, tok, cfg, needle.make_filler(cfg.filler), task="multi_needle", n_needles=3)
+    assert res["mean_accuracy"] == pytest.approx(2 / 6)
+    assert (res["wrong"], res["wrong_other_needle"]) == (4, 2)

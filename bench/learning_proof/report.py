@@ -45,7 +45,7 @@ def summarize(run: Path) -> dict:
                        (f"trained: mean {after[task]['mean_accuracy']:.0%}", after[task])],
                       run / f"{task}_before_after.png", suptitle=f"{label} retrieval accuracy")
     ppl_sets = _ppl_sets(run, before, after)
-    plot.ppl_panels([(f"{PPL_TITLES.get(name, name)}: {a['documents']} held-out documents of {a['seq_len']:,} tokens",
+    plot.ppl_panels([(f"{PPL_TITLES.get(name, name)}\n{a['documents']} held-out documents of {a['seq_len']:,} tokens",
                       [("untrained", b), ("trained", a)]) for name, (b, a) in ppl_sets.items()],
                     run / "ppl_before_after.png")
     _loss_plot(metrics, run / "train_loss.png", stages)
@@ -58,8 +58,12 @@ def summarize(run: Path) -> dict:
         timing["total"] = prev
     run_json = json.loads((run / "train" / "run.json").read_text()) if (run / "train" / "run.json").exists() else {}
     last = metrics[-1] if metrics else {}
+    cfg_path = run / "train" / "final_model" / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
     summary = {
         "model_params": after.get("params"),
+        "model": {k: cfg[k] for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                                      "intermediate_size", "vocab_size", "tie_word_embeddings") if k in cfg},
         "device": after.get("device"),
         "train": {"steps": last.get("step"), "final_loss": last.get("loss"),
                   "first_loss": metrics[0]["loss"] if metrics else None,
@@ -140,11 +144,19 @@ def _stages(t: dict) -> str:
     st = t.get("stages") or []
     if len(st) > 1:
         return " in stages of growing row length (" + ", ".join(
-            f"{x['steps']} on {x['max_seq_len']:,}-token rows" for x in st) + ")"
+            f"{x['steps']:,} on {x['max_seq_len']:,}-token rows" for x in st) + ")"
     if t.get("stage1_steps"):  # runs published before stages.txt (two stages)
         return (f" (the first {t['stage1_steps']} on {t['stage1_max_seq_len']:,}-token packed rows, the rest on "
                 f"{t['max_seq_len']:,}-token rows)")
     return f" on {t['max_seq_len']:,}-token packed rows"
+
+
+def _shape(m: dict) -> str:
+    if not m:
+        return "bench/learning_proof/model.json"
+    return (f"{m['num_hidden_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} query and "
+            f"{m['num_key_value_heads']} key/value heads, vocabulary {m['vocab_size']:,}, "
+            f"{'tied' if m.get('tie_word_embeddings') else 'untied'} embeddings")
 
 
 def _probe_table(probes: list[dict]) -> str:
@@ -229,8 +241,8 @@ def section(s: dict, before: dict, after: dict) -> str:
     return f"""## Learning proof: {verdict(s)}
 
 `bash bench/learning_proof/run.sh OUT` on one {s.get('device') or 'GPU'}: a {s['model_params'] / 1e6:.1f}M-parameter
-Llama (bench/learning_proof/model.json) trained from random initialization by train.py ({t['precision']},
-attention `{t['attention']}`) for {t['steps']} steps{_stages(t)} on locally generated
+Llama ({_shape(s.get('model') or {})}) trained from random initialization by train.py ({t['precision']},
+attention `{t['attention']}`) for {t['steps']:,} steps{_stages(t)} on locally generated
 long-context documents (bench/learning_proof/make_data.py), then evaluated with eval.py on fresh prompts
 (other keys, values, filler banks and positions). Chance for a 5-digit value is 0.001%.
 Training loss {t['first_loss']:.2f} → {t['final_loss']:.3f} ({t['tokens_per_step']:,.0f} tokens per step,

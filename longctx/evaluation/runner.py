@@ -177,14 +177,19 @@ def retrieval(model, tok, cfg: EvalConfig, filler, *, task: str, n_needles: int)
     stop = {tok.eos_token_id} if tok.eos_token_id is not None else None
     acc = [[0.0] * len(cfg.lengths) for _ in cfg.depths]
     cells, examples = [], []
+    wrong = other = 0  # wrong answers, and those that are another needle's value (the key was not matched)
     for j, L in enumerate(cfg.lengths):
         for i, d in enumerate(cfg.depths):
             hits = 0
             for s in grid[(L, d)]:
                 out = tok.decode(generate.greedy(model, s.input_ids, cfg.max_new_tokens, stop),
                                  skip_special_tokens=True)
-                ok = needle.extract_answer(out) == s.answer
+                got = needle.extract_answer(out)
+                ok = got == s.answer
                 hits += ok
+                if not ok:
+                    wrong += 1
+                    other += any(got == n.value for n in s.needles)
                 if len(examples) < 8 or (not ok and len(examples) < 16):
                     examples.append({"length": L, "depth": d, "key": s.key, "answer": s.answer, "output": out,
                                      "correct": bool(ok)})
@@ -196,7 +201,10 @@ def retrieval(model, tok, cfg: EvalConfig, filler, *, task: str, n_needles: int)
     mean = sum(map(sum, acc)) / (len(cfg.lengths) * len(cfg.depths))
     return {"lengths": cfg.lengths, "depths": cfg.depths, "accuracy": acc, "mean_accuracy": mean,
             "samples_per_cell": cfg.samples, "needles": n_needles, "filler": filler.name,
-            "chance": 10.0 ** -needle.NeedleFormat().digits, "cells": cells, "examples": examples}
+            "chance": 10.0 ** -needle.NeedleFormat().digits, "cells": cells, "examples": examples,
+            # of the wrong answers, the share that is another needle's value: the lookup found a needle but not
+            # the asked key's (with k needles and no key matching, accuracy sits near 1/k)
+            "wrong": wrong, "wrong_other_needle": other}
 
 
 def ppl(model, tok, cfg: EvalConfig) -> dict:
