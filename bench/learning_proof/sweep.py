@@ -35,6 +35,9 @@ if str(ROOT) not in sys.path:
 
 from bench.learning_proof import make_data  # noqa: E402
 
+# The sweep's published run (2026-11-22_h100_sweep) used model.json when it had 2 layers; model.json has 4 since
+# (attempt 6), so the sweep pins 2 and the variants stay what they were.
+SWEEP_MODEL = dict(num_hidden_layers=2)
 # name -> shares of repeat / number documents (rest: 70% needle, 30% recall), lr, model.json overrides
 VARIANTS: dict[str, dict] = {
     "base": dict(repeat=0.3, numbers=0.0, lr=2e-3),  # attempt 2's mix (run.sh before the sweep)
@@ -101,7 +104,7 @@ def run_variant(name: str, a: argparse.Namespace) -> None:
     data_s = time.time() - t0
 
     cfg = json.loads((ROOT / "bench" / "learning_proof" / "model.json").read_text())
-    cfg.update(v.get("model", {}))
+    cfg.update({**SWEEP_MODEL, **v.get("model", {})})
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     config._attn_implementation = "sdpa"
     torch.manual_seed(a.seed)
@@ -207,7 +210,7 @@ def best(out: Path) -> str:
     name = max(runs, key=lambda n: score(runs[n]))
     v = VARIANTS[name]
     cfg = json.loads((ROOT / "bench" / "learning_proof" / "model.json").read_text())
-    cfg.update(v.get("model", {}))
+    cfg.update({**SWEEP_MODEL, **v.get("model", {})})
     (out / "best_model.json").write_text(json.dumps(cfg, indent=2))
     (out / "best.txt").write_text(name + "\n")
     return (f"BEST={name} REPEAT={v['repeat']} NUMBERS={v['numbers']} LR={v['lr']} "
