@@ -199,6 +199,8 @@ def retrieval(model, tok, cfg: EvalConfig, filler, *, task: str, n_needles: int)
         print(f"  {task} {L:>7,} tokens: " + " ".join(f"{acc[i][j]:.0%}" for i in range(len(cfg.depths))),
               flush=True)
     mean = sum(map(sum, acc)) / (len(cfg.lengths) * len(cfg.depths))
+    if n_needles > 1 and wrong:
+        print(f"  {task}: {other} of {wrong} wrong answers are another needle's value", flush=True)
     return {"lengths": cfg.lengths, "depths": cfg.depths, "accuracy": acc, "mean_accuracy": mean,
             "samples_per_cell": cfg.samples, "needles": n_needles, "filler": filler.name,
             "chance": 10.0 ** -needle.NeedleFormat().digits, "cells": cells, "examples": examples,
