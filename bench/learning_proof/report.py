@@ -207,7 +207,8 @@ def verdict(s: dict) -> str:
     a = s["after"]
     late = _late(s)
     if learned(s):
-        return f"a Llama trained from scratch learns 8K retrieval ({a['passkey']:.0%} passkey); {late}"
+        return (f"a Llama trained from scratch learns 8K retrieval ({a['passkey']:.0%} passkey, {a['multi_needle']:.0%} "
+                f"multi-needle); {late}")
     if (a["passkey"] or 0) >= 0.05:  # chance is 1e-5: far above it, short of the bar
         return (f"partly shown: after {s['train']['steps']} steps from scratch, passkey retrieval "
                 f"{a['passkey']:.0%} (chance 0.001%), multi-needle {a['multi_needle']:.0%}; {late}")
