@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The learning proof on ONE GPU (about 20 minutes on an H100: 1,201 s measured alone): a small Llama trained from
-# scratch by train.py learns 8K-token retrieval.
+# The learning proof on ONE GPU (about 20 minutes on an H100: 1,201 s measured alone, WORKERS=12): a small Llama
+# trained from scratch by train.py learns 8K-token retrieval.
 #
 #   bash bench/learning_proof/run.sh OUT_DIR [KEEP_DIR]     # KEEP_DIR: the files worth keeping, flat
 #   python -m bench.learning_proof.report publish --run OUT_DIR|KEEP_DIR   # docs/RESULTS.md + docs/learning_proof/
