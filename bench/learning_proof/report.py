@@ -152,8 +152,8 @@ def _stages(t: dict) -> str:
 
 
 def _shape(m: dict) -> str:
-    if not m:
-        return "bench/learning_proof/model.json"
+    if not m:  # runs published before the summary recorded the shape
+        return "bench/learning_proof/model.json at the run's commit"
     return (f"{m['num_hidden_layers']} layers, hidden {m['hidden_size']}, {m['num_attention_heads']} query and "
             f"{m['num_key_value_heads']} key/value heads, vocabulary {m['vocab_size']:,}, "
             f"{'tied' if m.get('tie_word_embeddings') else 'untied'} embeddings")
@@ -182,10 +182,14 @@ def _late_gain(nll: list[float]) -> bool:
     return nll[-1] < nll[0] - 0.1
 
 
+def _summary_ppl_sets(s: dict) -> dict[str, dict]:
+    """name -> {"before", "after"} NLL by position per held-out set (summaries before ppl_sets: the recall set)."""
+    return s.get("ppl_sets") or {"recall": {"before": s["before"]["nll_by_bucket"], "after": s["after"]["nll_by_bucket"]}}
+
+
 def _ppl_by_set(s: dict) -> dict[str, list[float]]:
-    """Trained NLL by position per held-out set (summaries before ppl_sets: the recall set alone)."""
-    sets = s.get("ppl_sets") or {"recall": {"after": s["after"]["nll_by_bucket"]}}
-    return {name: v["after"] for name, v in sets.items()}
+    """Trained NLL by position per held-out set."""
+    return {name: v["after"] for name, v in _summary_ppl_sets(s).items()}
 
 
 def learned(s: dict) -> bool:
@@ -199,8 +203,10 @@ def _late(s: dict) -> str:
     gain = [name for name, n in sets.items() if _late_gain(n)]
     if not gain:
         return "late positions no better than early ones"
-    return (f"late positions predicted better than early ones ({', '.join(f'{n[0]:.2f} → {n[-1]:.2f} nats on the {name} set' for name, n in sets.items() if name in gain)}"
-            + (f"; not on the {', '.join(x for x in sets if x not in gain)} set)" if len(gain) < len(sets) else ")"))
+    shown = ", ".join(f"{sets[name][0]:.2f} → {sets[name][-1]:.2f} nats on the {name} set" for name in gain)
+    missing = [name for name in sets if name not in gain]
+    return (f"late positions predicted better than early ones ({shown}"
+            + (f"; not on the {', '.join(missing)} set)" if missing else ")"))
 
 
 def verdict(s: dict) -> str:
@@ -224,7 +230,7 @@ def section(s: dict, before: dict, after: dict) -> str:
         for name, k in (("passkey, mean over the grid", "passkey"),
                         ("multi-needle (4 needles, 1 asked), mean", "multi_needle")))
     edges = [(b["start"], b["end"]) for b in after["ppl"]["buckets"]]
-    sets = s.get("ppl_sets") or {"recall": {"before": s["before"]["nll_by_bucket"], "after": s["after"]["nll_by_bucket"]}}
+    sets = _summary_ppl_sets(s)
     head = "| positions | " + " | ".join(f"{n}: untrained | {n}: trained" for n in sets) + " |"
     rule = "| --- |" + " ---: | ---: |" * len(sets)
     nll = "\n".join([head, rule] + [f"| {a:,}–{b:,} | " + " | ".join(

@@ -82,15 +82,16 @@ wait_data() {  # until data_$1 is complete; fail if the generator died first
 }
 trap 'kill "$GEN" 2>/dev/null || true' EXIT
 
+PPL=(--ppl-seq-len "$MAX_LEN" --ppl-docs "$PPL_DOCS" --ppl-buckets linear:8)
 EVAL=(eval.py --tasks passkey,multi_needle,ppl --filler bank --lengths "$LENGTHS" --depths 0,0.25,0.5,0.75,1
       --samples "$SAMPLES" --needles 4 --max-new-tokens 6 --seed 12345 --ppl-data "$OUT/data_$MAX_LEN/ppl_eval.jsonl"
-      --ppl-seq-len "$MAX_LEN" --ppl-docs "$PPL_DOCS" --ppl-buckets linear:8)
+      "${PPL[@]}")
 evaluate() {  # MODEL SIDE: the retrieval grid and every perplexity set
   "$PY" "${EVAL[@]}" --model "$1" --output-dir "$OUT/eval_$2"
   local set
   for set in ${PPL_SETS//,/ }; do
-    "$PY" eval.py --tasks ppl --model "$1" --output-dir "$OUT/eval_$2_ppl_$set" --ppl-data "$OUT/data_$MAX_LEN/ppl_$set.jsonl" \
-      --ppl-seq-len "$MAX_LEN" --ppl-docs "$PPL_DOCS" --ppl-buckets linear:8
+    "$PY" eval.py --tasks ppl --model "$1" --output-dir "$OUT/eval_$2_ppl_$set" \
+      --ppl-data "$OUT/data_$MAX_LEN/ppl_$set.jsonl" "${PPL[@]}"
   done
 }
 

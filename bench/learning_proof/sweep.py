@@ -52,6 +52,12 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+def model_config(v: dict) -> dict:
+    """model.json as the sweep's variant `v` changes it (on the sweep's 2-layer base)."""
+    cfg = json.loads((ROOT / "bench" / "learning_proof" / "model.json").read_text())
+    return {**cfg, **SWEEP_MODEL, **v.get("model", {})}
+
+
 def _doc_ids(job: tuple) -> list[int]:
     return make_data._TOK(make_data.train_doc(job), add_special_tokens=False)["input_ids"]
 
@@ -103,8 +109,7 @@ def run_variant(name: str, a: argparse.Namespace) -> None:
     prompts = {(L, k): eval_prompts(tok, L, a.eval_samples, k) for L in (a.seq_len, 4 * a.seq_len) for k in (1, 4)}
     data_s = time.time() - t0
 
-    cfg = json.loads((ROOT / "bench" / "learning_proof" / "model.json").read_text())
-    cfg.update({**SWEEP_MODEL, **v.get("model", {})})
+    cfg = model_config(v)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     config._attn_implementation = "sdpa"
     torch.manual_seed(a.seed)
@@ -209,8 +214,7 @@ def best(out: Path) -> str:
     runs = report(out)
     name = max(runs, key=lambda n: score(runs[n]))
     v = VARIANTS[name]
-    cfg = json.loads((ROOT / "bench" / "learning_proof" / "model.json").read_text())
-    cfg.update({**SWEEP_MODEL, **v.get("model", {})})
+    cfg = model_config(v)
     (out / "best_model.json").write_text(json.dumps(cfg, indent=2))
     (out / "best.txt").write_text(name + "\n")
     return (f"BEST={name} REPEAT={v['repeat']} NUMBERS={v['numbers']} LR={v['lr']} "
