@@ -8,6 +8,9 @@ Layout:  <output_dir>/checkpoints/step-00000010/
 
 A directory without COMPLETE is a save that was interrupted: it is never resumed from, never counts
 toward --keep-last, and is deleted by the next save. "latest" is the newest directory with COMPLETE.
+
+Exact resume needs one thing DeepSpeed does not restore: CPU Adam's bias-correction powers (see
+restore_cpu_adam_bias_correction); load() restores them.
 """
 
 from __future__ import annotations
@@ -146,7 +149,61 @@ def load(engine, path: Path, rank: int) -> dict:
                                                      load_lr_scheduler_states=True)
     if load_path is None:
         raise LongctxError(f"DeepSpeed could not load the checkpoint {path}")
+    restore_cpu_adam_bias_correction(engine.optimizer)
     rng_file = path / f"rng_state_rank{rank}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state or {}
+
+
+def cpu_adam_optimizers(optimizer) -> list:
+    """The DeepSpeedCPUAdam instances inside a (ZeRO-wrapped) optimizer: the wrapper keeps the basic
+    optimizer as `.optimizer`, sometimes one level further down."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    except ImportError:  # pragma: no cover - deepspeed is a dependency
+        return []
+    found, seen, todo = [], set(), [optimizer]
+    while todo:
+        o = todo.pop()
+        if o is None or id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, DeepSpeedCPUAdam):
+            found.append(o)
+        else:
+            todo.append(getattr(o, "optimizer", None))
+    return found
+
+
+def restore_cpu_adam_bias_correction(optimizer) -> int:
+    """Bring DeepSpeed's CPU Adam to exactly the state an uninterrupted run has after the loaded step.
+
+    The C++ side of DeepSpeedCPUAdam (csrc/includes/cpu_adam.h, Adam_Optimizer::IncrementStep) keeps
+    beta1^t and beta2^t as floats and, when called with step == its own step + 1, multiplies them by
+    beta once more; for any other step it recomputes them with std::pow. A fresh optimizer loaded from a
+    checkpoint at step s starts at its step 0, so step s+1 takes the pow branch, and float(pow(beta,
+    s+1)) differs in the last bit from s+1 float multiplications at many steps (betas 0.9/0.95: s+1 =
+    6, 7, 8, 9, 10, ...). The bias corrections, and with them every later parameter, then differ from
+    the uninterrupted run. This replays the multiplication: one update per past step on a 1-element
+    scratch tensor, with the optimizer's own betas, so the C++ state becomes what s real steps leave.
+    Call it after the optimizer state is loaded (the per-parameter 'step' is the step to replay to).
+    Returns that step (0 when there is no CPU Adam or nothing to replay).
+    """
+    replayed = 0
+    for opt in cpu_adam_optimizers(optimizer):
+        steps = {int(st["step"]) for st in opt.state.values() if isinstance(st, dict) and "step" in st}
+        if not steps:
+            continue
+        if len(steps) > 1:
+            raise LongctxError(f"cannot restore CPU Adam exactly: its parameter groups are at different steps "
+                               f"{sorted(steps)}")
+        step = steps.pop()
+        group = opt.param_groups[0]
+        beta1, beta2 = group["betas"]
+        scratch = [torch.zeros(1, dtype=torch.float32) for _ in range(4)]  # param, grad, exp_avg, exp_avg_sq
+        for k in range(1, step + 1):
+            opt.ds_opt_adam.adam_update(opt.opt_id, k, 0.0, beta1, beta2, group["eps"], 0.0,
+                                        group["bias_correction"], *scratch)
+        replayed = max(replayed, step)
+    return replayed
