@@ -83,6 +83,14 @@ class Config:
         "with an error.", "data")
     dense_mask_max_len: int = _f(8192, "Longest row for which a dense S x S attention mask (SDPA/eager with "
                                  "packing, the CPU path) is allowed; beyond it the run is refused.", "data")
+    sft_truncation: Literal["context", "end"] = _f(
+        "context", "With --truncation truncate, chat and prompt/response documents longer than max_seq_len: "
+        "context keeps the question and the answer and cuts the context (the middle of the prompt; for chat the "
+        "earliest non-system exchanges or the middle of the longest user turn); end keeps the first max_seq_len "
+        "tokens like plain text (the old behaviour; it can cut the answer off).", "data")
+    sft_drop_limit: float = _f(0.1, "Stop before training when more than this fraction of an SFT file's documents "
+                               "is unusable: dropped (too long, no assistant turn, nothing supervised left) or with "
+                               "an empty response. 1 trains on whatever is left.", "data")
 
     # ---- training ----------------------------------------------------------------------------
     epochs: float = _f(1.0, "Passes over the training rows (ignored when --max-steps > 0).", "training")
@@ -305,6 +313,8 @@ def validate(cfg: Config) -> None:
         problems.append(f"--grad-accum must be >= 1, got {cfg.grad_accum}")
     if cfg.max_steps <= 0 and cfg.epochs <= 0:
         problems.append("set --epochs > 0 or --max-steps > 0")
+    if not 0 <= cfg.sft_drop_limit <= 1:
+        problems.append(f"--sft-drop-limit must be in [0, 1], got {cfg.sft_drop_limit}")
     if not 0 <= cfg.eval_fraction < 1:
         problems.append(f"--eval-fraction must be in [0, 1), got {cfg.eval_fraction}")
     if cfg.lr is not None and cfg.lr < 0:

@@ -6,6 +6,13 @@ Formats (one per file, detected from the first record's keys):
                                                     the assistant turns (content + end-of-turn tokens)
   {"prompt": str, "response": str}                  targets are the response (+ eos)
 
+Documents longer than max_seq_len (--truncation truncate): plain text keeps its first max_seq_len
+tokens. SFT documents (chat, prompt/response) by default keep what is supervised (--sft-truncation
+context): a prompt loses its middle; a conversation loses the middle of its longest user turn when
+that turn can absorb the excess, else its earliest non-system exchanges, then the middle of the
+longest user turn. Only an answer that cannot fit at all is cut. The ledger counts every cut and drop,
+per file and with the reason; too many dropped SFT documents in a file stop the run (--sft-drop-limit).
+
 Labels use the Hugging Face convention that the loss shifts internally: labels[t] is the target for
 the logits at t-1, so labels[t] == -100 means "token t is not predicted". The first token of every
 document is always -100; in a packed row this is what stops the last token of one document from
@@ -33,6 +40,7 @@ from .errors import LongctxError
 IGNORE = -100
 FORMATS = {"text": ("text",), "messages": ("messages",), "prompt_response": ("prompt", "response")}
 SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+SFT_FORMATS = ("messages", "prompt_response")
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,30 +142,67 @@ def detect_format(records: list[dict], where: list[str], path: str) -> str:
 # Tokenization
 # --------------------------------------------------------------------------------------------
 
+@dataclass
+class Tokenized:
+    """One tokenized document, before or after an SFT cut."""
+
+    ids: list[int]
+    labels: list[int]
+    raw_len: int  # tokens before any cut
+    cut: str | None = None  # None; "context" (over the limit, the answer kept whole); "answer" (some of it cut)
+
+
 def _special(tok, name: str) -> list[int]:
     tid = getattr(tok, f"{name}_token_id", None)
     return [] if tid is None else [int(tid)]
 
 
-def tokenize_text(tok, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+def middle_cut(seq: list, keep: int) -> list:
+    """`seq` without its middle: the first half and the last half of `keep` elements (the first element, e.g. a
+    BOS token, always stays when keep >= 1)."""
+    if keep >= len(seq):
+        return list(seq)
+    if keep <= 0:
+        return []
+    head = max(1, keep // 2)
+    tail = keep - head
+    return list(seq[:head]) + (list(seq[len(seq) - tail:]) if tail else [])
+
+
+def tokenize_text(tok, texts: Sequence[str]) -> list[Tokenized]:
     bos, eos = _special(tok, "bos"), _special(tok, "eos")
     out = []
     for ids in tok(list(texts), add_special_tokens=False)["input_ids"]:
         ids = bos + list(ids) + eos
-        labels = [IGNORE] + ids[1:]
-        out.append((ids, labels))
+        out.append(Tokenized(ids, [IGNORE] + ids[1:], len(ids)))
     return out
 
 
-def tokenize_prompt_response(tok, prompts: Sequence[str], responses: Sequence[str]):
+def fit_prompt_response(prompt: list[int], resp: list[int], max_len: int) -> tuple[list[int], list[int], str | None]:
+    """Make bos+prompt (`prompt`) and response+eos (`resp`) fit in max_len tokens, keeping what is supervised:
+    the prompt loses its middle (its start, usually the instruction, and its end, usually the question,
+    stay). Only when the response leaves less than max_len/8 tokens for the prompt is the response cut too."""
+    if len(prompt) + len(resp) <= max_len:
+        return prompt, resp, None
+    keep_min = min(len(prompt), max(1, max_len // 8))
+    if len(resp) <= max_len - keep_min:
+        return middle_cut(prompt, max_len - len(resp)), resp, "context"
+    return middle_cut(prompt, keep_min), resp[:max_len - keep_min], "answer"
+
+
+def tokenize_prompt_response(tok, prompts: Sequence[str], responses: Sequence[str],
+                             fit: int | None = None) -> list[Tokenized]:
+    """fit=max_len: documents over it keep their response (fit_prompt_response); None: no cut here."""
     bos, eos = _special(tok, "bos"), _special(tok, "eos")
     p_ids = tok(list(prompts), add_special_tokens=False)["input_ids"]
     r_ids = tok(list(responses), add_special_tokens=False)["input_ids"]
     out = []
     for p, r in zip(p_ids, r_ids):
-        prompt = bos + list(p)
-        resp = list(r) + eos
-        out.append((prompt + resp, [IGNORE] * len(prompt) + resp))
+        prompt, resp, cut = bos + list(p), list(r) + eos, None
+        raw = len(prompt) + len(resp)
+        if fit is not None:
+            prompt, resp, cut = fit_prompt_response(prompt, resp, fit)
+        out.append(Tokenized(prompt + resp, [IGNORE] * len(prompt) + resp, raw, cut))
     return out
 
 
@@ -191,20 +236,109 @@ def assistant_char_spans(tok, messages: list[dict], loc: str) -> tuple[str, list
     return full, spans
 
 
-def tokenize_messages(tok, conversations: Sequence[list[dict]], where: Sequence[str]):
+def chat_tokens(tok, msgs: list[dict], loc: str) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one conversation: the assistant turns are the targets."""
+    text, spans = assistant_char_spans(tok, msgs, loc)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [IGNORE] * len(ids)
+    for t, (s, _) in enumerate(enc["offset_mapping"]):
+        if t > 0 and any(a <= s < b for a, b in spans):
+            labels[t] = ids[t]
+    return ids, labels
+
+
+def _cut_longest_user_turn(tok, msgs: list[dict], excess: int) -> list[dict] | None:
+    """`msgs` with `excess` (+2 for merges at the joint) tokens cut from the middle of the longest user turn;
+    None if that turn is too short to give them."""
+    users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+    if not users:
+        return None
+    u = max(users, key=lambda i: len(msgs[i]["content"]))
+    content = msgs[u]["content"]
+    offsets = tok(content, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    n = len(offsets)
+    keep = n - excess - 2
+    if keep < 2:
+        return None
+    head = keep // 2
+    tail = keep - head
+    cut = content[:offsets[head - 1][1]] + content[offsets[n - tail][0]:]
+    return msgs[:u] + [{**msgs[u], "content": cut}] + msgs[u + 1:]
+
+
+def _drop_first_exchange(msgs: list[dict]) -> list[dict] | None:
+    """`msgs` without its first non-system exchange (up to the next user turn after an assistant turn); None if
+    only one exchange is left."""
+    first = next((i for i, m in enumerate(msgs) if m["role"] != "system"), None)
+    if first is None:
+        return None
+    answered = False
+    for j in range(first, len(msgs)):
+        if msgs[j]["role"] == "assistant":
+            answered = True
+        elif msgs[j]["role"] == "user" and answered:
+            return msgs[:first] + msgs[j:]
+    return None
+
+
+def fit_conversation(tok, msgs: list[dict], loc: str, max_len: int) -> Tokenized:
+    """Tokenize a conversation so that it fits in max_len tokens, keeping its answers.
+
+    In order, until it fits: drop the turns after the last assistant turn (they carry no target); cut the
+    middle of the longest user turn if that turn alone can give the excess (every answer stays); drop the
+    earliest non-system exchanges, keeping at least the last one; cut the middle of the longest user turn.
+    Only if the last exchange still does not fit (a system prompt or an answer longer than the row) is the
+    conversation cut at the end ("answer" when that loses targets)."""
+    ids, labels = chat_tokens(tok, msgs, loc)
+    raw = len(ids)
+    answers = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    if raw <= max_len or not answers:
+        return Tokenized(ids, labels, raw)
+
+    cur = msgs[:answers[-1] + 1]
+    ids, labels = chat_tokens(tok, cur, loc)
+
+    def cut_user_turn(cur, ids, labels, tries):
+        for _ in range(tries):
+            if len(ids) <= max_len:
+                break
+            shorter = _cut_longest_user_turn(tok, cur, len(ids) - max_len)
+            if shorter is None:
+                break
+            cur = shorter
+            ids, labels = chat_tokens(tok, cur, loc)
+        return cur, ids, labels
+
+    if len(ids) > max_len:
+        cut = cut_user_turn(cur, ids, labels, tries=3)
+        if len(cut[1]) <= max_len:
+            cur, ids, labels = cut
+    while len(ids) > max_len:
+        shorter = _drop_first_exchange(cur)
+        if shorter is None:
+            break
+        cur = shorter
+        ids, labels = chat_tokens(tok, cur, loc)
+    cur, ids, labels = cut_user_turn(cur, ids, labels, tries=3)
+    if len(ids) <= max_len:
+        return Tokenized(ids, labels, raw, "context")
+    lost = any(t != IGNORE for t in labels[max_len:])
+    return Tokenized(ids[:max_len], labels[:max_len], raw, "answer" if lost else "context")
+
+
+def tokenize_messages(tok, conversations: Sequence[list[dict]], where: Sequence[str],
+                      fit: int | None = None) -> list[Tokenized]:
+    """fit=max_len: conversations over it keep their answers (fit_conversation); None: no cut here."""
     if not getattr(tok, "chat_template", None):
         raise LongctxError(f"{where[0]}: chat data ({{'messages'}}) needs a tokenizer with a chat template")
     out = []
     for msgs, loc in zip(conversations, where):
-        text, spans = assistant_char_spans(tok, msgs, loc)
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        starts = [s for s, _ in enc["offset_mapping"]]
-        labels = [IGNORE] * len(ids)
-        for t, s in enumerate(starts):
-            if t > 0 and any(a <= s < b for a, b in spans):
-                labels[t] = ids[t]
-        out.append((ids, labels))
+        if fit is not None:
+            out.append(fit_conversation(tok, msgs, loc, fit))
+        else:
+            ids, labels = chat_tokens(tok, msgs, loc)
+            out.append(Tokenized(ids, labels, len(ids)))
     return out
 
 
@@ -228,10 +362,17 @@ class Doc:
 
 @dataclass
 class Ledger:
-    """Token accounting, printed at start and saved in the run directory."""
+    """Token accounting, printed at start and saved in the run directory.
+
+    Per file: documents, tokens_raw, tokens_kept, tokens_truncated, tokens_dropped, targets_kept;
+    docs_truncated (over max_seq_len and cut: docs_context_cut of them kept their answer whole,
+    docs_answer_cut lost part of it, the rest are plain text cut at the end), docs_dropped_too_long
+    (--truncation drop), docs_dropped_no_targets (nothing supervised).
+    """
 
     per_file: dict[str, dict[str, int]] = field(default_factory=dict)
     packing: dict[str, Any] = field(default_factory=dict)
+    formats: dict[str, str] = field(default_factory=dict)
 
     def add(self, name: str, **counts: int) -> None:
         row = self.per_file.setdefault(name, {})
@@ -245,6 +386,20 @@ class Ledger:
                 tot[k] = tot.get(k, 0) + v
         return tot
 
+    def why(self, name: str) -> list[str]:
+        """What happened to the documents of one file that were cut, dropped or are suspect, and why."""
+        r = self.per_file.get(name, {})
+        g = lambda k: r.get(k, 0)  # noqa: E731
+        end_cut = g("docs_truncated") - g("docs_context_cut") - g("docs_answer_cut")
+        parts = [
+            (g("docs_context_cut"), "over --max-seq-len: context cut, answer kept"),
+            (g("docs_answer_cut"), "over --max-seq-len: part of the answer cut"),
+            (end_cut, "over --max-seq-len: cut at the end"),
+            (g("docs_dropped_too_long"), "over --max-seq-len: dropped (--truncation drop)"),
+            (g("docs_dropped_no_targets"), "with no supervised token: dropped"),
+        ]
+        return [f"{n:,} {what}" for n, what in parts if n]
+
     def format(self) -> str:
         cols = ["documents", "tokens_raw", "tokens_kept", "tokens_truncated", "tokens_dropped",
                 "docs_truncated", "docs_dropped_too_long", "docs_dropped_no_targets", "targets_kept"]
@@ -254,32 +409,68 @@ class Ledger:
         lines = ["token ledger", head]
         for name, row in list(self.per_file.items()) + [("TOTAL", self.total())]:
             lines.append(f"{name[:27]:<28}" + "".join(f"{row.get(c, 0):>14,}" for c in cols))
+        whys = [(name, self.why(name)) for name in self.per_file]
+        if any(w for _, w in whys):
+            lines.append("documents cut, dropped or suspect, and why:")
+            for name, w in whys:
+                if w:
+                    fmt = f" ({self.formats[name]})" if name in self.formats else ""
+                    lines.append(f"  {name}{fmt}: " + "; ".join(w))
+        else:
+            lines.append("documents cut, dropped or suspect: none")
         for k, v in self.packing.items():
             lines.append(f"  {k}: {v:.2%}" if isinstance(v, float) else f"  {k}: {v:,}" if isinstance(v, int)
                          else f"  {k}: {v}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"per_file": self.per_file, "total": self.total(), "packing": self.packing}
+        return {"per_file": self.per_file, "total": self.total(), "packing": self.packing, "formats": self.formats,
+                "why": {name: self.why(name) for name in self.per_file}}
+
+    def check_sft(self, limit: float, what: str = "training") -> None:
+        """Stop when more than `limit` of an SFT file's documents are dropped (too long, nothing supervised)."""
+        problems = []
+        for name, r in self.per_file.items():
+            if self.formats.get(name) not in SFT_FORMATS or not r.get("documents"):
+                continue
+            bad = sum(r.get(k, 0) for k in ("docs_dropped_too_long", "docs_dropped_no_targets"))
+            if bad / r["documents"] > limit:
+                problems.append(f"{name}: {bad:,} of {r['documents']:,} documents ({bad / r['documents']:.0%}): "
+                                + "; ".join(self.why(name)))
+        if problems:
+            raise LongctxError(
+                f"too many unusable SFT documents in the {what} data (more than --sft-drop-limit {limit:g} of a "
+                "file):\n  " + "\n  ".join(problems) + "\nFix the data, raise --max-seq-len, or pass "
+                "--sft-drop-limit 1 to train on what is left.")
 
 
-def load_docs(paths: Sequence[str], tok, max_seq_len: int, truncation: str, ledger: Ledger) -> list[Doc]:
-    """Read, tokenize and truncate every file; count everything in the ledger."""
+def load_docs(paths: Sequence[str], tok, max_seq_len: int, truncation: str, ledger: Ledger,
+              sft_truncation: str = "context") -> list[Doc]:
+    """Read, tokenize and truncate every file; count everything in the ledger.
+
+    truncation (over max_seq_len): truncate | drop | error. sft_truncation (with truncate, for chat and
+    prompt/response): context (keep the answer, cut the context) | end (keep the first max_seq_len tokens)."""
+    fit = max_seq_len if truncation == "truncate" and sft_truncation == "context" else None
     docs: list[Doc] = []
     for path in paths:
         records, where = read_records(path)
         fmt = detect_format(records, where, path)
-        if fmt == "text":
-            pairs = tokenize_text(tok, [r["text"] for r in records])
-        elif fmt == "prompt_response":
-            pairs = tokenize_prompt_response(tok, [r["prompt"] for r in records], [r["response"] for r in records])
-        else:
-            pairs = tokenize_messages(tok, [r["messages"] for r in records], where)
         name = Path(path).name
-        for (ids, labels), loc in zip(pairs, where):
-            n = len(ids)
+        ledger.formats[name] = fmt
+        if fmt == "text":
+            items = tokenize_text(tok, [r["text"] for r in records])
+        elif fmt == "prompt_response":
+            items = tokenize_prompt_response(tok, [r["prompt"] for r in records], [r["response"] for r in records],
+                                             fit=fit)
+        else:
+            items = tokenize_messages(tok, [r["messages"] for r in records], where, fit=fit)
+        ledger.add(name, docs_context_cut=0, docs_answer_cut=0)
+        for item, loc in zip(items, where):
+            ids, labels, n = item.ids, item.labels, item.raw_len
             ledger.add(name, documents=1, tokens_raw=n)
-            if n > max_seq_len:
+            if item.cut:
+                ledger.add(name, tokens_truncated=n - len(ids), docs_truncated=1, **{f"docs_{item.cut}_cut": 1})
+            elif n > max_seq_len:
                 if truncation == "error":
                     raise LongctxError(f"{loc}: document has {n:,} tokens > --max-seq-len {max_seq_len:,} "
                                        "(--truncation error); use --truncation truncate or drop")
@@ -287,6 +478,8 @@ def load_docs(paths: Sequence[str], tok, max_seq_len: int, truncation: str, ledg
                     ledger.add(name, tokens_dropped=n, docs_dropped_too_long=1)
                     continue
                 ledger.add(name, tokens_truncated=n - max_seq_len, docs_truncated=1)
+                if fmt != "text" and any(t != IGNORE for t in labels[max_seq_len:]):
+                    ledger.add(name, docs_answer_cut=1)
                 ids, labels = ids[:max_seq_len], labels[:max_seq_len]
             doc = Doc(loc, np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32))
             if doc.n_supervised == 0:
@@ -457,15 +650,18 @@ class DataBundle:
 
 def build(cfg, tok, world_size: int) -> DataBundle:
     ledger = Ledger()
-    docs = load_docs(cfg.data, tok, cfg.max_seq_len, cfg.truncation, ledger)
+    docs = load_docs(cfg.data, tok, cfg.max_seq_len, cfg.truncation, ledger, cfg.sft_truncation)
     tot = ledger.total()
     if not docs:
         raise LongctxError(
             f"no usable training documents in {', '.join(cfg.data)}: {tot.get('documents', 0)} read, "
             f"{tot.get('docs_dropped_no_targets', 0)} without any supervised token, "
             f"{tot.get('docs_dropped_too_long', 0)} dropped as too long")
+    ledger.check_sft(cfg.sft_drop_limit)
     if cfg.eval_data:
-        eval_docs = load_docs(cfg.eval_data, tok, cfg.max_seq_len, cfg.truncation, Ledger())
+        eval_ledger = Ledger()
+        eval_docs = load_docs(cfg.eval_data, tok, cfg.max_seq_len, cfg.truncation, eval_ledger, cfg.sft_truncation)
+        eval_ledger.check_sft(cfg.sft_drop_limit, "evaluation")
         train_docs = docs
     elif cfg.eval_fraction > 0 and len(docs) >= 2:
         perm = np.random.default_rng([cfg.seed, 7]).permutation(len(docs))

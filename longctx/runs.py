@@ -29,7 +29,10 @@ REPO = Path(__file__).resolve().parent.parent
 RUN_FILE = "run.json"
 # Settings that decide which tokens each step sees: they must not change when resuming.
 RESUME_KEYS = ("model", "tokenizer", "data", "eval_data", "eval_fraction", "max_seq_len", "packing",
-               "group_by_length", "truncation", "micro_batch_size", "grad_accum", "seed", "sequence_parallel")
+               "group_by_length", "truncation", "micro_batch_size", "grad_accum", "seed", "sequence_parallel",
+               "sft_truncation")
+# What a run recorded before a key existed behaved as (sft_truncation: SFT rows were cut at the end).
+RESUME_KEYS_BEFORE = {"sft_truncation": "end"}
 RUN_CONTENT = ("run.json", "config.yaml", "ledger.json", "metrics.jsonl", "samples.jsonl", "checkpoints",
                "final_model", "final_model.tmp", "PAUSED_IN_SAVE", "PAUSED_AFTER_STEP")
 
@@ -57,6 +60,7 @@ def check_output_dir(cfg) -> str:
 def check_resume_compatible(cfg, world_size: int) -> None:
     prev = json.loads((Path(cfg.output_dir) / RUN_FILE).read_text())
     old, new = prev.get("config", {}), cfg.to_dict()
+    old = {**RESUME_KEYS_BEFORE, **old}
     diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in RESUME_KEYS if old.get(k) != new.get(k)]
     if prev.get("world_size") != world_size:
         diffs.append(f"world size: {prev.get('world_size')} -> {world_size}")

@@ -17,10 +17,10 @@ def tok():
     return AutoTokenizer.from_pretrained(str(TOKENIZER))
 
 
-def load(tok, rows, tmp_path, name="d.jsonl", max_len=4096, truncation="error"):
+def load(tok, rows, tmp_path, name="d.jsonl", max_len=4096, truncation="error", sft_truncation="context"):
     f = write_jsonl(tmp_path / name, rows)
     ledger = data_mod.Ledger()
-    return data_mod.load_docs([str(f)], tok, max_len, truncation, ledger), ledger
+    return data_mod.load_docs([str(f)], tok, max_len, truncation, ledger, sft_truncation), ledger
 
 
 def targets_text(tok, doc):
@@ -62,8 +62,9 @@ def test_truncation_policies_and_ledger(tok, tmp_path):
 
 
 def test_truncation_that_removes_all_targets_drops_the_sample(tok, tmp_path):
+    """With --sft-truncation end (the old behaviour: cut at the end like text) a long prompt loses the response."""
     rows = [{"prompt": "apple " * 80, "response": " anchor"}, {"prompt": "x", "response": " y"}]
-    docs, ledger = load(tok, rows, tmp_path, max_len=32, truncation="truncate")
+    docs, ledger = load(tok, rows, tmp_path, max_len=32, truncation="truncate", sft_truncation="end")
     assert len(docs) == 1 and ledger.per_file["d.jsonl"]["docs_dropped_no_targets"] == 1
 
 

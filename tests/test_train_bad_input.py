@@ -129,6 +129,19 @@ def test_truncation_error_policy(base, tmp_path, capsys):
                  "long.jsonl:1", "> --max-seq-len 128", out=out)
 
 
+def test_sft_documents_that_would_all_be_dropped_stop_the_run(base, tmp_path, capsys):
+    """Long prompt/response rows mixed with text, cut at the end (--sft-truncation end): every answer is lost.
+    The run used to go on with the text alone; now it stops and says why."""
+    d, data, _ = base
+    rows = [{"prompt": "Context: " + " ".join(["apple"] * 200) + f" Question {i}?", "response": f" {i}"}
+            for i in range(6)]
+    sft = write_jsonl(tmp_path / "sft.jsonl", rows)
+    out = tmp_path / "o"
+    expect_error(args_for(base, out, **{"--data": data + [str(sft)], "--sft-truncation": "end"}), capsys,
+                 "too many unusable SFT documents", "sft.jsonl: 6 of 6 documents (100%)",
+                 "with no supervised token: dropped", "--sft-drop-limit 1", out=out)
+
+
 # ---- model, attention ---------------------------------------------------------------------------
 
 def test_max_seq_len_beyond_positions_without_rope_scaling(base, tmp_path, capsys):
@@ -251,7 +264,7 @@ def test_samples_without_targets_are_dropped_and_counted_and_offload_trains(base
     f = write_jsonl(tmp_path / "mixed.jsonl", rows)
     out = tmp_path / "o"
     argv = args_for(base, out, **{"--data": [str(f)], "--offload-gradient-checkpointing": True,
-                                  "--eval-fraction": "0", "--max-steps": "2"})
+                                  "--eval-fraction": "0", "--max-steps": "2", "--sft-drop-limit": "0.5"})
     p = subprocess.run([sys.executable, "train.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     ledger = json.loads((out / "ledger.json").read_text())
