@@ -6,12 +6,16 @@ Formats (one per file, detected from the first record's keys):
                                                     the assistant turns (content + end-of-turn tokens)
   {"prompt": str, "response": str}                  targets are the response (+ eos)
 
+Chat roles must be ones the tokenizer's chat template knows (system, user, assistant and any role the
+template names); anything else is an error naming file and line.
+
 Documents longer than max_seq_len (--truncation truncate): plain text keeps its first max_seq_len
 tokens. SFT documents (chat, prompt/response) by default keep what is supervised (--sft-truncation
 context): a prompt loses its middle; a conversation loses the middle of its longest user turn when
 that turn can absorb the excess, else its earliest non-system exchanges, then the middle of the
-longest user turn. Only an answer that cannot fit at all is cut. The ledger counts every cut and drop,
-per file and with the reason; too many dropped SFT documents in a file stop the run (--sft-drop-limit).
+longest user turn. Only an answer that cannot fit at all is cut. The ledger counts every cut, drop,
+conversation without an assistant turn and empty response, per file and with the reason; too many
+unusable SFT documents in a file stop the run (--sft-drop-limit).
 
 Labels use the Hugging Face convention that the loss shifts internally: labels[t] is the target for
 the logits at t-1, so labels[t] == -100 means "token t is not predicted". The first token of every
@@ -27,7 +31,9 @@ So the data position is just the step number, which makes resume exact.
 from __future__ import annotations
 
 import bisect
+import difflib
 import json
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +47,7 @@ IGNORE = -100
 FORMATS = {"text": ("text",), "messages": ("messages",), "prompt_response": ("prompt", "response")}
 SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 SFT_FORMATS = ("messages", "prompt_response")
+STANDARD_ROLES = ("system", "user", "assistant")
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,6 +213,29 @@ def tokenize_prompt_response(tok, prompts: Sequence[str], responses: Sequence[st
     return out
 
 
+def chat_roles(tok) -> set[str]:
+    """The roles the chat template knows: system, user, assistant, and every role it compares against
+    (e.g. 'tool', 'ipython' in Llama 3's)."""
+    tpl = getattr(tok, "chat_template", None) or ""
+    if isinstance(tpl, dict):
+        tpl = "\n".join(str(v) for v in tpl.values())
+    named = set(re.findall(r"""role['"]?\]?\s*(?:==|!=)\s*['"]([A-Za-z_][\w-]*)['"]""", tpl))
+    named |= set(re.findall(r"""['"]([A-Za-z_][\w-]*)['"]\s*(?:==|!=)\s*[\w.\[\]'"]*role\b""", tpl))
+    return set(STANDARD_ROLES) | named
+
+
+def check_roles(conversations: Sequence[list[dict]], where: Sequence[str], roles: set[str]) -> None:
+    for msgs, loc in zip(conversations, where):
+        for i, m in enumerate(msgs):
+            if m["role"] not in roles:
+                close = difflib.get_close_matches(m["role"], sorted(roles), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise LongctxError(
+                    f"{loc}: message {i} has role {m['role']!r}{hint}, which the tokenizer's chat template does not "
+                    f"know (it knows {', '.join(sorted(roles))}). Fix the role in the data, or use a tokenizer "
+                    "whose template has it.")
+
+
 def assistant_char_spans(tok, messages: list[dict], loc: str) -> tuple[str, list[tuple[int, int]]]:
     """Render the conversation; return the text and the character spans of the assistant turns.
 
@@ -332,6 +362,7 @@ def tokenize_messages(tok, conversations: Sequence[list[dict]], where: Sequence[
     """fit=max_len: conversations over it keep their answers (fit_conversation); None: no cut here."""
     if not getattr(tok, "chat_template", None):
         raise LongctxError(f"{where[0]}: chat data ({{'messages'}}) needs a tokenizer with a chat template")
+    check_roles(conversations, where, chat_roles(tok))
     out = []
     for msgs, loc in zip(conversations, where):
         if fit is not None:
@@ -367,7 +398,9 @@ class Ledger:
     Per file: documents, tokens_raw, tokens_kept, tokens_truncated, tokens_dropped, targets_kept;
     docs_truncated (over max_seq_len and cut: docs_context_cut of them kept their answer whole,
     docs_answer_cut lost part of it, the rest are plain text cut at the end), docs_dropped_too_long
-    (--truncation drop), docs_dropped_no_targets (nothing supervised).
+    (--truncation drop), docs_dropped_no_targets (nothing supervised: docs_no_assistant of them are
+    conversations without an assistant turn), docs_empty_response (an empty response or assistant turn,
+    kept: only the end-of-turn tokens are targets).
     """
 
     per_file: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -396,7 +429,9 @@ class Ledger:
             (g("docs_answer_cut"), "over --max-seq-len: part of the answer cut"),
             (end_cut, "over --max-seq-len: cut at the end"),
             (g("docs_dropped_too_long"), "over --max-seq-len: dropped (--truncation drop)"),
-            (g("docs_dropped_no_targets"), "with no supervised token: dropped"),
+            (g("docs_no_assistant"), "without an assistant turn: dropped"),
+            (g("docs_dropped_no_targets") - g("docs_no_assistant"), "with no supervised token left: dropped"),
+            (g("docs_empty_response"), "with an empty response: kept, only the end-of-turn tokens are targets"),
         ]
         return [f"{n:,} {what}" for n, what in parts if n]
 
@@ -428,20 +463,22 @@ class Ledger:
                 "why": {name: self.why(name) for name in self.per_file}}
 
     def check_sft(self, limit: float, what: str = "training") -> None:
-        """Stop when more than `limit` of an SFT file's documents are dropped (too long, nothing supervised)."""
+        """Stop when more than `limit` of an SFT file's documents are unusable: dropped (too long, no assistant
+        turn, nothing supervised left) or with an empty response."""
         problems = []
         for name, r in self.per_file.items():
             if self.formats.get(name) not in SFT_FORMATS or not r.get("documents"):
                 continue
-            bad = sum(r.get(k, 0) for k in ("docs_dropped_too_long", "docs_dropped_no_targets"))
+            bad = sum(r.get(k, 0) for k in ("docs_dropped_too_long", "docs_dropped_no_targets",
+                                            "docs_empty_response"))
             if bad / r["documents"] > limit:
                 problems.append(f"{name}: {bad:,} of {r['documents']:,} documents ({bad / r['documents']:.0%}): "
                                 + "; ".join(self.why(name)))
         if problems:
             raise LongctxError(
                 f"too many unusable SFT documents in the {what} data (more than --sft-drop-limit {limit:g} of a "
-                "file):\n  " + "\n  ".join(problems) + "\nFix the data, raise --max-seq-len, or pass "
-                "--sft-drop-limit 1 to train on what is left.")
+                "file):\n  " + "\n  ".join(problems) + "\nFix the data (roles, empty responses), raise "
+                "--max-seq-len, or pass --sft-drop-limit 1 to train on what is left.")
 
 
 def load_docs(paths: Sequence[str], tok, max_seq_len: int, truncation: str, ledger: Ledger,
@@ -457,17 +494,27 @@ def load_docs(paths: Sequence[str], tok, max_seq_len: int, truncation: str, ledg
         fmt = detect_format(records, where, path)
         name = Path(path).name
         ledger.formats[name] = fmt
+        flags: list[dict[str, int]] = [{} for _ in records]
         if fmt == "text":
             items = tokenize_text(tok, [r["text"] for r in records])
         elif fmt == "prompt_response":
             items = tokenize_prompt_response(tok, [r["prompt"] for r in records], [r["response"] for r in records],
                                              fit=fit)
+            for f, r in zip(flags, records):
+                if not r["response"].strip():
+                    f["docs_empty_response"] = 1
         else:
             items = tokenize_messages(tok, [r["messages"] for r in records], where, fit=fit)
-        ledger.add(name, docs_context_cut=0, docs_answer_cut=0)
-        for item, loc in zip(items, where):
+            for f, r in zip(flags, records):
+                answers = [m for m in r["messages"] if m["role"] == "assistant"]
+                if not answers:
+                    f["docs_no_assistant"] = 1
+                elif any(not m["content"].strip() for m in answers):
+                    f["docs_empty_response"] = 1
+        ledger.add(name, docs_no_assistant=0, docs_empty_response=0, docs_context_cut=0, docs_answer_cut=0)
+        for item, loc, flag in zip(items, where, flags):
             ids, labels, n = item.ids, item.labels, item.raw_len
-            ledger.add(name, documents=1, tokens_raw=n)
+            ledger.add(name, documents=1, tokens_raw=n, **flag)
             if item.cut:
                 ledger.add(name, tokens_truncated=n - len(ids), docs_truncated=1, **{f"docs_{item.cut}_cut": 1})
             elif n > max_seq_len:

@@ -1,5 +1,5 @@
-"""SFT documents: truncation that keeps the answer, and the ledger's account of what was cut or dropped
-(with the --sft-drop-limit stop)."""
+"""SFT documents: truncation that keeps the answer, chat roles checked against the template, and the
+ledger's account of what was cut, dropped or suspect (with the --sft-drop-limit stop)."""
 
 from __future__ import annotations
 
@@ -107,7 +107,62 @@ def test_turns_after_the_last_answer_go_first(tok, tmp_path):
     assert text(tok, doc) == "<|bos|><|user|>\nthe key?<|end|>\n<|assistant|>\n42<|end|>\n"
 
 
+def test_unknown_role_is_an_error_naming_file_and_line(tok, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]}]
+    with pytest.raises(LongctxError) as e:
+        load(tok, rows, tmp_path, name="chat.jsonl")
+    assert "chat.jsonl:2" in str(e.value) and "'robot'" in str(e.value) and "assistant" in str(e.value)
+
+
+def test_misspelled_assistant_is_an_error_with_a_suggestion(tok, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "asistant", "content": "yo"}]}]
+    with pytest.raises(LongctxError, match=r"d.jsonl:1: message 1 has role 'asistant' \(did you mean 'assistant'\?\)"):
+        load(tok, rows, tmp_path)
+
+
+def test_roles_the_template_names_are_known():
+    class Tok:  # the role tests of Llama 3's template
+        chat_template = ("{%- if messages[0]['role'] == 'system' %}{%- for message in messages %}"
+                         "{%- if not (message.role == 'ipython' or message.role == \"tool\") %}{%- endif %}"
+                         "{%- endfor %}")
+
+    assert data_mod.chat_roles(Tok()) == {"system", "user", "assistant", "ipython", "tool"}
+
+
 # ---- the ledger's account and the limit --------------------------------------------------------------
+
+def no_answer_rows(n):
+    return [{"messages": [{"role": "user", "content": f"hello {i}"}]} for i in range(n)]
+
+
+def answer_rows(n):
+    return [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"{i}"}]}
+            for i in range(n)]
+
+
+def test_missing_assistant_and_empty_responses_are_counted_and_explained(tok, tmp_path):
+    rows = answer_rows(6) + no_answer_rows(2) + [
+        {"messages": [{"role": "user", "content": "say nothing"}, {"role": "assistant", "content": ""}]}]
+    docs, ledger = load(tok, rows, tmp_path, name="chat.jsonl")
+    r = ledger.per_file["chat.jsonl"]
+    assert len(docs) == 7 and r["docs_no_assistant"] == 2 and r["docs_dropped_no_targets"] == 2
+    assert r["docs_empty_response"] == 1
+    out = ledger.format()
+    assert "chat.jsonl (messages): 2 without an assistant turn: dropped; 1 with an empty response" in out
+    ledger.check_sft(0.5)  # 3 of 9 is within 50%
+    with pytest.raises(LongctxError) as e:
+        ledger.check_sft(0.1)
+    assert "chat.jsonl: 3 of 9 documents (33%)" in str(e.value) and "--sft-drop-limit 1" in str(e.value)
+
+
+def test_empty_responses_of_prompt_response_are_counted(tok, tmp_path):
+    rows = [{"prompt": "a", "response": " b"}, {"prompt": "c", "response": ""}, {"prompt": "d", "response": "  "}]
+    docs, ledger = load(tok, rows, tmp_path)
+    assert len(docs) == 3 and ledger.per_file["d.jsonl"]["docs_empty_response"] == 2
+    with pytest.raises(LongctxError, match="2 with an empty response"):
+        ledger.check_sft(0.5)
+
 
 def test_text_files_do_not_count_toward_the_limit(tok, tmp_path):
     docs, ledger = load(tok, text_rows(5, lo=200, hi=220), tmp_path, max_len=32)

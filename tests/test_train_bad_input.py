@@ -139,7 +139,16 @@ def test_sft_documents_that_would_all_be_dropped_stop_the_run(base, tmp_path, ca
     out = tmp_path / "o"
     expect_error(args_for(base, out, **{"--data": data + [str(sft)], "--sft-truncation": "end"}), capsys,
                  "too many unusable SFT documents", "sft.jsonl: 6 of 6 documents (100%)",
-                 "with no supervised token: dropped", "--sft-drop-limit 1", out=out)
+                 "with no supervised token left: dropped", "--sft-drop-limit 1", out=out)
+
+
+def test_unknown_chat_role_names_file_and_line(base, tmp_path, capsys):
+    rows = chat_rows(3)
+    rows[1]["messages"][1]["role"] = "robot"
+    f = write_jsonl(tmp_path / "roles.jsonl", rows)
+    out = tmp_path / "o"
+    expect_error(args_for(base, out, **{"--data": [str(f)]}), capsys, "roles.jsonl:2: message 1 has role 'robot'",
+                 out=out)
 
 
 # ---- model, attention ---------------------------------------------------------------------------
