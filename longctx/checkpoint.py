@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .errors import LongctxError
+from .runs import write_text_atomic as _write_atomic
 
 MARKER = "COMPLETE"
 _TAG = re.compile(r"^step-(\d{8})$")
@@ -74,20 +75,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def pause_for_tests(where: str, step: int, output_dir: Path, rank: int) -> None:

@@ -48,22 +48,66 @@ FORMATS = {"text": ("text",), "messages": ("messages",), "prompt_response": ("pr
 SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 SFT_FORMATS = ("messages", "prompt_response")
 STANDARD_ROLES = ("system", "user", "assistant")
+# (magic bytes, what the file is, the command that undoes it)
+COMPRESSED = ((b"\x1f\x8b", "gzip-compressed", "gunzip -k"), (b"BZh", "bzip2-compressed", "bunzip2 -k"),
+              (b"\xfd7zXZ\x00", "xz-compressed", "unxz -k"), (b"\x28\xb5\x2f\xfd", "zstd-compressed", "zstd -d"),
+              (b"PK\x03\x04", "a zip archive", "unzip"))
 
 
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
 
+def _json_error(path, line: int, e: json.JSONDecodeError) -> LongctxError:
+    # json's own messages may end in "at" ("Unterminated string starting at", "Invalid control character at")
+    where = f"{e.msg} column {e.colno}" if e.msg.endswith(" at") else f"{e.msg} at column {e.colno}"
+    return LongctxError(f"{path}:{line}: malformed JSON ({where}). Fix or remove that record.")
+
+
+def _not_utf8(path, line: int, raw: bytes, e: UnicodeDecodeError) -> LongctxError:
+    return LongctxError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}). "
+                        "Datasets must be UTF-8 JSON; re-encode the file (e.g. iconv -t UTF-8) or fix that line.")
+
+
+def sniff(path: Path) -> None:
+    """Refuse a compressed or binary file by its first bytes, before a parser chokes on it, saying what the
+    file is and what to do."""
+    with path.open("rb") as f:
+        head = f.read(8192)
+    suffix = path.suffix.lower()
+    for magic, what, undo in COMPRESSED:
+        if head.startswith(magic):
+            raise LongctxError(f"{path}: the file is {what}, not a plain {suffix} file. Decompress it first "
+                               f"({undo} {path.name}) and pass the decompressed file.")
+    if SUFFIXES.get(suffix) == "json":
+        if head.startswith(b"PAR1"):
+            raise LongctxError(f"{path}: this is a Parquet file, not JSON text; rename it to {path.stem}.parquet")
+        if head.startswith(b"ARROW1") or head.startswith(b"\xff\xff\xff\xff"):
+            raise LongctxError(f"{path}: this is an Arrow file, not JSON text; rename it to {path.stem}.arrow")
+        if b"\x00" in head:
+            raise LongctxError(f"{path}: a binary file (NUL bytes in its first {len(head):,} bytes), not UTF-8 JSON "
+                               "text. Pass a .jsonl/.json file in UTF-8, or a .parquet/.arrow file under its own "
+                               "suffix.")
+    elif suffix == ".parquet" and not head.startswith(b"PAR1"):
+        hint = (f"; it starts like JSON text: rename it to {path.stem}.jsonl"
+                if head.lstrip()[:1] in (b"{", b"[") else "")
+        raise LongctxError(f"{path}: not a Parquet file (no PAR1 header){hint}")
+
+
 def iter_json_lines(path: Path):
     """(line number, object) of each record of a JSON-lines file; a bad line stops with file:line and why."""
-    with Path(path).open("r", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with Path(path).open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, n, raw, e) from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise LongctxError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+                raise _json_error(path, n, e) from None
             if not isinstance(obj, dict):
                 raise LongctxError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
             yield n, obj
@@ -74,15 +118,30 @@ def _scan_json_lines(path: Path) -> list[int]:
     return [n for n, _ in iter_json_lines(path)]
 
 
+def _first_non_space(path: Path) -> bytes:
+    with path.open("rb") as f:
+        while chunk := f.read(65536):
+            stripped = chunk.lstrip()
+            if stripped:
+                return stripped[:1]
+    return b""
+
+
 def _json_lines_or_array(path: Path) -> list[int]:
     """A .json file may be JSON lines or one JSON array of objects."""
-    head = path.read_text(encoding="utf-8").lstrip()[:1]
-    if head != "[":
+    if _first_non_space(path) != b"[":
         return _scan_json_lines(path)
+    raw = path.read_bytes()
     try:
-        arr = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = raw.rfind(b"\n", 0, e.start) + 1
+        bad = UnicodeDecodeError(e.encoding, e.object, e.start - line_start, e.end - line_start, e.reason)
+        raise _not_utf8(path, raw.count(b"\n", 0, e.start) + 1, raw[line_start:], bad) from None
+    try:
+        arr = json.loads(text)
     except json.JSONDecodeError as e:
-        raise LongctxError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        raise _json_error(path, e.lineno, e) from None
     for i, obj in enumerate(arr):
         if not isinstance(obj, dict):
             raise LongctxError(f"{path}: element {i} is {type(obj).__name__}, expected an object")
@@ -97,6 +156,7 @@ def read_records(path_str: str) -> tuple[list[dict], list[str]]:
     if path.is_dir() or path.suffix.lower() not in SUFFIXES:
         raise LongctxError(f"dataset {path_str}: expected a .jsonl, .json, .parquet or .arrow file")
     builder = SUFFIXES[path.suffix.lower()]
+    sniff(path)
     lines = _json_lines_or_array(path) if builder == "json" else None
     if lines is not None and not lines:
         raise LongctxError(f"dataset {path_str} is empty (no records)")

@@ -49,7 +49,10 @@ def load(path: str) -> dict:
     try:
         cfg = json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise LongctxError(f"--deepspeed {path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        raise LongctxError(f"--deepspeed {path}:{e.lineno}: malformed JSON at column {e.colno}: {e.msg}. Fix the "
+                           "file, or start from one of ds_configs/*.json.") from None
+    except UnicodeDecodeError as e:
+        raise LongctxError(f"--deepspeed {path}: not UTF-8 JSON text ({e.reason} at byte {e.start})") from None
     if not isinstance(cfg, dict):
         raise LongctxError(f"--deepspeed {path}: expected a JSON object")
     return cfg
@@ -177,6 +180,10 @@ def _validate_sections(ds: dict, where: str) -> None:
     """DeepSpeed's own pydantic models forbid unknown keys: use them for the nested sections."""
     from pydantic import ValidationError
 
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):  # before pydantic, whose enum says "0, 1, 2, 3 or 3"
+        raise LongctxError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+
     from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
@@ -192,9 +199,6 @@ def _validate_sections(ds: dict, where: str) -> None:
             raise LongctxError(f"{where}: " + "; ".join(msgs)) from None
         except TypeError as e:
             raise LongctxError(f"{where}: {key}: {e}") from None
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise LongctxError(f"{where}: zero_optimization.stage must be 0-3, got {stage}")
 
 
 def is_zero3(ds: dict) -> bool:

@@ -102,6 +102,23 @@ def _has_weights(d: Path) -> bool:
     return any(d.glob("*.safetensors")) or any(d.glob("pytorch_model*.bin")) or any(d.glob("*.safetensors.index.json"))
 
 
+def read_config_json(path: Path, what: str) -> dict:
+    """A model's config.json (or a config .json given as --model) as a dict; a corrupt file is reported as such,
+    with its line and column, whatever was about to read it."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LongctxError(f"{path}:{e.lineno}: {what} is not valid JSON (column {e.colno}: {e.msg}). The model "
+                           "config is corrupt or cut off: restore it (e.g. copy it again from the model's source)."
+                           ) from None
+    except UnicodeDecodeError as e:
+        raise LongctxError(f"{path}: {what} is not UTF-8 JSON text ({e.reason} at byte {e.start}); restore it") \
+            from None
+    if not isinstance(d, dict):
+        raise LongctxError(f"{path}: {what} must be a JSON object, got {type(d).__name__}")
+    return d
+
+
 def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
@@ -114,6 +131,8 @@ def load_tokenizer(cfg):
             else DEFAULT_TOKENIZER
     if not Path(path).exists():
         raise LongctxError(f"tokenizer not found: {path}")
+    if (Path(path) / "config.json").is_file():  # AutoTokenizer reads it too: a corrupt one is the model's problem
+        read_config_json(Path(path) / "config.json", "the model config (config.json)")
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:
@@ -137,9 +156,10 @@ def load_model_config(cfg, tok):
             if not _has_weights(p):
                 raise LongctxError(f"--model {cfg.model}: no weights (*.safetensors / pytorch_model*.bin); to "
                                    "initialize randomly, pass the config .json file itself")
+            read_config_json(p / "config.json", "the model config (config.json)")
             config, kind = AutoConfig.from_pretrained(str(p)), "pretrained"
         else:
-            d = json.loads(p.read_text())
+            d = read_config_json(p, "the model config")
             model_type = d.pop("model_type", None)
             if model_type is None:
                 raise LongctxError(f"--model {cfg.model}: config has no model_type")

@@ -10,7 +10,8 @@
 
 Nothing is written before every check has passed. An output directory that holds another run needs
 --resume auto (continue it) or --overwrite (replace it); a non-empty directory that is not a run
-directory is never overwritten.
+directory is never overwritten; a directory that cannot be written is refused at the start. run.json
+is written atomically (a temporary file, fsync, rename), so a crash never leaves half of it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,28 +39,85 @@ RUN_CONTENT = ("run.json", "config.yaml", "ledger.json", "metrics.jsonl", "sampl
                "final_model", "final_model.tmp", "PAUSED_IN_SAVE", "PAUSED_AFTER_STEP")
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path` so that it holds either its old content or all of `text`, never a part (tmp, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_run_record(out: Path) -> dict:
+    """run.json of the run in `out`; a clear error if it cannot be read."""
+    path = Path(out) / RUN_FILE
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        why = f"line {e.lineno} column {e.colno}: {e.msg}"
+    except (UnicodeDecodeError, OSError) as e:
+        why = str(e)
+    else:
+        if isinstance(rec, dict):
+            return rec
+        why = f"a JSON {type(rec).__name__}, not an object"
+    raise LongctxError(
+        f"{path}: the run record is corrupt ({why}); a crash may have cut it while it was written (older versions "
+        "did not write it atomically). Without it the run cannot be checked for a resume. Restore run.json from a "
+        f"backup, or start over in this directory with --overwrite (this deletes the run's checkpoints), or choose "
+        "another --output-dir.")
+
+
+def check_writable(out: Path) -> None:
+    """The output directory, or its nearest existing parent when it does not exist yet, must accept a new file.
+    Tried for real (a temporary file, removed at once): permission bits do not tell for root, read-only mounts,
+    or a filesystem out of inodes."""
+    probe = Path(out).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise LongctxError(f"--output-dir {out}: {probe} exists and is not a directory")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".longctx-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        where = "" if probe == Path(out).absolute() else f" (it would be created in {probe})"
+        raise LongctxError(f"--output-dir {out}: cannot write in {probe}{where}: {e.strerror or e}. Choose a "
+                           "writable --output-dir, or make it writable (permissions, a read-only mount).") from None
+
+
 def check_output_dir(cfg) -> str:
-    """Return "fresh", "resume" or "overwrite"; raise if the directory must not be touched."""
+    """Return "fresh", "resume" or "overwrite"; raise if the directory must not be touched or cannot be written."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise LongctxError(f"--output-dir {out} exists and is not a directory")
+    check_writable(out)
     if not out.exists() or not any(out.iterdir()):
         return "fresh"
     if not (out / RUN_FILE).is_file():
         raise LongctxError(f"--output-dir {out} is not empty and holds no run ({RUN_FILE} missing); refusing to "
                            "write into it. Choose another directory.")
     if cfg.resume:
+        read_run_record(out)
         return "resume"
     if cfg.overwrite:
         return "overwrite"
-    prev = json.loads((out / RUN_FILE).read_text())
+    prev = read_run_record(out)
     raise LongctxError(f"--output-dir {out} holds another run (started {prev.get('started', '?')}, git "
                        f"{str(prev.get('git', {}).get('hash'))[:12]}). Pass --resume auto to continue it or "
                        "--overwrite to replace it.")
 
 
 def check_resume_compatible(cfg, world_size: int) -> None:
-    prev = json.loads((Path(cfg.output_dir) / RUN_FILE).read_text())
+    prev = read_run_record(Path(cfg.output_dir))
     old, new = prev.get("config", {}), cfg.to_dict()
     old = {**RESUME_KEYS_BEFORE, **old}
     diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in RESUME_KEYS if old.get(k) != new.get(k)]
@@ -126,10 +185,10 @@ def create(cfg, mode: str, record: dict) -> None:
            "patch_series_sha256": patch_series_hash(), "versions": versions(), **record,
            "config": cfg.to_dict()}
     if mode == "resume" and (out / RUN_FILE).exists():
-        prev = json.loads((out / RUN_FILE).read_text())
+        prev = read_run_record(out)
         rec["started"] = prev.get("started", rec["started"])
         rec["resumed"] = prev.get("resumed", []) + [time.strftime("%Y-%m-%dT%H:%M:%S%z")]
-    (out / RUN_FILE).write_text(json.dumps(rec, indent=2, default=str) + "\n")
+    write_text_atomic(out / RUN_FILE, json.dumps(rec, indent=2, default=str) + "\n")
     import yaml
 
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

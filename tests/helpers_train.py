@@ -176,3 +176,22 @@ def reference_step(model_dir: str, data_file: Path, sample_ids: list[str]) -> tu
         n_all += n
     norm = torch.sqrt(sum((p.grad / n_all).pow(2).sum() for p in lm.parameters())).item()
     return total / n_all, norm
+
+
+def read_only_command(d: Path, cmd: list[str]) -> list[str] | None:
+    """`cmd` run with directory `d` read-only: plain when not root (d is chmod 555 here), else in a user and mount
+    namespace with `d` bind-mounted read-only (root ignores permission bits). None where neither works."""
+    import shutil as _shutil
+
+    d.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        d.chmod(0o555)
+        return cmd
+    if not _shutil.which("unshare"):
+        return None
+    script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", script + ' 2>/dev/null', str(d), "true"],
+                           capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        return None
+    return ["unshare", "-rm", "sh", "-c", script, str(d), *cmd]

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers_train import (REPO, chat_rows, fast_args, read_jsonl, run_train, small_dataset, text_rows,
-                           tiny_config_file, write_jsonl)
+from helpers_train import (REPO, chat_rows, fast_args, read_jsonl, read_only_command, run_train, small_dataset,
+                           text_rows, tiny_config_file, tiny_model_dir, write_jsonl)
 
 import train  # noqa: E402  (REPO is on sys.path via helpers_train)
 
@@ -100,6 +100,56 @@ def test_malformed_dataset_names_file_and_line(base, tmp_path, capsys):
     expect_error(args_for(base, out, **{"--data": [str(bad)]}), capsys, "bad.jsonl:2", "malformed JSON", out=out)
 
 
+@pytest.mark.parametrize("line,needle", [
+    ('{"text": "broken', "(Unterminated string starting at column 10)"),  # the last line, without its newline
+    ('{"text": "broken\n', "(Invalid control character at column 17)"),
+    ('{"text": "tab\there"}\n', "(Invalid control character at column 14)"),
+    ('{"text": "a"} x\n', "(Extra data at column 15)"),
+])
+def test_malformed_json_wording(base, tmp_path, capsys, line, needle):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n' + line)
+    err = expect_error(args_for(base, tmp_path / "o", **{"--data": [str(bad)]}), capsys, "bad.jsonl:2: malformed JSON",
+                       needle, "Fix or remove that record")
+    assert "at at" not in err
+
+
+def test_gzip_file_named_jsonl(base, tmp_path, capsys):
+    import gzip
+
+    f = tmp_path / "docs.jsonl"
+    f.write_bytes(gzip.compress(b'{"text": "apple"}\n' * 50))
+    expect_error(args_for(base, tmp_path / "o", **{"--data": [str(f)]}), capsys, "docs.jsonl: the file is "
+                 "gzip-compressed", "gunzip -k docs.jsonl", out=tmp_path / "o")
+
+
+def test_binary_file_named_jsonl(base, tmp_path, capsys):
+    f = tmp_path / "blob.jsonl"
+    f.write_bytes(bytes(range(256)) * 8)
+    expect_error(args_for(base, tmp_path / "o", **{"--data": [str(f)]}), capsys, "blob.jsonl: a binary file",
+                 out=tmp_path / "o")
+
+
+def test_parquet_file_named_jsonl(base, tmp_path, capsys):
+    import datasets
+
+    f = tmp_path / "rows.jsonl"
+    datasets.Dataset.from_list([{"text": "apple"}] * 3).to_parquet(str(f))
+    expect_error(args_for(base, tmp_path / "o", **{"--data": [str(f)]}), capsys, "rows.jsonl: this is a Parquet "
+                 "file", "rename it to rows.parquet", out=tmp_path / "o")
+
+
+def test_invalid_utf8_names_file_and_line(base, tmp_path, capsys):
+    f = tmp_path / "latin.jsonl"
+    f.write_bytes(b'{"text": "fine"}\n{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    expect_error(args_for(base, tmp_path / "o", **{"--data": [str(f)]}), capsys,
+                 "latin.jsonl:3: not UTF-8 text (byte 0xe9 at column 14)", out=tmp_path / "o")
+    arr = tmp_path / "arr.json"
+    arr.write_bytes(b'[\n{"text": "fine"},\n{"text": "caf\xe9"}\n]\n')
+    expect_error(args_for(base, tmp_path / "o", **{"--data": [str(arr)]}), capsys,
+                 "arr.json:3: not UTF-8 text (byte 0xe9 at column 14)", out=tmp_path / "o")
+
+
 def test_malformed_record_names_file_and_line(base, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "rec.jsonl", [{"text": "ok"}, {"text": "ok"}, {"text": 5}])
     out = tmp_path / "o"
@@ -171,6 +221,18 @@ def test_rope_scaling_allows_longer_rows():
     check_positions(config, 4096)  # no error
 
 
+def test_corrupt_model_config_is_not_a_tokenizer_error(tmp_path, capsys):
+    model = tiny_model_dir(tmp_path / "m")
+    cfg = tmp_path / "m" / "config.json"
+    cfg.write_text(cfg.read_text()[:40])  # cut off, as by an interrupted copy
+    d = tmp_path / "d"
+    data = small_dataset(d, n_text=4, n_chat=0, n_pr=0)
+    out = tmp_path / "o"
+    err = expect_error(["--model", model, "--data", *data, "--output-dir", str(out)], capsys,
+                       f"{cfg}:", "the model config (config.json) is not valid JSON", "restore it", out=out)
+    assert "tokenizer" not in err
+
+
 @pytest.mark.parametrize("impl,needle", [("varlen", "varlen is unavailable"),
                                          ("flash_attention_2", "flash_attention_2 is unavailable")])
 def test_unavailable_attention(base, tmp_path, capsys, impl, needle):
@@ -219,6 +281,16 @@ def test_unknown_ds_config_key(base, tmp_path, capsys, patch, needle):
     expect_error(args_for(base, out, **{"--deepspeed": str(f)}), capsys, needle, out=out)
 
 
+def test_zero_stage_out_of_range(base, tmp_path, capsys):
+    ds = json.loads((REPO / "ds_configs/zero3.json").read_text())
+    ds["zero_optimization"]["stage"] = 5
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps(ds))
+    err = expect_error(args_for(base, tmp_path / "o", **{"--deepspeed": str(f)}), capsys,
+                       "zero_optimization.stage must be 0, 1, 2 or 3, got 5")
+    assert "3 or 3" not in err
+
+
 def test_inconsistent_batch_sizes(base, tmp_path, capsys):
     ds = json.loads((REPO / "ds_configs/zero3.json").read_text())
     ds["train_batch_size"] = 3
@@ -251,6 +323,45 @@ def test_output_dir_with_another_run(base, tmp_path, capsys):
     before = tree_digest(out)
     expect_error(args_for(base, out), capsys, "holds another run", "--resume auto", "--overwrite")
     assert tree_digest(out) == before
+
+
+@pytest.mark.parametrize("flag", [None, "--resume"])
+def test_corrupt_run_record(base, tmp_path, capsys, flag):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "run.json").write_text('{"started": "yesterday", "git": {"ha')  # cut off by a crash
+    before = tree_digest(out)
+    over = {"--resume": "auto"} if flag else {}
+    expect_error(args_for(base, out, **over), capsys, f"{out / 'run.json'}: the run record is corrupt (line 1 column",
+                 "--overwrite")
+    assert tree_digest(out) == before
+
+
+def test_run_record_is_written_atomically(tmp_path):
+    """A write that fails half-way leaves the previous run.json whole (Path.write_text would have emptied it)."""
+    from longctx import runs
+
+    path = tmp_path / "run.json"
+    path.write_text('{"started": "before"}\n')
+    with pytest.raises(UnicodeEncodeError):
+        runs.write_text_atomic(path, '{"started": "' + "x" * 100_000 + '\udc80"}')
+    assert json.loads(path.read_text()) == {"started": "before"}
+
+
+def test_unwritable_output_dir_is_refused_before_anything_starts(base, tmp_path):
+    ro = tmp_path / "ro"
+    out = ro / "run"
+    cmd = read_only_command(ro, [sys.executable, "train.py", *args_for(base, out)])
+    if cmd is None:
+        pytest.skip("cannot make a read-only directory here (root without unshare)")
+    try:
+        p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    finally:
+        ro.chmod(0o755)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert f"--output-dir {out}: cannot write in {ro}" in p.stderr, p.stderr[-2000:]
+    assert "token ledger" not in p.stdout and "preflight" not in p.stdout  # refused first, before data and setup
+    assert not out.exists()
 
 
 def test_output_dir_not_a_run_is_never_overwritten(base, tmp_path, capsys):
