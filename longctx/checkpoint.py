@@ -15,12 +15,14 @@ restore_cpu_adam_bias_correction); load() restores them.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -86,8 +88,74 @@ def pause_for_tests(where: str, step: int, output_dir: Path, rank: int) -> None:
             time.sleep(1)
 
 
+def count_saves(total_steps: int, save_interval: int, start_step: int = 0) -> int:
+    """Checkpoints a run writes over steps start_step+1 .. total_steps (every save_interval, and the last)."""
+    steps = range(start_step + 1, total_steps + 1)
+    return sum(1 for s in steps if (save_interval and s % save_interval == 0) or s == total_steps)
+
+
+# Messages of torch's zip writer when a write fails (it keeps no errno): "[enforce fail at inline_container.cc]
+# unexpected pos N vs M", "PytorchStreamWriter failed writing file ...".
+TORCH_WRITER_FAILURES = ("inline_container", "PytorchStreamWriter", "unexpected pos", "file write failed")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out = []
+    while exc is not None and exc not in out:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def write_failure(exc: BaseException, what: str, target: Path, output_dir: str | Path) -> LongctxError | None:
+    """The error to report when writing `what` to `target` raised `exc`; None if `exc` is not a failed write.
+
+    Out of space when an OSError in the chain says ENOSPC/EDQUOT, or the filesystem is (nearly) full now, which
+    also covers a rank whose own write succeeded but whose peer died of a full disk."""
+    chain = _chain(exc)
+    text = " | ".join(f"{type(e).__name__}: {e}" for e in chain)
+    codes = {e.errno for e in chain if isinstance(e, OSError)}
+    probe = Path(target).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    usage = shutil.disk_usage(probe)
+    full = bool(codes & {errno.ENOSPC, errno.EDQUOT}) or "No space left" in text or \
+        usage.free <= min(64 << 20, 0.05 * usage.total)
+    if not (full or codes or any(k in text for k in TORCH_WRITER_FAILURES)):
+        return None
+    from .preflight import size
+
+    reason = (f"the filesystem is out of space ({size(usage.free)} free of {size(usage.total)})" if full
+              else "the file could not be written")
+    prev = latest_complete(output_dir)
+    after = (f"The previous complete checkpoint, {prev}, is intact: make room there (or lower --keep-last, or move "
+             "the run directory) and continue with --resume auto." if prev else
+             "There is no complete checkpoint yet: make room and start the run again.")
+    return LongctxError(f"saving {what} to {target} failed: {reason}. {after}\n  cause: {text}")
+
+
+@contextmanager
+def reporting_write_failures(what: str, target: Path, output_dir: str | Path, *, remove_partial: bool = False):
+    """Turn a failed write inside the block into a LongctxError that says why and what is still safe (see
+    write_failure); with remove_partial, the half-written `target` is deleted to give the space back."""
+    try:
+        yield
+    except LongctxError:
+        raise
+    except Exception as e:
+        err = write_failure(e, what, target, output_dir)
+        if err is None:
+            raise
+        if remove_partial:
+            shutil.rmtree(target, ignore_errors=True)
+        raise err from None
+
+
 def save(engine, output_dir: str | Path, step: int, client_state: dict, keep_last: int, *, rank: int,
          barrier) -> Path:
+    """Save a checkpoint of every rank; COMPLETE is written last. A write that fails (a full disk) stops with
+    a LongctxError on the rank that saw it, the partial directory removed by rank 0 and the previous complete
+    checkpoint untouched (pruning only follows a complete save)."""
     output_dir = Path(output_dir)
     d = root(output_dir) / tag(step)
     if rank == 0:
@@ -95,13 +163,15 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, keep_las
         if d.exists():  # an interrupted save of the same step
             shutil.rmtree(d)
     barrier()
-    engine.save_checkpoint(str(d.parent), tag=d.name, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), d / f"rng_state_rank{rank}.pt")
-    pause_for_tests("IN_SAVE", step, output_dir, rank)
-    barrier()
+    with reporting_write_failures(f"checkpoint {d.name}", d, output_dir, remove_partial=rank == 0):
+        engine.save_checkpoint(str(d.parent), tag=d.name, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), d / f"rng_state_rank{rank}.pt")
+        pause_for_tests("IN_SAVE", step, output_dir, rank)
+        barrier()
+        if rank == 0:
+            _write_atomic(d / "trainer_state.json", json.dumps(client_state, indent=2, default=str))
+            _write_atomic(d / MARKER, json.dumps({"step": step, "time": time.time()}))
     if rank == 0:
-        _write_atomic(d / "trainer_state.json", json.dumps(client_state, indent=2, default=str))
-        _write_atomic(d / MARKER, json.dumps({"step": step, "time": time.time()}))
         prune(output_dir, keep_last)
     barrier()
     return d

@@ -11,12 +11,20 @@ the cgroup's memory.max minus its usage when that is smaller (a container's OOM 
 Pinned: pinned pages can be neither swapped nor reclaimed, so they are part of the host check. The
 RLIMIT_MEMLOCK (`ulimit -l`) limit is reported when it is below the plan, but does not refuse: CUDA pins
 host memory through its driver (cudaHostAlloc), which that limit does not govern; NCCL/RDMA registration is.
+
+Disk (run_disk, after run): one DeepSpeed checkpoint is predicted from the model and the ZeRO stage
+(checkpoint_bytes), the consolidated final model from the weights and the tokenizer (final_model_bytes).
+The output filesystem must hold the most the run keeps at once: --keep-last checkpoints plus the one being
+written (pruning follows a complete save), or --keep-last checkpoints plus the final model. Less than that
+refuses the run; less than that plus DISK_HEADROOM is a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -174,3 +182,124 @@ def run(setup: Setup, local_rank: int, local_world: int, say: Callable[[str], No
     say(f"preflight: predicted peak {_g(p.gpu_peak)} per GPU{free}; host {_g(p.host_per_rank)} per rank "
         f"x {local_world}, {_g(m.host_available)} available; pinned {_g(p.pinned * local_world)}")
     return p
+
+
+# --------------------------------------------------------------------------------------------
+# Disk
+# --------------------------------------------------------------------------------------------
+
+OPTIMIZER_BYTES_PER_PARAM = 12  # ZeRO's saved optimizer partitions: fp32 master + Adam exp_avg + exp_avg_sq
+PER_RANK_OVERHEAD = 64 << 10   # per-rank model-states file (ZeRO-3 placeholders, shapes), RNG state, markers
+DISK_HEADROOM = 0.10            # below need x (1 + this): a warning, since the prediction is not exact
+
+
+def size(b: float) -> str:
+    """Bytes for people: 812 B, 4.1 MiB, 15.3 GiB."""
+    for unit, k in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(b) >= k:
+            return f"{b / k:.1f} {unit}"
+    return f"{int(b)} B"
+
+
+def model_params(setup: Setup) -> int:
+    """Parameters of the model: matmul weights, embeddings (the LM head too unless tied) and the norms."""
+    s = setup.shape
+    n = s.params + (2 * s.layers + 1) * s.hidden
+    return n - s.hidden * s.vocab if setup.tied_embeddings else n
+
+
+def checkpoint_bytes(setup: Setup) -> int:
+    """One DeepSpeed checkpoint of this run, all ranks together: the optimizer partitions (12 B per parameter,
+    whatever the precision or offload), plus below ZeRO-3 the module's weights in the training dtype (written
+    by rank 0); ZeRO-3 ranks write only placeholders for them. Checked against the checkpoints of the tiny model's
+    runs with zero2, zero3 and zero3_offload (tests/test_train_resume.py: within 5%)."""
+    n = model_params(setup)
+    weights = n * setup.act_bytes if setup.zero_stage < 3 else 0
+    return n * OPTIMIZER_BYTES_PER_PARAM + weights + setup.world * PER_RANK_OVERHEAD
+
+
+def dir_bytes(path) -> int:
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else 0
+
+
+def final_model_bytes(setup: Setup, tokenizer_dir=None) -> int:
+    """The consolidated Hugging Face model: every weight in the training dtype, plus the tokenizer's files."""
+    return model_params(setup) * setup.act_bytes + (dir_bytes(tokenizer_dir) if tokenizer_dir else 0) + (64 << 10)
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    checkpoint: int       # bytes of one checkpoint
+    checkpoints_at_once: int
+    final_model: int      # 0 when not saved
+    need: int             # the most the run adds at once
+
+    def describe(self) -> str:
+        parts = f"{self.checkpoints_at_once} checkpoint(s) of {size(self.checkpoint)} at once"
+        if self.final_model:
+            parts += f"; the final model {size(self.final_model)}"
+        return parts
+
+
+def disk_plan(setup: Setup, *, keep_last: int, saves: int, save_final_model: bool, tokenizer_dir=None) -> DiskPlan:
+    """`saves`: checkpoints this run will write (at least the last step's)."""
+    ckpt = checkpoint_bytes(setup)
+    final = final_model_bytes(setup, tokenizer_dir) if save_final_model else 0
+    at_once = min(keep_last + 1, max(1, saves))
+    need = max(at_once * ckpt, min(keep_last, max(1, saves)) * ckpt + final)
+    return DiskPlan(ckpt, at_once, final, need)
+
+
+def check_disk(d: DiskPlan, free: int, where: str) -> tuple[list[str], list[str]]:
+    """(problems that refuse the run, notes). Pure."""
+    if free < d.need:
+        return [f"disk: the run will keep up to {size(d.need)} in {where} ({d.describe()}), but only {size(free)} "
+                "is free there, so a save would fail part-way. Knobs: free space there, a lower --keep-last, "
+                "--no-save-final-model, or another --output-dir."], []
+    if free < d.need * (1 + DISK_HEADROOM):
+        return [], [f"disk: the run will keep up to {size(d.need)} in {where} ({d.describe()}) and {size(free)} is "
+                    f"free: less than {DISK_HEADROOM:.0%} to spare if the prediction is low or something else "
+                    "writes there"]
+    return [], []
+
+
+def free_bytes(output_dir) -> int:
+    """Free bytes (for this user) on the filesystem that holds, or will hold, `output_dir`."""
+    p = Path(output_dir).absolute()
+    while not p.exists():
+        p = p.parent
+    return int(shutil.disk_usage(p).free)
+
+
+def _min_over_ranks(x: int) -> int:
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError:
+        return x
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return x
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    t = torch.tensor([float(x)], dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def run_disk(setup: Setup, *, output_dir, keep_last: int, saves: int, save_final_model: bool,
+             say: Callable[[str], None] = print, tokenizer_dir=None, free: Optional[int] = None) -> DiskPlan:
+    """Predict what the run writes, compare it with the free space of the output filesystem (the least any rank
+    sees; collective when distributed), and refuse (LongctxError) or warn. `free` overrides the probe."""
+    d = disk_plan(setup, keep_last=keep_last, saves=saves, save_final_model=save_final_model,
+                  tokenizer_dir=tokenizer_dir)
+    free = _min_over_ranks(free_bytes(output_dir) if free is None else free)
+    problems, notes = check_disk(d, free, str(output_dir))
+    for n in notes:
+        say(f"preflight warning: {n}")
+    if problems:
+        raise LongctxError("preflight refused the run before building the model (--no-preflight skips this "
+                           "check):\n" + "\n".join(problems))
+    say(f"preflight: disk {size(d.need)} at most in {output_dir} ({d.describe()}), {size(free)} free")
+    return d

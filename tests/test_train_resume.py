@@ -76,6 +76,22 @@ def test_kill_during_save_resumes_from_previous_complete_checkpoint(setup):
 RESUME_AT = (5, 7)  # next steps 6 and 8: CPU Adam's pow and running product differ there (beta2 0.95)
 
 
+def _check_predicted_sizes(out, ds):
+    """The preflight's disk prediction against what this run wrote (within 5%)."""
+    from helpers_train import TOKENIZER, tiny_config
+    from longctx import preflight
+    from longctx.flops import ModelShape
+    from longctx.plan import Setup
+
+    stage, offload = {"zero2": (2, False), "zero3": (3, False), "zero3_offload": (3, True)}[ds]
+    s = Setup(ModelShape.from_config(tiny_config()), 128, world=2, zero_stage=stage, offload_params=offload,
+              offload_optimizer=offload, precision="fp32")
+    ckpt = preflight.dir_bytes(out / "checkpoints" / f"step-{STEPS:08d}")
+    final = preflight.dir_bytes(out / "final_model")
+    assert abs(preflight.checkpoint_bytes(s) / ckpt - 1) < 0.05, (preflight.checkpoint_bytes(s), ckpt)
+    assert abs(preflight.final_model_bytes(s, TOKENIZER) / final - 1) < 0.05, (preflight.final_model_bytes(s), final)
+
+
 def _final_weights(out):
     from safetensors.torch import load_file
 
@@ -104,6 +120,7 @@ def test_resume_at_any_step_is_bitwise_exact(tmp_path_factory, ds):
     ref = d / "uninterrupted"
     run_train(args(ref))
     ref_weights = _final_weights(ref)
+    _check_predicted_sizes(ref, ds)
     for at in RESUME_AT:
         out = d / f"resumed_at_{at}"
         shutil.copytree(ref, out)
