@@ -11,6 +11,10 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 PATCH_INPUTS := patches/UPSTREAM patches/series $(wildcard patches/*.patch) patches/fork.py
+# DeepSpeed JIT-builds its CPU Adam op here, per environment (the default ~/.cache/torch_extensions is shared by
+# every virtualenv of the user, and a build killed in one leaves a lock the others wait on); longctx/opbuild.py
+# picks the same directory when train.py runs outside make. An explicit TORCH_EXTENSIONS_DIR wins.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .DEFAULT_GOAL := help
 .PHONY: help venv apply-patches export-patches check-patches install-fork test test-fast run bench report \

@@ -9,6 +9,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_configure(config):
+    # CPU Adam is built in this environment's own extensions directory, as by `make` and train.py (in-process
+    # tests and every launched run inherit it), never in the directory all environments share
+    from longctx import opbuild
+
+    opbuild.use_environment_extensions_dir()
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped on CPU-only machines")
     config.addinivalue_line("markers", "slow: launches real multi-process runs")
 

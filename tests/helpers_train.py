@@ -111,10 +111,35 @@ def _env(extra: dict | None) -> dict:
     return env
 
 
+def run_launcher(cmd: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `cmd` (the deepspeed launcher) in a process group of its own. On timeout, or if the test is
+    interrupted, kill the whole group: the launcher, launch.py and every rank, not just the first process."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+    def kill_group():
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group()
+        out, err = proc.communicate(timeout=60)
+        raise AssertionError(f"{' '.join(cmd[:4])} ... timed out after {timeout} s; killed its process group\n"
+                             f"{out[-3000:]}\n{err[-3000:]}") from None
+    except BaseException:
+        kill_group()
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_train(args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 600,
               check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run(launcher_cmd(args, nproc), cwd=REPO, env=_env(env), capture_output=True, text=True,
-                       timeout=timeout)
+    p = run_launcher(launcher_cmd(args, nproc), env=env, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
     return p
