@@ -1,4 +1,4 @@
-"""Metrics: one metrics.jsonl row per logged step (rank 0), a progress bar with ETA, sample ids.
+"""Metrics: one metrics.jsonl row per logged step (rank 0), progress with ETA, sample ids, the end-of-run summary.
 
 Row fields:
   step, epoch, loss (target-token mean over the global batch), lr, grad_norm (before clipping),
@@ -6,11 +6,18 @@ Row fields:
   no recompute credit), mfu (vs the GPU's dense peak; null on CPU/unknown GPUs), hfu (with the
   checkpoint recompute), peak_gpu_mem_gb (max over ranks), host_rss_gb (max over ranks),
   step_time_s, skipped_steps (fp16 overflow, cumulative), loss_scale (fp16), eval_loss (when evaluated).
+
+Progress: a tqdm bar on a terminal; otherwise (a pipe, a log file, the tests) plain lines on stdout, every
+~5% of the steps, at least every PROGRESS_EVERY_S seconds, and at the last step, never a carriage return.
+summary() ends a run: steps, tokens, times, final losses, peak memory, the checkpoint and the final model;
+rank 0 also writes it to <run>/summary.json.
 """
 
 from __future__ import annotations
 
 import json
+import resource
+import sys
 import time
 from pathlib import Path
 
@@ -36,10 +43,19 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
     path.write_text("".join(k + "\n" for k in keep))
 
 
+PROGRESS_EVERY_S = 60.0
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 class Metrics:
     def __init__(self, run_dir: str | Path, *, rank: int, world: int, model_config, precision: str,
                  total_steps: int, start_step: int, recompute_layers: int, device_name: str | None,
-                 count_flops: bool = True):
+                 count_flops: bool = True, stream=None):
+        """stream: where progress goes (default: stderr for the bar on a terminal, else stdout lines)."""
         self.rank, self.world = rank, world
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
@@ -50,12 +66,28 @@ class Metrics:
         self.recompute_layers = recompute_layers
         self.peak = _flops.peak_flops(device_name, precision) if (_flops and device_name) else None
         self.bar = None
+        self.total_steps, self.resumed_at = total_steps, start_step
+        self.stream = stream
+        self.lines = False  # plain progress lines instead of the bar
+        self.line_every = max(1, total_steps // 20)
+        self._last_line = time.perf_counter()
         if rank == 0:
             _truncate_jsonl(self.path, start_step)  # rows of steps after the checkpoint we resumed from
             _truncate_jsonl(self.samples_path, start_step)
-            from tqdm.auto import tqdm
+            tty = (stream or sys.stderr).isatty() if hasattr(stream or sys.stderr, "isatty") else False
+            if tty:
+                from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+                self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                                file=stream or sys.stderr)
+            else:
+                self.lines = True
+        # the run's totals, for summary()
+        self.t_start = time.perf_counter()
+        self.steps_done, self.tokens, self.train_seconds = 0, 0, 0.0
+        self.last_step = start_step
+        self.last_loss = self.last_eval = None
+        self.last_eval_step = None
         self._t = time.perf_counter()
 
     def start_step(self) -> None:
@@ -74,6 +106,12 @@ class Metrics:
                  eval_loss: float | None = None, seconds: float | None = None) -> dict | None:
         """`seconds`: the step's training time (default: since start_step), excluding evaluation."""
         dt = self.elapsed() if seconds is None else seconds
+        self.steps_done += 1
+        self.tokens += int(tokens)
+        self.train_seconds += dt
+        self.last_step, self.last_loss = step, loss
+        if eval_loss is not None:
+            self.last_eval, self.last_eval_step = eval_loss, step
         row = None
         if log:
             mem = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else 0.0
@@ -108,8 +146,64 @@ class Metrics:
             if eval_loss is not None:
                 post["eval"] = f"{eval_loss:.4f}"
             self.bar.set_postfix(post, refresh=False)
+        elif self.lines and self.rank == 0:
+            now = time.perf_counter()
+            if (step % self.line_every == 0 or step == self.total_steps or eval_loss is not None
+                    or now - self._last_line >= PROGRESS_EVERY_S):
+                self._last_line = now
+                print(self.progress_line(step, loss, tokens, dt, eval_loss), file=self.stream or sys.stdout,
+                      flush=True)
         return row
+
+    def progress_line(self, step: int, loss: float, tokens: int, dt: float, eval_loss: float | None = None) -> str:
+        elapsed = time.perf_counter() - self.t_start
+        left = self.total_steps - step
+        eta = elapsed / self.steps_done * left if self.steps_done else 0.0
+        parts = [f"step {step}/{self.total_steps} ({step / max(1, self.total_steps):.0%})", f"loss {loss:.4f}"]
+        if eval_loss is not None:
+            parts.append(f"eval {eval_loss:.4f}")
+        parts += [f"{tokens / dt:,.0f} tok/s" if dt > 0 else "- tok/s", f"{dt:.2f} s/step",
+                  f"elapsed {_hms(elapsed)}", f"ETA {_hms(eta)}"]
+        return "train: " + " | ".join(parts)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+    def summary(self, *, checkpoint: str | Path | None = None, final_model: str | Path | None = None) -> str:
+        """The end-of-run report. Every rank must call it (peak memory is the max over ranks); rank 0 writes
+        <run>/summary.json. Returns the text to print (the same on every rank)."""
+        import torch
+
+        gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0.0
+        host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        peaks = torch.tensor([float(gpu), float(host)], dtype=torch.float64)
+        if torch.distributed.is_initialized() and self.world > 1:
+            dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+            peaks = peaks.to(dev) if dev is not None else peaks
+            torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
+        gpu, host = peaks.tolist()
+        wall = time.perf_counter() - self.t_start
+        rec = {"steps": self.last_step, "total_steps": self.total_steps, "steps_this_session": self.steps_done,
+               "resumed_from_step": self.resumed_at or None, "tokens_this_session": self.tokens,
+               "train_seconds": self.train_seconds, "wall_seconds": wall, "final_train_loss": self.last_loss,
+               "final_eval_loss": self.last_eval, "final_eval_step": self.last_eval_step,
+               "peak_gpu_mem_gb": gpu / 2 ** 30 if torch.cuda.is_available() else None,
+               "peak_host_rss_gb": host / 2 ** 30, "checkpoint": str(checkpoint) if checkpoint else None,
+               "final_model": str(final_model) if final_model else None, "metrics": str(self.path)}
+        if self.rank == 0:
+            (self.run_dir / "summary.json").write_text(json.dumps(rec, indent=2) + "\n")
+        session = (f"steps {self.resumed_at + 1}-{self.last_step} of {self.total_steps} (resumed at step "
+                   f"{self.resumed_at})" if self.resumed_at else f"steps {self.last_step} of {self.total_steps}")
+        loss = f"{self.last_loss:.4f}" if self.last_loss is not None else "-"
+        ev = (f"{self.last_eval:.4f} (step {self.last_eval_step})" if self.last_eval is not None
+              else "- (no evaluation)")
+        gpu_txt = f"{gpu / 2 ** 30:.2f} GiB" if torch.cuda.is_available() else "- (no GPU)"
+        lines = [f"run finished: {session}; {self.tokens:,} tokens in {_hms(self.train_seconds)} of training, "
+                 f"{_hms(wall)} wall",
+                 f"  final train loss {loss} (step {self.last_step}) | final eval loss {ev}",
+                 f"  peak GPU memory {gpu_txt} | peak host RSS {host / 2 ** 30:.2f} GiB (max over ranks)",
+                 f"  checkpoint   {checkpoint or '- (none saved)'}",
+                 f"  final model  {final_model or '- (not saved)'}",
+                 f"  metrics      {self.path}  (summary.json beside it)"]
+        return "\n".join(lines)

@@ -5,6 +5,7 @@
 <output_dir>/ledger.json     the token ledger
 <output_dir>/metrics.jsonl   one row per logged step (see metrics.py)
 <output_dir>/samples.jsonl   the sample ids of every step
+<output_dir>/summary.json    the end-of-run summary (see metrics.py)
 <output_dir>/checkpoints/    DeepSpeed checkpoints (see checkpoint.py)
 <output_dir>/final_model/    the consolidated Hugging Face model + tokenizer
 
@@ -36,7 +37,7 @@ RESUME_KEYS = ("model", "tokenizer", "data", "eval_data", "eval_fraction", "max_
 # What a run recorded before a key existed behaved as (sft_truncation: SFT rows were cut at the end).
 RESUME_KEYS_BEFORE = {"sft_truncation": "end"}
 RUN_CONTENT = ("run.json", "config.yaml", "ledger.json", "metrics.jsonl", "samples.jsonl", "checkpoints",
-               "final_model", "final_model.tmp", "PAUSED_IN_SAVE", "PAUSED_AFTER_STEP")
+               "final_model", "final_model.tmp", "PAUSED_IN_SAVE", "PAUSED_AFTER_STEP", "summary.json")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -125,3 +125,21 @@ def test_final_model_reloads_with_identical_logits(offload_run, tmp_path):
     assert la.shape == lb.shape and torch.equal(la, lb)
     # and the weights did change from initialization: the run trained something
     assert la.abs().max() > 0
+
+
+def test_progress_is_plain_lines_in_a_pipe(offload_run):
+    out, proc = offload_run
+    assert "train: step 8/8 (100%)" in proc.stdout
+    assert "\r" not in proc.stdout + proc.stderr  # no carriage-return bar when the output is not a terminal
+
+
+
+def test_run_ends_with_a_summary(tmp_path, data_files, model_cfg):
+    """Needs the training loop's call of metrics.summary (see the wiring list of issue #20)."""
+    out, proc = _train(tmp_path, "summary", data_files, model_cfg, "zero3_offload", steps=4,
+                       extra=["--eval-fraction", "0.1"])
+    assert "run finished: steps 4 of 4" in proc.stdout and "final eval loss" in proc.stdout
+    assert f"final model  {out / 'final_model'}" in proc.stdout
+    assert f"checkpoint   {out / 'checkpoints' / 'step-00000004'}" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["final_train_loss"] == read_jsonl(out / "metrics.jsonl")[-1]["loss"]
