@@ -1,11 +1,12 @@
 """Metrics: one metrics.jsonl row per logged step (rank 0), progress with ETA, sample ids, the end-of-run summary.
 
 Row fields:
-  step, epoch, loss (target-token mean over the global batch), lr, grad_norm (before clipping),
-  tokens (real tokens in the step, all ranks), tokens_per_s, tflops (model TFLOP/s per GPU, strict:
-  no recompute credit), mfu (vs the GPU's dense peak; null on CPU/unknown GPUs), hfu (with the
-  checkpoint recompute), peak_gpu_mem_gb (max over ranks), host_rss_gb (max over ranks),
-  step_time_s, skipped_steps (fp16 overflow, cumulative), loss_scale (fp16), eval_loss (when evaluated).
+  step, epoch, loss (target-token mean over the global batch), lr (the learning rate this step's optimizer
+  update used: lr_in_use(scheduler) read before the step, not the scheduler's value after it), grad_norm
+  (before clipping), tokens (real tokens in the step, all ranks), tokens_per_s, tflops (model TFLOP/s per
+  GPU, strict: no recompute credit), mfu (vs the GPU's dense peak; null on CPU/unknown GPUs), hfu (with the
+  checkpoint recompute), peak_gpu_mem_gb (max over ranks), host_rss_gb (max over ranks), step_time_s,
+  skipped_steps (fp16 overflow, cumulative), loss_scale (fp16), eval_loss (when evaluated).
 
 Progress: a tqdm bar on a terminal; otherwise (a pipe, a log file, the tests) plain lines on stdout, every
 ~5% of the steps, at least every PROGRESS_EVERY_S seconds, and at the last step, never a carriage return.
@@ -44,6 +45,12 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
 
 
 PROGRESS_EVERY_S = 60.0
+
+
+def lr_in_use(scheduler) -> float:
+    """The learning rate the next optimizer step uses. Read it before engine.step(): DeepSpeed steps the
+    scheduler right after the optimizer, so get_last_lr() afterwards is already the next step's value."""
+    return float(scheduler.get_last_lr()[0])
 
 
 def _hms(seconds: float) -> str:
@@ -104,7 +111,8 @@ class Metrics:
     def end_step(self, step: int, *, epoch: int, loss: float, lr: float, grad_norm: float | None, tokens: int,
                  doc_lens: list[int], skipped_steps: int, loss_scale: float | None, log: bool,
                  eval_loss: float | None = None, seconds: float | None = None) -> dict | None:
-        """`seconds`: the step's training time (default: since start_step), excluding evaluation."""
+        """`seconds`: the step's training time (default: since start_step), excluding evaluation. `lr`: the rate
+        the step used (lr_in_use before the step)."""
         dt = self.elapsed() if seconds is None else seconds
         self.steps_done += 1
         self.tokens += int(tokens)

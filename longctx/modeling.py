@@ -142,6 +142,26 @@ def load_tokenizer(cfg):
     return tok, path
 
 
+# Config values build_model switches for training, with transformers' default for a config that does not set them.
+TRAINING_SWITCHES = {"use_cache": True}
+
+
+def restore_inference_settings(config, model: str) -> dict:
+    """Put back on `config` (the trained model's, before save_pretrained) the inference settings that training
+    switched (use_cache), as the input model's config has them or else transformers' default. Returns
+    {key: (training value, restored value)} for what changed."""
+    p = Path(model)
+    src = p / "config.json" if p.is_dir() else p
+    source = read_config_json(src, "the model config") if src.is_file() else {}
+    changed = {}
+    for key, default in TRAINING_SWITCHES.items():
+        want = source.get(key, default)
+        if getattr(config, key, None) != want:
+            changed[key] = (getattr(config, key, None), want)
+            setattr(config, key, want)
+    return changed
+
+
 def load_model_config(cfg, tok):
     """Return (config, kind) with kind "pretrained" (a directory with weights) or "random"."""
     from transformers import AutoConfig

@@ -1,12 +1,15 @@
-"""metrics.py: progress as plain lines when not on a terminal, and the end-of-run summary."""
+"""metrics.py: progress as plain lines when not on a terminal, the end-of-run summary, the learning rate a step
+used; modeling.restore_inference_settings for the saved model's config."""
 
 from __future__ import annotations
 
 import io
 import json
 
-from helpers_train import tiny_config
-from longctx import metrics as metrics_mod
+import torch
+
+from helpers_train import tiny_config, tiny_config_file, tiny_model_dir
+from longctx import metrics as metrics_mod, modeling
 
 
 class Terminal(io.StringIO):
@@ -60,3 +63,42 @@ def test_summary_says_what_the_run_did(tmp_path):
     rec = json.loads((tmp_path / "summary.json").read_text())
     assert rec["steps"] == 10 and rec["steps_this_session"] == 6 and rec["tokens_this_session"] == 6000
     assert rec["final_eval_loss"] == 0.9 and rec["peak_host_rss_gb"] > 0.01 and rec["train_seconds"] == 3.0
+
+
+def test_lr_in_use_is_the_rate_the_step_applied():
+    """SGD without momentum moves a parameter by exactly lr x grad: the lr a step applied is measured, and
+    lr_in_use read before the step matches it, where the scheduler's value after the step does not."""
+    from transformers import get_scheduler
+
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = torch.optim.SGD([p], lr=1e-2)
+    sched = get_scheduler("cosine", opt, num_warmup_steps=2, num_training_steps=6)
+    logged_before, logged_after, applied = [], [], []
+    for _ in range(6):
+        logged_before.append(metrics_mod.lr_in_use(sched))
+        before = p.detach().clone()
+        p.grad = torch.ones_like(p)
+        opt.step()
+        sched.step()
+        applied.append(float(before - p.detach()))
+        logged_after.append(sched.get_last_lr()[0])
+    assert all(abs(a - b) < 1e-15 for a, b in zip(logged_before, applied)), (logged_before, applied)
+    assert logged_after[-1] == 0.0 and applied[-1] > 0  # what metrics.jsonl used to say at the last step
+    assert abs(max(applied) - 1e-2) < 1e-15
+
+
+def test_saved_model_config_gets_its_inference_settings_back(tmp_path):
+    from transformers import AutoConfig
+
+    model = tiny_model_dir(tmp_path / "m")
+    config = AutoConfig.from_pretrained(model)
+    config.use_cache = False  # what build_model does for training
+    assert modeling.restore_inference_settings(config, model) == {"use_cache": (False, True)}
+    assert config.use_cache is True
+    src = json.loads((tmp_path / "m" / "config.json").read_text())
+    src["use_cache"] = False  # a model that had it off keeps it off
+    (tmp_path / "m" / "config.json").write_text(json.dumps(src))
+    config.use_cache = False
+    assert modeling.restore_inference_settings(config, model) == {} and config.use_cache is False
+    config.use_cache = False  # a config .json without the key: transformers' default
+    assert modeling.restore_inference_settings(config, tiny_config_file(tmp_path / "c")) == {"use_cache": (False, True)}

@@ -133,11 +133,18 @@ def test_progress_is_plain_lines_in_a_pipe(offload_run):
     assert "\r" not in proc.stdout + proc.stderr  # no carriage-return bar when the output is not a terminal
 
 
+def test_run_ends_with_a_summary_the_lr_used_and_an_inference_ready_model(tmp_path, data_files, model_cfg):
+    """Needs the training loop's calls from the wiring list of issue #20: metrics.lr_in_use before the step,
+    modeling.restore_inference_settings before the final save, metrics.summary at the end."""
+    import math
 
-def test_run_ends_with_a_summary(tmp_path, data_files, model_cfg):
-    """Needs the training loop's call of metrics.summary (see the wiring list of issue #20)."""
     out, proc = _train(tmp_path, "summary", data_files, model_cfg, "zero3_offload", steps=4,
-                       extra=["--eval-fraction", "0.1"])
+                       extra=["--lr-scheduler", "cosine", "--eval-fraction", "0.1"])
+    lrs = [r["lr"] for r in read_jsonl(out / "metrics.jsonl")]
+    peak = 3e-3  # fast_args: --lr 3e-3 --warmup-steps 0
+    assert lrs == pytest.approx([peak * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)], rel=1e-12)
+    assert lrs[0] == peak and lrs[-1] > 0
+    assert json.loads((out / "final_model" / "config.json").read_text())["use_cache"] is True
     assert "run finished: steps 4 of 4" in proc.stdout and "final eval loss" in proc.stdout
     assert f"final model  {out / 'final_model'}" in proc.stdout
     assert f"checkpoint   {out / 'checkpoints' / 'step-00000004'}" in proc.stdout
