@@ -338,9 +338,9 @@ def chat_tokens(tok, msgs: list[dict], loc: str) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def _cut_longest_user_turn(tok, msgs: list[dict], excess: int) -> list[dict] | None:
+def _cut_longest_user_turn(tok, msgs: list[dict], excess: int, min_keep: int = 2) -> list[dict] | None:
     """`msgs` with `excess` (+2 for merges at the joint) tokens cut from the middle of the longest user turn;
-    None if that turn is too short to give them."""
+    None if that turn is too short to give them and keep `min_keep` of its tokens."""
     users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
     if not users:
         return None
@@ -349,7 +349,7 @@ def _cut_longest_user_turn(tok, msgs: list[dict], excess: int) -> list[dict] | N
     offsets = tok(content, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     n = len(offsets)
     keep = n - excess - 2
-    if keep < 2:
+    if keep < max(2, min_keep):
         return None
     head = keep // 2
     tail = keep - head
@@ -376,8 +376,9 @@ def fit_conversation(tok, msgs: list[dict], loc: str, max_len: int) -> Tokenized
     """Tokenize a conversation so that it fits in max_len tokens, keeping its answers.
 
     In order, until it fits: drop the turns after the last assistant turn (they carry no target); cut the
-    middle of the longest user turn if that turn alone can give the excess (every answer stays); drop the
-    earliest non-system exchanges, keeping at least the last one; cut the middle of the longest user turn.
+    middle of the longest user turn if that turn alone can give the excess and keep max_len/8 tokens (every
+    answer stays); drop the earliest non-system exchanges, keeping at least the last one; cut the middle of
+    the longest user turn.
     Only if the last exchange still does not fit (a system prompt or an answer longer than the row) is the
     conversation cut at the end ("answer" when that loses targets)."""
     ids, labels = chat_tokens(tok, msgs, loc)
@@ -389,11 +390,11 @@ def fit_conversation(tok, msgs: list[dict], loc: str, max_len: int) -> Tokenized
     cur = msgs[:answers[-1] + 1]
     ids, labels = chat_tokens(tok, cur, loc)
 
-    def cut_user_turn(cur, ids, labels, tries):
+    def cut_user_turn(cur, ids, labels, tries, min_keep=2):
         for _ in range(tries):
             if len(ids) <= max_len:
                 break
-            shorter = _cut_longest_user_turn(tok, cur, len(ids) - max_len)
+            shorter = _cut_longest_user_turn(tok, cur, len(ids) - max_len, min_keep)
             if shorter is None:
                 break
             cur = shorter
@@ -401,7 +402,7 @@ def fit_conversation(tok, msgs: list[dict], loc: str, max_len: int) -> Tokenized
         return cur, ids, labels
 
     if len(ids) > max_len:
-        cut = cut_user_turn(cur, ids, labels, tries=3)
+        cut = cut_user_turn(cur, ids, labels, tries=3, min_keep=max_len // 8)
         if len(cut[1]) <= max_len:
             cur, ids, labels = cut
     while len(ids) > max_len:

@@ -100,6 +100,16 @@ def test_many_short_turns_lose_the_earliest_exchanges(tok, tmp_path):
     assert ledger.per_file["d.jsonl"]["docs_context_cut"] == 1
 
 
+def test_a_user_turn_is_not_gutted_while_earlier_exchanges_can_go(tok, tmp_path):
+    """Cutting the longest user turn alone would leave 5 of its 62 tokens: dropping the earlier exchange is better."""
+    msgs = [{"role": "user", "content": filler(60, 1) + " first?"}, {"role": "assistant", "content": "one"},
+            {"role": "user", "content": filler(31, 2) + " second?"}, {"role": "assistant", "content": "two"}]
+    (doc,), _ = load(tok, [{"messages": msgs}], tmp_path, max_len=64)
+    t = text(tok, doc)
+    assert "first?" not in t and t.endswith(" second?<|end|>\n<|assistant|>\ntwo<|end|>\n")
+    assert targets(tok, doc) == "two<|end|>\n"
+
+
 def test_turns_after_the_last_answer_go_first(tok, tmp_path):
     msgs = [{"role": "user", "content": "the key?"}, {"role": "assistant", "content": "42"},
             {"role": "user", "content": filler(300)}]
