@@ -19,6 +19,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -87,17 +88,10 @@ def _write_atomic(path: Path, text: str) -> None:
         os.close(fd)
 
 
-def pause_for_tests(where: str, step: int, output_dir: Path, rank: int) -> None:
-    """Test hook: LONGCTX_TEST_PAUSE_{where}=<step> parks every rank here so a test can kill -9 the run."""
-    if os.environ.get(f"LONGCTX_TEST_PAUSE_{where}") == str(step):
-        if rank == 0:
-            (output_dir / f"PAUSED_{where}").write_text(str(step))
-        while True:
-            time.sleep(1)
-
-
 def save(engine, output_dir: str | Path, step: int, client_state: dict, keep_last: int, *, rank: int,
-         barrier) -> Path:
+         barrier, on_written: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint `step`, then mark it complete; `on_written(path)` runs in between (the Trainer's
+    callbacks: a test parks the ranks there to kill -9 a save)."""
     output_dir = Path(output_dir)
     d = root(output_dir) / tag(step)
     if rank == 0:
@@ -107,7 +101,8 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, keep_las
     barrier()
     engine.save_checkpoint(str(d.parent), tag=d.name, client_state=client_state, save_latest=False)
     torch.save(rng_state(), d / f"rng_state_rank{rank}.pt")
-    pause_for_tests("IN_SAVE", step, output_dir, rank)
+    if on_written is not None:
+        on_written(d)
     barrier()
     if rank == 0:
         _write_atomic(d / "trainer_state.json", json.dumps(client_state, indent=2, default=str))
