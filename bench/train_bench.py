@@ -244,7 +244,8 @@ class Worker:
         shape = flops.ModelShape.from_config(trainer.model_config)
         f = flops.train_flops(shape, doc_lens)
         peak_flops = flops.peak_flops(self.facts.name, trainer.settings.precision) if cuda else None
-        predicted = plan_mod.plan(plan_mod.setup_from_resolved(trainer.settings, cfg, trainer.model_config)).gpu_peak
+        setup = plan_mod.setup_from_resolved(trainer.settings, cfg, trainer.model_config)
+        predicted = plan_mod.plan(setup).gpu_peak
         s = trainer.settings
         return {"kind": "row", "status": "ok", "technique": self.tech.name, "seq_len": length, "docs": self.a.docs,
                 "doc_lens": doc_lens if len(doc_lens) <= 64 else None, "n_docs": len(doc_lens),
@@ -253,6 +254,7 @@ class Worker:
                 "mfu": flops.mfu(f, step_s, self.world, peak_flops) if peak_flops else None,
                 "peak_gpu_gib": all_ranks_max([peak])[0] if peak is not None else None,
                 "peak_reserved_gib": peak_reserved, "predicted_peak_gib": predicted / GiB,
+                "plan_setup": dataclasses.asdict(setup),  # what the planner was asked (tests/test_plan_calibration.py)
                 "losses": losses, "built": built, "build_s": round(init_s, 1),
                 "settings": {k: v for k, v in s.to_dict().items() if k != "ds_config"}}
 
