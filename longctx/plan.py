@@ -461,15 +461,19 @@ def fits(setup: Setup, hw: Hardware) -> bool:
     return check_fit(plan(setup), hw).ok
 
 
-def max_seq_len_that_fits(setup: Setup, hw: Hardware, *, multiple: int = 1024, limit: int = 1 << 24) -> int:
-    """Largest seq_len (a multiple of `multiple`, up to `limit`) for which the plan fits `hw`; 0 if none."""
+def max_seq_len_that_fits(setup: Setup, hw: Hardware, *, multiple: int = 1024, limit: int = 1 << 24,
+                          setup_at=None) -> int:
+    """Largest seq_len (a multiple of `multiple`, up to `limit`) for which the plan fits `hw`; 0 if none.
+    `setup_at(seq_len)` gives the Setup at another length (train.py's resolution changes with it: tiled MLP turns on
+    where the untiled step does not fit); default: this setup with only the length changed."""
+    at = setup_at or (lambda n: replace(setup, seq_len=n))
     hi = limit // multiple
-    if not fits(replace(setup, seq_len=multiple), hw):
+    if not fits(at(multiple), hw):
         return 0
     lo = 1
     while lo < hi:  # memory grows with seq_len: bisect on the multiple count
         mid = (lo + hi + 1) // 2
-        if fits(replace(setup, seq_len=mid * multiple), hw):
+        if fits(at(mid * multiple), hw):
             lo = mid
         else:
             hi = mid - 1
@@ -581,7 +585,8 @@ def describe(setup: Setup) -> str:
             f"{s.tiled_mlp_shards if s.tiled_mlp_shards > 1 else 'off'} | sequence parallel {s.sp}")
 
 
-def format_plan(setup: Setup, hw: Hardware, *, model_name: str = "", optional: tuple[str, ...] = ()) -> str:
+def format_plan(setup: Setup, hw: Hardware, *, model_name: str = "", optional: tuple[str, ...] = (),
+                setup_at=None) -> str:
     p = plan(setup)
     s, sh = setup, setup.shape
     P = total_params(sh, lm_head=s.lm_head, tied=s.tied_embeddings)
@@ -623,7 +628,7 @@ def format_plan(setup: Setup, hw: Hardware, *, model_name: str = "", optional: t
               f"  {'pinned host memory, all ranks':<60}{gib(p.pinned * hw.gpus)}"
               + ("" if hw.pinned_limit is None else
                  f"  of {hw.pinned_limit / GiB:.1f} limit: {'fits' if v.pinned_ok else 'DOES NOT FIT'}"), ""]
-    best = max_seq_len_that_fits(setup, hw)
+    best = max_seq_len_that_fits(setup, hw, setup_at=setup_at)
     lines.append(f"Largest max_seq_len that fits: {best:,} ({fmt_len(best)})" if best else
                  "Largest max_seq_len that fits: none (even 1K does not fit)")
     knobs = next_knobs(setup, hw, optional=optional)
@@ -740,9 +745,9 @@ def cli_plan(cfg, optional: tuple[str, ...] = ()) -> str:
         host_bytes = parse_size(cfg.host_mem) if cfg.host_mem else None
     except ValueError as e:
         raise LongctxError(str(e)) from None
-    facts = resolve_mod.Facts.detect().as_target(gpus=cfg.gpus or (None if resolve_mod.Facts.detect().cuda else
-                                                                    int(os.environ.get("WORLD_SIZE", 1))),
-                                                 gpu_mem=gpu_bytes, host_mem=host_bytes, precision=cfg.precision)
+    here = resolve_mod.Facts.detect()
+    facts = here.as_target(gpus=cfg.gpus or (None if here.cuda else int(os.environ.get("WORLD_SIZE", 1))),
+                           gpu_mem=gpu_bytes, host_mem=host_bytes, precision=cfg.precision)
     if facts.gpu_mem is None:
         raise LongctxError("--plan: no GPU here; name the target with --gpus N --gpu-mem SIZE (e.g. --gpu-mem 16GiB)")
     mc = _read_model_config(cfg.model)
@@ -750,8 +755,14 @@ def cli_plan(cfg, optional: tuple[str, ...] = ()) -> str:
     setup = setup_from_resolved(settings, cfg, mc)
     hw = Hardware(gpus=facts.gpus, gpu_mem=int(facts.gpu_mem), host_mem=int(facts.host_mem or 0),
                   name="" if facts.assumed else facts.name)
+    import dataclasses
+
+    def setup_at(n: int) -> Setup:  # train.py's resolution at another --max-seq-len
+        c = dataclasses.replace(cfg, max_seq_len=n)
+        return setup_from_resolved(resolve_mod.resolve(c, facts, mc, world=facts.gpus), c, mc)
+
     text = format_plan(setup, hw, model_name=Path(cfg.model).stem if Path(cfg.model).is_file() else cfg.model,
-                       optional=optional)
+                       optional=optional, setup_at=setup_at)
     notes = ["; ".join(settings.header()[:2])] + [f"{k}: {v}" for k, v in settings.why.items()]
     if facts.assumed:
         notes.append("assumed: " + "; ".join(facts.assumed))
