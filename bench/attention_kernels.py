@@ -1,7 +1,8 @@
 """The attention kernels `auto` chooses between, measured in isolation on one GPU (the numbers behind
 longctx.attention.PER_DOC_MIN_TOKENS): longctx's SDPA-per-document function with its backend order (cuDNN first),
 the same with SDPA restricted to flash or to cuDNN, and torch's varlen_attn, over 128K-token rows of equal
-documents from one 128K document down to 256 documents of 512 tokens.
+documents from one 128K document down to 256 documents of 512 tokens; then 128K rows packed with Python-stdlib
+document lengths (bench/stdlib_doc_lengths.json) at several values of PER_DOC_MIN_TOKENS.
 
     python -m bench.attention_kernels bench/results/<date>_<device>_attention_kernels.json
 """
@@ -15,6 +16,7 @@ import time
 import torch
 from torch.nn.attention import SDPBackend
 
+from bench.train_bench import row_doc_lengths
 from longctx import attention
 
 H, K, D, S = 32, 8, 128, 131072
@@ -60,9 +62,29 @@ def main(out: str) -> None:
                 attention._sdpa_backends = saved
         rows.append(row)
         print(json.dumps(row), flush=True)
+    mixed = []
+    for seed in range(3):
+        lens = row_doc_lengths(S, "stdlib", seed)
+        lens[-1] += S - sum(lens)  # fill the row
+        q = torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(1, K, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+        g = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16)
+        row = {"seed": seed, "docs": len(lens), "median_doc": sorted(lens)[len(lens) // 2]}
+        saved = attention.PER_DOC_MIN_TOKENS
+        for threshold in (2048, 4096, 8192, 16384, 32768, S + 1):
+            attention.PER_DOC_MIN_TOKENS = threshold
+
+            def per_doc():
+                o, _ = attention.sdpa_per_doc_forward(None, q, k, v, None, cu_seq_lens_q=cu)
+                o.backward(g)
+            row[f"ms_threshold_{threshold}"] = round(1e3 * timeit(per_doc), 1)
+        attention.PER_DOC_MIN_TOKENS = saved
+        mixed.append(row)
+        print(json.dumps(row), flush=True)
     with open(out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "cudnn": torch.backends.cudnn.version(), "rows": rows}, f, indent=1)
+                   "cudnn": torch.backends.cudnn.version(), "rows": rows, "stdlib_rows": mixed}, f, indent=1)
 
 
 if __name__ == "__main__":

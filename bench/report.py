@@ -74,7 +74,8 @@ def render_run(run: dict) -> list[str]:
            f"Date {run['date']}; torch {v.get('torch')}, cuDNN {v.get('cudnn')}, transformers {v.get('transformers')}, "
            f"deepspeed {v.get('deepspeed')}, liger-kernel {v.get('liger_kernel')}; git {str(git.get('commit'))[:10]}"
            f"{' (uncommitted changes)' if git.get('dirty') else ''}. Reproduce: `{run.get('command')}`. "
-           "bf16, micro-batch 1, ZeRO-3 with the optimizer on CPU; one warmup step, then the timed step.", ""]
+           "bf16, micro-batch 1, ZeRO-3 with the optimizer on CPU; one warmup step, then the timed step."
+           + (f" Note: {run['note']}." if run.get("note") else ""), ""]
     techs = run.get("techniques") or {}
     out += [f"- `{t}`: {d}" for t, d in sorted(techs.items())] + [""]
     rows = run["rows"]

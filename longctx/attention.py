@@ -86,7 +86,7 @@ def _segments(B: int, S: int, kwargs: dict) -> list[list[tuple[int, int]]]:
 # short documents do not amortize. Measured on an H200 (torch 2.11, cuDNN 9.19, fwd + bwd, 32/8 heads, 128K rows,
 # TFLOP/s, docs/RESULTS.md): per-document SDPA (cuDNN) against varlen_attn 543 vs 327 at 128K documents, 529 vs 323
 # at 32K, 353 vs 298 at 8K, 60 vs 221 at 2K, 4 vs 101 at 512.
-PER_DOC_MIN_TOKENS = 4096
+PER_DOC_MIN_TOKENS = 8192
 
 
 def sdpa_per_doc_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
