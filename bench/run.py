@@ -1,17 +1,14 @@
-"""`make bench`: run one hardware profile's technique ladder and collect it into one JSON result file.
+"""`make bench`: run a profile's techniques through train.py's Trainer and collect them into one JSON file.
 
-    python -m bench.run --profile 4xh200-8b-48g [--budget-s 480] [--dry-run]
-    python -m bench.run --shape llama3.2-3b --gpus 1 --techniques baseline,liger --lengths 16K,32K --search
-    python -m bench.run --collect bench/results/raw/<run_id>.jsonl      # rebuild the JSON after a kill
+    python -m bench.run --profile 1xgpu-8b-8L [--results-dir DIR] [--dry-run]
+    python -m bench.run --shape llama3.2-3b --techniques longctx,upstream_best --lengths 16K,32K --docs 1
 
-Rows are appended to bench/results/raw/<run_id>.jsonl by the worker (bench/train_bench.py) as they are
-measured, and bench/results/<run_id>.json is rewritten from it (atomically) after every worker and on
---collect, so a killed run keeps every row already measured. `--resume <run_id>` runs again and skips the
-(technique, length) pairs that already have a result. `--subprocess-per-try` starts a fresh worker for every
-length (isolates each try from an earlier OOM; costs one model init per try) and runs the max-length
-search here instead of inside the worker.
+One worker process (bench/train_bench.py) per technique and row shape (--docs): Liger patches the model classes
+for the life of a process. Workers append rows to <results-dir>/raw/<run_id>.jsonl as they measure them;
+<results-dir>/<run_id>.json is rewritten from it after every worker (atomically), so a killed run keeps what it
+measured. The raw JSONL is a working file: commit the collected JSON, not it.
 
-run_id = <date>_<device>_<shape>[-<layers>L]_<gpus>x_<cap>, e.g. 2026-11-22_h200_llama3.1-8b-8L_4x_48g.
+run_id = <date>_<device>_<shape>[-<layers>L]_<gpus>x_<cap>, e.g. 2026-12-04_h200_llama3.1-8b-8L_1x_nocap.
 """
 
 from __future__ import annotations
@@ -25,51 +22,34 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from longctx import runs
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-SCHEMA = 1
+SCHEMA = 2
 
-# Profiles sized for one <= 10 minute call each (see bench/README.md). Reduced depth proves memory (the per-GPU
-# working set does not depend on depth); the search runs only for the last rung, the one that goes furthest.
-LADDER6 = "baseline,upstream_offload,varlen,liger_gc,liger,fork_offload"
+# Each profile fits one <= 10 minute call of a lent GPU (reduced depth: the per-GPU working set does not depend on
+# it). `runs` lists technique:docs pairs, one worker each; docs is the row shape: 1 = one document per row, N = N
+# equal documents packed into each row, stdlib = Python's standard library's document lengths packed (upstream's
+# SDPA cannot pack without an S x S mask, so its stacks run one document per row).
 PROFILES: dict[str, dict] = {
-    "cpu-smoke": dict(shape="tiny-llama", gpus=1, cap=None, layers=None, techniques=LADDER6, lengths="256,512",
-                      search=True, search_limit="2K", search_multiple="128", init_warmup_len="128",
-                      env={"BENCH_LIGER_FALLBACK": "torch"}),
-    # (a) one H100/H200: Llama-3.2-3B shape, full depth (3B + optimizer states fit a 125 GiB host)
-    "1xgpu-3b": dict(shape="llama3.2-3b", gpus=1, cap=None, layers=None, techniques=LADDER6,
-                     lengths="16K,32K,64K,128K", search=True, search_techniques="fork_offload",
-                     search_limit="384K", budget_s=480),
-    # (b) 4xH200, 8B shape at 8 of 32 layers, emulated 48 GiB and 16 GiB cards
-    "4xh200-8b-48g": dict(shape="llama3.1-8b", gpus=4, cap=48, layers=8, techniques=LADDER6,
-                          lengths="16K,32K,64K,128K,256K", search=True, search_techniques="fork_offload",
-                          search_limit="4M", budget_s=480),
-    "4xh200-8b-16g": dict(shape="llama3.1-8b", gpus=4, cap=16, layers=8, techniques=LADDER6,
-                          lengths="8K,16K,32K,64K", search=True, search_techniques="fork_offload",
-                          search_limit="2M", budget_s=480),
-    # sequence parallel (Ulysses, one sample over the 4 GPUs) without and with tiled MLP; SP sets need their own
-    # worker (SP is fixed at engine build). Throughput at 128K and 512K, then the max length of sp_tiled.
-    "4xh200-8b-48g-sp": dict(shape="llama3.1-8b", gpus=4, cap=48, layers=8, techniques="sp,sp_tiled",
-                             lengths="128K,512K", search=True, search_techniques="sp_tiled", search_limit="8M",
-                             budget_s=480),
-    "4xh200-8b-16g-sp": dict(shape="llama3.1-8b", gpus=4, cap=16, layers=8, techniques="sp,sp_tiled",
-                             lengths="128K", search=True, search_techniques="sp_tiled", search_limit="4M",
-                             budget_s=480),
-    # tiled MLP alone (data parallel, one sample per GPU), against the last rung of the ladder
-    "4xh200-8b-48g-tiled": dict(shape="llama3.1-8b", gpus=4, cap=48, layers=8, techniques="fork_offload,tiled_mlp",
-                                lengths="128K,256K", search=True, search_techniques="tiled_mlp", search_limit="4M",
-                                budget_s=480),
-    "cpu-smoke-sp": dict(shape="tiny-llama", gpus=2, cap=None, layers=None, techniques="sp,sp_tiled",
-                         lengths="256,512", search=False, init_warmup_len="128",
-                         env={"BENCH_LIGER_FALLBACK": "torch"}),
-    # full depth, last rung only: the headline step time / MFU / host RAM (start detached: it can outlast a call)
-    "4xh200-8b-48g-full": dict(shape="llama3.1-8b", gpus=4, cap=48, layers=None, techniques="fork_offload",
-                               lengths="64K,128K", search=False, budget_s=1500),
+    "cpu-smoke": dict(shape="tiny-llama", gpus=1, cap=None, layers=None, lengths="256,512",
+                      runs="longctx:1,baseline:1,upstream_best:1,longctx:3"),
+    # one H100/H200, the 8B shape at 8 layers: our default against upstream's best, one document and packed rows
+    "1xgpu-8b-8L": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
+                        runs="longctx:1,upstream_best:1,longctx:stdlib,varlen:stdlib"),
+    # where parameters live, and tiled MLP, side by side on one GPU
+    "1xgpu-8b-8L-placement": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
+                                  runs="params_cpu:1,params_gpu:1,tiled_mlp:1"),
+    # the 3B shape at full depth (3B + optimizer states fit a 125 GiB host)
+    "1xgpu-3b": dict(shape="llama3.2-3b", gpus=1, cap=None, layers=None, lengths="16K,64K,128K",
+                     runs="longctx:1,upstream_best:1"),
+    # 4 GPUs, 8B at full depth, capped at 48 and 16 GiB (issue: several GPUs)
+    "4xgpu-8b-48g": dict(shape="llama3.1-8b", gpus=4, cap=48, layers=None, lengths="128K,512K",
+                         runs="longctx:1,upstream_best:1,sp:1"),
+    "4xgpu-8b-16g": dict(shape="llama3.1-8b", gpus=4, cap=16, layers=None, lengths="64K,128K", runs="longctx:1,sp:1"),
 }
 
 
@@ -102,21 +82,9 @@ def detect_device() -> str:
     return "cpu"
 
 
-def git_info() -> dict:
-    """{"commit", "dirty"} of the code under test (LONGCTX_GIT_COMMIT overrides a stale checkout's HEAD)."""
-    info = runs.git_info()
-    return {"commit": info["hash"], "dirty": info["dirty"], **({"source": info["source"]} if "source" in info else {})}
-
-
-# ---------------------------------------------------------------------------------------------- collect
 def read_jsonl(path: Path) -> list[dict]:
     rows = []
-    if not path.exists():
-        return rows
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
+    for line in (path.read_text().splitlines() if path.exists() else []):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
@@ -124,66 +92,36 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _with_resume(resumes: list, extra: dict) -> list:
-    entry = {"config": extra["config"], "git": extra.get("git")}
-    return resumes if entry in resumes else resumes + [entry]
-
-
-def collect(raw: Path, out: Path | None = None, extra: dict | None = None) -> dict:
-    """Fold a worker JSONL into the result JSON (written atomically). Dangling attempts become 'crashed'."""
+def collect(raw: Path, out: Path, extra: dict) -> dict:
+    """Fold the workers' JSONL into the result JSON (atomically). A try with no result row is 'crashed'."""
     recs = read_jsonl(raw)
-    metas = [r for r in recs if r.get("kind") == "meta"]
-    rows, searches, pending = [], [], {}
+    metas, rows, pending = {}, [], {}
     for r in recs:
-        k = r.get("kind")
-        key = (r.get("technique"), r.get("seq_len"))
-        if k == "attempt":
-            pending[key] = r
-        elif k == "row":
+        key = (r.get("technique"), r.get("seq_len"), r.get("docs"))
+        if r.get("kind") == "meta":
+            metas[(r["technique"], r.get("docs"))] = {k: v for k, v in r.items() if k != "kind"}
+        elif r.get("kind") == "attempt":
+            pending[(r.get("technique"), r.get("seq_len"), r.get("docs"))] = r
+        elif r.get("kind") == "row":
             pending.pop(key, None)
-            rows.append({x: v for x, v in r.items() if x != "kind"})
-        elif k == "search":
-            searches.append({x: v for x, v in r.items() if x != "kind"})
-    for (tech, L), r in pending.items():
-        rows.append({"technique": tech, "seq_len": L, "phase": r.get("phase"), "status": "crashed",
+            rows.append({k: v for k, v in r.items() if k != "kind"})
+    for (tech, length, docs) in pending:
+        rows.append({"technique": tech, "seq_len": length, "docs": docs, "status": "crashed",
                      "error": "no result row: the worker died during this try (host OOM kill, timeout or signal)"})
-    meta = metas[0] if metas else {}
-    prev = json.loads(out.read_text()) if out and out.exists() else {}
-    extra = extra or {}
-    resumed = bool(extra.get("resumed") and prev.get("config"))
-    res = {
-        "schema": SCHEMA,
-        "run_id": extra.get("run_id") or prev.get("run_id") or raw.stem,
-        "date": meta.get("date") or prev.get("date"),
-        "device": meta.get("device") or prev.get("device"),
-        "n_gpus": meta.get("n_gpus") or prev.get("n_gpus"),
-        "mem_cap_gib": meta.get("mem_cap_gib", prev.get("mem_cap_gib")),
-        "gpu_total_gib": meta.get("gpu_total_gib", prev.get("gpu_total_gib")),
-        "peak_tflops": meta.get("peak_tflops", prev.get("peak_tflops")),
-        "host_ram_gib": meta.get("host_ram_gib", prev.get("host_ram_gib")),
-        "versions": meta.get("versions") or prev.get("versions"),
-        "shape": meta.get("shape") or prev.get("shape"),
-        "layers": meta.get("layers") or prev.get("layers"),
-        "model_shape": meta.get("model_shape") or prev.get("model_shape"),
-        "ds_config": meta.get("ds_config") or prev.get("ds_config"),
-        "init": [m.get("init") for m in metas],
-        "worker_argv": [m.get("argv") for m in metas],
-        # --resume: the first invocation's config and commit stay; every later one is listed under "resumes"
-        "git": prev.get("git") if resumed else extra.get("git") or prev.get("git"),
-        "config": prev.get("config") if resumed else extra.get("config") or prev.get("config"),
-        "resumes": _with_resume(prev.get("resumes", []), extra) if resumed else prev.get("resumes", []),
-        "rows": rows,
-        "searches": searches,
-    }
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, out)
+    first = next(iter(metas.values()), {})
+    res = {"schema": SCHEMA, **extra, "date": first.get("date"), "device": first.get("device"),
+           "n_gpus": first.get("n_gpus"), "gpu_total_gib": first.get("gpu_total_gib"),
+           "mem_cap_gib": first.get("mem_cap_gib"), "versions": first.get("versions"), "shape": first.get("shape"),
+           "layers": first.get("layers"),
+           "techniques": {m["technique"]: m.get("technique_desc") for m in metas.values()},
+           "rows": sorted(rows, key=lambda r: (str(r.get("docs")), r["seq_len"], r["technique"]))}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(res, indent=1, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, out)
     return res
 
 
-# ------------------------------------------------------------------------------------------------- run
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES))
@@ -191,72 +129,51 @@ def parse_args(argv=None):
     p.add_argument("--gpus", type=int)
     p.add_argument("--cap", type=float, help="GPU memory cap in GiB (emulated card); omit for none")
     p.add_argument("--layers", type=int)
-    p.add_argument("--techniques")
-    p.add_argument("--technique", help="one custom set, e.g. 'varlen+liger+fork_offload'")
+    p.add_argument("--runs", help="technique:docs pairs, comma list (docs: 1, N or stdlib), e.g. longctx:1,longctx:stdlib")
     p.add_argument("--lengths")
-    p.add_argument("--search", action="store_true", default=None)
-    p.add_argument("--no-search", dest="search", action="store_false")
-    p.add_argument("--search-limit")
-    p.add_argument("--budget-s", type=float, help="wall-clock budget per worker process (includes init)")
-    p.add_argument("--subprocess-per-try", action="store_true")
-    p.add_argument("--resume", metavar="RUN_ID", help="append to this run, skipping lengths already measured")
+    p.add_argument("--steps", type=int, default=1, help="timed steps per length (after one warmup step)")
     p.add_argument("--results-dir", default=str(RESULTS))
-    p.add_argument("--collect", metavar="JSONL", help="only rebuild the JSON from a raw JSONL and exit")
-    p.add_argument("--dry-run", action="store_true", help="print the worker command(s) and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the worker commands and exit")
     p.add_argument("--master-port", type=int, default=29512)
-    p.add_argument("extra", nargs="*", help="passed to bench/train_bench.py after '--'")
     return p.parse_args(argv)
 
 
 def resolve_profile(a) -> dict:
-    prof = dict(PROFILES[a.profile]) if a.profile else {"techniques": "baseline", "lengths": "16K,32K", "gpus": 1}
-    for k, attr in (("shape", "shape"), ("gpus", "gpus"), ("cap", "cap"), ("layers", "layers"),
-                    ("techniques", "techniques"), ("lengths", "lengths"), ("search", "search"),
-                    ("search_limit", "search_limit"), ("budget_s", "budget_s")):
-        v = getattr(a, attr)
-        if v is not None:
-            prof[k] = v
-    if a.technique:
-        prof["techniques"] = None
-        prof["technique"] = a.technique
-    prof.setdefault("shape", "llama3.1-8b")
+    prof = dict(PROFILES[a.profile]) if a.profile else dict(gpus=1, cap=None, layers=None)
+    for k in ("shape", "gpus", "cap", "layers", "runs", "lengths"):
+        if getattr(a, k) is not None:
+            prof[k] = getattr(a, k)
+    missing = [k for k in ("shape", "runs", "lengths") if not prof.get(k)]
+    if missing:
+        raise SystemExit(f"bench.run: give --profile or --{' --'.join(missing)}")
     return prof
 
 
-def worker_cmd(prof: dict, out: Path, run_id: str, lengths: str | None = None, search: bool | None = None,
-               master_port: int = 29512, extra=()) -> list[str]:
+def worker_cmd(prof: dict, technique: str, docs: str, out: Path, run_id: str, steps: int, port: int) -> list[str]:
     script = str(ROOT / "bench" / "train_bench.py")
     gpus = int(prof.get("gpus") or 1)
-    launch = (["deepspeed", "--num_gpus", str(gpus), "--master_port", str(master_port), script] if gpus > 1
+    launch = (["deepspeed", "--num_gpus", str(gpus), "--master_port", str(port), script] if gpus > 1
               else [sys.executable, script])
-    cmd = launch + ["--shape", prof["shape"], "--out", str(out), "--run-id", run_id,
-                    "--lengths", lengths or prof["lengths"]]
-    if prof.get("technique"):
-        cmd += ["--technique", prof["technique"]]
-    else:
-        cmd += ["--techniques", prof["techniques"]]
-    for k, flag in (("layers", "--layers"), ("cap", "--mem-cap-gib"), ("budget_s", "--time-budget-s"),
-                    ("search_limit", "--search-limit"), ("search_multiple", "--search-multiple"),
-                    ("init_warmup_len", "--init-warmup-len"), ("search_techniques", "--search-techniques"),
-                    ("rel_tol", "--rel-tol")):
-        if prof.get(k) not in (None, ""):
-            cmd += [flag, str(prof[k])]
-    if (prof.get("search") if search is None else search):
-        cmd.append("--search")
-    return cmd + list(extra)
+    cmd = launch + ["--technique", technique, "--shape", prof["shape"], "--lengths", prof["lengths"],
+                    "--docs", str(docs), "--steps", str(steps), "--out", str(out), "--run-id", run_id]
+    if prof.get("layers"):
+        cmd += ["--layers", str(prof["layers"])]
+    if prof.get("cap"):
+        cmd += ["--mem-cap-gib", str(prof["cap"])]
+    return cmd
 
 
-def run_worker(cmd: list[str], env_extra: dict, log) -> int:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **env_extra)
+def run_worker(cmd: list[str]) -> int:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
-    log(f"$ {shlex.join(cmd)}")
+    print(f"$ {shlex.join(cmd)}", flush=True)
     # The worker gets its own process group, and a signal that stops this process (timeout's SIGTERM, ^C) stops the
     # whole group first: an orphaned worker would hold the GPU and slow whatever runs next on it.
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True)
 
     def stop(signum, _frame):
-        _stop_group(proc)
+        stop_group(proc)
         raise SystemExit(128 + signum)
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
@@ -265,10 +182,10 @@ def run_worker(cmd: list[str], env_extra: dict, log) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        _stop_group(proc)
+        stop_group(proc)
 
 
-def _stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -285,103 +202,28 @@ def _stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    results = Path(a.results_dir)
-    if a.collect:
-        raw = Path(a.collect)
-        res = collect(raw, results / f"{raw.stem}.json")
-        print(f"{results / (raw.stem + '.json')}: {len(res['rows'])} rows, {len(res['searches'])} searches")
-        return 0
     prof = resolve_profile(a)
     device = "cpu" if prof["shape"] == "tiny-llama" else detect_device()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    run_id = a.resume or run_id_for(date, device, prof["shape"], prof.get("layers"), int(prof.get("gpus") or 1),
-                                    prof.get("cap"))
-    raw = results / "raw" / f"{run_id}.jsonl"
-    out = results / f"{run_id}.json"
-    env_extra = prof.pop("env", {}) or {}
-    config = {k: v for k, v in prof.items()}
-    config["profile"] = a.profile
-    extra = {"run_id": run_id, "git": git_info(), "config": config, "resumed": bool(a.resume)}
-    log = lambda m: print(f"[bench.run] {m}", file=sys.stderr, flush=True)  # noqa: E731
-
-    done = {(r.get("technique"), r.get("seq_len")) for r in collect(raw)["rows"]
-            if r.get("status") in ("ok", "oom")} if a.resume else set()
-    lengths = prof["lengths"]
-    if done:
-        from bench.train_bench import parse_len
-        techs = (prof.get("techniques") or prof.get("technique")).split(",")
-        left = [x for x in lengths.split(",") if any((t, parse_len(x)) not in done for t in techs)]
-        log(f"resume {run_id}: {len(done)} results kept; lengths still to run: {left or 'none'}")
-        lengths = ",".join(left) if left else None
-
+    run_id = run_id_for(date, device, prof["shape"], prof.get("layers"), int(prof.get("gpus") or 1), prof.get("cap"))
+    results = Path(a.results_dir)
+    raw, out = results / "raw" / f"{run_id}.jsonl", results / f"{run_id}.json"
+    info = runs.git_info()
+    extra = {"run_id": run_id, "git": {"commit": info["hash"], "dirty": info["dirty"]},
+             "command": "python -m bench.run " + shlex.join(argv if argv is not None else sys.argv[1:]),
+             "profile": prof}
+    pairs = [r.strip().partition(":") for r in prof["runs"].split(",") if r.strip()]
+    cmds = [worker_cmd(prof, t, d or "1", raw, run_id, a.steps, a.master_port) for t, _, d in pairs]
     if a.dry_run:
-        print(shlex.join(worker_cmd(prof, raw, run_id, lengths, master_port=a.master_port, extra=a.extra)))
+        print("\n".join(shlex.join(c) for c in cmds))
         return 0
     raw.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    if not a.subprocess_per_try:
-        rc = 0
-        if lengths or prof.get("search"):
-            rc = run_worker(worker_cmd(prof, raw, run_id, lengths or prof["lengths"], master_port=a.master_port,
-                                       extra=a.extra), env_extra, log)
-        res = collect(raw, out, extra)
-    else:
-        rc = subprocess_per_try(prof, raw, out, run_id, env_extra, extra, a, log)
-        res = collect(raw, out, extra)
-    ok = sum(r.get("status") == "ok" for r in res["rows"])
-    log(f"{out}: {len(res['rows'])} rows ({ok} ok), {len(res['searches'])} searches, "
-        f"{time.monotonic() - t0:.0f}s, worker rc={rc}")
-    return 0 if rc == 0 else rc
-
-
-def subprocess_per_try(prof, raw, out, run_id, env_extra, extra, a, log) -> int:
-    """One worker per (technique, length); the search runs here. Slow (init per try) but isolated."""
-    from bench import techniques as T
-    from bench.search import find_max_length
-    from bench.train_bench import parse_len
-
-    techs = [prof["technique"]] if prof.get("technique") else prof["techniques"].split(",")
-    deadline = time.monotonic() + float(prof["budget_s"]) if prof.get("budget_s") else None
-    rc_all = 0
-    for tech in techs:
-        T.resolve(tech)  # validate the name early
-
-        def status_of(L):
-            for r in reversed(collect(raw)["rows"]):
-                if r.get("technique") in (tech, T.NAMED.get(tech, T.Technique(tech)).name) and r.get("seq_len") == L:
-                    return r.get("status")
-            return None
-
-        def try_len(L):
-            nonlocal rc_all
-            p = dict(prof, technique=tech, techniques=None, budget_s=None)
-            rc = run_worker(worker_cmd(p, raw, run_id, str(L), search=False, master_port=a.master_port,
-                                       extra=list(a.extra) + ["--init-warmup-len", "0"]), env_extra, log)
-            if rc:
-                rc_all = rc
-            collect(raw, out, extra)
-            return status_of(L) == "ok"
-
-        known = {}
-        for L in [parse_len(x) for x in prof["lengths"].split(",")]:
-            if deadline and time.monotonic() > deadline:
-                break
-            known[L] = try_len(L)
-            if not known[L]:
-                break
-        if prof.get("search"):
-            oks = [L for L, ok in known.items() if ok]
-            start = max(oks) if oks else parse_len(prof["lengths"].split(",")[0])
-            res = find_max_length(try_len, start, parse_len(str(prof.get("search_limit") or "4M")), 0.10,
-                                  multiple_of=4096, known=known,
-                                  can_try=lambda L: deadline is None or time.monotonic() < deadline)
-            with open(raw, "a") as f:
-                f.write(json.dumps({"kind": "search", "technique": tech, "max_ok": res.max_ok,
-                                    "first_fail": res.first_fail, "tried": [[L, ok] for L, ok in res.tried],
-                                    "converged": res.converged(0.10), "mode": "subprocess-per-try",
-                                    "n_gpus": prof.get("gpus"), "mem_cap_gib": prof.get("cap"),
-                                    "layers": prof.get("layers")}, sort_keys=True) + "\n")
-    return rc_all
+    worst = 0
+    for cmd in cmds:
+        worst = max(worst, run_worker(cmd))
+        collect(raw, out, extra)
+    print(f"{out}: {len(json.loads(out.read_text())['rows'])} rows", flush=True)
+    return worst
 
 
 if __name__ == "__main__":

@@ -1,58 +1,29 @@
-"""Attention backend: choose one, and register PyTorch's varlen FlashAttention with transformers.
+"""Attention kernels registered with transformers' AttentionInterface; longctx.resolve chooses among them.
 
-Choice for --attn-implementation auto:
-  * CUDA sm80+ with the flash-attn package: "flash_attention_2" (transformers' own integration);
-  * CUDA sm80+ otherwise: "longctx_varlen", i.e. torch.nn.attention.varlen.varlen_attn registered
-    through transformers.AttentionInterface;
-  * CUDA sm70 (V100) and CPU: "sdpa". Without packing it runs causal SDPA with no mask (the
-    memory-efficient kernel on sm70). With packing, transformers builds a dense block-diagonal
-    S x S mask from the position_ids: allowed only up to --dense-mask-max-len (short CPU/test rows),
-    refused beyond it.
+  * "longctx_sdpa" (`--attn-implementation sdpa_per_doc`, the default): causal SDPA run per document of a
+    packed row, with GQA (enable_gqa) and a backend order of cuDNN, flash, memory-efficient, math. Rows that are
+    one document each take one SDPA call for the whole micro-batch. No mask is ever built, so packing works at
+    any length; the document boundaries come from the collator's cu_seq_lens (kept on the host: slicing needs
+    them there) or, failing that, from the position_ids.
+  * "longctx_varlen" (`varlen`): torch.nn.attention.varlen.varlen_attn over the flattened micro-batch.
+  * transformers' own "flash_attention_2", "sdpa" and "eager" (upstream's; packing needs a dense mask).
 
-Varlen paths get cu_seq_lens_q/k and max_length_q/k (transformers' flash-attention kwargs, see
-modeling_flash_attention_utils._flash_attention_forward) from the collator, flattened over the
-micro-batch, so packed documents never attend to each other and no mask is ever built: an
-implementation name that has no entry in transformers' mask interface makes create_causal_mask
-return None.
+Varlen paths get cu_seq_lens_q/k and max_length_q/k (transformers' flash-attention kwargs) from the collator,
+flattened over the micro-batch, so packed documents never attend to each other: an implementation name that has
+no entry in transformers' mask interface makes create_causal_mask return None.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .errors import LongctxError
+from .resolve import SDPA_PER_DOC, VARLEN
 
-VARLEN_NAME = "longctx_varlen"
+VARLEN_NAME = VARLEN
 _KERNEL: Callable | None = None  # what longctx_varlen calls; torch's varlen_attn unless a test swaps it
-
-
-@dataclass
-class Device:
-    kind: str  # "cuda" or "cpu"
-    capability: tuple[int, int] | None
-    name: str
-
-    @classmethod
-    def detect(cls) -> "Device":
-        if torch.cuda.is_available():
-            return cls("cuda", torch.cuda.get_device_capability(), torch.cuda.get_device_name())
-        return cls("cpu", None, "cpu")
-
-    @property
-    def sm80(self) -> bool:
-        return self.kind == "cuda" and self.capability >= (8, 0)
-
-
-@dataclass
-class AttentionChoice:
-    impl: str  # the name given to transformers (config._attn_implementation)
-    varlen_kwargs: bool  # pass cu_seq_lens_* / max_length_* to the model forward
-    note: str
 
 
 def torch_varlen_attn() -> Callable | None:
@@ -63,51 +34,110 @@ def torch_varlen_attn() -> Callable | None:
     return varlen_attn
 
 
-def flash_attn_installed() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def choose(requested: str, device: Device, *, precision: str, packing: bool, max_seq_len: int,
-           dense_mask_max_len: int) -> AttentionChoice:
-    half = precision in ("bf16", "fp16")
-    if requested == "auto":
-        if device.sm80 and half and flash_attn_installed():
-            requested = "flash_attention_2"
-        elif device.sm80 and half and torch_varlen_attn() is not None:
-            requested = "varlen"
-        else:
-            requested = "sdpa"
-    if requested == "flash_attention_2":
-        if not flash_attn_installed():
-            raise LongctxError("--attn-implementation flash_attention_2 is unavailable: the flash-attn package "
-                               "is not installed (use auto, varlen or sdpa)")
-        if not device.sm80 or not half:
-            raise LongctxError("--attn-implementation flash_attention_2 needs a CUDA GPU of sm80+ and bf16/fp16 "
-                               f"(device: {device.name}, precision: {precision})")
-        return AttentionChoice("flash_attention_2", True, "flash-attn varlen (packed documents via cu_seqlens)")
-    if requested == "varlen":
-        if torch_varlen_attn() is None:
-            raise LongctxError(f"--attn-implementation varlen is unavailable: torch {torch.__version__} has no "
-                               "torch.nn.attention.varlen.varlen_attn (needs torch >= 2.10)")
-        if not device.sm80 or not half:
-            raise LongctxError("--attn-implementation varlen is unavailable here: PyTorch's varlen FlashAttention "
-                               f"needs a CUDA GPU of sm80+ and bf16/fp16 (device: {device.name}, "
-                               f"precision: {precision})")
+def register(impl: str) -> str:
+    """Register a longctx implementation name with transformers (a no-op for transformers' own names)."""
+    if impl == VARLEN:
         register_varlen()
-        return AttentionChoice(VARLEN_NAME, True, "torch.nn.attention.varlen.varlen_attn (packed via cu_seqlens)")
-    # sdpa / eager: a dense mask is built for packed rows (sdpa) or always (eager's S x S scores)
-    dense = requested == "eager" or packing
-    if dense and max_seq_len > dense_mask_max_len:
-        why = ("eager attention materializes S x S scores" if requested == "eager" else
-               "packing with SDPA needs a dense block-diagonal S x S mask")
-        raise LongctxError(
-            f"refusing to build a dense {max_seq_len:,} x {max_seq_len:,} attention mask: {why} "
-            f"(--dense-mask-max-len {dense_mask_max_len:,}). Use a varlen backend (sm80+ GPU: "
-            "--attn-implementation auto/varlen/flash_attention_2), or --no-packing with SDPA, or a shorter "
-            "--max-seq-len.")
-    note = {"sdpa": "SDPA, causal, no mask" if not packing else "SDPA with a block-diagonal mask (short rows)",
-            "eager": "eager (reference) attention"}[requested]
-    return AttentionChoice(requested, False, note)
+    elif impl == SDPA_PER_DOC:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(SDPA_PER_DOC, sdpa_per_doc_forward)
+    return impl
+
+
+# --------------------------------------------------------------------------------------------
+# SDPA per document
+# --------------------------------------------------------------------------------------------
+
+def _sdpa_backends() -> list:
+    from torch.nn.attention import SDPBackend
+
+    return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa_context():
+    """SDPA with cuDNN first: torch's default order prefers flash, which ran 235 TFLOP/s against cuDNN's 408 on
+    an H100 at 128K (docs/RESULTS.md). A backend that cannot take the inputs is skipped, so CPU and sm70 run."""
+    from torch.nn.attention import sdpa_kernel
+
+    if "set_priority" in inspect.signature(sdpa_kernel).parameters:
+        return sdpa_kernel(_sdpa_backends(), set_priority=True)
+    return sdpa_kernel(_sdpa_backends())
+
+
+def _segments(B: int, S: int, kwargs: dict) -> list[list[tuple[int, int]]]:
+    """(start, length) of every document of each row; rows are contiguous S-token blocks of the flat batch."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            return [[(0, S)] for _ in range(B)]
+        cu, _ = cu_seqlens_from_position_ids(pos.expand(B, S))
+    bounds = cu.tolist() if isinstance(cu, torch.Tensor) else list(cu)
+    rows: list[list[tuple[int, int]]] = [[] for _ in range(B)]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        r = a // S
+        rows[r].append((a - r * S, b - a))
+    return rows
+
+
+# Documents shorter than this go to torch's varlen kernel in runs of consecutive short documents, where it is
+# available (CUDA sm80+, half precision): one SDPA call per document costs a launch and Python per call, which
+# short documents do not amortize. Measured on an H200 (torch 2.11, cuDNN 9.19, fwd + bwd, 32/8 heads, 128K rows,
+# TFLOP/s, docs/RESULTS.md): per-document SDPA (cuDNN) against varlen_attn 543 vs 327 at 128K documents, 529 vs 323
+# at 32K, 353 vs 298 at 8K, 60 vs 221 at 2K, 4 vs 101 at 512.
+PER_DOC_MIN_TOKENS = 8192
+
+
+def sdpa_per_doc_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                         **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface function: (B, H, S, D) in, (B, S, H, D) out; causal within documents."""
+    if attention_mask is not None:
+        raise RuntimeError(f"{SDPA_PER_DOC} takes no attention mask; packing is expressed by cu_seq_lens")
+    B, Hq, S, _ = query.shape
+    gqa = key.shape[1] != Hq
+    rows = _segments(B, S, kwargs)
+    F = torch.nn.functional
+
+    def sdpa(b: int, s: int, n: int) -> torch.Tensor:  # (1, n, H, D)
+        q, k, v = (t[b:b + 1, :, s:s + n] for t in (query, key, value))
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
+                                              enable_gqa=gqa).transpose(1, 2)
+
+    with _sdpa_context():
+        if all(len(r) == 1 for r in rows):  # one document per row: one call for the micro-batch
+            out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scaling,
+                                                 enable_gqa=gqa)
+            return out.transpose(1, 2), None
+        varlen = _varlen_for_short_docs(query) and not dropout
+        outs = []
+        for b, segs in enumerate(rows):
+            run: list[tuple[int, int]] = []  # consecutive short documents, for one varlen call
+            for s, n in segs + [(S, 0)]:  # a sentinel closes the last run
+                if varlen and 0 < n < PER_DOC_MIN_TOKENS:
+                    run.append((s, n))
+                    continue
+                if run:
+                    outs.append(_varlen_run(query, key, value, b, run, scaling))
+                    run = []
+                if n:
+                    outs.append(sdpa(b, s, n))
+    return torch.cat(outs, dim=1).view(B, S, Hq, value.shape[-1]), None
+
+
+def _varlen_for_short_docs(query: torch.Tensor) -> bool:
+    return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+            and torch.cuda.get_device_capability(query.device) >= (8, 0) and torch_varlen_attn() is not None)
+
+
+def _varlen_run(query, key, value, b: int, run: list[tuple[int, int]], scaling) -> torch.Tensor:
+    """torch's varlen kernel over consecutive documents of row b: (1, tokens, H, D)."""
+    start, end = run[0][0], run[-1][0] + run[-1][1]
+    q, k, v = (t[b, :, start:end].transpose(0, 1) for t in (query, key, value))  # (T, H, D)
+    lens = [n for _, n in run]
+    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(device=query.device, dtype=torch.int32)
+    return call_varlen(_KERNEL or torch_varlen_attn(), q, k, v, cu, max(lens), scaling)[None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,10 +218,14 @@ def register_varlen(kernel: Callable | None = None) -> str:
     return VARLEN_NAME
 
 
-def model_kwargs(batch: dict, choice: AttentionChoice, device: torch.device) -> dict:
-    """The attention-related forward kwargs for one collated micro-batch."""
-    if not choice.varlen_kwargs:
+def model_kwargs(batch: dict, impl: str | None, device: torch.device) -> dict:
+    """The attention kwargs of one collated micro-batch for the kernel `impl` (None: the kernel takes none).
+    SDPA per document slices on the host, so its boundaries stay there (no device sync per layer); varlen
+    kernels need them on the device."""
+    if impl is None:
         return {}
-    cu = batch["cu_seq_lens"].to(device=device, non_blocking=True)
+    cu = batch["cu_seq_lens"]
+    if impl != SDPA_PER_DOC:
+        cu = cu.to(device=device, non_blocking=True)
     m = int(batch["max_length"])
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": m, "max_length_k": m}

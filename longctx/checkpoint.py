@@ -24,6 +24,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -77,15 +78,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def pause_for_tests(where: str, step: int, output_dir: Path, rank: int) -> None:
-    """Test hook: LONGCTX_TEST_PAUSE_{where}=<step> parks every rank here so a test can kill -9 the run."""
-    if os.environ.get(f"LONGCTX_TEST_PAUSE_{where}") == str(step):
-        if rank == 0:
-            (output_dir / f"PAUSED_{where}").write_text(str(step))
-        while True:
-            time.sleep(1)
 
 
 def count_saves(total_steps: int, save_interval: int, start_step: int = 0) -> int:
@@ -152,9 +144,10 @@ def reporting_write_failures(what: str, target: Path, output_dir: str | Path, *,
 
 
 def save(engine, output_dir: str | Path, step: int, client_state: dict, keep_last: int, *, rank: int,
-         barrier) -> Path:
-    """Save a checkpoint of every rank; COMPLETE is written last. A write that fails (a full disk) stops with
-    a LongctxError on the rank that saw it, the partial directory removed by rank 0 and the previous complete
+         barrier, on_written: Callable[[Path], None] | None = None) -> Path:
+    """Save a checkpoint of every rank; COMPLETE is written last, and `on_written(path)` runs just before (the
+    Trainer's callbacks: a test parks the ranks there to kill -9 a save). A write that fails (a full disk) stops
+    with a LongctxError on the rank that saw it, the partial directory removed by rank 0 and the previous complete
     checkpoint untouched (pruning only follows a complete save)."""
     output_dir = Path(output_dir)
     d = root(output_dir) / tag(step)
@@ -166,7 +159,8 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, keep_las
     with reporting_write_failures(f"checkpoint {d.name}", d, output_dir, remove_partial=rank == 0):
         engine.save_checkpoint(str(d.parent), tag=d.name, client_state=client_state, save_latest=False)
         torch.save(rng_state(), d / f"rng_state_rank{rank}.pt")
-        pause_for_tests("IN_SAVE", step, output_dir, rank)
+        if on_written is not None:
+            on_written(d)
         barrier()
         if rank == 0:
             _write_atomic(d / "trainer_state.json", json.dumps(client_state, indent=2, default=str))

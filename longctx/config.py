@@ -41,9 +41,11 @@ class Config:
                     "config .json file (random initialization). Default: the embedded tiny GQA Llama.", "model")
     tokenizer: str = _f("", "Tokenizer directory. Default: the model directory if it has a tokenizer, else the "
                         "tokenizer shipped in longctx/default_data/tokenizer.", "model")
-    attn_implementation: Literal["auto", "varlen", "flash_attention_2", "sdpa", "eager"] = _f(
-        "auto", "Attention kernel. auto: flash_attention_2 if flash-attn is installed on sm80+, else PyTorch's "
-        "varlen FlashAttention (torch.nn.attention.varlen) on sm80+, else SDPA.", "model")
+    attn_implementation: Literal["auto", "sdpa_per_doc", "varlen", "flash_attention_2", "sdpa", "eager"] = _f(
+        "auto", "Attention kernel. auto = sdpa_per_doc: causal SDPA run per document of a packed row (cuDNN first on "
+        "GPUs, the fastest kernel measured; no S x S mask, so packing works at any length). varlen: torch's "
+        "varlen_attn (sm80+). flash_attention_2: the flash-attn package. sdpa / eager: upstream's (packing needs a "
+        "dense mask, refused beyond --dense-mask-max-len).", "model")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = _f(
         "auto", "auto: bf16 on sm80+, fp16 with dynamic loss scaling on sm70, fp32 on CPU.", "model")
     liger: Literal["auto", "on", "off"] = _f(
@@ -53,16 +55,20 @@ class Config:
                                       "model")
     offload_gradient_checkpointing: bool = _f(
         False, "Keep checkpointed hidden states in host RAM (needs the patched transformers fork).", "model")
+    offload_impl: Literal["fork", "upstream"] = _f(
+        "fork", "With --offload-gradient-checkpointing: fork = the fork's offloader (side-stream copies, prefetch); "
+        "upstream = transformers' activation_checkpointing_enable(offload=True) (save_on_cpu), for comparison.",
+        "model")
     num_offloaded_layers: Optional[int] = _f(None, "With --offload-gradient-checkpointing: how many layers "
                                              "offload their checkpoints (default: all).", "model")
     sequence_parallel: int = _f(1, "Ulysses sequence parallelism (DeepSpeed ALST): every row is spread over N "
                                 "consecutive ranks, each holding 1/N of its tokens. Use it when one sample does "
                                 "not fit on one GPU; keep N within a node. N must divide the world size and the "
                                 "number of query heads. See docs/multinode.md.", "model")
-    tiled_mlp: Optional[bool] = _f(None, "Run each decoder MLP over ceil(seq / hidden) chunks of the sequence "
-                                   "(DeepSpeed TiledMLP; recomputed in backward). Default: on when a rank's "
-                                   "micro-batch is at least 4 x hidden_size tokens and its bf16 [tokens x "
-                                   "intermediate] MLP activation at least 256 MiB (small models: off).", "model")
+    tiled_mlp: Optional[bool] = _f(None, "Run each decoder MLP over ceil(tokens / hidden) chunks of the sequence "
+                                   "(DeepSpeed TiledMLP; recomputed in backward). Default: on only when the memory "
+                                   "plan says the untiled step does not fit the GPU (tiling costs a recompute).",
+                                   "model")
     tiled_loss: bool = _f(True, "LM head + cross-entropy chunk by chunk, never holding [tokens x vocab] logits; "
                           "--no-tiled-loss materializes them (ablation).", "model")
 

@@ -9,6 +9,8 @@
   bf16.enabled / fp16.enabled     <- the resolved --precision
   zero_optimization bucket sizes  <- from the model's hidden size
   offload_*.pin_memory            <- true on CUDA, false on CPU
+  offload_param.device            <- "cpu" or "none", as longctx.resolve decides (parameters kept on the GPU
+                                     where the memory plan fits them)
   optimizer.params.torch_adam     <- true unless the optimizer is offloaded (CPU Adam) or it is set
 A value that is not "auto" must agree with the argument it mirrors, otherwise this is an error.
 The LR schedule belongs to train.py (--lr-scheduler): a "scheduler" section is refused.
@@ -69,7 +71,7 @@ def _is_auto(v: Any) -> bool:
 
 
 def build(path: str, cfg, *, world_size: int, precision: str, lr: float, hidden_size: int,
-          on_cuda: bool) -> dict:
+          on_cuda: bool, offload_params: bool | None = None) -> dict:
     """Return the DeepSpeed config dict to pass to deepspeed.initialize, fully resolved."""
     raw = load(path)
     ds = copy.deepcopy(raw)
@@ -142,6 +144,15 @@ def build(path: str, cfg, *, world_size: int, precision: str, lr: float, hidden_
         zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
     if _is_auto(zero.get("stage3_param_persistence_threshold")):
         zero["stage3_param_persistence_threshold"] = 10 * hidden_size
+    off_param = zero.get("offload_param")
+    if isinstance(off_param, dict) and _is_auto(off_param.get("device")):
+        if offload_params is None:
+            raise LongctxError(f"{where}: zero_optimization.offload_param.device is \"auto\", which "
+                               "longctx.resolve decides; call dsconfig.build with offload_params")
+        if offload_params:
+            off_param["device"] = "cpu"
+        else:
+            del zero["offload_param"]
     offload_opt = False
     for sec in ("offload_optimizer", "offload_param"):
         off = zero.get(sec)

@@ -45,52 +45,15 @@ def fork_info() -> dict | None:
                                                                        for p in getattr(fi, "PATCHES", ())]}
 
 
-def liger_installed() -> bool:
-    return importlib.util.find_spec("liger_kernel") is not None
-
-
-def resolve_precision(requested: str, device) -> str:
-    if requested == "auto":
-        if device.kind != "cuda":
-            return "fp32"
-        return "bf16" if device.capability >= (8, 0) else "fp16"
-    if requested == "bf16" and device.kind == "cuda" and device.capability < (8, 0):
-        raise LongctxError(f"--precision bf16 needs sm80+; {device.name} is sm{device.capability[0]}"
-                           f"{device.capability[1]}: use fp16 (dynamic loss scaling) or auto")
-    if requested == "fp16" and device.kind != "cuda":
-        raise LongctxError("--precision fp16 needs a CUDA GPU; on CPU use fp32 (auto) or bf16")
-    return requested
-
-
-def resolve_liger(requested: str, device) -> bool:
-    if requested == "off":
-        return False
-    if requested == "on":
-        if not liger_installed():
-            raise LongctxError("--liger on, but liger-kernel is not installed (pip install liger-kernel)")
-        if device.kind != "cuda":
-            raise LongctxError("--liger on needs a CUDA GPU (Liger kernels are Triton kernels)")
-        return True
-    return liger_installed() and device.kind == "cuda"
-
-
-def check_offload(cfg, model_config) -> None:
-    if not cfg.offload_gradient_checkpointing:
-        return
-    import transformers
-
-    info = fork_info()
-    if info is None:
-        raise LongctxError(
-            "--offload-gradient-checkpointing needs the patched transformers fork, but the installed "
-            f"transformers {transformers.__version__} ({Path(transformers.__file__).parent}) is upstream "
-            "(no transformers.fork_info). Install ./transformers-fork (make apply-patches; pip install "
-            "./transformers-fork).")
+def check_offload_supported(model_config) -> None:
+    """The fork's offloader is reached through offload_gradient_checkpointing_enable on the model's class: refuse
+    before anything is built if that class lacks it."""
     from transformers import AutoModelForCausalLM
 
     cls = AutoModelForCausalLM._model_mapping[type(model_config)]
     if not hasattr(cls, "offload_gradient_checkpointing_enable"):
-        raise LongctxError(f"transformers fork {info['version']}: {cls.__name__} has no "
+        info = fork_info() or {}
+        raise LongctxError(f"transformers fork {info.get('version')}: {cls.__name__} has no "
                            "offload_gradient_checkpointing_enable (the fork patches Llama, Mistral, Qwen2, Qwen3)")
 
 
@@ -254,39 +217,59 @@ def apply_liger(model_type: str):
     return check
 
 
-def build_model(cfg, model_config, kind: str, *, attn_impl: str, precision: str, ds_config: dict,
-                use_liger: bool):
-    """Create the HF model (under zero.Init for ZeRO-3) and wrap it with the training loss."""
+def build_model(cfg, model_config, kind: str, settings, layout):
+    """The module to train and the mpu for deepspeed.initialize: the HF model (under zero.Init for ZeRO-3), with
+    Liger, the attention kernel, checkpointing and tiled MLP as `settings` (longctx.resolve.Resolved) says,
+    wrapped with the training loss, and Ulysses around the attention when sequence-parallel. Built once."""
     global _HF_DS_CONFIG
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    from . import attention, s2attn, sequence_parallel as sp_mod
+
+    ds_config = settings.ds_config
+    zero3 = settings.zero_stage == 3
     _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config) if zero3 else None
-    liger_check = apply_liger(model_config.model_type) if use_liger else None
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    liger_check = apply_liger(model_config.model_type) if settings.liger else None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[settings.precision]
+    impl = sp_mod.core_attention(attention.register(settings.attn_impl), layout.size)
+    if settings.s2_group:
+        impl = s2attn.register(impl, settings.s2_group)
     torch.manual_seed(cfg.seed)
     if kind == "pretrained":
-        lm = AutoModelForCausalLM.from_pretrained(cfg.model, config=model_config, dtype=dtype,
-                                                  attn_implementation=attn_impl)
+        lm = AutoModelForCausalLM.from_pretrained(cfg.model, config=model_config, dtype=dtype, attn_implementation=impl)
     else:
-        lm = AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation=attn_impl)
+        lm = AutoModelForCausalLM.from_config(model_config, dtype=dtype, attn_implementation=impl)
     lm.config.use_cache = False
     if liger_check is not None:
         problems = liger_check(lm)
         if problems:
             raise LongctxError("Liger kernels were requested but not applied: " + "; ".join(problems))
-    if cfg.offload_gradient_checkpointing:
-        lm.offload_gradient_checkpointing_enable(num_offloaded_layers=cfg.num_offloaded_layers,
-                                                 activation_checkpointing_kwargs={"use_reentrant": True})
-    elif cfg.gradient_checkpointing:
-        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
-    model = CausalLMWithLoss(lm, fused_ce=use_liger)
+    enable_checkpointing(lm, settings)
+    if settings.tiled_mlp:  # after Liger: the MLP forward in place (Liger's SwiGLU) is what runs per chunk
+        sp_mod.enable_tiled_mlp(lm)
+    model = CausalLMWithLoss(lm, fused_ce=settings.liger, labels_shifted=layout.size > 1,
+                             tiled_loss=settings.tiled_loss)
     if zero3:
         import deepspeed
 
         deepspeed.zero.register_external_parameter(model, lm.lm_head.weight)
-    return model
+    mpu = sp_mod.register_ulysses(lm, impl, layout.size, 1 if settings.pass_varlen_kwargs else cfg.micro_batch_size)
+    return model, mpu
+
+
+def enable_checkpointing(lm, settings) -> None:
+    kwargs = {"use_reentrant": settings.reentrant}
+    if settings.checkpointing == "offload" and settings.offload_impl == "fork":
+        if not hasattr(lm, "offload_gradient_checkpointing_enable"):
+            raise LongctxError(f"transformers fork: {type(lm).__name__} has no offload_gradient_checkpointing_enable "
+                               "(the fork patches Llama, Mistral, Qwen2, Qwen3)")
+        lm.offload_gradient_checkpointing_enable(num_offloaded_layers=settings.num_offloaded_layers,
+                                                 activation_checkpointing_kwargs=kwargs)
+    elif settings.checkpointing == "offload":  # upstream's save_on_cpu, for comparison
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=True)
+    elif settings.checkpointing == "plain":
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
 
 
 class LinearCrossEntropySum(torch.autograd.Function):
@@ -330,12 +313,20 @@ class LinearCrossEntropySum(torch.autograd.Function):
 
 
 class CausalLMWithLoss(nn.Module):
-    """The HF causal LM plus the training loss: sum of target-token cross-entropy."""
+    """The HF causal LM plus the training loss: the sum of target-token cross-entropy over the tokens it holds.
 
-    def __init__(self, lm: nn.Module, fused_ce: bool = False):
+    labels_shifted: labels[t] is already the target of token t (a sequence-parallel slice cannot shift its own
+    labels; longctx.sequence_parallel.shard_batch shifts before slicing); else the Hugging Face convention,
+    labels[t] the target of the logits at t-1. The head is Liger's fused linear CE, the chunked
+    LinearCrossEntropySum (tiled_loss), or full fp32 logits (--no-tiled-loss: the reference)."""
+
+    def __init__(self, lm: nn.Module, fused_ce: bool = False, *, labels_shifted: bool = False,
+                 tiled_loss: bool = True):
         super().__init__()
         self.lm = lm
         self.fused_ce = fused_ce
+        self.labels_shifted = labels_shifted
+        self.tiled_loss = tiled_loss
         if getattr(lm.config, "final_logit_softcapping", None):
             raise LongctxError("models with final_logit_softcapping are not supported by the training loss")
         if getattr(lm.lm_head, "bias", None) is not None:
@@ -345,9 +336,10 @@ class CausalLMWithLoss(nn.Module):
                 **attn_kwargs: Any) -> torch.Tensor:
         out = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **attn_kwargs)
         hidden = out.last_hidden_state
-        # labels[t] is the target of the logits at t-1 (the Hugging Face convention)
-        h = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
-        y = labels[:, 1:].reshape(-1)
+        if self.labels_shifted:
+            h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+        else:
+            h, y = hidden[:, :-1, :].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
         keep = (y != -100).nonzero().view(-1)
         h, y = h.index_select(0, keep), y.index_select(0, keep)
         w = self.lm.lm_head.weight
@@ -355,4 +347,7 @@ class CausalLMWithLoss(nn.Module):
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
             return LigerFusedLinearCrossEntropyLoss(reduction="sum")(w, h, y)
-        return LinearCrossEntropySum.apply(h, w, y, HEAD_CHUNK_TOKENS)
+        if self.tiled_loss:
+            return LinearCrossEntropySum.apply(h, w, y, HEAD_CHUNK_TOKENS)
+        logits = F.linear(h, w).to(torch.promote_types(h.dtype, torch.float32))  # fp32 at least, as transformers
+        return F.cross_entropy(logits, y, reduction="sum")

@@ -85,27 +85,6 @@ HOST_USABLE = 0.90
 # hidden-state tensor of logits: next_pow2(ceil(tokens / ceil(vocab / hidden))) rows.
 HEAD_CHUNK_TOKENS = 8192
 
-# --tiled-mlp auto: on when a rank's micro-batch is at least this many hidden sizes long, i.e. when tiling
-# cuts the MLP's [tokens x intermediate] working set at least this many times (8B: from 16K tokens per rank) ...
-TILED_MLP_AUTO_MIN_SHARDS = 4
-# ... and that working set is worth cutting: one bf16 [tokens x intermediate] activation of at least this size.
-# A small model's tiles (`hidden` tokens each) are tiny kernels: a 2.6M-parameter Llama's 8K x 8 micro-batch ran
-# in 256 tiles per MLP at 0.64 s/step against 20 ms for the whole untiled forward and backward (H100).
-TILED_MLP_AUTO_MIN_BYTES = 256 * 2 ** 20
-
-
-def resolve_tiled_mlp(requested: bool | None, *, max_seq_len: int, sp: int, hidden_size: int,
-                      micro_batch_size: int = 1, intermediate_size: int | None = None) -> bool:
-    """--tiled-mlp as train.py (longctx.sequence_parallel) and the planner apply it. None (auto): on where it
-    pays, i.e. when a rank's micro-batch spans at least TILED_MLP_AUTO_MIN_SHARDS hidden sizes and its MLP
-    activation is large; shorter or smaller ones would only pay the backward recompute and the per-tile overhead."""
-    if requested is not None:
-        return requested
-    tokens = math.ceil(max_seq_len / sp) * micro_batch_size
-    big = intermediate_size is None or tokens * int(intermediate_size) * 2 >= TILED_MLP_AUTO_MIN_BYTES
-    return tokens >= TILED_MLP_AUTO_MIN_SHARDS * hidden_size and big
-
-
 CHECKPOINTING = ("none", "plain", "offload")
 OFFLOAD_IMPLS = ("fork", "upstream")
 LOSSES = ("full", "chunked", "liger", "none")
@@ -370,10 +349,17 @@ def deepspeed_items(setup: Setup) -> list[Item]:
         prefetch = setup.prefetch_bucket_size or int(0.9 * s.hidden * s.hidden)
         lp = layer_params(s)
         head = s.vocab * s.hidden if setup.lm_head else 0
-        items += [Item("gathered layer params + prefetch", (lp + min(prefetch, lp)) * a),
+        items += [Item("gathered layer params + prefetch", (lp + min(prefetch, lp)) * a * gathered_fraction(setup)),
                   Item("largest gradient in the reduce queue", max(head, s.hidden * s.intermediate) * a,
                        "LM head" if head > s.hidden * s.intermediate else "MLP matrix")]
     return items
+
+
+def gathered_fraction(setup: Setup) -> float:
+    """Share of a ZeRO-3 gathered parameter that is new GPU memory: all of it when parameters live on the CPU;
+    without param offload the rank's own shard is already there (1/world of it; with one rank, all of it).
+    Measured on one H200 (8B shape, 8 layers): with parameters on the GPU the plan was 3.3-4.3 GiB high before."""
+    return 1.0 if setup.offload_params else 1.0 - 1.0 / setup.world
 
 
 def ckpt_gpu_units(setup: Setup) -> float:
@@ -404,6 +390,7 @@ def plan(setup: Setup) -> Plan:
                  "offload": f"{setup.offloaded_layers}/{s.layers} layers in host RAM ({setup.offload_impl})"}
     ds = deepspeed_items(setup)
     zero3_head = setup.zero_stage == 3 and head_bytes > 0
+    head_bytes *= gathered_fraction(setup) if setup.zero_stage == 3 else 1.0
     head_live = [Item("LM head weight (ZeRO-3 external param)", head_bytes)] if (
         zero3_head and setup.head_gathered_throughout) else []
 
@@ -434,7 +421,8 @@ def plan(setup: Setup) -> Plan:
         loss += [i for i in ds if i.name.startswith("reduce")]
         phases["loss"] = loss
     if setup.zero_stage == 3:
-        phases["embedding backward"] = [Item("embedding weight (gathered) + dense grad", 2 * V * h * a),
+        phases["embedding backward"] = [Item("embedding weight (gathered) + dense grad",
+                                             (1 + gathered_fraction(setup)) * V * h * a),
                                         Item("gradient of the embedding output", U)] + head_live
 
     host = [Item("process (python, torch, CUDA, DeepSpeed)", HOST_PROCESS_BYTES)] + host_states
@@ -473,15 +461,19 @@ def fits(setup: Setup, hw: Hardware) -> bool:
     return check_fit(plan(setup), hw).ok
 
 
-def max_seq_len_that_fits(setup: Setup, hw: Hardware, *, multiple: int = 1024, limit: int = 1 << 24) -> int:
-    """Largest seq_len (a multiple of `multiple`, up to `limit`) for which the plan fits `hw`; 0 if none."""
+def max_seq_len_that_fits(setup: Setup, hw: Hardware, *, multiple: int = 1024, limit: int = 1 << 24,
+                          setup_at=None) -> int:
+    """Largest seq_len (a multiple of `multiple`, up to `limit`) for which the plan fits `hw`; 0 if none.
+    `setup_at(seq_len)` gives the Setup at another length (train.py's resolution changes with it: tiled MLP turns on
+    where the untiled step does not fit); default: this setup with only the length changed."""
+    at = setup_at or (lambda n: replace(setup, seq_len=n))
     hi = limit // multiple
-    if not fits(replace(setup, seq_len=multiple), hw):
+    if not fits(at(multiple), hw):
         return 0
     lo = 1
     while lo < hi:  # memory grows with seq_len: bisect on the multiple count
         mid = (lo + hi + 1) // 2
-        if fits(replace(setup, seq_len=mid * multiple), hw):
+        if fits(at(mid * multiple), hw):
             lo = mid
         else:
             hi = mid - 1
@@ -593,7 +585,8 @@ def describe(setup: Setup) -> str:
             f"{s.tiled_mlp_shards if s.tiled_mlp_shards > 1 else 'off'} | sequence parallel {s.sp}")
 
 
-def format_plan(setup: Setup, hw: Hardware, *, model_name: str = "", optional: tuple[str, ...] = ()) -> str:
+def format_plan(setup: Setup, hw: Hardware, *, model_name: str = "", optional: tuple[str, ...] = (),
+                setup_at=None) -> str:
     p = plan(setup)
     s, sh = setup, setup.shape
     P = total_params(sh, lm_head=s.lm_head, tied=s.tied_embeddings)
@@ -635,7 +628,7 @@ def format_plan(setup: Setup, hw: Hardware, *, model_name: str = "", optional: t
               f"  {'pinned host memory, all ranks':<60}{gib(p.pinned * hw.gpus)}"
               + ("" if hw.pinned_limit is None else
                  f"  of {hw.pinned_limit / GiB:.1f} limit: {'fits' if v.pinned_ok else 'DOES NOT FIT'}"), ""]
-    best = max_seq_len_that_fits(setup, hw)
+    best = max_seq_len_that_fits(setup, hw, setup_at=setup_at)
     lines.append(f"Largest max_seq_len that fits: {best:,} ({fmt_len(best)})" if best else
                  "Largest max_seq_len that fits: none (even 1K does not fit)")
     knobs = next_knobs(setup, hw, optional=optional)
@@ -670,10 +663,13 @@ def parse_size(text: str) -> int:
     return int(value * (_UNITS[unit] if unit else GiB))
 
 
-# ---- from train.py's configuration ---------------------------------------------------------------------
-def setup_from_config(cfg, *, world: int, model_config, ds_config: dict, precision: str, use_liger: bool,
-                      attention: str) -> Setup:
-    """The Setup of a train.py run (longctx.config.Config + the resolved ds_config and model config)."""
+# ---- from the resolved settings ------------------------------------------------------------------------
+def setup_from_settings(*, shape: ModelShape, seq_len: int, micro_batch: int, world: int, ds_config: dict,
+                        precision: str, checkpointing: str, offload_impl: str, reentrant: bool,
+                        num_offloaded_layers: int, liger: bool, tiled_loss: bool, attention: str, sp: int,
+                        tiled_mlp_shards: int, tied_embeddings: bool) -> Setup:
+    """The Setup of what longctx.trainer builds from these settings (longctx.resolve calls this while deciding;
+    `setup_from_resolved` once decided)."""
     zero = ds_config.get("zero_optimization", {}) or {}
     stage = int(zero.get("stage", 0) or 0)
 
@@ -682,44 +678,40 @@ def setup_from_config(cfg, *, world: int, model_config, ds_config: dict, precisi
         return isinstance(d, dict) and d.get("device") not in (None, "none")
 
     pin = any(bool((zero.get(sec) or {}).get("pin_memory", False)) for sec in ("offload_param", "offload_optimizer"))
-    ckpt = "none"
-    if cfg.gradient_checkpointing:
-        ckpt = "offload" if cfg.offload_gradient_checkpointing else "plain"
-    return Setup(shape=ModelShape.from_config(model_config), seq_len=cfg.max_seq_len,
-                 micro_batch=cfg.micro_batch_size, world=world, zero_stage=stage,
+    return Setup(shape=shape, seq_len=seq_len, micro_batch=micro_batch, world=world, zero_stage=stage,
                  offload_params=stage == 3 and offloaded("offload_param"),
-                 offload_optimizer=offloaded("offload_optimizer"), pin_memory=pin or not (
-                     offloaded("offload_param") or offloaded("offload_optimizer")),
-                 precision=precision, checkpointing=ckpt, offload_impl="fork", reentrant=False,
-                 num_offloaded_layers=cfg.num_offloaded_layers, loss="liger" if use_liger else "chunked",
-                 liger_kernels=use_liger, attention=attention, sp=int(getattr(cfg, "sequence_parallel", 1) or 1),
-                 tiled_mlp_shards=tiled_mlp_shards(cfg, model_config),
-                 tied_embeddings=bool(getattr(model_config, "tie_word_embeddings", False)),
-                 head_gathered_throughout=True,
+                 offload_optimizer=offloaded("offload_optimizer"),
+                 pin_memory=pin or not (offloaded("offload_param") or offloaded("offload_optimizer")),
+                 precision=precision, checkpointing=checkpointing, offload_impl=offload_impl, reentrant=reentrant,
+                 num_offloaded_layers=num_offloaded_layers, loss="liger" if liger else ("chunked" if tiled_loss
+                                                                                         else "full"),
+                 liger_kernels=liger, attention=attention, sp=sp, tiled_mlp_shards=tiled_mlp_shards,
+                 tied_embeddings=tied_embeddings, head_gathered_throughout=True,
                  reduce_bucket_size=int(zero.get("reduce_bucket_size") or 0),
                  prefetch_bucket_size=int(zero.get("stage3_prefetch_bucket_size") or 0),
                  overlap_comm=bool(zero.get("overlap_comm", stage > 0)))
 
 
-def tiled_mlp_shards(cfg, model_config) -> int:
-    """The TiledMLP shard count train.py will use: ceil(rank's tokens / hidden) when tiling is on
-    (resolve_tiled_mlp above)."""
-    sp = int(getattr(cfg, "sequence_parallel", 1) or 1)
-    tokens = math.ceil(cfg.max_seq_len / sp) * cfg.micro_batch_size
-    hidden = int(model_config.hidden_size)
-    on = resolve_tiled_mlp(getattr(cfg, "tiled_mlp", None), max_seq_len=cfg.max_seq_len, sp=sp, hidden_size=hidden,
-                           micro_batch_size=cfg.micro_batch_size,
-                           intermediate_size=getattr(model_config, "intermediate_size", None))
-    return max(1, math.ceil(tokens / hidden)) if on else 1
+def setup_from_resolved(settings, cfg, model_config) -> Setup:
+    """The Setup of a run: its resolved settings (longctx.resolve.Resolved) and its length and batch."""
+    tied = model_config.get("tie_word_embeddings", False) if isinstance(model_config, dict) else \
+        getattr(model_config, "tie_word_embeddings", False)
+    return setup_from_settings(
+        shape=ModelShape.from_config(model_config), seq_len=cfg.max_seq_len, micro_batch=cfg.micro_batch_size,
+        world=settings.world, ds_config=settings.ds_config, precision=settings.precision,
+        checkpointing=settings.checkpointing, offload_impl=settings.offload_impl, reentrant=settings.reentrant,
+        num_offloaded_layers=settings.num_offloaded_layers, liger=settings.liger, tiled_loss=settings.tiled_loss,
+        attention=attention_kind(settings.attention, cfg.packing), sp=settings.sequence_parallel,
+        tiled_mlp_shards=settings.tiled_mlp_shards, tied_embeddings=bool(tied))
 
 
-def attention_kind(impl: str, packing: bool) -> str:
-    """Memory class of an attention implementation name (config or longctx.attention's choice)."""
-    if impl == "eager":
+def attention_kind(name: str, packing: bool) -> str:
+    """Memory class of an attention choice (longctx.resolve's names)."""
+    if name == "eager":
         return "eager"
-    if impl == "sdpa" and packing:
+    if name == "sdpa" and packing:
         return "dense_mask"
-    return "flash"  # flash_attention_2, varlen, SDPA without a mask (flash or memory-efficient kernel)
+    return "flash"  # sdpa_per_doc, varlen, flash_attention_2, SDPA without a mask: O(S)
 
 
 def _read_model_config(path: str) -> dict:
@@ -740,72 +732,38 @@ def _read_model_config(path: str) -> dict:
 
 
 def cli_plan(cfg, optional: tuple[str, ...] = ()) -> str:
-    """`train.py --plan`: the plan of the run `cfg` describes, on the hardware named by --gpus/--gpu-mem/--host-mem
-    (default: this machine). Reads only JSON: no model, no torch allocation, no GPU needed."""
+    """`train.py --plan`: the plan of the run `cfg` describes, resolved as train.py resolves it, on the hardware
+    named by --gpus/--gpu-mem/--host-mem (default: this machine). Reads only JSON: no model, no GPU needed."""
     import os
+    from pathlib import Path
 
-    import psutil
-
-    from . import config as config_mod, dsconfig
+    from . import resolve as resolve_mod
     from .errors import LongctxError
 
-    gpus, gpu_mem, host_mem = getattr(cfg, "gpus", None), getattr(cfg, "gpu_mem", ""), getattr(cfg, "host_mem", "")
-    notes = []
-    cap = None
-    name, dev_total = "", None
     try:
-        import torch
-
-        if torch.cuda.is_available():
-            cap = torch.cuda.get_device_capability()
-            name = torch.cuda.get_device_name()
-            dev_total = torch.cuda.get_device_properties(0).total_memory
-            gpus = gpus or torch.cuda.device_count()
-    except Exception:  # noqa: BLE001
-        pass
-    gpus = gpus or int(os.environ.get("WORLD_SIZE", 1))
-    try:
-        gpu_bytes = parse_size(gpu_mem) if gpu_mem else dev_total
-        host_bytes = parse_size(host_mem) if host_mem else psutil.virtual_memory().total
+        gpu_bytes = parse_size(cfg.gpu_mem) if cfg.gpu_mem else None
+        host_bytes = parse_size(cfg.host_mem) if cfg.host_mem else None
     except ValueError as e:
         raise LongctxError(str(e)) from None
-    if gpu_bytes is None:
+    here = resolve_mod.Facts.detect()
+    facts = here.as_target(gpus=cfg.gpus or (None if here.cuda else int(os.environ.get("WORLD_SIZE", 1))),
+                           gpu_mem=gpu_bytes, host_mem=host_bytes, precision=cfg.precision)
+    if facts.gpu_mem is None:
         raise LongctxError("--plan: no GPU here; name the target with --gpus N --gpu-mem SIZE (e.g. --gpu-mem 16GiB)")
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if cap is None or cap >= (8, 0) else "fp16"
-        notes.append(f"precision auto -> {precision}" + (" (assumed sm80+; pass --precision fp16 for V100)"
-                                                        if cap is None else ""))
-    sm80 = (cap >= (8, 0)) if cap is not None else precision == "bf16"
-    if cfg.liger == "auto":
-        from importlib.util import find_spec
-        use_liger = find_spec("liger_kernel") is not None and cap is not None
-        notes.append(f"liger auto -> {'on' if use_liger else 'off'} (on with liger-kernel installed on a GPU; "
-                     "pass --liger on/off to plan for the target)")
-    else:
-        use_liger = cfg.liger == "on"
-    impl = cfg.attn_implementation
-    if impl == "auto":
-        impl = "varlen" if sm80 and precision != "fp32" else "sdpa"
-    if impl in ("sdpa", "eager") and (impl == "eager" or cfg.packing) and cfg.max_seq_len > cfg.dense_mask_max_len:
-        notes.append(f"attention {impl} with {'packing' if cfg.packing else 'eager scores'} needs a dense mask: "
-                     f"train.py refuses this beyond --dense-mask-max-len {cfg.dense_mask_max_len} (use --no-packing "
-                     "or an sm80+ GPU)")
     mc = _read_model_config(cfg.model)
-    shape = ModelShape.from_config(mc)
-    ds = dsconfig.build(cfg.deepspeed, cfg, world_size=gpus, precision=precision, lr=config_mod.resolved_lr(cfg),
-                        hidden_size=shape.hidden, on_cuda=True)
+    settings = resolve_mod.resolve(cfg, facts, mc, world=facts.gpus)
+    setup = setup_from_resolved(settings, cfg, mc)
+    hw = Hardware(gpus=facts.gpus, gpu_mem=int(facts.gpu_mem), host_mem=int(facts.host_mem or 0),
+                  name="" if facts.assumed else facts.name)
+    import dataclasses
 
-    class _MC:  # the attributes setup_from_config reads
-        pass
+    def setup_at(n: int) -> Setup:  # train.py's resolution at another --max-seq-len
+        c = dataclasses.replace(cfg, max_seq_len=n)
+        return setup_from_resolved(resolve_mod.resolve(c, facts, mc, world=facts.gpus), c, mc)
 
-    m = _MC()
-    for k, v in mc.items():
-        setattr(m, k, v)
-    setup = setup_from_config(cfg, world=gpus, model_config=m, ds_config=ds, precision=precision,
-                              use_liger=use_liger, attention=attention_kind(impl, cfg.packing))
-    hw = Hardware(gpus=gpus, gpu_mem=int(gpu_bytes), host_mem=int(host_bytes), name=name)
-    from pathlib import Path
     text = format_plan(setup, hw, model_name=Path(cfg.model).stem if Path(cfg.model).is_file() else cfg.model,
-                       optional=optional)
-    return text + ("\n\nAssumed: " + "; ".join(notes) if notes else "")
+                       optional=optional, setup_at=setup_at)
+    notes = ["; ".join(settings.header()[:2])] + [f"{k}: {v}" for k, v in settings.why.items()]
+    if facts.assumed:
+        notes.append("assumed: " + "; ".join(facts.assumed))
+    return text + "\n\nResolved (as train.py would run it):\n  " + "\n  ".join(notes)

@@ -37,7 +37,7 @@ RESUME_KEYS = ("model", "tokenizer", "data", "eval_data", "eval_fraction", "max_
 # What a run recorded before a key existed behaved as (sft_truncation: SFT rows were cut at the end).
 RESUME_KEYS_BEFORE = {"sft_truncation": "end"}
 RUN_CONTENT = ("run.json", "config.yaml", "ledger.json", "metrics.jsonl", "samples.jsonl", "checkpoints",
-               "final_model", "final_model.tmp", "PAUSED_IN_SAVE", "PAUSED_AFTER_STEP", "summary.json")
+               "final_model", "final_model.tmp", "summary.json", "resolved.json")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -180,8 +180,6 @@ def create(cfg, mode: str, record: dict) -> None:
             elif p.exists():
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("PAUSED_IN_SAVE", "PAUSED_AFTER_STEP"):
-        (out / name).unlink(missing_ok=True)
     rec = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_info(),
            "patch_series_sha256": patch_series_hash(), "versions": versions(), **record,
            "config": cfg.to_dict()}

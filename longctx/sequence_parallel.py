@@ -49,8 +49,6 @@ import torch
 import torch.nn.functional as F
 
 from .errors import LongctxError
-from .modeling import HEAD_CHUNK_TOKENS, CausalLMWithLoss, LinearCrossEntropySum
-from .plan import resolve_tiled_mlp  # the --tiled-mlp rule (pure: shared with the planner)
 
 IGNORE = -100
 SEGMENT_SDPA = "longctx_sdpa_segments"
@@ -86,50 +84,36 @@ def check(sp: int, world: int, model_config) -> None:
 
 @dataclass
 class Layout:
-    """Where this rank sits (SP group of `size` consecutive ranks, data-parallel group `dp_rank` of
-    `dp_world`) and the tiling choices: everything train.py asks of this module."""
+    """Where this rank sits: in an SP group of `size` consecutive ranks (rank `rank` inside it), and in data-parallel
+    group `dp_rank` of `dp_world`. The trainer asks it how to slice a batch and scale a micro-batch's loss."""
 
     size: int
     rank: int  # rank inside the SP group
     dp_world: int
     dp_rank: int
     micro_batch_size: int = 1
-    tiled_mlp: bool = False
-    tiled_loss: bool = True
-    grads_divided_by_world: bool = False  # set by ds_config(): how DeepSpeed averages this run's gradients
+    grads_divided_by_world: bool = False  # how DeepSpeed averages this run's gradients (see for_run)
 
     @classmethod
-    def make(cls, sp: int, rank: int, world: int, micro_batch_size: int = 1, **tiling: bool) -> "Layout":
-        return cls(sp, rank % sp, world // sp, rank // sp, micro_batch_size, **tiling)
+    def make(cls, sp: int, rank: int, world: int, micro_batch_size: int = 1,
+             grads_divided_by_world: bool = False) -> "Layout":
+        return cls(sp, rank % sp, world // sp, rank // sp, micro_batch_size, grads_divided_by_world)
 
     @classmethod
-    def from_config(cls, cfg, model_config, rank: int, world: int) -> "Layout":
-        """Check --sequence-parallel against the world and the model (before anything expensive) and
-        resolve --tiled-mlp auto."""
-        check(cfg.sequence_parallel, world, model_config)
-        text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-        tiled_mlp = resolve_tiled_mlp(cfg.tiled_mlp, max_seq_len=cfg.max_seq_len, sp=cfg.sequence_parallel,
-                                      hidden_size=text.hidden_size, micro_batch_size=cfg.micro_batch_size,
-                                      intermediate_size=getattr(text, "intermediate_size", None))
-        return cls.make(cfg.sequence_parallel, rank, world, cfg.micro_batch_size, tiled_mlp=tiled_mlp,
-                        tiled_loss=cfg.tiled_loss)
-
-    def core_attention(self, impl: str) -> str:
-        return core_attention(impl, self.size)
-
-    def prepare_model(self, model: CausalLMWithLoss, ds_config: dict, *, varlen: bool):
-        """Tiled MLP, the loss head, and Ulysses around the core attention (after init_distributed and
-        the model build). Returns (module to train, mpu for deepspeed.initialize or None)."""
-        if self.tiled_mlp:
-            enable_tiled_mlp(model.lm)
-        zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-        model = wrap(model, sp=self.size, tiled_loss=self.tiled_loss, zero3=zero3)
-        mpu = register_ulysses(model.lm, model.lm.config._attn_implementation, self.size,
-                               1 if varlen else self.micro_batch_size)
-        return model, mpu
-
-    def describe(self, impl: str) -> str:
-        return describe(self, self.tiled_mlp, self.tiled_loss, impl)
+    def for_run(cls, sp: int, rank: int, world: int, micro_batch_size: int, ds_config: dict) -> "Layout":
+        """The layout of a run, and how its gradients will be averaged. DeepSpeed 0.19 divides SP gradients by
+        world / N everywhere except in ZeRO-3's reduce-scatter path, which divides by world; ZeRO-3 picks its other
+        (contiguous) path per bucket when reduce_scatter is off, so under SP that setting is refused rather than
+        mixed."""
+        zero = ds_config.get("zero_optimization", {}) or {}
+        by_world = False
+        if sp > 1 and zero.get("stage", 0) == 3:
+            if zero.get("reduce_scatter", True) is False:
+                raise LongctxError("--sequence-parallel with ZeRO-3 needs zero_optimization.reduce_scatter true "
+                                   "(the default): with it off, DeepSpeed averages some gradient buckets over "
+                                   "world / N ranks and others over all ranks")
+            by_world = True
+        return cls.make(sp, rank, world, micro_batch_size, by_world)
 
     @property
     def enabled(self) -> bool:
@@ -138,7 +122,7 @@ class Layout:
     def loss_scale(self, grad_accum: int, n_targets: int) -> float:
         """Multiplier of a micro-batch's CE sum so that the step's gradient is d(sum CE / n_targets).
         DeepSpeed divides by grad_accum and sums the gradients of all ranks, then divides by world / N
-        (no ZeRO, ZeRO-1/2) or by world (ZeRO-3's reduce-scatter); see ds_config()."""
+        (no ZeRO, ZeRO-1/2) or by world (ZeRO-3's reduce-scatter); see for_run()."""
         divisor = self.dp_world * self.size if self.grads_divided_by_world else self.dp_world
         return divisor * grad_accum / n_targets
 
@@ -153,22 +137,11 @@ class Layout:
         return shard_batch(batch, self.size, self.rank, pad_id=pad_id,
                            rows=None if flatten else self.micro_batch_size)
 
-    def ds_config(self, ds_config: dict) -> dict:
-        """Add the SP size (zero.Init checks train_batch_size with it, having no mpu) and note how the
-        gradients will be averaged. DeepSpeed 0.19 divides SP gradients by world / N everywhere except in
-        ZeRO-3's reduce-scatter path, which divides by world; ZeRO-3 picks its other (contiguous) path per
-        bucket when reduce_scatter is off, so under SP that setting is refused rather than mixed."""
+    def describe(self) -> str:
         if not self.enabled:
-            return ds_config
-        ds_config["sequence_parallel_size"] = self.size
-        zero = ds_config.get("zero_optimization", {}) or {}
-        if zero.get("stage", 0) == 3:
-            if zero.get("reduce_scatter", True) is False:
-                raise LongctxError("--sequence-parallel with ZeRO-3 needs zero_optimization.reduce_scatter true "
-                                   "(the default): with it off, DeepSpeed averages some gradient buckets over "
-                                   "world / N ranks and others over all ranks")
-            self.grads_divided_by_world = True
-        return ds_config
+            return "sequence parallel off"
+        return (f"sequence parallel {self.size} (Ulysses; {self.dp_world} data-parallel group"
+                f"{'s' if self.dp_world > 1 else ''})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,8 +216,9 @@ def segment_sdpa_forward(module, query, key, value, attention_mask, dropout: flo
 
 
 def core_attention(impl: str, sp: int) -> str:
-    """The attention implementation to build the model with. Varlen kernels take the full cu_seq_lens and
-    work as they are; SDPA/eager become longctx_sdpa_segments (DeepSpeed refuses eager, and drops masks)."""
+    """The attention implementation to build the model with. Varlen kernels and SDPA per document take the full
+    cu_seq_lens and work as they are; upstream's SDPA/eager become longctx_sdpa_segments (DeepSpeed refuses eager,
+    and drops masks)."""
     if sp <= 1 or impl not in ("sdpa", "eager"):
         return impl
     from transformers import AttentionInterface
@@ -323,60 +297,4 @@ def disable_tiled_mlp(lm) -> None:
             del mlp._longctx_inner_forward
 
 
-# --------------------------------------------------------------------------------------------
-# The training module
-# --------------------------------------------------------------------------------------------
-
-class TrainingLM(CausalLMWithLoss):
-    """CausalLMWithLoss with pre-shifted labels (a sequence slice cannot shift its own labels) and the
-    choice of a tiled or a full-logits head. Returns the CE sum over the supervised tokens it holds."""
-
-    def __init__(self, lm, fused_ce: bool = False, *, labels_shifted: bool = False, tiled_loss: bool = True):
-        super().__init__(lm, fused_ce=fused_ce)
-        self.labels_shifted = labels_shifted
-        self.tiled_loss = tiled_loss
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
-                **attn_kwargs: Any) -> torch.Tensor:
-        out = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **attn_kwargs)
-        hidden = out.last_hidden_state
-        if self.labels_shifted:
-            h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-        else:  # labels[t] is the target of the logits at t-1 (the Hugging Face convention)
-            h, y = hidden[:, :-1, :].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
-        keep = (y != IGNORE).nonzero().view(-1)
-        h, y = h.index_select(0, keep), y.index_select(0, keep)
-        w = self.lm.lm_head.weight
-        if self.fused_ce:
-            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-            return LigerFusedLinearCrossEntropyLoss(reduction="sum")(w, h, y)
-        if self.tiled_loss:
-            return LinearCrossEntropySum.apply(h, w, y, HEAD_CHUNK_TOKENS)
-        logits = F.linear(h, w).to(torch.promote_types(h.dtype, torch.float32))  # fp32 at least, as transformers
-        return F.cross_entropy(logits, y, reduction="sum")
-
-
-def wrap(model: CausalLMWithLoss, *, sp: int, tiled_loss: bool, zero3: bool) -> CausalLMWithLoss:
-    """The module to train: `model` itself when nothing changes, else a TrainingLM over the same lm."""
-    if sp <= 1 and tiled_loss:
-        return model
-    if not tiled_loss and model.fused_ce:
-        raise LongctxError("--no-tiled-loss needs Liger's fused cross-entropy off (--liger off): Liger's loss is "
-                           "itself tiled")
-    out = TrainingLM(model.lm, fused_ce=model.fused_ce, labels_shifted=sp > 1, tiled_loss=tiled_loss)
-    if zero3:
-        import deepspeed
-
-        deepspeed.zero.register_external_parameter(out, out.lm.lm_head.weight)
-    return out
-
-
-def describe(layout: Layout, tiled_mlp: bool, tiled_loss: bool, impl: str) -> str:
-    sp = (f"sequence parallel {layout.size} (Ulysses over {impl}; {layout.dp_world} data-parallel group"
-          f"{'s' if layout.dp_world > 1 else ''})" if layout.enabled else "sequence parallel off")
-    return f"{sp} | tiled MLP {'on' if tiled_mlp else 'off'} | tiled loss {'on' if tiled_loss else 'off'}"
-
-
-__all__ = ["Layout", "TrainingLM", "check", "core_attention", "describe", "enable_tiled_mlp", "register_ulysses",
-           "resolve_tiled_mlp", "shard_batch", "wrap"]
+__all__ = ["Layout", "check", "core_attention", "enable_tiled_mlp", "register_ulysses", "shard_batch"]

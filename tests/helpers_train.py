@@ -99,9 +99,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launcher_cmd(args: list[str], nproc: int = 2) -> list[str]:
+def launcher_cmd(args: list[str], nproc: int = 2, env: dict | None = None) -> list[str]:
+    """The deepspeed launcher over train.py, or over tests/fault_train.py when `env` asks for an injected fault."""
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    return [deepspeed, "--num_gpus", str(nproc), "--master_port", str(free_port()), "train.py", *args]
+    script = "tests/fault_train.py" if any(k.startswith("LONGCTX_TEST_") for k in (env or {})) else "train.py"
+    return [deepspeed, "--num_gpus", str(nproc), "--master_port", str(free_port()), script, *args]
 
 
 def _env(extra: dict | None) -> dict:
@@ -139,7 +141,7 @@ def run_launcher(cmd: list[str], env: dict | None = None, timeout: int = 600) ->
 
 def run_train(args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 600,
               check: bool = True) -> subprocess.CompletedProcess:
-    p = run_launcher(launcher_cmd(args, nproc), env=env, timeout=timeout)
+    p = run_launcher(launcher_cmd(args, nproc, env), env=env, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
     return p
@@ -147,8 +149,8 @@ def run_train(args: list[str], nproc: int = 2, env: dict | None = None, timeout:
 
 def run_until_paused(args: list[str], marker: Path, env: dict, nproc: int = 2, timeout: int = 600) -> None:
     """Start train.py, wait for a test-hook pause marker, then kill -9 the whole process group."""
-    log = open(marker.parent.parent / f"{marker.parent.name}.{marker.name}.log", "w")  # beside the run dir
-    proc = subprocess.Popen(launcher_cmd(args, nproc), cwd=REPO, env=_env(env), stdout=log,
+    log = open(marker.with_name(marker.name + ".log"), "w")  # beside the run dir, as the marker
+    proc = subprocess.Popen(launcher_cmd(args, nproc, env), cwd=REPO, env=_env(env), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.time()
     try:

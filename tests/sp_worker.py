@@ -77,7 +77,7 @@ def reference_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=True
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--core", choices=("segments", "varlen"), required=True)
+    p.add_argument("--core", choices=("segments", "varlen", "sdpa_per_doc"), required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int, default=0)
     args = p.parse_args()
@@ -85,7 +85,8 @@ def main():
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from longctx import attention, data as data_mod
+    from longctx import attention, data as data_mod, resolve
+    from longctx.modeling import CausalLMWithLoss
     from longctx import sequence_parallel as sp_mod
 
     torch.set_num_threads(1)
@@ -97,10 +98,12 @@ def main():
     lm_ref = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     sp_mod.check(sp, world, config)
 
-    flatten = args.core == "varlen"
+    flatten = args.core in ("varlen", "sdpa_per_doc")
     micro = 1 if flatten else 2
-    if flatten:
+    if args.core == "varlen":
         impl = attention.register_varlen(reference_varlen_kernel)
+    elif args.core == "sdpa_per_doc":
+        impl = attention.register(resolve.SDPA_PER_DOC)
     else:
         impl = "sdpa"
     core = sp_mod.core_attention(impl, sp)
@@ -108,12 +111,12 @@ def main():
                                           attn_implementation=core)  # its own config: the impl is set on it
     lm.load_state_dict(lm_ref.state_dict())
     lm.config.use_cache = False
-    model = sp_mod.TrainingLM(lm, labels_shifted=True, tiled_loss=True)
+    model = CausalLMWithLoss(lm, labels_shifted=True, tiled_loss=True)
     mpu = sp_mod.register_ulysses(lm, core, sp, micro)
-    layout = sp_mod.Layout.make(sp, rank, world, micro_batch_size=micro)
-    ds_config = layout.ds_config({"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
-                                  "train_batch_size": micro * layout.dp_world, "zero_optimization": {"stage": 0},
-                                  "steps_per_print": 10 ** 9})
+    ds_config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
+                 "train_batch_size": micro * (world // sp), "zero_optimization": {"stage": 0},
+                 "steps_per_print": 10 ** 9, "sequence_parallel_size": sp}
+    layout = sp_mod.Layout.for_run(sp, rank, world, micro, ds_config)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config, mpu=mpu,
                                       optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
 
@@ -139,11 +142,10 @@ def main():
             model.tiled_loss = tiled_loss
             batch = layout.collate(docs, c["rows"], pad_id=0, packing=c["packing"], max_seq_len=c["max_seq_len"],
                                    flatten=flatten)
-            choice = attention.AttentionChoice(core, flatten, "")
             for prm in model.parameters():
                 prm.grad = None
             loss = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
-                          **attention.model_kwargs(batch, choice, torch.device("cpu")))
+                          **attention.model_kwargs(batch, core if flatten else None, torch.device("cpu")))
             engine.backward(loss * layout.loss_scale(1, n))
             tot = torch.tensor([float(loss), batch["n_targets"]], dtype=torch.float64)
             torch.distributed.all_reduce(tot)

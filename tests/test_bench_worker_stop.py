@@ -1,7 +1,7 @@
 """A stopped `bench.run` (timeout's SIGTERM, ^C) takes its worker down with it: an orphaned worker would keep
 the GPU busy under whatever runs next on it. (I first suspected this of the second learning-proof attempt's slow 8K
 steps; that turned out to be --tiled-mlp auto tiling a tiny model, see tests/test_sp_tiling.py. The orphan risk
-is real all the same: before this fix, `timeout bench.run` (as in h100_session3.sh) left the worker running.)"""
+is real all the same: before this fix, `timeout bench.run` left the worker running.)"""
 import os
 import signal
 import subprocess
@@ -35,7 +35,7 @@ def test_sigterm_stops_the_worker_group(tmp_path):
     parent = textwrap.dedent(f"""
         import sys
         from bench import run
-        sys.exit(run.run_worker([sys.executable, "-c", {worker!r}], {{}}, print))
+        sys.exit(run.run_worker([sys.executable, "-c", {worker!r}]))
     """)
     p = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     deadline = time.time() + 60

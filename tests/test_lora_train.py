@@ -114,4 +114,6 @@ def test_frozen_weights_stay_and_the_merged_model_is_base_plus_adapter(runs):
         adapted = PeftModel.from_pretrained(base_model, str(zero3 / "adapter")).eval()(input_ids=ids).logits
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
     run = json.loads((zero3 / "run.json").read_text())
-    assert run["attention"] == "longctx_s2attn" and run["config"]["s2_attn"] == 32
+    resolved = json.loads((zero3 / "resolved.json").read_text())
+    assert resolved["s2_group"] == 32 and "S2-Attn in training (group 32" in resolved["why"]["attention"]
+    assert run["config"]["s2_attn"] == 32

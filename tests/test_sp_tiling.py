@@ -9,6 +9,8 @@ import torch.nn.functional as F
 import helpers_train  # noqa: F401  (puts the repo on sys.path)
 from longctx import sequence_parallel as sp
 from longctx.errors import LongctxError
+from longctx import modeling
+from longctx.modeling import CausalLMWithLoss
 
 CONFIG = dict(vocab_size=256, hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0)
@@ -50,7 +52,7 @@ def assert_same(a, b, tol=1e-10):
 
 def test_tiled_mlp_gives_untiled_gradients():
     lm = tiny_lm()
-    model = sp.TrainingLM(lm)
+    model = CausalLMWithLoss(lm)
     ids, pos, labels = batch()
     plain = loss_and_grads(model, ids, pos, labels)
     assert sp.enable_tiled_mlp(lm, shards=4) == 2
@@ -77,16 +79,16 @@ def test_tiled_mlp_default_shards_are_ceil_seq_over_hidden():
     sp.enable_tiled_mlp(lm)
     ids, pos, labels = batch(S=100)
     plain_lm = tiny_lm()
-    assert_same(loss_and_grads(sp.TrainingLM(lm), ids, pos, labels),
-                loss_and_grads(sp.TrainingLM(plain_lm), ids, pos, labels))
+    assert_same(loss_and_grads(CausalLMWithLoss(lm), ids, pos, labels),
+                loss_and_grads(CausalLMWithLoss(plain_lm), ids, pos, labels))
 
 
 def test_tiled_loss_gives_full_logits_gradients(monkeypatch):
-    monkeypatch.setattr(sp, "HEAD_CHUNK_TOKENS", 7)  # several chunks over the 2 x 44 targets
+    monkeypatch.setattr(modeling, "HEAD_CHUNK_TOKENS", 7)  # several chunks over the 2 x 44 targets
     lm = tiny_lm()
     ids, pos, labels = batch()
-    tiled = loss_and_grads(sp.TrainingLM(lm, tiled_loss=True), ids, pos, labels)
-    full = loss_and_grads(sp.TrainingLM(lm, tiled_loss=False), ids, pos, labels)
+    tiled = loss_and_grads(CausalLMWithLoss(lm, tiled_loss=True), ids, pos, labels)
+    full = loss_and_grads(CausalLMWithLoss(lm, tiled_loss=False), ids, pos, labels)
     assert_same(tiled, full)
     # and both are the Hugging Face loss (a mean, computed in fp32) times the number of targets
     n = int((labels[:, 1:] != -100).sum())
@@ -98,8 +100,8 @@ def test_preshifted_labels_equal_hf_shift():
     lm = tiny_lm()
     ids, pos, labels = batch()
     shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
-    a = loss_and_grads(sp.TrainingLM(lm, labels_shifted=True), ids, pos, shifted)
-    b = loss_and_grads(sp.TrainingLM(lm, labels_shifted=False), ids, pos, labels)
+    a = loss_and_grads(CausalLMWithLoss(lm, labels_shifted=True), ids, pos, shifted)
+    b = loss_and_grads(CausalLMWithLoss(lm, labels_shifted=False), ids, pos, labels)
     assert_same(a, b)
 
 
@@ -158,18 +160,3 @@ def test_check_refuses_heads_not_divisible_by_sp():
     sp.check(2, 4, cfg)  # 6 heads / 2, 2 kv heads / 2
     with pytest.raises(LongctxError, match="key/value heads"):
         sp.check(3, 3, cfg)  # 6 heads / 3 fine, 2 kv heads vs 3 not
-
-
-def test_tiled_mlp_auto_rule():
-    assert sp.resolve_tiled_mlp(None, max_seq_len=131072, sp=4, hidden_size=4096)  # 32K per rank
-    assert not sp.resolve_tiled_mlp(None, max_seq_len=8192, sp=1, hidden_size=4096)
-    assert not sp.resolve_tiled_mlp(False, max_seq_len=10 ** 6, sp=1, hidden_size=4096)
-    assert sp.resolve_tiled_mlp(True, max_seq_len=64, sp=1, hidden_size=4096)
-    # with the model's intermediate size: the 8B shape tiles at 16K (14336 x 16K x 2 bytes = 448 MiB) ...
-    assert sp.resolve_tiled_mlp(None, max_seq_len=16384, sp=1, hidden_size=4096, intermediate_size=14336)
-    # ... a 2.6M-parameter model's 8 x 8K micro-batch does not (768 x 64K x 2 bytes = 96 MiB): 256 tiny tiles per
-    # MLP made its step 30 times slower
-    assert not sp.resolve_tiled_mlp(None, max_seq_len=8192, sp=1, hidden_size=256, micro_batch_size=8,
-                                    intermediate_size=768)
-    assert sp.resolve_tiled_mlp(None, max_seq_len=8192 * 64, sp=1, hidden_size=256, micro_batch_size=8,
-                                intermediate_size=768)

@@ -242,7 +242,7 @@ def test_unavailable_attention(base, tmp_path, capsys, impl, needle):
 
 def test_dense_mask_at_long_context_is_refused(base, tmp_path, capsys):
     out = tmp_path / "o"
-    expect_error(args_for(base, out, **{"--dense-mask-max-len": "64"}), capsys,
+    expect_error(args_for(base, out, **{"--dense-mask-max-len": "64", "--attn-implementation": "sdpa"}), capsys,
                  "refusing to build a dense 128 x 128 attention mask", "--no-packing", out=out)
 
 

@@ -39,9 +39,9 @@ def test_help_lists_every_group():
         assert s in p.stdout
 
 
-def ds(path, cfg, world=2, precision="bf16", on_cuda=True):
+def ds(path, cfg, world=2, precision="bf16", on_cuda=True, offload_params=True):
     return dsconfig.build(path, cfg, world_size=world, precision=precision, lr=2e-5, hidden_size=4096,
-                          on_cuda=on_cuda)
+                          on_cuda=on_cuda, offload_params=offload_params)
 
 
 @pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
@@ -53,8 +53,13 @@ def test_shipped_configs_resolve(name):
     assert d["optimizer"]["params"]["lr"] == 2e-5
     assert not [k for k, v in dsconfig._walk(d) if v == "auto"]
     if name == "zero3_offload":
-        assert d["zero_optimization"]["offload_param"]["pin_memory"] is True
+        assert d["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
         assert d["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 4096 * 4096)
+        on_gpu = ds(str(REPO / "ds_configs" / f"{name}.json"), cfg, world=8, precision="fp16", offload_params=False)
+        assert "offload_param" not in on_gpu["zero_optimization"]  # resolve kept the parameters on the GPU
+        assert on_gpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+        with pytest.raises(LongctxError, match="offload_param.device is \"auto\""):
+            ds(str(REPO / "ds_configs" / f"{name}.json"), cfg, offload_params=None)
 
 
 def test_explicit_values_must_agree(tmp_path):

@@ -54,6 +54,42 @@ def test_varlen_packed_equals_one_by_one_bf16():
     assert float(model(ids, pos, labels).detach()) == pytest.approx(float(packed.detach()), rel=1e-3)
 
 
+@pytest.mark.parametrize("impl", ["sdpa_per_doc", "varlen"])
+def test_packed_rows_equal_documents_one_by_one_with_gradients(impl):
+    """Packing parity and gradient parity of the kernels `auto` can pick, in bf16 on the GPU (cuDNN first for
+    sdpa_per_doc): a packed row of documents of odd lengths gives the loss and the weight gradients of the same
+    documents run one by one (transformers' own SDPA, fp32 reference)."""
+    from longctx import attention, resolve
+    from longctx.modeling import CausalLMWithLoss
+
+    name = attention.register({"sdpa_per_doc": resolve.SDPA_PER_DOC, "varlen": resolve.VARLEN}[impl])
+    torch.manual_seed(1)
+    lens = [7, 300, 45, 5000, 66, 129, 4500]  # short runs go to varlen, long documents to SDPA one by one
+    docs = [torch.randint(3, 2000, (n,)) for n in lens]
+    ids = torch.cat(docs)[None].cuda()
+    pos = torch.cat([torch.arange(n) for n in lens])[None].cuda()
+    labels = ids.clone()
+    starts = torch.tensor([0] + lens[:-1]).cumsum(0)
+    labels[0, starts.cuda()] = -100
+    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    kw = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lens), "max_length_k": max(lens)}
+    if impl == "varlen":
+        kw = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    model = CausalLMWithLoss(_lm(name))
+    packed = model(ids, pos, labels, **kw)
+    packed.backward()
+    got = {n: p.grad.float().clone() for n, p in model.named_parameters()}
+    ref_model = CausalLMWithLoss(_lm("sdpa", dtype=torch.float32))
+    ref_model.load_state_dict({k: v.float() for k, v in model.state_dict().items()})  # the same weights
+    ref = sum(ref_model(d[None].cuda(), torch.arange(len(d))[None].cuda(),
+                        torch.cat([torch.tensor([-100]), d[1:]])[None].cuda()) for d in docs)
+    ref.backward()
+    assert float(packed.detach()) == pytest.approx(float(ref.detach()), rel=2e-2)
+    for n, p in ref_model.named_parameters():
+        err = (got[n] - p.grad).norm() / p.grad.norm().clamp_min(1e-12)
+        assert float(err) < 5e-2, f"{n}: relative gradient error {float(err):.3g}"
+
+
 @needs_liger
 def test_liger_is_applied_and_its_loss_matches():
     from longctx import modeling

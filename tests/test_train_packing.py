@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from helpers_train import (TOKENIZER, chat_rows, fast_args, pr_rows, read_jsonl, reference_step, run_train,
                            text_rows, tiny_config, tiny_model_dir, write_jsonl)
-from longctx import attention, data as data_mod
+from longctx import attention, data as data_mod, resolve
 from longctx.modeling import CausalLMWithLoss, LinearCrossEntropySum
 
 
@@ -92,17 +92,18 @@ def reference(lm, docs):
     return total, {k: p.grad.clone() for k, p in lm.named_parameters()}
 
 
-def packed(lm, docs, choice, capacity=256, restart_positions=True):
+def packed(lm, docs, impl, capacity=256, restart_positions=True):
+    """`impl`: the kernel that takes the document boundaries (longctx_sdpa, longctx_varlen), or None (a mask)."""
     model = CausalLMWithLoss(lm)
     lm.zero_grad()
     rows = data_mod.pack([len(d) for d in docs], capacity)
     assert len(rows) < len(docs), "the test must actually pack several documents per row"
     batch = data_mod.collate(docs, rows, pad_id=0, packing=True, max_seq_len=capacity,
-                             flatten=choice.varlen_kwargs)
+                             flatten=impl is not None)
     pos = batch["position_ids"]
     if not restart_positions:  # negative control: one long sequence per row
         pos = torch.arange(pos.shape[-1]).expand_as(pos).contiguous()
-    loss = model(batch["input_ids"], pos, batch["labels"], **attention.model_kwargs(batch, choice, "cpu"))
+    loss = model(batch["input_ids"], pos, batch["labels"], **attention.model_kwargs(batch, impl, "cpu"))
     loss.backward()
     return float(loss.detach()), {k: p.grad.clone() for k, p in lm.named_parameters()}
 
@@ -117,8 +118,14 @@ def assert_same(a, b):
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_packed_equals_one_by_one_dense_mask(docs, impl):
     lm = make_lm(impl)
-    choice = attention.AttentionChoice(impl, False, "")
-    assert_same(packed(lm, docs, choice), reference(lm, docs))
+    assert_same(packed(lm, docs, None), reference(lm, docs))
+
+
+@pytest.mark.parametrize("capacity", [256, 96])
+def test_packed_equals_one_by_one_sdpa_per_doc(docs, capacity):
+    """The default kernel (`auto`): SDPA per document, boundaries from the collator, one or several rows."""
+    lm = make_lm(attention.register(resolve.SDPA_PER_DOC))
+    assert_same(packed(lm, docs, resolve.SDPA_PER_DOC, capacity=capacity), reference(make_lm("sdpa"), docs))
 
 
 @pytest.mark.parametrize("kernel", [varlen_torch210, varlen_torch211], ids=["torch2.10-is_causal", "torch2.11-window"])
@@ -127,9 +134,8 @@ def test_packed_equals_one_by_one_varlen(docs, kernel, micro_rows):
     attention.register_varlen(kernel=kernel)
     try:
         lm = make_lm(attention.VARLEN_NAME)
-        choice = attention.AttentionChoice(attention.VARLEN_NAME, True, "")
         cap = 512 if micro_rows == 1 else 160
-        got = packed(lm, docs, choice, capacity=cap)
+        got = packed(lm, docs, attention.VARLEN_NAME, capacity=cap)
         ref = reference(make_lm("sdpa"), docs)
         assert_same(got, ref)
     finally:
@@ -138,8 +144,7 @@ def test_packed_equals_one_by_one_varlen(docs, kernel, micro_rows):
 
 def test_negative_control_cross_document_attention_is_caught(docs):
     lm = make_lm("sdpa")
-    choice = attention.AttentionChoice("sdpa", False, "")
-    leak = packed(lm, docs, choice, restart_positions=False)
+    leak = packed(lm, docs, None, restart_positions=False)
     ref = reference(lm, docs)
     assert leak[0] != pytest.approx(ref[0], rel=1e-5)
 

@@ -41,7 +41,7 @@ def _samples(out):
 def test_kill_after_checkpoint_then_resume_is_exact(setup):
     d, data, model, extra, ref = setup
     out = d / "killed"
-    run_until_paused(fast_args(out, data, model, steps=STEPS, extra=extra), out / "PAUSED_AFTER_STEP",
+    run_until_paused(fast_args(out, data, model, steps=STEPS, extra=extra), out.with_name(f"{out.name}.PAUSED_AFTER_STEP"),
                      env={"LONGCTX_TEST_PAUSE_AFTER_STEP": "5"})
     # step 5 ran (and was logged) after the step-4 checkpoint: resume must redo it from step 4
     assert (out / "checkpoints" / "step-00000004" / "COMPLETE").exists()
@@ -56,7 +56,7 @@ def test_kill_after_checkpoint_then_resume_is_exact(setup):
 def test_kill_during_save_resumes_from_previous_complete_checkpoint(setup):
     d, data, model, extra, ref = setup
     out = d / "killed_in_save"
-    run_until_paused(fast_args(out, data, model, steps=STEPS, extra=extra), out / "PAUSED_IN_SAVE",
+    run_until_paused(fast_args(out, data, model, steps=STEPS, extra=extra), out.with_name(f"{out.name}.PAUSED_IN_SAVE"),
                      env={"LONGCTX_TEST_PAUSE_IN_SAVE": "6"})
     partial = out / "checkpoints" / "step-00000006"
     assert partial.is_dir() and any(partial.iterdir()) and not (partial / "COMPLETE").exists()

@@ -1,0 +1,91 @@
+"""The attention kernels `auto` chooses between, measured in isolation on one GPU (the numbers behind
+longctx.attention.PER_DOC_MIN_TOKENS): longctx's SDPA-per-document function with its backend order (cuDNN first),
+the same with SDPA restricted to flash or to cuDNN, and torch's varlen_attn, over 128K-token rows of equal
+documents from one 128K document down to 256 documents of 512 tokens; then 128K rows packed with Python-stdlib
+document lengths (bench/stdlib_doc_lengths.json) at several values of PER_DOC_MIN_TOKENS.
+
+    python -m bench.attention_kernels bench/results/<date>_<device>_attention_kernels.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+from torch.nn.attention import SDPBackend
+
+from bench.train_bench import row_doc_lengths
+from longctx import attention
+
+H, K, D, S = 32, 8, 128, 131072
+
+
+def timeit(fn, n: int = 3) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n
+
+
+def main(out: str) -> None:
+    rows = []
+    for doc in (131072, 32768, 8192, 2048, 512):
+        lens = [doc] * (S // doc)
+        q = torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(1, K, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+        g = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16)
+        flops = 3.5 * 4 * sum(n * n / 2 for n in lens) * H * D
+
+        def per_doc():
+            o, _ = attention.sdpa_per_doc_forward(None, q, k, v, None, cu_seq_lens_q=cu)
+            o.backward(g)
+
+        def varlen():
+            qq, kk, vv = (t.transpose(1, 2).reshape(S, t.shape[1], D) for t in (q, k, v))
+            attention.call_varlen(attention.torch_varlen_attn(), qq, kk, vv, cu.cuda(), doc, None).backward(g[0])
+
+        row = {"doc": doc}
+        for name, fn in (("sdpa_per_doc", per_doc), ("varlen", varlen)):
+            row[name] = round(flops / timeit(fn) / 1e12, 1)
+        for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION"):
+            saved = attention._sdpa_backends
+            attention._sdpa_backends = lambda b=backend: [getattr(SDPBackend, b)]
+            try:
+                row["only_" + backend] = round(flops / timeit(per_doc) / 1e12, 1)
+            finally:
+                attention._sdpa_backends = saved
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    mixed = []
+    for seed in range(3):
+        lens = row_doc_lengths(S, "stdlib", seed)
+        lens[-1] += S - sum(lens)  # fill the row
+        q = torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(1, K, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+        g = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16)
+        row = {"seed": seed, "docs": len(lens), "median_doc": sorted(lens)[len(lens) // 2]}
+        saved = attention.PER_DOC_MIN_TOKENS
+        for threshold in (2048, 4096, 8192, 16384, 32768, S + 1):
+            attention.PER_DOC_MIN_TOKENS = threshold
+
+            def per_doc():
+                o, _ = attention.sdpa_per_doc_forward(None, q, k, v, None, cu_seq_lens_q=cu)
+                o.backward(g)
+            row[f"ms_threshold_{threshold}"] = round(1e3 * timeit(per_doc), 1)
+        attention.PER_DOC_MIN_TOKENS = saved
+        mixed.append(row)
+        print(json.dumps(row), flush=True)
+    with open(out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "cudnn": torch.backends.cudnn.version(), "rows": rows, "stdlib_rows": mixed}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,474 @@
+"""The Trainer: one checkpointable training loop over the DeepSpeed engine, used by train.py and the benchmark.
+
+    trainer = Trainer(cfg, rank=..., world=..., local_rank=...)
+    trainer.prepare()    every check on the input and the one resolution of "auto" (nothing written, no GPU work)
+    trainer.setup()      distributed init, preflight, the run directory (resolved.json among its files)
+    trainer.build()      model and engine, resume from a checkpoint
+    trainer.fit()        the loop: steps, eval, metrics, checkpoints
+    trainer.save_final() the consolidated Hugging Face model
+    trainer.close()
+
+Loss normalization: each optimizer step minimizes  sum(token CE) / N  over the target tokens of the whole global
+batch (all ranks, all micro-batches); N is known in advance from the batch plan. Each micro-batch backpropagates
+its CE sum x (world x grad_accum / N), which DeepSpeed's division by grad_accum and averaging over ranks turns into
+exactly that. Packing, micro-batching, accumulation and world size therefore do not change the gradient.
+
+Callbacks (class Callback) are how a test or a tool reaches into the loop: a fault injected into the loss, a pause
+in a checkpoint save, a hook on the built model. Product code has no test switches.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import TrainingDiverged
+
+
+class Callback:
+    """Hooks into the Trainer; override what you need. Every rank calls them."""
+
+    def on_built(self, trainer: "Trainer") -> None:
+        """The model and engine exist (resume done)."""
+
+    def on_loss(self, trainer: "Trainer", step: int, micro: int, loss):
+        """A micro-batch's loss before backward; return the loss to backpropagate."""
+        return loss
+
+    def on_checkpoint_written(self, trainer: "Trainer", step: int, path: Path) -> None:
+        """A checkpoint's files are written, before it is marked complete."""
+
+    def on_step_end(self, trainer: "Trainer", step: int, row: Optional[dict]) -> None:
+        """After optimizer step `step` (1-based), its checkpoint included."""
+
+
+@dataclass
+class StepResult:
+    loss: float          # mean target-token CE over the global batch
+    grad_norm: Optional[float]
+
+
+class Trainer:
+    def __init__(self, cfg, *, rank: int = 0, world: int = 1, local_rank: int = 0,
+                 callbacks: Sequence[Callback] = (), data=None, facts=None, quiet: bool = False):
+        self.cfg, self.rank, self.world, self.local_rank = cfg, rank, world, local_rank
+        self.callbacks = list(callbacks)
+        self.data = data  # a data.DataBundle to train on instead of cfg.data (the benchmark's synthetic rows)
+        self.facts = facts
+        self.say = functools.partial(print, flush=True) if rank == 0 and not quiet else (lambda *a, **k: None)
+        self.engine = None
+        self.step = 0  # optimizer steps completed
+
+    # ---- 1. every check, and the one resolution ------------------------------------------------------------
+    def prepare(self) -> "Trainer":
+        import torch
+
+        from . import data as data_mod, modeling, resolve, runs, sequence_parallel
+
+        cfg = self.cfg
+        quiet_libraries()
+        self.facts = self.facts or resolve.Facts.detect(gpus=self.world)
+        if self.facts.cuda:
+            torch.cuda.set_device(self.local_rank)
+        else:
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        self.mode = runs.check_output_dir(cfg)
+        self.tok, self.tok_path = modeling.load_tokenizer(cfg)
+        self.model_config, self.kind = modeling.load_model_config(cfg, self.tok)
+        sequence_parallel.check(cfg.sequence_parallel, self.world, self.model_config)
+        self.settings = resolve.resolve(cfg, self.facts, self.model_config, self.world)
+        if self.settings.checkpointing == "offload" and self.settings.offload_impl == "fork":
+            modeling.check_offload_supported(self.model_config)
+        self.layout = sequence_parallel.Layout.for_run(cfg.sequence_parallel, self.rank, self.world,
+                                                       cfg.micro_batch_size, self.settings.ds_config)
+        if self.data is None:
+            self.data = data_mod.build(cfg, self.tok, self.layout.dp_world)
+        self.resume_from = None
+        if cfg.resume:
+            from . import checkpoint
+
+            if self.mode == "resume":
+                runs.check_resume_compatible(cfg, self.world)
+            self.resume_from = checkpoint.resolve_resume(cfg.resume, cfg.output_dir)
+        plan = self.data.plan
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * plan.steps_per_epoch))
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        return self
+
+    def header(self) -> str:
+        cfg, s = self.cfg, self.settings
+        ds = s.ds_config
+        lines = [f"device {self.facts.name} x{self.world} | model {cfg.model} ({self.kind}, "
+                 f"{self.model_config.model_type}) | tokenizer {self.tok_path} | lr {s.lr:g}"]
+        lines += s.header()
+        lines += [f"ds_config {cfg.deepspeed}: train_batch_size {ds['train_batch_size']} = {cfg.micro_batch_size} x "
+                  f"{cfg.grad_accum} x {self.layout.dp_world} | {self.layout.describe()}",
+                  self.data.ledger.format(),
+                  f"steps: {self.total_steps} ({self.data.plan.steps_per_epoch} per epoch)"
+                  + (f"; resuming from {self.resume_from}" if self.resume_from else "")]
+        return "\n".join(lines)
+
+    # ---- 2. distributed, preflight, run directory ----------------------------------------------------------
+    def setup(self, *, run_dir: bool = True) -> "Trainer":
+        import deepspeed
+        import torch
+
+        from . import checkpoint, opbuild, plan as plan_mod, preflight, resolve, runs
+
+        cfg = self.cfg
+        if not torch.distributed.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if self.facts.cuda else "gloo")
+            if not self.facts.cuda:
+                torch.distributed.barrier()  # every rank has mapped every peer's buffer: the names can go
+                release_deepspeed_shm(self.rank)
+        self.setup_plan = plan_mod.setup_from_resolved(self.settings, cfg, self.model_config)
+        if cfg.preflight:  # refuse what cannot fit now, not with an OOM hours in (all ranks agree)
+            preflight.run(self.setup_plan, self.local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", self.world)),
+                          self.say)
+            if run_dir:  # and what the output filesystem cannot hold (collective)
+                preflight.run_disk(self.setup_plan, output_dir=cfg.output_dir, keep_last=cfg.keep_last,
+                                   saves=checkpoint.count_saves(self.total_steps, cfg.save_interval),
+                                   save_final_model=cfg.save_final_model, say=self.say, tokenizer_dir=self.tok_path)
+        # DeepSpeed's CPU Adam: built once per environment, announced, a stale build lock refused (collective)
+        opbuild.prepare_cpu_adam(self.settings.ds_config, local_rank=self.local_rank, barrier=self.barrier,
+                                 say=self.say)
+        if run_dir and self.rank == 0:
+            s = self.settings
+            runs.create(cfg, self.mode, {"world_size": self.world, "device": self.facts.name,
+                                         "precision": s.precision, "attention": s.attention, "liger": s.liger,
+                                         "lr": s.lr, "ds_config": s.ds_config, "total_steps": self.total_steps,
+                                         "model_kind": self.kind})
+            out = Path(cfg.output_dir)
+            resolve.write(s, out / "resolved.json")
+            (out / "ledger.json").write_text(json.dumps(self.data.ledger.to_dict(), indent=2))
+        torch.distributed.barrier()
+        return self
+
+    # ---- 3. model and engine --------------------------------------------------------------------------------
+    def build(self) -> "Trainer":
+        import deepspeed
+        from transformers import get_scheduler
+
+        from . import checkpoint, dsconfig, lora, modeling
+
+        cfg = self.cfg
+        model, mpu = modeling.build_model(cfg, self.model_config, self.kind, self.settings, self.layout)
+        model = lora.apply(model, cfg, self.say)  # --lora: adapters + trainable embeddings/norms, the rest frozen
+        warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(cfg.warmup_ratio * self.total_steps)
+        sched_kwargs = {"min_lr_rate": 0.1} if cfg.lr_scheduler == "cosine_with_min_lr" else None
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=self.settings.ds_config, mpu=mpu,
+            lr_scheduler=lambda opt: get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=warmup,
+                                                   num_training_steps=self.total_steps,
+                                                   scheduler_specific_kwargs=sched_kwargs))
+        self.device = self.engine.device
+        self.zero3 = dsconfig.is_zero3(self.settings.ds_config)
+        self.guard = DivergenceGuard(self.settings.precision, self.settings.ds_config, cfg.fp16_collapse_patience,
+                                     self.engine)
+        if self.resume_from is not None:
+            self.load_state_dict(checkpoint.load(self.engine, self.resume_from, self.rank))
+            self.say(f"resumed at step {self.step} from {self.resume_from}")
+        for cb in self.callbacks:
+            cb.on_built(self)
+        return self
+
+    # ---- checkpointable state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The trainer's own state (the engine's is saved beside it): where the data order stands."""
+        per_epoch = self.data.plan.steps_per_epoch
+        epoch = (self.step - 1) // per_epoch if self.step else 0
+        return {"step": self.step, "epoch": epoch, "step_in_epoch": self.step - epoch * per_epoch,
+                "world_size": self.world, "skipped_steps": self.guard.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state.get("step", 0))
+
+    def save(self) -> Path:
+        from . import checkpoint
+
+        cbs = self.callbacks
+
+        def written(path: Path) -> None:
+            for cb in cbs:
+                cb.on_checkpoint_written(self, self.step, path)
+
+        return checkpoint.save(self.engine, self.cfg.output_dir, self.step, self.state_dict(), self.cfg.keep_last,
+                               rank=self.rank, barrier=self.barrier, on_written=written)
+
+    # ---- 4. the step, evaluation and the loop --------------------------------------------------------------
+    def collate(self, docs, rows: list[list[int]], max_seq_len: Optional[int] = None) -> dict:
+        return self.layout.collate(docs, rows, pad_id=self.pad_id, packing=self.cfg.packing,
+                                   max_seq_len=max_seq_len or self.cfg.max_seq_len,
+                                   flatten=self.settings.pass_varlen_kwargs)
+
+    def forward(self, batch: dict):
+        from . import attention
+
+        dev = self.device
+        return self.engine(input_ids=batch["input_ids"].to(dev), position_ids=batch["position_ids"].to(dev),
+                           labels=batch["labels"].to(dev), **attention.model_kwargs(batch, self.varlen_impl, dev))
+
+    @property
+    def varlen_impl(self) -> Optional[str]:
+        """The kernel that takes the collator's document boundaries, or None (masks, S2-Attn's own rows)."""
+        return self.settings.attn_impl if self.settings.pass_varlen_kwargs else None
+
+    def train_step(self, micro_batches: Sequence[dict], n_targets: int, step: Optional[int] = None) -> StepResult:
+        """One optimizer step over this rank's collated micro-batches; n_targets is the global batch's count."""
+        import torch
+
+        step = self.step + 1 if step is None else step
+        scale = self.layout.loss_scale(self.cfg.grad_accum, n_targets)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for m, batch in enumerate(micro_batches):
+            loss = self.forward(batch)
+            for cb in self.callbacks:
+                loss = cb.on_loss(self, step, m, loss)
+            self.engine.backward(loss * scale)
+            self.engine.step()
+            loss_sum += loss.detach().double().cpu()
+        grad_norm = self.engine.get_global_grad_norm()
+        return StepResult(all_reduce_sum(loss_sum, self.device) / n_targets,
+                          float(grad_norm) if grad_norm is not None else None)
+
+    def evaluate(self, max_batches: Optional[int] = None) -> float:
+        """Target-token mean loss over the eval rows (the first `max_batches` batches only, if given). Every rank
+        runs the same number of forwards (ZeRO-3 gathers parameters collectively); a rank without rows left
+        repeats row 0 and discards it."""
+        import torch
+
+        data, cfg = self.data, self.cfg
+        rank, world = self.layout.dp_rank, self.layout.dp_world  # an SP group evaluates its rows together
+        rows, mb = data.eval_rows, cfg.micro_batch_size
+        per = world * mb
+        tot = torch.zeros(2, dtype=torch.float64)
+        self.engine.eval()
+        with torch.no_grad():
+            for b in range(min(math.ceil(len(rows) / per), max_batches or math.inf)):
+                idx = [i for i in range(b * per + rank * mb, b * per + (rank + 1) * mb) if i < len(rows)]
+                batch = self.collate(data.eval_docs, [rows[i] for i in (idx or [0])])
+                loss = self.forward(batch)
+                if idx:
+                    tot += torch.tensor([float(loss), batch["n_targets"]], dtype=torch.float64)
+        self.engine.train()
+        if torch.distributed.get_world_size() > 1:
+            t = tot.to(self.device)
+            torch.distributed.all_reduce(t)
+            tot = t.cpu()
+        return float(tot[0] / tot[1])
+
+    def fit(self) -> None:
+        from .metrics import Metrics, lr_in_use
+
+        cfg, data, plan = self.cfg, self.data, self.data.plan
+        s = self.settings
+        self.metrics = metrics = Metrics(cfg.output_dir, rank=self.rank, world=self.world, model_config=self.model_config,
+                          precision=s.precision, total_steps=self.total_steps, start_step=self.step,
+                          recompute_layers=self.model_config.num_hidden_layers if s.checkpointing != "none" else 0,
+                          device_name=self.facts.name if self.facts.cuda else None, count_flops=not cfg.lora)
+        if data.eval_rows and self.step == 0:
+            self.evaluate(max_batches=1)  # the longest eval batch, before step 0: an eval OOM shows at once
+        self.engine.train()
+        while self.step < self.total_steps:
+            index = self.step  # 0-based index of the step being taken
+            metrics.start_step()
+            lr = lr_in_use(self.scheduler)  # DeepSpeed steps the scheduler inside the optimizer step
+            micro = [self.collate(data.train_docs, [plan.rows[r] for r in rows])
+                     for rows in plan.micro_batches(index, self.layout.dp_rank)]
+            result = self.train_step(micro, plan.step_targets(index), step=index + 1)
+            self.step = index + 1
+            self.guard.check(self.engine, self.step, result.loss, result.grad_norm, data.step_sample_ids(index))
+            train_seconds = metrics.elapsed()
+            eval_loss = None
+            if data.eval_rows and ((cfg.eval_interval and self.step % cfg.eval_interval == 0)
+                                   or self.step == self.total_steps):
+                eval_loss = self.evaluate()
+            metrics.log_samples(self.step, data.step_sample_ids(index))
+            doc_lens = [len(data.train_docs[d]) for r in plan.step_rows(index) for d in plan.rows[r]]
+            row = metrics.end_step(self.step, epoch=index // plan.steps_per_epoch, loss=result.loss,
+                                   lr=lr, grad_norm=result.grad_norm,
+                                   tokens=sum(doc_lens), doc_lens=doc_lens, skipped_steps=self.guard.skipped,
+                                   loss_scale=self.guard.loss_scale,
+                                   log=self.step % cfg.log_interval == 0 or self.step == self.total_steps
+                                   or eval_loss is not None, eval_loss=eval_loss, seconds=train_seconds)
+            if (cfg.save_interval and self.step % cfg.save_interval == 0) or self.step == self.total_steps:
+                self.save()
+            for cb in self.callbacks:
+                cb.on_step_end(self, self.step, row)
+        metrics.close()
+
+    # ---- 5. the consolidated Hugging Face model ---------------------------------------------------------------
+    def save_final(self) -> list[Path]:
+        from . import lora
+
+        cfg = self.cfg
+        if not cfg.save_final_model:
+            return []
+        if cfg.lora:  # <output-dir>/adapter (+ final_model with --merge)
+            paths = lora.save_final(self.engine, self.tok, cfg, self.rank, self.zero3, self.barrier)
+        else:
+            paths = [save_final_model(self.engine, self.tok, cfg, self.rank, self.zero3, self.barrier)]
+        for p in paths:
+            self.say(f"saved {p}")
+        return paths
+
+    def summary(self, final_paths: Sequence[Path]) -> str:
+        """The end-of-run report (collective: peak memory is the max over ranks)."""
+        from . import checkpoint
+
+        return self.metrics.summary(checkpoint=checkpoint.latest_complete(self.cfg.output_dir),
+                                    final_model=final_paths[-1] if final_paths else None)
+
+    def barrier(self) -> None:
+        import torch
+
+        torch.distributed.barrier()
+
+    def close(self) -> None:
+        """Free the engine (the benchmark builds several in one process); the process group stays."""
+        import gc
+
+        import torch
+
+        if self.engine is not None:
+            destroy = getattr(self.engine, "destroy", None)
+            if destroy is not None:
+                destroy()
+            self.engine = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def run(cfg, *, rank: int, world: int, local_rank: int, callbacks: Sequence[Callback] = ()) -> Trainer:
+    """train.py's whole job."""
+    import torch
+
+    trainer = Trainer(cfg, rank=rank, world=world, local_rank=local_rank, callbacks=callbacks).prepare()
+    trainer.say(trainer.header())
+    trainer.setup().build()
+    trainer.fit()
+    final = trainer.save_final()
+    torch.distributed.barrier()
+    trainer.say(trainer.summary(final))
+    torch.distributed.destroy_process_group()
+    return trainer
+
+
+# ---- pieces of the loop ----------------------------------------------------------------------------------------
+def all_reduce_sum(x, dev) -> float:
+    import torch
+
+    if torch.distributed.get_world_size() == 1:
+        return float(x)
+    t = x.to(dev)
+    torch.distributed.all_reduce(t)
+    return float(t)
+
+
+class DivergenceGuard:
+    """Stops the run instead of training on garbage.
+
+    bf16/fp32: a non-finite loss or grad norm stops at once (step and sample ids in the message).
+    fp16: overflowing steps are skipped by DeepSpeed's dynamic loss scaler and counted here; if the
+    scale sits at min_loss_scale and steps keep overflowing `patience` times in a row, it stops.
+    """
+
+    def __init__(self, precision: str, ds_config: dict, patience: int, engine):
+        self.fp16 = precision == "fp16"
+        self.min_scale = float(ds_config.get("fp16", {}).get("min_loss_scale", 1))
+        self.patience = patience
+        self.skipped = int(getattr(engine, "skipped_steps", 0))  # restored by a resumed checkpoint
+        self.collapsed = 0
+        self.loss_scale = None
+        scaler = getattr(engine.optimizer, "loss_scaler", None)
+        if self.fp16 and hasattr(scaler, "raise_error_at_min_scale"):
+            # DeepSpeed would raise a bare exception at the first overflow at the minimum scale; this
+            # guard stops instead, after `patience` of them, with a diagnosis.
+            scaler.raise_error_at_min_scale = False
+
+    def check(self, engine, step: int, loss: float, grad_norm: float | None, sample_ids: list[str]) -> None:
+        ids = ", ".join(sample_ids[:20]) + (f", ... ({len(sample_ids)} in all)" if len(sample_ids) > 20 else "")
+        if self.fp16:
+            skipped = int(getattr(engine, "skipped_steps", 0))
+            overflow = skipped > self.skipped
+            self.skipped = skipped
+            opt = engine.optimizer
+            scale = getattr(opt, "cur_scale", None) or getattr(getattr(opt, "loss_scaler", None), "cur_scale", None)
+            self.loss_scale = float(scale) if scale is not None else None
+            if overflow and self.loss_scale is not None and self.loss_scale <= self.min_scale:
+                self.collapsed += 1
+            else:
+                self.collapsed = 0
+            if self.collapsed >= self.patience:
+                raise TrainingDiverged(
+                    f"fp16 loss scale collapsed: at step {step} the scale is at its minimum ({self.min_scale:g}) and "
+                    f"the last {self.collapsed} steps overflowed anyway ({self.skipped} skipped in all). The "
+                    "gradients are inf/NaN even unscaled, so training has diverged or the values exceed fp16's "
+                    f"range. Last loss {loss:.4g}; samples of the step: {ids}. Try a lower --lr, a smaller "
+                    "--max-grad-norm, or bf16 on sm80+ GPUs.")
+            return
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"non-finite loss ({loss}) at step {step}; samples of the step: {ids}")
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            raise TrainingDiverged(f"non-finite grad norm ({grad_norm}) at step {step} (loss {loss:.4g}); "
+                                   f"samples of the step: {ids}")
+
+
+def save_final_model(engine, tok, cfg, rank: int, zero3: bool, barrier) -> Path:
+    """Gather the full weights (ZeRO-3: layer by layer onto rank 0) and write a from_pretrained-able
+    directory atomically: final_model.tmp, then a rename. Its config gets the input's inference settings back."""
+    from . import checkpoint, modeling
+
+    state = engine._zero3_consolidated_16bit_state_dict() if zero3 else (
+        engine.module.state_dict() if rank == 0 else None)
+    out = Path(cfg.output_dir) / "final_model"
+    if rank == 0:
+        lm = engine.module.lm
+        state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        modeling.restore_inference_settings(lm.config, cfg.model)
+        with checkpoint.reporting_write_failures("the final model", tmp, cfg.output_dir, remove_partial=True):
+            lm.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            tok.save_pretrained(str(tmp))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    barrier()
+    return out
+
+
+def release_deepspeed_shm(rank: int) -> None:
+    """DeepSpeed's CPU backend maps a 66 MB shared-memory all-reduce buffer per rank under /dev/shm and never
+    unlinks it, so every CPU run (or killed run) leaves it behind in RAM. Unlinking our own name once all ranks
+    have mapped it keeps the mapping alive and frees the memory when the processes exit."""
+    port = os.environ.get("MASTER_PORT", "")
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_{rank}"):
+        path.unlink(missing_ok=True)
+
+
+def quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torch.utils.checkpoint.*")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except Exception:  # noqa: BLE001
+        pass
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+__all__ = ["Callback", "StepResult", "Trainer", "run"]

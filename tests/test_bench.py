@@ -1,0 +1,92 @@
+"""The benchmark drives the product: bench.run's CPU profile runs each technique (train.py flags) through
+longctx.trainer.Trainer, and what it records is what train.py resolves and computes.
+
+Checked: every technique and row shape ran; each row's settings equal longctx.resolve's for the same flags; the first
+step's loss is the same for techniques that differ only in kernels, offload and loss implementation (upstream's
+full fp32 logits against the chunked CE), as it must be for the same weights and rows; the report renders the rows
+and docs/RESULTS.md is what the committed JSON generates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+
+from helpers_train import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    import subprocess
+
+    d = tmp_path_factory.mktemp("bench")
+    p = subprocess.run([sys.executable, "-m", "bench.run", "--profile", "cpu-smoke", "--results-dir", str(d)],
+                       cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    (res,) = [json.loads(f.read_text()) for f in d.glob("*.json")]
+    return res
+
+
+def test_every_technique_and_length_ran(smoke):
+    got = {(r["technique"], r["seq_len"], r["docs"]): r for r in smoke["rows"]}
+    want = {(t, n, docs) for t, docs in (("longctx", "1"), ("baseline", "1"), ("upstream_best", "1"),
+                                         ("longctx", "3")) for n in (256, 512)}
+    assert set(got) == want
+    assert all(r["status"] == "ok" for r in got.values()), [r for r in got.values() if r["status"] != "ok"]
+    assert smoke["command"].startswith("python -m bench.run --profile cpu-smoke")
+
+
+def test_rows_record_what_train_py_resolves(smoke):
+    from bench import techniques
+    from longctx import config, resolve
+
+    rows = {(r["technique"], r["seq_len"], r["docs"]): r for r in smoke["rows"]}
+    r = rows[("baseline", 512, "1")]
+    assert r["settings"]["attention"] == "sdpa" and not r["settings"]["tiled_loss"] and r["settings"]["offload_params"]
+    r = rows[("longctx", 512, "3")]
+    s = r["settings"]
+    assert (s["attention"], s["checkpointing"], s["offload_impl"]) == ("sdpa_per_doc", "offload", "fork")
+    assert r["n_docs"] == 3
+    flags = list(techniques.get("longctx").flags)
+    cfg = config.parse(["--max-seq-len", "512", *flags])
+    tiny = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "intermediate_size": 128, "vocab_size": 2048, "num_hidden_layers": 2}
+    want = resolve.resolve(cfg, resolve.Facts(fork=True), tiny, world=1)
+    for k in ("precision", "attention", "liger", "checkpointing", "offload_impl", "tiled_mlp", "tiled_loss"):
+        assert s[k] == getattr(want, k), k
+
+
+def test_first_step_loss_does_not_depend_on_the_technique(smoke):
+    """Same seed, same rows, fp32 on CPU: kernels, checkpoint offload and the loss implementation (baseline: full
+    fp32 logits, longctx: chunked CE) must give the same first-step loss, near ln(vocab) for random ids at init."""
+    rows = [r for r in smoke["rows"] if r["seq_len"] == 512 and r["docs"] == "1"]
+    first = {r["technique"]: r["losses"][0] for r in rows}
+    assert len(set(round(v, 6) for v in first.values())) == 1, first
+    assert abs(next(iter(first.values())) - math.log(2048)) < 0.1
+
+
+def test_report_renders_the_run(smoke, tmp_path):
+    from bench import report
+
+    (tmp_path / "r.json").write_text(json.dumps(smoke))
+    text = report.render(report.load_results(tmp_path))
+    assert "| longctx | 512 |" in text and "× upstream_best" in text
+    ratio = report.ratio(smoke["rows"], next(r for r in smoke["rows"]
+                                              if r["technique"] == "longctx" and r["seq_len"] == 512 and r["docs"] == "1"))
+    up = next(r for r in smoke["rows"] if r["technique"] == "upstream_best" and r["seq_len"] == 512 and r["docs"] == "1")
+    me = next(r for r in smoke["rows"] if r["technique"] == "longctx" and r["seq_len"] == 512 and r["docs"] == "1")
+    assert ratio == pytest.approx(up["step_time_s"] / me["step_time_s"])
+    doc = report.update_document("# R\n\nkept\n\n" + report.BEGIN + "\nold\n" + report.END + "\ntail\n", text)
+    assert "kept" in doc and "tail" in doc and "old" not in doc
+
+
+def test_results_md_is_generated_from_the_committed_json():
+    from bench import report
+
+    existing = (REPO / "docs" / "RESULTS.md").read_text()
+    assert report.update_document(existing, report.render(report.load_results(REPO / "bench" / "results"))) == existing

@@ -1,0 +1,100 @@
+"""longctx.resolve: every "auto" decided once, from the config, the device facts and the model config; `--plan`
+shows the same resolution, and a run writes it to resolved.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from helpers_train import REPO
+from longctx import config, plan, resolve
+from longctx.errors import LongctxError
+
+L8B_8L = json.loads((REPO / "longctx" / "default_data" / "llama3.1-8b.json").read_text()) | {"num_hidden_layers": 8}
+H200 = resolve.Facts("cuda", "NVIDIA H200", (9, 0), 141 << 30, gpus=1, host_mem=125 << 30, varlen_attn=True,
+                     liger=True, fork=True)
+A6000 = dataclasses.replace(H200, name="NVIDIA RTX A6000", capability=(8, 6), gpu_mem=48 << 30)
+GiB = 1 << 30
+
+
+def settings(facts, *flags, world=1, model=L8B_8L):
+    return resolve.resolve(config.parse(list(flags)), facts, model, world)
+
+
+def test_defaults_on_a_large_card():
+    s = settings(H200, "--max-seq-len", "131072", "--offload-gradient-checkpointing")
+    assert (s.precision, s.attention, s.attn_impl, s.liger) == ("bf16", "sdpa_per_doc", resolve.SDPA_PER_DOC, True)
+    assert (s.checkpointing, s.offload_impl, s.num_offloaded_layers, s.reentrant) == ("offload", "fork", 8, True)
+    assert not s.tiled_mlp and "fits" in s.why["tiled_mlp"]  # 128K fits a 141 GiB card untiled: no recompute
+    assert s.offload_params and s.offload_optimizer and s.zero_stage == 3  # measured faster (PARAMS_ON_GPU_RULE)
+    assert s.ds_config["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_tiled_mlp_only_when_the_plan_needs_it():
+    """The same run on a smaller card: tiled MLP turns on exactly when the untiled plan does not fit it."""
+    for gib in (16, 24, 32, 48, 80):
+        facts = dataclasses.replace(A6000, gpu_mem=gib * GiB)
+        s = settings(facts, "--max-seq-len", "131072", "--offload-gradient-checkpointing")
+        cfg = config.parse(["--max-seq-len", "131072", "--offload-gradient-checkpointing"])
+        untiled = plan.plan(plan.setup_from_resolved(dataclasses.replace(s, tiled_mlp=False, tiled_mlp_shards=1),
+                                                     cfg, L8B_8L))
+        hw = plan.Hardware(gpus=1, gpu_mem=gib * GiB, host_mem=125 * GiB)
+        assert s.tiled_mlp == (not plan.check_fit(untiled, hw).gpu_ok), gib
+        assert s.tiled_mlp_shards == (32 if s.tiled_mlp else 1)  # ceil(128K / 4096)
+    assert settings(dataclasses.replace(A6000, gpu_mem=16 * GiB), "--max-seq-len", "131072",
+                    "--offload-gradient-checkpointing").tiled_mlp
+    assert not settings(dataclasses.replace(A6000, gpu_mem=16 * GiB), "--max-seq-len", "131072", "--no-tiled-mlp",
+                        "--offload-gradient-checkpointing").tiled_mlp  # an explicit choice stands
+
+
+def test_params_go_to_cpu_when_they_do_not_fit_and_explicit_placement_stands(tmp_path):
+    s = settings(H200, "--max-seq-len", "8192")
+    assert s.offload_params  # the measured rule
+    ds = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
+    ds["zero_optimization"]["offload_param"]["device"] = "none"
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    s = settings(H200, "--max-seq-len", "8192", "--deepspeed", str(tmp_path / "ds.json"))
+    assert not s.offload_params and s.why["offload_params"] == "ds_config: offload_param.device none"
+
+
+def test_cpu_resolution():
+    s = settings(resolve.Facts(), "--max-seq-len", "512", model=json.loads(
+        (REPO / "longctx" / "default_data" / "tiny_llama.json").read_text()))
+    assert (s.precision, s.attention, s.liger, s.tiled_mlp, s.offload_params) == ("fp32", "sdpa_per_doc", False,
+                                                                                   False, False)
+    assert "offload_param" not in s.ds_config["zero_optimization"]
+
+
+def test_refusals_are_decided_here():
+    with pytest.raises(LongctxError, match="needs the patched transformers fork"):
+        settings(dataclasses.replace(H200, fork=False), "--offload-gradient-checkpointing")
+    assert settings(dataclasses.replace(H200, fork=False), "--offload-gradient-checkpointing", "--offload-impl",
+                    "upstream").offload_impl == "upstream"
+    with pytest.raises(LongctxError, match="liger-kernel is not installed"):
+        settings(dataclasses.replace(H200, liger=False), "--liger", "on")
+    with pytest.raises(LongctxError, match="--no-tiled-loss needs Liger"):
+        settings(H200, "--no-tiled-loss")
+
+
+def test_plan_prints_the_resolution_train_py_uses():
+    """`--plan` for a target machine resolves through the same function: its resolved lines are the settings'."""
+    args = ["--model", str(REPO / "longctx" / "default_data" / "llama3.1-8b.json"), "--max-seq-len", "65536",
+            "--offload-gradient-checkpointing", "--liger", "on", "--gpus", "4", "--gpu-mem", "16GiB",
+            "--host-mem", "512GiB"]
+    cfg = config.parse(args + ["--plan"])
+    text = plan.cli_plan(cfg)
+    facts = resolve.Facts.detect().as_target(gpus=4, gpu_mem=16 * GiB, host_mem=512 * GiB, precision="auto")
+    s = resolve.resolve(cfg, facts, json.loads((REPO / "longctx" / "default_data" / "llama3.1-8b.json").read_text()), 4)
+    assert s.tiled_mlp  # 64K on a 16 GiB card needs it
+    for k, v in s.why.items():
+        assert f"{k}: {v}" in text
+    assert "; ".join(s.header()[:2]) in text
+
+
+def test_resolved_json_round_trips(tmp_path):
+    s = settings(H200, "--max-seq-len", "16384")
+    resolve.write(s, tmp_path / "resolved.json")
+    d = json.loads((tmp_path / "resolved.json").read_text())
+    assert d == json.loads(json.dumps(s.to_dict(), default=str))
