@@ -82,6 +82,13 @@ def detect_device() -> str:
     return "cpu"
 
 
+def git_info() -> dict:
+    """{"commit", "dirty"} of the code under test (LONGCTX_GIT_COMMIT states it where a copied tree's HEAD is stale,
+    as on the lent GPU machines)."""
+    info = runs.git_info()
+    return {"commit": info["hash"], "dirty": info["dirty"], **({"source": info["source"]} if "source" in info else {})}
+
+
 def read_jsonl(path: Path) -> list[dict]:
     rows = []
     for line in (path.read_text().splitlines() if path.exists() else []):
@@ -208,8 +215,7 @@ def main(argv=None) -> int:
     run_id = run_id_for(date, device, prof["shape"], prof.get("layers"), int(prof.get("gpus") or 1), prof.get("cap"))
     results = Path(a.results_dir)
     raw, out = results / "raw" / f"{run_id}.jsonl", results / f"{run_id}.json"
-    info = runs.git_info()
-    extra = {"run_id": run_id, "git": {"commit": info["hash"], "dirty": info["dirty"]},
+    extra = {"run_id": run_id, "git": git_info(),
              "command": "python -m bench.run " + shlex.join(argv if argv is not None else sys.argv[1:]),
              "profile": prof}
     pairs = [r.strip().partition(":") for r in prof["runs"].split(",") if r.strip()]

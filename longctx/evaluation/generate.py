@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 
 from ..errors import LongctxError
-from .. import attention, modeling
+from .. import modeling
 
 
 def check_model_dir(path: str) -> dict:
@@ -41,11 +41,13 @@ def load_tokenizer(model: str, tokenizer: str = ""):
     return tok, path
 
 
-def choose_attention(requested: str, device: attention.Device, precision: str) -> str:
+def choose_attention(requested: str, device, precision: str) -> str:
+    """Generation and scoring run one sequence with a KV cache: upstream's SDPA (or flash-attn where installed).
+    `device`: longctx.resolve.Facts."""
     half = precision in ("bf16", "fp16")
     if requested == "auto":
-        return "flash_attention_2" if device.sm80 and half and attention.flash_attn_installed() else "sdpa"
-    if requested == "flash_attention_2" and not (attention.flash_attn_installed() and device.sm80 and half):
+        return "flash_attention_2" if device.sm80 and half and device.flash_attn else "sdpa"
+    if requested == "flash_attention_2" and not (device.flash_attn and device.sm80 and half):
         raise LongctxError("--attn-implementation flash_attention_2 needs the flash-attn package, an sm80+ GPU and "
                            "bf16/fp16")
     return requested

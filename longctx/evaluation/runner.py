@@ -270,12 +270,12 @@ def quiet_libraries() -> None:
 def run(cfg: EvalConfig) -> dict:
     import torch
 
-    from .. import attention, modeling
+    from .. import resolve
     from . import generate, plot
 
     tok, tok_path, filler, lb_samples = check_inputs(cfg)
-    device = attention.Device.detect()
-    precision = modeling.resolve_precision(cfg.precision, device)
+    device = resolve.Facts.detect()
+    precision, _ = resolve.resolve_precision(cfg.precision, device)
     attn = generate.choose_attention(cfg.attn_implementation, device, precision)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
