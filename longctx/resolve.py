@@ -307,13 +307,16 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
     hw = plan_mod.Hardware(gpus=facts.gpus, gpu_mem=facts.gpu_mem, host_mem=facts.host_mem or 0) \
         if facts.gpu_mem else None
 
+    def gpu_fits(s: "plan_mod.Setup") -> bool:  # host RAM is the preflight's concern, not a reason to tile
+        return plan_mod.check_fit(plan_mod.plan(s), hw).gpu_ok
+
     # Where the parameters live (ds_config offload_param.device "auto"): on the GPU when the plan fits them there.
     if requested_params == "auto":
         if hw is None:
             offload_params, why["offload_params"] = False, "auto: no GPU (CPU run): nothing to offload to"
         else:
             on_gpu = build(False)
-            fits = any(plan_mod.fits(setup(on_gpu, s), hw) for s in (1, shards_if_tiled))
+            fits = any(gpu_fits(setup(on_gpu, s)) for s in (1, shards_if_tiled))
             offload_params = not (fits and PARAMS_ON_GPU_RULE(cfg.max_seq_len, facts))
             why["offload_params"] = "auto: " + ("kept on the GPU (the plan fits them there)" if not offload_params
                                                 else "offloaded to CPU (" + ("the plan does not fit them on the GPU"
@@ -334,7 +337,7 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
     elif hw is None:
         tiled, why["tiled_mlp"] = False, "auto: off (no GPU memory to plan against)"
     else:
-        untiled_fits = plan_mod.fits(setup(ds, 1), hw)
+        untiled_fits = gpu_fits(setup(ds, 1))
         tiled = not untiled_fits
         why["tiled_mlp"] = ("auto: off (the untiled step fits the GPU)" if untiled_fits else
                             "auto: on (the plan does not fit the GPU untiled)")

@@ -73,12 +73,12 @@ class Trainer:
 
         cfg = self.cfg
         quiet_libraries()
-        self.facts = self.facts or resolve.Facts.detect(gpus=self.world)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        self.facts = self.facts or resolve.Facts.detect(gpus=local_world)  # GPUs sharing this host's RAM
         if self.facts.cuda:
             torch.cuda.set_device(self.local_rank)
         else:
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         self.mode = runs.check_output_dir(cfg)
         self.tok, self.tok_path = modeling.load_tokenizer(cfg)
         self.model_config, self.kind = modeling.load_model_config(cfg, self.tok)

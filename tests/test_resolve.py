@@ -98,3 +98,11 @@ def test_resolved_json_round_trips(tmp_path):
     resolve.write(s, tmp_path / "resolved.json")
     d = json.loads((tmp_path / "resolved.json").read_text())
     assert d == json.loads(json.dumps(s.to_dict(), default=str))
+
+
+def test_host_ram_is_not_a_reason_to_tile_or_move_parameters():
+    """Tiling and placement answer to GPU memory; a host too small for the run is the preflight's refusal."""
+    small_host = dataclasses.replace(H200, host_mem=8 * GiB)
+    a = settings(small_host, "--max-seq-len", "65536", "--offload-gradient-checkpointing")
+    b = settings(H200, "--max-seq-len", "65536", "--offload-gradient-checkpointing")
+    assert (a.tiled_mlp, a.offload_params) == (b.tiled_mlp, b.offload_params) == (False, True)
