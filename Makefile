@@ -17,13 +17,15 @@ PATCH_INPUTS := patches/UPSTREAM patches/series $(wildcard patches/*.patch) patc
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .DEFAULT_GOAL := help
-.PHONY: help venv apply-patches export-patches check-patches install-fork test test-fast run bench report \
-        wheelhouse clean-fork clean
+.PHONY: help venv apply-patches export-patches check-patches upstream-checks install-fork test test-fast run bench \
+        report wheelhouse clean-fork clean
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
 	@echo "make export-patches  regenerate patches/ from the fork's commits"
 	@echo "make check-patches   apply from clean, re-export, fail on any diff, lint headers"
+	@echo "make upstream-checks UPSTREAM_SRC=<transformers checkout at the pinned tag>   upstream's modular check and"
+	@echo "                     per-model tests on the fork and on stock upstream (patches/upstream_checks.py)"
 	@echo "make bench           the GPU benchmark ladder (see bench/README.md)"
 	@echo "make report          regenerate docs/RESULTS.md and plots from bench/results/*.json"
 	@echo "make wheelhouse PYTHON_VERSION=3.12   wheels for an offline install"
@@ -47,6 +49,16 @@ export-patches:
 
 check-patches:
 	$(PYTHON) patches/fork.py check
+
+# Upstream's own checks, on the fork and on stock upstream side by side, from a local checkout of
+# huggingface/transformers at the pinned tag (CI cannot reach GitHub; tests/test_fork_modular.py stands in there):
+#   git clone --branch v5.23.0 --depth 1 <huggingface/transformers on GitHub> ~/src/transformers
+#   make upstream-checks UPSTREAM_SRC=~/src/transformers [UPSTREAM_FAMILIES="llama gemma"] [UPSTREAM_CHECKS_ARGS=...]
+UPSTREAM_FAMILIES ?= llama mistral qwen2 qwen3 gemma
+upstream-checks: $(VENV)/.deps
+	@test -n "$(UPSTREAM_SRC)" || { echo "usage: make upstream-checks UPSTREAM_SRC=<transformers checkout at the pinned tag>"; exit 2; }
+	$(PIP) install -q --disable-pip-version-check -r requirements-upstream-checks.txt
+	$(PY) patches/upstream_checks.py --upstream-src "$(UPSTREAM_SRC)" --families "$(UPSTREAM_FAMILIES)" $(UPSTREAM_CHECKS_ARGS)
 
 # Reinstalled only when the series or the pin changes; editable, so the fork's tree is what gets imported.
 $(VENV)/.fork: $(VENV)/.deps $(PATCH_INPUTS)

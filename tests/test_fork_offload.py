@@ -1,6 +1,8 @@
 """The fork's offloaded gradient checkpointing: gradient parity, that it really offloads, and that eval is untouched.
 
-The reference is the same tiny model run without any checkpointing, in fp32.
+The reference is the same tiny model run without any checkpointing, in fp32. The fork installs its offloader for
+`activation_checkpointing_enable(offload=True)` on every model, so besides the four families the study names, Gemma and
+Phi-3 (never patched by name) are checked too.
 """
 
 import logging
@@ -8,10 +10,14 @@ import logging
 import pytest
 import torch
 from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -26,6 +32,8 @@ FAMILIES = {
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 8}),
+    "gemma": (GemmaConfig, GemmaForCausalLM, {"head_dim": 8}),
+    "phi3": (Phi3Config, Phi3ForCausalLM, {"pad_token_id": 0}),
 }
 MODES = {
     "none": lambda m: None,
@@ -37,7 +45,13 @@ MODES = {
     "offload_nonreentrant": lambda m: m.offload_gradient_checkpointing_enable(
         activation_checkpointing_kwargs={"use_reentrant": False}),
     "offload_first_two": lambda m: m.offload_gradient_checkpointing_enable(num_offloaded_layers=2),
-    "upstream_offload": lambda m: m.activation_checkpointing_enable(offload=True),
+    # what HF Trainer and TRL call for activation_checkpointing_kwargs={"offload": True, ...}
+    "offload_true": lambda m: m.activation_checkpointing_enable(offload=True),
+    "offload_true_reentrant": lambda m: m.activation_checkpointing_enable({"use_reentrant": True}, offload=True),
+    "offload_true_first_two": lambda m: m.activation_checkpointing_enable(
+        {"use_reentrant": False, "num_offloaded_layers": 2}, offload=True),
+    "offload_true_every_second": lambda m: m.activation_checkpointing_enable(offload=True, every_n_layers=2),
+    "upstream_offload": lambda m: m.activation_checkpointing_enable(offload="save_on_cpu"),
 }
 
 
@@ -104,7 +118,9 @@ def test_parity_under_bf16_autocast():
 
 
 @pytest.mark.parametrize("mode,expected", [("offload_default", 3), ("offload_reentrant", 3), ("offload_nonreentrant", 3),
-                                           ("offload_first_two", 2), ("plain_reentrant", 0)])
+                                           ("offload_first_two", 2), ("offload_true", 3), ("offload_true_reentrant", 3),
+                                           ("offload_true_first_two", 2), ("offload_true_every_second", 2),
+                                           ("plain_reentrant", 0), ("upstream_offload", 0)])
 def test_checkpoints_really_go_through_the_offloader(monkeypatch, mode, expected):
     stored = []
     original = modeling_utils.CheckpointOffloader.store
@@ -120,21 +136,39 @@ def test_checkpoints_really_go_through_the_offloader(monkeypatch, mode, expected
     train_step(model, mode, input_ids)
     assert stored == [(2, 9, TINY["hidden_size"])] * expected
     assert model.offloaded_checkpointing_layers == expected
+    # the offloader's own count, which tools can read without patching anything
+    offloader = model.checkpoint_offloader
+    assert (offloader is None) if mode in ("plain_reentrant", "upstream_offload") else offloader.stored == expected
+    if offloader is not None:
+        assert offloader.stored_bytes == expected * 2 * 9 * TINY["hidden_size"] * 4
 
 
 def test_offload_knob_is_validated():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="between 0 and 3"):
         model.offload_gradient_checkpointing_enable(num_offloaded_layers=4)
+    with pytest.raises(ValueError, match="between 0 and 2"):  # only the checkpointed layers count
+        model.activation_checkpointing_enable(offload=True, every_n_layers=2, num_offloaded_layers=3)
+    with pytest.raises(ValueError, match="needs `offload=True`"):
+        model.activation_checkpointing_enable({"use_reentrant": False, "num_offloaded_layers": 2})
+    with pytest.raises(ValueError, match="needs `offload=True`"):
+        model.activation_checkpointing_enable(offload="save_on_cpu", num_offloaded_layers=2)
+    with pytest.raises(ValueError, match="'fork' or 'save_on_cpu'"):
+        model.activation_checkpointing_enable(offload="disk")
 
 
-def test_entry_point_on_base_and_causal_lm_models():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_entry_point_on_base_and_causal_lm_models(family):
+    model = tiny_model(family)
     for m in (model, model.model):
         m.offload_gradient_checkpointing_enable()
         assert m.offloaded_checkpointing_layers == 3
         m.activation_checkpointing_disable()
         assert m.offloaded_checkpointing_layers == 0
+        m.activation_checkpointing_enable(offload=True)
+        assert m.offloaded_checkpointing_layers == 3
+        m.activation_checkpointing_enable(offload="save_on_cpu")
+        assert m.offloaded_checkpointing_layers == 0 and m.checkpoint_offloader is None
 
 
 def test_eval_and_generation_unchanged(monkeypatch):
