@@ -267,7 +267,9 @@ def enable_checkpointing(lm, settings) -> None:
         lm.offload_gradient_checkpointing_enable(num_offloaded_layers=settings.num_offloaded_layers,
                                                  activation_checkpointing_kwargs=kwargs)
     elif settings.checkpointing == "offload":  # upstream's save_on_cpu, for comparison
-        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=True)
+        # the fork's offload=True is its own offloader (patch 0003); upstream's is named "save_on_cpu" there
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
+                                           offload="save_on_cpu" if fork_info() else True)
     elif settings.checkpointing == "plain":
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
 
