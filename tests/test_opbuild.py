@@ -18,7 +18,8 @@ from longctx.errors import LongctxError
 
 def resolved(name: str) -> dict:
     return dsconfig.build(str(REPO / "ds_configs" / f"{name}.json"), config.parse([]), world_size=2,
-                          precision="fp32", lr=1e-3, hidden_size=64, on_cuda=False)
+                          precision="fp32", lr=1e-3, hidden_size=64, on_cuda=False,
+                          offload_params=False)  # what longctx.resolve decides on CPU
 
 
 def test_extensions_dir_is_per_environment_unless_set(tmp_path):
