@@ -3,7 +3,8 @@
 * the written directory is a plain Hugging Face model: it reloads with from_pretrained (no GGUF, no quantizer)
   and gives the converter's NLL on the check text again, a sane one for English (about 1.9 nats);
 * the same architecture with random weights is refused by the sanity check (ln 49152 = 10.8 nats);
-* context extension: the NTK-aware rope_theta and an explicit one land in the written config.
+* context extension: the NTK-aware rope_theta and an explicit one land in the config, the rotary frequencies follow
+  the new base, and the model stays sane with it (the converter's "before training" number).
 """
 
 from __future__ import annotations
@@ -61,3 +62,16 @@ def test_context_extension_sets_the_rope_base(smollm2_dir):
     cfg = AutoConfig.from_pretrained(out)
     from_gguf.extend_context(cfg, 32768, 1e6)
     assert cfg.rope_parameters["rope_theta"] == 1e6
+
+
+def test_extended_model_uses_the_new_base(smollm2_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, facts = smollm2_dir
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    from_gguf.extend_model(model, 32768, None)
+    expected = 1.0 / 418000.0 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64)
+    assert torch.allclose(model.model.rotary_emb.inv_freq, expected)
+    nll = from_gguf.text_nll(model, AutoTokenizer.from_pretrained(out), from_gguf.check_text())
+    assert facts["nll_check_text"] < nll < 1.2 * facts["nll_check_text"]  # costs a little before training

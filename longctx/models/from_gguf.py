@@ -112,6 +112,14 @@ def extend_context(config, max_position_embeddings: int | None, rope_theta: floa
     return changed
 
 
+def extend_model(model, max_position_embeddings: int | None, rope_theta: float | None) -> dict:
+    """extend_context on a loaded model, its rotary frequencies recomputed for the new base."""
+    changed = extend_context(model.config, max_position_embeddings, rope_theta)
+    if "rope_theta" in changed:
+        model.model.rotary_emb.__init__(model.config)  # inv_freq is a buffer computed from the config at init
+    return changed
+
+
 def convert(out: Path, *, max_position_embeddings: int | None = None, rope_theta: float | None = None,
             say=print) -> dict:
     """Read, check, optionally extend, and write `out` atomically (out.tmp, then a rename). Returns the facts."""
@@ -121,10 +129,8 @@ def convert(out: Path, *, max_position_embeddings: int | None = None, rope_theta
     check_sane(nll, f"{GGUF_NAME} as read")
     say(f"{GGUF_NAME}: {sum(p.numel() for p in model.parameters()):,} parameters; NLL {nll:.4f} nats/token on the "
         "check text")
-    facts = {"nll_check_text": nll, "changed": extend_context(model.config, max_position_embeddings, rope_theta)}
+    facts = {"nll_check_text": nll, "changed": extend_model(model, max_position_embeddings, rope_theta)}
     if facts["changed"]:
-        if "rope_theta" in facts["changed"]:
-            model.model.rotary_emb.__init__(model.config)  # recompute inv_freq for the new base
         facts["nll_check_text_extended"] = text_nll(model, tok, text)
         say(f"context: {facts['changed']}; NLL with it {facts['nll_check_text_extended']:.4f} on the check text")
     # a plain HF model: no trace of the GGUF quantizer in the config
