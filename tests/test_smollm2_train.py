@@ -47,6 +47,13 @@ def pretrained(smollm2_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
+@pytest.fixture(scope="module")
+def final(run):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(run[2] / "final_model").eval()
+
+
 def test_first_step_loss_is_the_pretrained_nll(run, pretrained):
     model_dir, data, out = run
     model, tok = pretrained
@@ -59,13 +66,10 @@ def test_first_step_loss_is_the_pretrained_nll(run, pretrained):
     assert rows[0]["loss"] == pytest.approx(reference, rel=1e-4)
 
 
-def test_a_few_small_steps_keep_the_held_out_nll(run, pretrained):
+def test_a_few_small_steps_keep_the_held_out_nll(pretrained, final):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    _, _, out = run
     model, tok = pretrained
-    final = AutoModelForCausalLM.from_pretrained(out / "final_model").eval()
     moved = max((a - b).abs().max().item() for a, b in zip(final.parameters(), model.parameters()))
     assert moved > 1e-6  # it trained: Adam moves every weight by about lr per step
     ids = doc_ids(tok, held_out_text())
@@ -75,14 +79,13 @@ def test_a_few_small_steps_keep_the_held_out_nll(run, pretrained):
     assert torch.isfinite(torch.tensor(after))
 
 
-def test_final_model_generates_as_the_checkpointed_weights(run, pretrained):
+def test_final_model_generates_as_the_checkpointed_weights(run, pretrained, final):
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_dir, _, out = run
     _, tok = pretrained
-    final = AutoModelForCausalLM.from_pretrained(out / "final_model").eval()
     sd = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=f"step-{STEPS:08d}")
     sd = {k[len("lm."):]: v for k, v in sd.items() if k.startswith("lm.")}
     reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
