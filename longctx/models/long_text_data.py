@@ -1,0 +1,187 @@
+"""Long real text for a context-extension fine-tune, from what every Linux machine with Python has: the standard
+library's sources and /usr/share/doc. Writes train.py's {"text"} format.
+
+    python -m longctx.models.long_text_data --tokenizer models/smollm2-135m-32k --target-len 32768 --out data/smollm2-32k
+
+Documents are *groups*: a stdlib module or package directory (its files in path order, each under a "# file:"
+header), or a /usr/share/doc/<package> directory (its text files, .gz included, license files skipped). A group
+is a document that was written to be read together, which is what long-context training needs: it is kept whole
+when it fits `--target-len` tokens (bos and eos included) and otherwise cut into consecutive target-length pieces,
+in order. Groups of at least --min-long-len tokens are the long documents; the single files of the remaining groups
+are the short documents, of which enough are added, shuffled, to make --short-share of the training tokens (short
+text keeps the model's short-context skill while it learns long context).
+
+The held-out split is by group (--eval-share of the long groups, chosen by a hash of the group name), so no held-out
+text shares a file, package or neighbour with the training text: eval.jsonl (long, for train.py's --eval-data) and
+eval_texts/ (one .txt per held-out document, for eval.py's --ppl-data). stats.json counts documents and tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import random
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import LongctxError
+
+DOC_ROOT = Path("/usr/share/doc")
+DOC_SUFFIXES = {"", ".txt", ".md", ".rst", ".gz"}
+SKIP_DOC_NAMES = {"copyright", "changelog.Debian.gz"}  # license boilerplate repeated per package; packaging logs
+SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+
+
+@dataclass
+class Group:
+    name: str                   # stable id: "stdlib/email", "doc/gzip"
+    files: list[tuple[str, str]]  # (path shown in the header, text)
+
+    def text(self) -> str:
+        return "\n\n".join(f"# file: {p}\n{t}" for p, t in self.files)
+
+
+def _read_text(p: Path) -> str | None:
+    try:
+        raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile):
+        return None
+    return text if text.strip() and "\x00" not in text else None
+
+
+def stdlib_groups(root: Path) -> list[Group]:
+    """One group per top-level module (a .py file) or package (its .py files, tests excluded)."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for p in sorted(root.rglob("*.py"), key=lambda q: q.relative_to(root).as_posix()):
+        rel = p.relative_to(root)
+        if SKIP_DIRS & set(rel.parts[:-1]):
+            continue
+        text = _read_text(p)
+        if text is not None:
+            groups.setdefault(f"stdlib/{rel.parts[0].removesuffix('.py')}", []).append((rel.as_posix(), text))
+    return [Group(k, v) for k, v in groups.items()]
+
+
+def doc_groups(root: Path) -> list[Group]:
+    """One group per package directory under /usr/share/doc: its readable text files, deduplicated by content."""
+    out, seen = [], set()
+    for pkg in sorted(d for d in root.iterdir() if d.is_dir()):
+        files = []
+        for p in sorted(pkg.rglob("*"), key=lambda q: q.relative_to(root).as_posix()):
+            if not p.is_file() or p.is_symlink() or p.name in SKIP_DOC_NAMES or p.suffix.lower() not in DOC_SUFFIXES:
+                continue
+            text = _read_text(p)
+            digest = hashlib.sha256(text.encode()).digest() if text else None
+            if text is None or digest in seen:
+                continue
+            seen.add(digest)
+            files.append((p.relative_to(root).as_posix(), text))
+        if files:
+            out.append(Group(f"doc/{pkg.name}", files))
+    return out
+
+
+def held_out(name: str, share: float) -> bool:
+    h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
+    return h < share
+
+
+def pieces(tok, text: str, target_len: int) -> list[str]:
+    """`text` whole if bos + text + eos fits target_len tokens, else consecutive pieces that each fit (cut on token
+    boundaries, with a small margin because decoded pieces can re-tokenize a little longer)."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    room = target_len - 2
+    if len(ids) <= room:
+        return [text]
+    step = room - max(8, room // 64)
+    return [tok.decode(ids[s:s + step]) for s in range(0, len(ids), step)]
+
+
+def n_tokens(tok, text: str) -> int:
+    return len(tok(text, add_special_tokens=False)["input_ids"]) + 2
+
+
+def build(tok, groups: list[Group], *, target_len: int, min_long_len: int, short_share: float, eval_share: float,
+          seed: int = 0) -> dict:
+    """{"train": [text], "eval": [text], "stats": {...}}; deterministic for the same inputs."""
+    train_long, eval_long, short_pool = [], [], []
+    for g in groups:
+        text = g.text()
+        if n_tokens(tok, text) < min_long_len:
+            short_pool += [t for _, t in g.files if n_tokens(tok, t) <= target_len]
+            continue
+        (eval_long if held_out(g.name, eval_share) else train_long).extend(pieces(tok, text, target_len))
+    if not train_long:
+        raise LongctxError(f"no group of at least {min_long_len:,} tokens for training; lower --min-long-len or add "
+                           "--source directories")
+    long_tokens = sum(n_tokens(tok, t) for t in train_long)
+    want_short = long_tokens * short_share / (1 - short_share) if short_share < 1 else float("inf")
+    random.Random(seed).shuffle(short_pool)
+    short, short_tokens = [], 0
+    for t in short_pool:
+        if short_tokens >= want_short:
+            break
+        short.append(t)
+        short_tokens += n_tokens(tok, t)
+    train = train_long + short
+    random.Random(seed + 1).shuffle(train)
+    stats = {"target_len": target_len, "groups": len(groups),
+             "train_long_docs": len(train_long), "train_long_tokens": long_tokens,
+             "train_short_docs": len(short), "train_short_tokens": short_tokens,
+             "short_share": short_tokens / max(1, long_tokens + short_tokens),
+             "eval_docs": len(eval_long), "eval_tokens": sum(n_tokens(tok, t) for t in eval_long)}
+    return {"train": train, "eval": eval_long, "stats": stats}
+
+
+def write(out: Path, result: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "eval"):
+        with (out / f"{split}.jsonl").open("w", encoding="utf-8") as f:
+            for t in result[split]:
+                f.write(json.dumps({"text": t}) + "\n")
+    texts = out / "eval_texts"
+    texts.mkdir(exist_ok=True)
+    for i, t in enumerate(result["eval"]):
+        (texts / f"{i:05d}.txt").write_text(t, encoding="utf-8")
+    (out / "stats.json").write_text(json.dumps(result["stats"], indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m longctx.models.long_text_data", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="directory for train.jsonl, eval.jsonl, eval_texts/, stats.json")
+    p.add_argument("--tokenizer", required=True, help="tokenizer (model) directory that token counts are made with")
+    p.add_argument("--target-len", type=int, default=32768, help="tokens per document at most (train.py's "
+                   "--max-seq-len)")
+    p.add_argument("--min-long-len", type=int, default=0, help="a group this long or longer is a long document "
+                   "(default: target-len / 4)")
+    p.add_argument("--short-share", type=float, default=0.2, help="share of training tokens from short documents")
+    p.add_argument("--eval-share", type=float, default=0.05, help="share of long groups held out")
+    p.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"], help="standard library root ('' skips it)")
+    p.add_argument("--doc-root", default=str(DOC_ROOT), help="package documentation root ('' skips it)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    try:
+        groups = (stdlib_groups(Path(args.stdlib)) if args.stdlib else []) + \
+                 (doc_groups(Path(args.doc_root)) if args.doc_root and Path(args.doc_root).is_dir() else [])
+        if not groups:
+            raise LongctxError("no text found: check --stdlib and --doc-root")
+        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        result = build(tok, groups, target_len=args.target_len, min_long_len=args.min_long_len or args.target_len // 4,
+                       short_share=args.short_share, eval_share=args.eval_share, seed=args.seed)
+    except LongctxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    write(Path(args.out), result)
+    print(json.dumps(result["stats"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

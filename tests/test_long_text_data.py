@@ -1,0 +1,101 @@
+"""longctx.models.long_text_data at small scale (CPU, the embedded tokenizer, 4096-token target) on a source tree made
+of real stdlib files and a fake /usr/share/doc: checked against the files themselves.
+
+* every document fits the target (as train.py tokenizes it: bos + text + eos);
+* a group that fits is one document, verbatim; a longer one is cut into consecutive pieces that rebuild it;
+* held-out groups share no file with the training documents; short documents are whole files, about the asked share;
+* license files are skipped, .gz text is read, the output is deterministic.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from helpers_train import TOKENIZER
+from longctx.models import long_text_data as ltd
+
+TARGET = 4096
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(TOKENIZER))
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    root = tmp_path_factory.mktemp("src")
+    lib = root / "lib"
+    shutil.copytree(stdlib / "json", lib / "json", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("textwrap.py", "heapq.py", "bisect.py", "colorsys.py", "keyword.py", "this.py", "graphlib.py",
+                 "fnmatch.py", "glob.py", "shlex.py", "stat.py", "struct.py", "numbers.py"):
+        shutil.copy(stdlib / name, lib / name)
+    (lib / "json" / "tests").mkdir()
+    (lib / "json" / "tests" / "test_x.py").write_text("assert True\n")  # skipped, as the real tests dirs
+    doc = root / "doc"
+    (doc / "pkg").mkdir(parents=True)
+    (doc / "pkg" / "README").write_text((stdlib / "heapq.py").read_text()[:3000])
+    (doc / "pkg" / "NEWS.gz").write_bytes(gzip.compress(b"Version 2: fixed the frobnicator.\n" * 3))
+    (doc / "pkg" / "copyright").write_text("GPL " * 100)
+    return lib, doc
+
+
+def _build(tok, sources, **kw):
+    lib, doc = sources
+    groups = ltd.stdlib_groups(lib) + ltd.doc_groups(doc)
+    args = dict(target_len=TARGET, min_long_len=TARGET // 2, short_share=0.01, eval_share=0.3, seed=0) | kw
+    return groups, ltd.build(tok, groups, **args)
+
+
+def test_documents_fit_and_long_groups_are_kept_in_order(tok, sources):
+    groups, result = _build(tok, sources)
+    docs = result["train"] + result["eval"]
+    assert all(ltd.n_tokens(tok, t) <= TARGET for t in docs)
+    by_name = {g.name: g for g in groups}
+    assert "stdlib/json" in by_name and not any("test_x" in p for p, _ in by_name["stdlib/json"].files)
+    assert {p for p, _ in by_name["doc/pkg"].files} == {"pkg/NEWS.gz", "pkg/README"}  # copyright skipped
+    assert "frobnicator" in by_name["doc/pkg"].text()
+    json_text = by_name["stdlib/json"].text()
+    assert ltd.n_tokens(tok, json_text) > TARGET  # so it must come as several pieces, in order
+    split = "eval" if ltd.held_out("stdlib/json", 0.3) else "train"
+    cut = ltd.pieces(tok, json_text, TARGET)
+    assert len(cut) >= 2 and "".join(cut) == json_text and all(c in result[split] for c in cut)
+    small = by_name["stdlib/bisect"].text()  # a long document that fits: kept whole
+    assert TARGET // 2 <= ltd.n_tokens(tok, small) <= TARGET and ltd.pieces(tok, small, TARGET) == [small]
+    assert small in result["eval" if ltd.held_out("stdlib/bisect", 0.3) else "train"]
+    assert result["stats"]["train_long_docs"] > 0
+
+
+def test_held_out_groups_and_short_share(tok, sources):
+    groups, result = _build(tok, sources)
+    held = [g for g in groups if ltd.held_out(g.name, 0.3) and ltd.n_tokens(tok, g.text()) >= TARGET // 2]
+    for g in held:  # no file of a held-out group is in training
+        for _, t in g.files:
+            assert not any(t in doc or doc in t for doc in result["train"] if len(doc) > 200)
+    st = result["stats"]
+    short = [t for g in groups if ltd.n_tokens(tok, g.text()) < TARGET // 2 for _, t in g.files]
+    used = [t for t in result["train"] if t in short]  # short documents are whole files of the short groups
+    assert len(used) == st["train_short_docs"] > 0
+    biggest = max(ltd.n_tokens(tok, t) for t in used)
+    total = st["train_long_tokens"] + st["train_short_tokens"]
+    assert 0.01 <= st["short_share"] <= 0.01 + biggest / total  # the asked share, give or take one document
+
+
+def test_deterministic_and_written(tok, sources, tmp_path):
+    _, a = _build(tok, sources)
+    _, b = _build(tok, sources)
+    assert a == b
+    ltd.write(tmp_path, a)
+    rows = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == a["train"]
+    assert len(list((tmp_path / "eval_texts").glob("*.txt"))) == len(a["eval"])
+    assert json.loads((tmp_path / "stats.json").read_text()) == a["stats"]

@@ -1,0 +1,77 @@
+"""longctx.models.from_gguf on the real SmolLM2-135M-Instruct GGUF (CPU, fp32).
+
+* the written directory is a plain Hugging Face model: it reloads with from_pretrained (no GGUF, no quantizer)
+  and gives the converter's NLL on the check text again, a sane one for English (about 1.9 nats);
+* the same architecture with random weights is refused by the sanity check (ln 49152 = 10.8 nats);
+* context extension: the NTK-aware rope_theta and an explicit one land in the config, the rotary frequencies follow
+  the new base, and the model stays sane with it (the converter's "before training" number).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from longctx.errors import LongctxError
+from longctx.models import from_gguf
+
+
+def test_written_model_reloads_with_a_sane_nll(smollm2_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, facts = smollm2_dir
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["model_type"] == "llama"
+    assert (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (30, 9, 3)
+    assert cfg["max_position_embeddings"] == 8192 and cfg["vocab_size"] == 49152
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and "<|im_start|>" in tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert next(model.parameters()).dtype == torch.float32
+    nll = from_gguf.text_nll(model, tok, from_gguf.check_text())
+    assert nll == pytest.approx(facts["nll_check_text"], rel=1e-6)
+    assert 1.0 < nll < 3.0
+
+
+def test_random_weights_are_refused(smollm2_dir):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = smollm2_dir
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out), dtype=torch.float32)
+    nll = from_gguf.text_nll(model, AutoTokenizer.from_pretrained(out), from_gguf.check_text())
+    assert abs(nll - math.log(49152)) < 1.0
+    with pytest.raises(LongctxError, match="outside the sane range"):
+        from_gguf.check_sane(nll, "random")
+
+
+def test_context_extension_sets_the_rope_base(smollm2_dir):
+    from transformers import AutoConfig
+
+    out, _ = smollm2_dir
+    cfg = AutoConfig.from_pretrained(out)
+    changed = from_gguf.extend_context(cfg, 32768, None)
+    # NTK-aware: theta * 4 ** (64 / 62), rounded to thousands
+    assert cfg.rope_parameters["rope_theta"] == 418000.0 and cfg.max_position_embeddings == 32768
+    assert changed == {"max_position_embeddings": (8192, 32768), "rope_theta": (100000.0, 418000.0)}
+    cfg = AutoConfig.from_pretrained(out)
+    from_gguf.extend_context(cfg, 32768, 1e6)
+    assert cfg.rope_parameters["rope_theta"] == 1e6
+
+
+def test_extended_model_uses_the_new_base(smollm2_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, facts = smollm2_dir
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    from_gguf.extend_model(model, 32768, None)
+    expected = 1.0 / 418000.0 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64)
+    assert torch.allclose(model.model.rotary_emb.inv_freq, expected)
+    nll = from_gguf.text_nll(model, AutoTokenizer.from_pretrained(out), from_gguf.check_text())
+    assert facts["nll_check_text"] < nll < 1.2 * facts["nll_check_text"]  # costs a little before training

@@ -1,0 +1,35 @@
+"""The SmolLM2 8K -> 32K recipe (recipes/smollm2_32k/, not run on a GPU yet) is a valid train.py config: it parses,
+and its memory plan for the extended model (the converter's 32K config) resolves and fits a 24 GiB GPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from helpers_train import REPO
+from longctx import config as config_mod
+from longctx.models import from_gguf
+
+RECIPE = REPO / "recipes" / "smollm2_32k" / "train.yaml"
+
+
+def test_recipe_config_parses():
+    cfg = config_mod.parse(["--config", str(RECIPE)])
+    assert cfg.max_seq_len == 32768 and cfg.eval_data and Path(cfg.deepspeed).name == "zero2.json"
+
+
+def test_recipe_plans_for_the_extended_model(smollm2_dir, tmp_path, capsys):
+    from transformers import AutoConfig
+
+    from longctx import plan
+
+    model_dir, _ = smollm2_dir
+    mc = AutoConfig.from_pretrained(model_dir)
+    from_gguf.extend_context(mc, 32768, None)
+    d = mc.to_dict()
+    path = tmp_path / "smollm2-32k.json"
+    path.write_text(json.dumps(d))
+    cfg = config_mod.parse(["--config", str(RECIPE), "--plan", "--model", str(path), "--tokenizer", str(model_dir),
+                            "--gpus", "1", "--gpu-mem", "24GiB", "--host-mem", "64GiB", "--precision", "bf16"])
+    text = plan.cli_plan(cfg)
+    assert "of 24: fits" in text and "32,768 tokens" in text, text
