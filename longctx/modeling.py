@@ -54,7 +54,7 @@ def check_offload_supported(model_config) -> None:
     if not hasattr(cls, "offload_gradient_checkpointing_enable"):
         info = fork_info() or {}
         raise LongctxError(f"transformers fork {info.get('version')}: {cls.__name__} has no "
-                           "offload_gradient_checkpointing_enable (the fork patches Llama, Mistral, Qwen2, Qwen3)")
+                           "offload_gradient_checkpointing_enable (the fork adds it to every PreTrainedModel: is the fork installed?)")
 
 
 # --------------------------------------------------------------------------------------------
