@@ -10,6 +10,7 @@ parameters and optimizer to CPU as `ds_configs/zero3_offload.json` did before pl
     upstream_offload baseline + upstream offload=True
     upstream_best    upstream SDPA + upstream offload=True + Liger (auto: on with a GPU): the best stack without us
     varlen           longctx with torch's varlen_attn (the previous default kernel)
+    recompute_attn   longctx without selective checkpointing (attention rerun in backward, as before)
     params_cpu       longctx with parameters forced to CPU     } where parameters live, measured side by side
     params_gpu       longctx with parameters forced on the GPU }
     tiled_mlp        longctx with tiled MLP forced on
@@ -38,7 +39,8 @@ class Technique:
 
 
 _RECIPE = ("--offload-gradient-checkpointing",)  # --liger auto: on wherever a GPU and liger-kernel are
-_UPSTREAM_SDPA = ("--attn-implementation", "sdpa", "--no-packing")  # upstream SDPA packs only with an S x S mask
+# upstream SDPA packs only with an S x S mask; upstream checkpointing recomputes attention
+_UPSTREAM_SDPA = ("--attn-implementation", "sdpa", "--no-packing", "--no-keep-attention")
 
 TECHNIQUES = {t.name: t for t in (
     Technique("longctx", _RECIPE, desc="longctx defaults (README recipe: fork offload + Liger, the rest auto)"),
@@ -52,6 +54,8 @@ TECHNIQUES = {t.name: t for t in (
                                                  "--offload-impl", "upstream"),
               UPSTREAM_OFFLOAD_PARAM, "upstream's best: SDPA + offload=True + Liger"),
     Technique("varlen", _RECIPE + ("--attn-implementation", "varlen"), desc="longctx with torch varlen_attn"),
+    Technique("recompute_attn", _RECIPE + ("--no-keep-attention",),
+              desc="longctx with plain checkpointing (attention recomputed in backward)"),
     Technique("params_cpu", _RECIPE, "cpu", "longctx with parameters on CPU"),
     Technique("params_gpu", _RECIPE, "none", "longctx with parameters on the GPU"),
     Technique("tiled_mlp", _RECIPE + ("--tiled-mlp",), desc="longctx with tiled MLP forced on"),

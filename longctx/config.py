@@ -69,6 +69,10 @@ class Config:
                                    "(DeepSpeed TiledMLP; recomputed in backward). Default: on only when the memory "
                                    "plan says the untiled step does not fit the GPU (tiling costs a recompute).",
                                    "model")
+    keep_attention: Optional[bool] = _f(
+        None, "Selective checkpointing: keep each layer's attention output and log-sum-exp on the GPU so backward "
+        "does not rerun attention (the largest share of a long-context step); the rest of the layer is still "
+        "recomputed. Default: on when checkpointing and the memory plan fits the kept outputs on the GPU.", "model")
     tiled_loss: bool = _f(True, "LM head + cross-entropy chunk by chunk, never holding [tokens x vocab] logits; "
                           "--no-tiled-loss materializes them (ablation).", "model")
 
@@ -337,6 +341,8 @@ def validate(cfg: Config) -> None:
         problems.append(f"--sequence-parallel must be >= 1, got {cfg.sequence_parallel}")
     if cfg.offload_gradient_checkpointing and not cfg.gradient_checkpointing:
         problems.append("--offload-gradient-checkpointing needs --gradient-checkpointing")
+    if cfg.keep_attention and not cfg.gradient_checkpointing:
+        problems.append("--keep-attention is a checkpointing mode: it needs --gradient-checkpointing")
     if cfg.lora or cfg.merge:
         from .lora import config_problems as lora_problems
 

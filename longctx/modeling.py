@@ -259,7 +259,9 @@ def build_model(cfg, model_config, kind: str, settings, layout):
 
 
 def enable_checkpointing(lm, settings) -> None:
-    kwargs = {"use_reentrant": settings.reentrant}
+    from . import selective
+
+    kwargs = selective.checkpoint_kwargs() if settings.keep_attention else {"use_reentrant": settings.reentrant}
     if settings.checkpointing == "offload" and settings.offload_impl == "fork":
         if not hasattr(lm, "offload_gradient_checkpointing_enable"):
             raise LongctxError(f"transformers fork: {type(lm).__name__} has no offload_gradient_checkpointing_enable "

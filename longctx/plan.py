@@ -109,6 +109,7 @@ class Setup:
     offload_impl: str = "fork"           # fork (offload_gradient_checkpointing_enable) | upstream (save_on_cpu)
     reentrant: bool = True               # torch.utils.checkpoint use_reentrant (train.py: True)
     num_offloaded_layers: Optional[int] = None   # None: all layers
+    keep_attention: bool = False         # selective checkpointing: attention outputs kept on the GPU (non-reentrant)
     loss: str = "chunked"                # full (HF: fp32 logits) | chunked (longctx) | liger (fused) | none
     liger_kernels: bool = False          # Liger RMSNorm / RoPE / SwiGLU
     tiled_mlp_shards: int = 1
@@ -136,6 +137,8 @@ class Setup:
                 problems.append(f"{name}={value!r} not in {allowed}")
         if self.offload_params and self.zero_stage != 3:
             problems.append("offload_params needs ZeRO stage 3")
+        if self.keep_attention and (self.checkpointing == "none" or self.reentrant):
+            problems.append("keep_attention needs non-reentrant checkpointing")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -251,6 +254,13 @@ def saved_units(s: ModelShape, act_bytes: int, *, liger: bool) -> float:
     q, kv, r = _ratios(s)
     attn = 3 * q + 2 * kv
     return (4 + attn + 3 * r) if liger else (2 * (4 / act_bytes + 2) + attn + 4 * r)
+
+
+def kept_attention_units(s: ModelShape, act_bytes: int) -> float:
+    """What selective checkpointing keeps per layer (longctx.selective), in units: the attention output
+    (tokens x heads x head_dim) and its fp32 log-sum-exp (4 bytes per token and head)."""
+    q, _, _ = _ratios(s)
+    return q + 4 * s.heads / (s.hidden * act_bytes)
 
 
 def per_token_bytes(s: ModelShape, act_bytes: int) -> int:
@@ -395,6 +405,11 @@ def plan(setup: Setup) -> Plan:
         zero3_head and setup.head_gathered_throughout) else []
 
     layer = [Item("checkpoints on GPU", ckpt_units * U, ckpt_note[setup.checkpointing])]
+    kept = []
+    if setup.keep_attention:
+        kept = [Item("kept attention outputs", s.layers * kept_attention_units(s, a) * U,
+                     f"{s.layers} layers x (output + log-sum-exp)")]
+    layer += kept
     if setup.checkpointing == "none":
         # every layer's saved activations, plus the backward transient of the last layer
         full = saved_units(s, a, liger=liger)
@@ -415,7 +430,7 @@ def plan(setup: Setup) -> Plan:
         norm = (2 if liger else 2 * (4 / a + 2)) * U
         loss = [Item("checkpoints on GPU", ckpt_units * U if setup.checkpointing != "none" else
                      s.layers * saved_units(s, a, liger=liger) * U),
-                Item("final norm (saved)", norm)] + loss_items(setup)
+                Item("final norm (saved)", norm)] + kept + loss_items(setup)
         if zero3_head:
             loss.append(Item("LM head weight (gathered)", head_bytes))
         loss += [i for i in ds if i.name.startswith("reduce")]
@@ -578,6 +593,7 @@ def describe(setup: Setup) -> str:
     z += f", {' + '.join(off)} on CPU" + (" (pinned)" if s.pin_memory else "") if off else ""
     ck = {"none": "off", "plain": "on GPU" + (" (reentrant)" if s.reentrant else ""),
           "offload": f"offloaded ({s.offload_impl}, {s.offloaded_layers}/{s.shape.layers} layers)"}[s.checkpointing]
+    ck += ", attention kept" if s.keep_attention else ""
     loss = {"full": "full fp32 logits", "chunked": f"chunked CE ({HEAD_CHUNK_TOKENS} tokens)",
             "liger": "Liger fused linear CE", "none": "none"}[s.loss]
     return (f"{s.precision} | {z} | checkpointing {ck} | loss {loss} | Liger kernels "
@@ -666,7 +682,7 @@ def parse_size(text: str) -> int:
 # ---- from the resolved settings ------------------------------------------------------------------------
 def setup_from_settings(*, shape: ModelShape, seq_len: int, micro_batch: int, world: int, ds_config: dict,
                         precision: str, checkpointing: str, offload_impl: str, reentrant: bool,
-                        num_offloaded_layers: int, liger: bool, tiled_loss: bool, attention: str, sp: int,
+                        num_offloaded_layers: int, keep_attention: bool, liger: bool, tiled_loss: bool, attention: str, sp: int,
                         tiled_mlp_shards: int, tied_embeddings: bool) -> Setup:
     """The Setup of what longctx.trainer builds from these settings (longctx.resolve calls this while deciding;
     `setup_from_resolved` once decided)."""
@@ -683,7 +699,7 @@ def setup_from_settings(*, shape: ModelShape, seq_len: int, micro_batch: int, wo
                  offload_optimizer=offloaded("offload_optimizer"),
                  pin_memory=pin or not (offloaded("offload_param") or offloaded("offload_optimizer")),
                  precision=precision, checkpointing=checkpointing, offload_impl=offload_impl, reentrant=reentrant,
-                 num_offloaded_layers=num_offloaded_layers, loss="liger" if liger else ("chunked" if tiled_loss
+                 num_offloaded_layers=num_offloaded_layers, keep_attention=keep_attention, loss="liger" if liger else ("chunked" if tiled_loss
                                                                                          else "full"),
                  liger_kernels=liger, attention=attention, sp=sp, tiled_mlp_shards=tiled_mlp_shards,
                  tied_embeddings=tied_embeddings, head_gathered_throughout=True,
@@ -700,7 +716,8 @@ def setup_from_resolved(settings, cfg, model_config) -> Setup:
         shape=ModelShape.from_config(model_config), seq_len=cfg.max_seq_len, micro_batch=cfg.micro_batch_size,
         world=settings.world, ds_config=settings.ds_config, precision=settings.precision,
         checkpointing=settings.checkpointing, offload_impl=settings.offload_impl, reentrant=settings.reentrant,
-        num_offloaded_layers=settings.num_offloaded_layers, liger=settings.liger, tiled_loss=settings.tiled_loss,
+        num_offloaded_layers=settings.num_offloaded_layers, keep_attention=settings.keep_attention,
+        liger=settings.liger, tiled_loss=settings.tiled_loss,
         attention=attention_kind(settings.attention, cfg.packing), sp=settings.sequence_parallel,
         tiled_mlp_shards=settings.tiled_mlp_shards, tied_embeddings=bool(tied))
 

@@ -114,8 +114,9 @@ class Resolved:
     liger: bool
     checkpointing: str               # none | plain | offload
     offload_impl: str                # fork | upstream (with checkpointing == offload)
-    reentrant: bool
+    reentrant: bool                  # False with keep_attention (selective checkpointing needs the non-reentrant path)
     num_offloaded_layers: int        # layers whose checkpoints live in host RAM
+    keep_attention: bool             # selective checkpointing: attention outputs kept through the recompute
     tiled_mlp: bool
     tiled_mlp_shards: int            # ceil(tokens per rank / hidden) when tiled (planned; agreed at run time)
     tiled_loss: bool
@@ -148,6 +149,7 @@ class Resolved:
         """The run header's lines (also `--plan`'s)."""
         ck = {"none": "off", "plain": "on GPU",
               "offload": f"offloaded ({self.offload_impl}, {self.num_offloaded_layers} layers)"}[self.checkpointing]
+        ck += ", attention kept" if self.keep_attention else ""
         where = ", ".join(n for n, on in (("params", self.offload_params), ("optimizer", self.offload_optimizer))
                           if on) or "nothing"
         return [f"precision {self.precision} | attention {self.attention} | liger {'on' if self.liger else 'off'} | "
@@ -295,11 +297,13 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
             ds["sequence_parallel_size"] = sp
         return ds
 
-    def setup(ds: dict, shards: int) -> "plan_mod.Setup":
+    keep_requested = bool(cfg.keep_attention) and mode != "none"
+
+    def setup(ds: dict, shards: int, keep: bool = keep_requested) -> "plan_mod.Setup":
         return plan_mod.setup_from_settings(
             shape=shape, seq_len=cfg.max_seq_len, micro_batch=cfg.micro_batch_size, world=world, ds_config=ds,
-            precision=precision, checkpointing=mode, offload_impl=impl, reentrant=True,
-            num_offloaded_layers=n_off, liger=liger, tiled_loss=cfg.tiled_loss,
+            precision=precision, checkpointing=mode, offload_impl=impl, reentrant=not keep,
+            num_offloaded_layers=n_off, keep_attention=keep, liger=liger, tiled_loss=cfg.tiled_loss,
             attention=plan_mod.attention_kind(attn.name, cfg.packing), sp=sp, tiled_mlp_shards=shards,
             tied_embeddings=bool(_get(model_config, "tie_word_embeddings", False)))
 
@@ -342,6 +346,19 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
         why["tiled_mlp"] = ("auto: off (the untiled step fits the GPU)" if untiled_fits else
                             "auto: on (the plan does not fit the GPU untiled)")
     shards = shards_if_tiled if tiled else 1
+
+    # Selective checkpointing (longctx.selective): requested, or (auto) wherever the plan fits the kept outputs.
+    if mode == "none":
+        keep, why["keep_attention"] = False, "no checkpointing: nothing is recomputed"
+    elif cfg.keep_attention is not None:
+        keep, why["keep_attention"] = bool(cfg.keep_attention), "requested"
+    elif hw is None:
+        keep, why["keep_attention"] = False, "auto: off (no GPU memory to plan against)"
+    else:
+        keep = gpu_fits(setup(ds, shards, keep=True))
+        why["keep_attention"] = ("auto: on (the plan fits every layer's attention output on the GPU; backward "
+                                 "does not rerun attention)" if keep else
+                                 "auto: off (the kept attention outputs would not fit the GPU)")
     s2_group = None
     if cfg.s2_attn is not None:
         from .s2attn import resolve_group_size
@@ -350,7 +367,7 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
         why["attention"] += f"; S2-Attn in training (group {s2_group}, half the heads shifted by {s2_group // 2})"
     return Resolved(precision=precision, attention=attn.name, attn_impl=attn.impl,
                     attn_varlen_kwargs=attn.varlen_kwargs, liger=liger, checkpointing=mode, offload_impl=impl,
-                    reentrant=True, num_offloaded_layers=n_off, tiled_mlp=tiled, tiled_mlp_shards=shards,
+                    reentrant=not keep, num_offloaded_layers=n_off, keep_attention=keep, tiled_mlp=tiled, tiled_mlp_shards=shards,
                     tiled_loss=cfg.tiled_loss, sequence_parallel=sp, offload_params=on_cpu["offload_param"],
                     offload_optimizer=on_cpu["offload_optimizer"], zero_stage=stage, lr=lr, world=world,
                     ds_config=ds, why=why, s2_group=s2_group)

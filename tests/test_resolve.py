@@ -26,7 +26,8 @@ def settings(facts, *flags, world=1, model=L8B_8L):
 def test_defaults_on_a_large_card():
     s = settings(H200, "--max-seq-len", "131072", "--offload-gradient-checkpointing")
     assert (s.precision, s.attention, s.attn_impl, s.liger) == ("bf16", "sdpa_per_doc", resolve.SDPA_PER_DOC, True)
-    assert (s.checkpointing, s.offload_impl, s.num_offloaded_layers, s.reentrant) == ("offload", "fork", 8, True)
+    assert (s.checkpointing, s.offload_impl, s.num_offloaded_layers) == ("offload", "fork", 8)
+    assert s.keep_attention and not s.reentrant  # 8 GiB of kept attention outputs fit a 141 GiB card
     assert not s.tiled_mlp and "fits" in s.why["tiled_mlp"]  # 128K fits a 141 GiB card untiled: no recompute
     assert s.offload_params and s.offload_optimizer and s.zero_stage == 3  # measured faster (PARAMS_ON_GPU_RULE)
     assert s.ds_config["zero_optimization"]["offload_param"]["device"] == "cpu"
@@ -106,3 +107,30 @@ def test_host_ram_is_not_a_reason_to_tile_or_move_parameters():
     a = settings(small_host, "--max-seq-len", "65536", "--offload-gradient-checkpointing")
     b = settings(H200, "--max-seq-len", "65536", "--offload-gradient-checkpointing")
     assert (a.tiled_mlp, a.offload_params) == (b.tiled_mlp, b.offload_params) == (False, True)
+
+
+def test_attention_is_kept_only_where_the_plan_fits_it():
+    """--keep-attention auto: on exactly when the plan with every layer's attention output kept fits the card;
+    the kept bytes are the layers' output + log-sum-exp; an explicit choice stands; no checkpointing, no keeping."""
+    flags = ["--max-seq-len", "131072", "--offload-gradient-checkpointing"]
+    cfg = config.parse(flags)
+    seen = set()
+    for gib in (16, 24, 32, 48, 80):
+        facts = dataclasses.replace(A6000, gpu_mem=gib * GiB)
+        s = settings(facts, *flags)
+        kept = plan.plan(plan.setup_from_resolved(dataclasses.replace(s, keep_attention=True, reentrant=False),
+                                                  cfg, L8B_8L))
+        hw = plan.Hardware(gpus=1, gpu_mem=gib * GiB, host_mem=125 * GiB)
+        assert s.keep_attention == plan.check_fit(kept, hw).gpu_ok, gib
+        assert s.reentrant == (not s.keep_attention)
+        item = kept.components()["kept attention outputs"]
+        assert item == 8 * 131072 * (32 * 128 * 2 + 32 * 4)  # layers x tokens x (bf16 output + fp32 LSE per head)
+        seen.add(s.keep_attention)
+    assert seen == {True, False}
+    assert not settings(H200, *flags, "--no-keep-attention").keep_attention
+    assert settings(dataclasses.replace(A6000, gpu_mem=16 * GiB), *flags, "--keep-attention").keep_attention
+    assert not settings(H200, "--no-gradient-checkpointing").keep_attention
+    assert not settings(resolve.Facts(), "--max-seq-len", "512", model=json.loads(
+        (REPO / "longctx" / "default_data" / "tiny_llama.json").read_text())).keep_attention  # CPU: nothing to plan
+    with pytest.raises(LongctxError, match="--keep-attention is a checkpointing mode"):
+        config.parse(["--keep-attention", "--no-gradient-checkpointing"])
