@@ -82,10 +82,66 @@ def main(out: str) -> None:
         attention.PER_DOC_MIN_TOKENS = saved
         mixed.append(row)
         print(json.dumps(row), flush=True)
+    fresh = fresh_lengths()
     with open(out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "cudnn": torch.backends.cudnn.version(), "rows": rows, "stdlib_rows": mixed}, f, indent=1)
+                   "cudnn": torch.backends.cudnn.version(), "rows": rows, "stdlib_rows": mixed,
+                   "fresh_lengths": fresh}, f, indent=1)
+
+
+def fresh_lengths(steps: int = 4) -> dict:
+    """What training meets and the rows above do not: every step's row brings document lengths never seen before.
+    First, cuDNN's cost for a length seen for the first time (fwd + bwd, one document) against the same length
+    again; then stdlib rows, each variant on its own never-seen rows (torch's plan cache is per process and per
+    shape), per step: SDPA per document as it is (PLAN_CACHED_MULTIPLE), with every long document through cuDNN
+    (the rule before it), and varlen for everything."""
+    out: dict = {"one_document_ms": []}
+    for n in (9001, 12345, 23457, 45679):
+        q = torch.randn(1, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(1, K, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+
+        def once():
+            with attention._sdpa_context():
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        once()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t
+        out["one_document_ms"].append({"n": n, "first": round(1e3 * first, 1), "again": round(1e3 * timeit(once), 1)})
+        print(json.dumps(out["one_document_ms"][-1]), flush=True)
+    # (PER_DOC_MIN_TOKENS, PLAN_CACHED_MULTIPLE): the default; every long document through cuDNN (the rule
+    # before); everything through varlen
+    variants = {"per_doc": (attention.PER_DOC_MIN_TOKENS, attention.PLAN_CACHED_MULTIPLE),
+                "per_doc_every_length": (attention.PER_DOC_MIN_TOKENS, 1), "varlen": (S + 1, 1)}
+    saved = attention.PER_DOC_MIN_TOKENS, attention.PLAN_CACHED_MULTIPLE
+    for vi, (name, (threshold, multiple)) in enumerate(variants.items()):
+        attention.PER_DOC_MIN_TOKENS, attention.PLAN_CACHED_MULTIPLE = threshold, multiple
+        times, flops_done = [], 0.0
+        for step in range(steps):
+            lens = row_doc_lengths(S, "stdlib", 1000 + 100 * vi + step)
+            lens[-1] += S - sum(lens)
+            q = torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            k, v = (torch.randn(1, K, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+            cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+            g = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            o, _ = attention.sdpa_per_doc_forward(None, q, k, v, None, cu_seq_lens_q=cu)
+            o.backward(g)
+            torch.cuda.synchronize()
+            times.append(round(1e3 * (time.perf_counter() - t), 1))
+            flops_done += 3.5 * 4 * sum(n * n / 2 for n in lens) * H * D
+        out[name] = {"ms_per_step": times, "tflops": round(flops_done / (sum(times) / 1e3) / 1e12, 1)}
+        print(name, json.dumps(out[name]), flush=True)
+    attention.PER_DOC_MIN_TOKENS, attention.PLAN_CACHED_MULTIPLE = saved
+    return out
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) > 2 and sys.argv[2] == "--fresh-only":
+        with open(sys.argv[1], "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "cudnn": torch.backends.cudnn.version(), "fresh_lengths": fresh_lengths()}, f, indent=1)
+    else:
+        main(sys.argv[1])

@@ -39,7 +39,10 @@ PROFILES: dict[str, dict] = {
                       runs="longctx:1,baseline:1,upstream_best:1,longctx:3"),
     # one H100/H200, the 8B shape at 8 layers: our default against upstream's best, one document and packed rows
     "1xgpu-8b-8L": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
-                        runs="longctx:1,upstream_best:1,longctx:stdlib,varlen:stdlib"),
+                        runs="longctx:1,upstream_best:1,recompute_attn:1@128K"),
+    # packed real-text document lengths (Python's stdlib): the default against varlen_attn
+    "1xgpu-8b-8L-packed": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="64K,128K",
+                               runs="longctx:stdlib,varlen:stdlib,longctx:4"),
     # where parameters live, and tiled MLP, side by side on one GPU
     "1xgpu-8b-8L-placement": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
                                   runs="params_cpu:1,params_gpu:1,tiled_mlp:1"),
@@ -136,13 +139,25 @@ def parse_args(argv=None):
     p.add_argument("--gpus", type=int)
     p.add_argument("--cap", type=float, help="GPU memory cap in GiB (emulated card); omit for none")
     p.add_argument("--layers", type=int)
-    p.add_argument("--runs", help="technique:docs pairs, comma list (docs: 1, N or stdlib), e.g. longctx:1,longctx:stdlib")
+    p.add_argument("--runs", help="technique:docs[@lengths] items, comma list (docs: 1, N or stdlib; lengths joined "
+                                  "by '+'), e.g. longctx:1,longctx:stdlib@128K")
     p.add_argument("--lengths")
     p.add_argument("--steps", type=int, default=1, help="timed steps per length (after one warmup step)")
     p.add_argument("--results-dir", default=str(RESULTS))
     p.add_argument("--dry-run", action="store_true", help="print the worker commands and exit")
     p.add_argument("--master-port", type=int, default=29512)
     return p.parse_args(argv)
+
+
+def parse_runs(text: str) -> list[tuple[str, str, str]]:
+    """'longctx:1,varlen:stdlib@64K+128K' -> [(technique, docs, lengths)]: docs defaults to 1, lengths (joined by
+    '+') to the profile's."""
+    out = []
+    for r in filter(None, (x.strip() for x in text.split(","))):
+        r, _, lengths = r.partition("@")
+        t, _, d = r.partition(":")
+        out.append((t, d or "1", lengths.replace("+", ",")))
+    return out
 
 
 def resolve_profile(a) -> dict:
@@ -156,12 +171,13 @@ def resolve_profile(a) -> dict:
     return prof
 
 
-def worker_cmd(prof: dict, technique: str, docs: str, out: Path, run_id: str, steps: int, port: int) -> list[str]:
+def worker_cmd(prof: dict, technique: str, docs: str, out: Path, run_id: str, steps: int, port: int,
+               lengths: str = "") -> list[str]:
     script = str(ROOT / "bench" / "train_bench.py")
     gpus = int(prof.get("gpus") or 1)
     launch = (["deepspeed", "--num_gpus", str(gpus), "--master_port", str(port), script] if gpus > 1
               else [sys.executable, script])
-    cmd = launch + ["--technique", technique, "--shape", prof["shape"], "--lengths", prof["lengths"],
+    cmd = launch + ["--technique", technique, "--shape", prof["shape"], "--lengths", lengths or prof["lengths"],
                     "--docs", str(docs), "--steps", str(steps), "--out", str(out), "--run-id", run_id]
     if prof.get("layers"):
         cmd += ["--layers", str(prof["layers"])]
@@ -213,13 +229,14 @@ def main(argv=None) -> int:
     device = "cpu" if prof["shape"] == "tiny-llama" else detect_device()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     run_id = run_id_for(date, device, prof["shape"], prof.get("layers"), int(prof.get("gpus") or 1), prof.get("cap"))
+    if a.profile:  # profiles of one shape and machine (placement, packed) must not overwrite each other
+        run_id = f"{date}_{device_slug(device)}_{a.profile}"
     results = Path(a.results_dir)
     raw, out = results / "raw" / f"{run_id}.jsonl", results / f"{run_id}.json"
     extra = {"run_id": run_id, "git": git_info(),
              "command": "python -m bench.run " + shlex.join(argv if argv is not None else sys.argv[1:]),
              "profile": prof}
-    pairs = [r.strip().partition(":") for r in prof["runs"].split(",") if r.strip()]
-    cmds = [worker_cmd(prof, t, d or "1", raw, run_id, a.steps, a.master_port) for t, _, d in pairs]
+    cmds = [worker_cmd(prof, t, d, raw, run_id, a.steps, a.master_port, n) for t, d, n in parse_runs(prof["runs"])]
     if a.dry_run:
         print("\n".join(shlex.join(c) for c in cmds))
         return 0

@@ -2,7 +2,9 @@
 
   * "longctx_sdpa" (`--attn-implementation sdpa_per_doc`, the default): causal SDPA run per document of a
     packed row, with GQA (enable_gqa) and a backend order of cuDNN, flash, memory-efficient, math. Rows that are
-    one document each take one SDPA call for the whole micro-batch. No mask is ever built, so packing works at
+    one document each take one SDPA call for the whole micro-batch. In rows of several documents, short ones and
+    lengths cuDNN would have to build a new plan for go to varlen_attn where it runs (see PLAN_CACHED_MULTIPLE).
+    No mask is ever built, so packing works at
     any length; the document boundaries come from the collator's cu_seq_lens (kept on the host: slicing needs
     them there) or, failing that, from the position_ids.
   * "longctx_varlen" (`varlen`): torch.nn.attention.varlen.varlen_attn over the flattened micro-batch.
@@ -87,6 +89,18 @@ def _segments(B: int, S: int, kwargs: dict) -> list[list[tuple[int, int]]]:
 # TFLOP/s, docs/RESULTS.md): per-document SDPA (cuDNN) against varlen_attn 543 vs 327 at 128K documents, 529 vs 323
 # at 32K, 353 vs 298 at 8K, 60 vs 221 at 2K, 4 vs 101 at 512.
 PER_DOC_MIN_TOKENS = 8192
+# cuDNN builds an execution plan for every new sequence length (torch caches plans by shape): on an H200 a length
+# seen for the first time cost 120-230 ms fwd + bwd against 5-105 ms for the call itself, and packed real text
+# brings new lengths at every step (stdlib rows: 356-498 ms per row with every long document through cuDNN,
+# 133-167 ms through varlen_attn; bench/results/*fresh_lengths*). So in rows of several documents, cuDNN gets only
+# lengths that recur: multiples of this (chunked corpora cut documents to such sizes, e.g. 4 x 32K rows); other
+# lengths go to varlen with the short documents. Deterministic: the choice depends on the length alone.
+PLAN_CACHED_MULTIPLE = 1024
+
+
+def _through_varlen(n: int) -> bool:
+    """In a row of several documents: is a document of n tokens better off in torch's varlen kernel?"""
+    return n < PER_DOC_MIN_TOKENS or n % PLAN_CACHED_MULTIPLE != 0
 
 
 def sdpa_per_doc_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -115,7 +129,7 @@ def sdpa_per_doc_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
         for b, segs in enumerate(rows):
             run: list[tuple[int, int]] = []  # consecutive short documents, for one varlen call
             for s, n in segs + [(S, 0)]:  # a sentinel closes the last run
-                if varlen and 0 < n < PER_DOC_MIN_TOKENS:
+                if varlen and n and _through_varlen(n):
                     run.append((s, n))
                     continue
                 if run:

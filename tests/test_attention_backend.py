@@ -91,9 +91,11 @@ def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_s
 
 def test_short_documents_go_to_varlen_in_runs(monkeypatch):
     """Where torch's varlen kernel runs (CUDA; here a plain reference stands in for it), documents shorter than
-    PER_DOC_MIN_TOKENS go to it in runs of consecutive documents, long ones to SDPA one by one; the result is the
-    same attention, gradients included."""
+    PER_DOC_MIN_TOKENS, and long ones whose length is not a multiple of PLAN_CACHED_MULTIPLE (cuDNN would build a
+    plan for it), go to it in runs of consecutive documents, the other long ones to SDPA one by one; the result is
+    the same attention, gradients included."""
     monkeypatch.setattr(attention, "PER_DOC_MIN_TOKENS", 16)
+    monkeypatch.setattr(attention, "PLAN_CACHED_MULTIPLE", 20)
     monkeypatch.setattr(attention, "_varlen_for_short_docs", lambda q: True)
     calls = []
 
@@ -103,12 +105,12 @@ def test_short_documents_go_to_varlen_in_runs(monkeypatch):
 
     monkeypatch.setattr(attention, "_KERNEL", kernel)
     torch.manual_seed(0)
-    lens = [5, 3, 40, 7, 20, 2, 1]
+    lens = [5, 3, 40, 7, 33, 20, 2, 1]
     S, Hq, Hkv, D = sum(lens), 4, 2, 8
     q, k, v = (torch.randn(1, h, S, D, dtype=torch.float64, requires_grad=True) for h in (Hq, Hkv, Hkv))
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
     out, _ = attention.sdpa_per_doc_forward(None, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu)
-    assert calls == [[0, 5, 8], [0, 7], [0, 2, 3]]  # runs (5, 3), (7,), (2, 1); 40 and 20 by SDPA
+    assert calls == [[0, 5, 8], [0, 7, 40], [0, 2, 3]]  # runs (5, 3), (7, 33), (2, 1); 40 and 20 by SDPA
     ref = _reference(q, k, v, lens, 0.3)
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(ref)
