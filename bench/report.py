@@ -153,8 +153,8 @@ def render_trl_run(run: dict) -> list[str]:
             w = workers.get(name) or {}
             kernels = f"; kernels {w['rmsnorm']}, {w['mlp']}" if w.get("rmsnorm") else ""
             kw = repr(run["variants"][name]["activation_checkpointing_kwargs"]).replace("'", '"')
-            out.append(f"- `{name}`: `activation_checkpointing_kwargs={kw}`"
-                       f" — {run['variants'][name]['desc']}{kernels}")
+            desc = run["variants"][name]["desc"]
+            out.append(f"- `{name}`: `activation_checkpointing_kwargs={kw}` — {desc}{kernels}")
     out.append("")
     by = {(r["variant"], r["seq_len"]): r for r in run["rows"]}
 
@@ -172,8 +172,8 @@ def render_trl_run(run: dict) -> list[str]:
         ra, rb = ok(a, n), ok(b, n)
         return f"{ra['step_time_s'] / rb['step_time_s']:.3f}×" if ra and rb else DASH
 
-    out += ["| Length | plain s/step | upstream s/step | fork s/step | fork / upstream | upstream / plain | fork / plain "
-            "| plain peak GiB | upstream peak GiB | fork peak GiB | fork: inputs offloaded |",
+    out += ["| Length | plain s/step | upstream s/step | fork s/step | fork / upstream | upstream / plain "
+            "| fork / plain | plain peak GiB | upstream peak GiB | fork peak GiB | fork: inputs offloaded |",
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for n in sorted({r["seq_len"] for r in run["rows"]}):
         fork = ok("fork", n)

@@ -75,7 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--lengths", default=None, help="ascending row lengths (default 32K,64K,128K; 256,512 with --tiny)")
     p.add_argument("--steps", type=int, default=None,
                    help="optimizer steps per length, the first untimed (default 3; 2 with --tiny)")
-    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, run in this order, of {list(VARIANTS)}")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS,
+                   help=f"comma-separated, run in this order, of {list(VARIANTS)}")
     p.add_argument("--plain-max-len", default=None,
                    help="run `plain` only up to this length (e.g. 64K) to save time; default: every length")
     p.add_argument("--note", default=None, help="a note stored in the JSON")
