@@ -5,8 +5,10 @@
     python -m bench.report --results-dir DIR --out FILE --plots-dir DIR --no-plots
 
 Deterministic: runs sorted by run_id, rows by row shape, length and technique; fixed float formats; no timestamps
-except the dates inside the JSON. Only the region between the markers below is generated; the rest of RESULTS.md
-(hand-written sections) is kept as is.
+except the dates inside the JSON. Only the regions between the markers below are generated; the rest of RESULTS.md
+(hand-written sections) is kept as is. bench/trl_offload.py's results (schema "trl_offload") have their own region,
+"TRL SFTTrainer: upstream save_on_cpu vs fork offloader", right after the bench region; it is left out while there
+are none.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN = "<!-- BEGIN GENERATED: bench (python -m bench.report; edit bench/report.py, not this region) -->"
 END = "<!-- END GENERATED: bench -->"
+TRL_BEGIN = "<!-- BEGIN GENERATED: trl_offload (python -m bench.report; edit bench/report.py, not this region) -->"
+TRL_END = "<!-- END GENERATED: trl_offload -->"
+TRL_VARIANTS = ("plain", "upstream", "fork")
 DASH = "—"
 BASELINE = "upstream_best"  # what the ratio column compares with: the best stack without this project
 PLAN_TOLERANCE = (0.10, 1.0)  # the preflight's target: within 10% or 1 GiB of the measured peak
@@ -41,6 +46,16 @@ def load_results(results_dir: Path) -> list[dict]:
     for p in sorted(Path(results_dir).glob("*.json")):
         r = json.loads(p.read_text())
         if r.get("schema") == 2 and "rows" in r:
+            runs.append(r)
+    return sorted(runs, key=lambda r: r["run_id"])
+
+
+def load_trl_results(results_dir: Path) -> list[dict]:
+    """bench/trl_offload.py's runs (schema "trl_offload"), by run_id."""
+    runs = []
+    for p in sorted(Path(results_dir).glob("*.json")):
+        r = json.loads(p.read_text())
+        if r.get("schema") == "trl_offload" and "rows" in r:
             runs.append(r)
     return sorted(runs, key=lambda r: r["run_id"])
 
@@ -123,6 +138,97 @@ def render(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render_trl_run(run: dict) -> list[str]:
+    v = run.get("versions") or {}
+    git = run.get("git") or {}
+    workers = run.get("workers") or {}
+    out = [f"### {run['shape']}, {run['layers']} decoder layers, 1× {run['device']} — run `{run['run_id']}`", "",
+           f"Date {run['date']}; torch {v.get('torch')}, transformers {v.get('transformers')}, trl {v.get('trl')}, "
+           f"liger-kernel {v.get('liger_kernel')}; git {str(git.get('commit'))[:10]}"
+           f"{' (uncommitted changes)' if git.get('dirty') else ''}. Reproduce: `{run.get('command')}`. "
+           f"{run['steps']} steps per length; s/step is the median of the steps after the first."
+           + (f" Note: {run['note']}." if run.get("note") else ""), ""]
+    for name in TRL_VARIANTS:
+        if name in (run.get("variants") or {}):
+            w = workers.get(name) or {}
+            kernels = f"; kernels {w['rmsnorm']}, {w['mlp']}" if w.get("rmsnorm") else ""
+            kw = repr(run["variants"][name]["activation_checkpointing_kwargs"]).replace("'", '"')
+            desc = run["variants"][name]["desc"]
+            out.append(f"- `{name}`: `activation_checkpointing_kwargs={kw}` — {desc}{kernels}")
+    out.append("")
+    by = {(r["variant"], r["seq_len"]): r for r in run["rows"]}
+
+    def ok(variant, n):
+        r = by.get((variant, n))
+        return r if r and r["status"] == "ok" else None
+
+    def cell(variant, n, key, nd):
+        r = by.get((variant, n))
+        if r is None:
+            return DASH
+        return fmt(r.get(key), nd) if r["status"] == "ok" else r["status"]
+
+    def x(a, b, n):
+        ra, rb = ok(a, n), ok(b, n)
+        return f"{ra['step_time_s'] / rb['step_time_s']:.3f}×" if ra and rb else DASH
+
+    out += ["| Length | plain s/step | upstream s/step | fork s/step | fork / upstream | upstream / plain "
+            "| fork / plain | plain peak GiB | upstream peak GiB | fork peak GiB | fork: inputs offloaded |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for n in sorted({r["seq_len"] for r in run["rows"]}):
+        fork = ok("fork", n)
+        stored = fork.get("offload_stored") if fork else None
+        out.append(f"| {fmt_len(n)} | {cell('plain', n, 'step_time_s', 2)} | {cell('upstream', n, 'step_time_s', 2)} | "
+                   f"{cell('fork', n, 'step_time_s', 2)} | {x('fork', 'upstream', n)} | {x('upstream', 'plain', n)} | "
+                   f"{x('fork', 'plain', n)} | {cell('plain', n, 'peak_gpu_gib', 2)} | "
+                   f"{cell('upstream', n, 'peak_gpu_gib', 2)} | {cell('fork', n, 'peak_gpu_gib', 2)} | "
+                   f"{DASH if stored is None else stored} |")
+    out.append("")
+    return out
+
+
+def render_trl(runs: list[dict]) -> str:
+    """The TRL region; empty when there is no trl_offload result (the region is then left out of RESULTS.md)."""
+    if not runs:
+        return ""
+    lines = [TRL_BEGIN, "", "## TRL SFTTrainer: upstream save_on_cpu vs fork offloader", "",
+             "What a TRL user gets from installing the fork: `bench/trl_offload.py` trains a randomly initialised "
+             "model with TRL's `SFTTrainer` (bf16, micro-batch 1, `activation_checkpointing=True`, "
+             "`use_liger_kernel=True`, fused AdamW on the GPU, no DeepSpeed, one pre-tokenised row per step), once "
+             "per variant, each in its own process: `plain` checkpointing, `upstream` = upstream's "
+             "`offload=True` (torch's `save_on_cpu`, kept in the fork as `offload=\"save_on_cpu\"`) and `fork` = "
+             "`offload=True` with the fork installed. Ratios are step-time ratios measured in the same run "
+             "(< 1: the first is faster). *fork: inputs offloaded* is the fork offloader's `stored` count at that "
+             "length (layers × steps when every layer input went to host memory).", ""]
+    for run in runs:
+        lines += render_trl_run(run)
+    lines += [TRL_END, ""]
+    return "\n".join(lines)
+
+
+def update_trl_region(doc: str, generated: str) -> str:
+    """Put the TRL region right after the bench region (replacing an existing one; removing it if `generated` is
+    empty)."""
+    if TRL_BEGIN in doc and TRL_END in doc:
+        head, rest = doc.split(TRL_BEGIN, 1)
+        _, tail = rest.split(TRL_END, 1)
+        if not generated:
+            return head.rstrip("\n") + "\n\n" + tail.lstrip("\n")
+        return head + generated.rstrip("\n") + tail
+    if not generated:
+        return doc
+    if END in doc:
+        head, tail = doc.split(END, 1)
+        return head + END + "\n\n" + generated.rstrip("\n") + "\n\n" + tail.lstrip("\n")
+    return doc.rstrip("\n") + "\n\n" + generated
+
+
+def generate_document(existing: str | None, results_dir: Path) -> str:
+    """RESULTS.md as the JSON files in `results_dir` generate it from `existing`."""
+    doc = update_document(existing, render(load_results(results_dir)))
+    return update_trl_region(doc, render_trl(load_trl_results(results_dir)))
+
+
 def update_document(existing: str | None, generated: str) -> str:
     if not existing:
         return "# Results\n\n" + generated
@@ -184,7 +290,7 @@ def main(argv=None) -> int:
     runs = load_results(Path(a.results_dir))
     out = Path(a.out)
     existing = out.read_text() if out.exists() else None
-    new = update_document(existing, render(runs))
+    new = generate_document(existing, Path(a.results_dir))
     if a.check:
         if existing != new:
             print(f"{out} is stale: run `python -m bench.report` (or `make report`)", file=sys.stderr)
