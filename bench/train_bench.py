@@ -201,8 +201,7 @@ class Worker:
                     quiet=True).prepare()
         key = dataclasses.replace(t.settings, why={}, tiled_mlp_shards=0, ds_config={})
         if self.trainer is not None and key == self.key:
-            self.trainer.cfg, self.trainer.data = cfg, data  # same build; this length's rows and plan
-            return self.trainer, cfg, False
+            return self.trainer.retarget(cfg, data), cfg, False  # same build; this length's rows and plan
         if self.trainer is not None:
             self.trainer.close()
         t.setup(run_dir=False).build()

@@ -180,6 +180,16 @@ class Trainer:
             cb.on_built(self)
         return self
 
+    def retarget(self, cfg, data) -> "Trainer":
+        """Train the built model and engine on `data` under `cfg` (another --max-seq-len) without rebuilding them.
+
+        The benchmark climbs a ladder of lengths; where a length resolves to the same settings as the one built, a
+        rebuild would only build the same engine again. Only cfg and data change: the resolution, the layout and
+        the step count stay those of the build, so the caller checks that the new cfg resolves the same
+        (bench/train_bench.py compares the settings)."""
+        self.cfg, self.data = cfg, data
+        return self
+
     # ---- checkpointable state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The trainer's own state (the engine's is saved beside it): where the data order stands."""

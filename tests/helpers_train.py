@@ -64,6 +64,30 @@ def small_dataset(d: Path, n_text: int = 60, n_chat: int = 20, n_pr: int = 20) -
     return [str(f) for f in files]
 
 
+def tokenizer():
+    """The embedded tokenizer (longctx/default_data/tokenizer), as train.py loads it by default."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(TOKENIZER))
+
+
+def load_rows(tok, rows: list[dict], tmp_path: Path, name: str = "d.jsonl", max_len: int = 4096,
+              truncation: str = "truncate", sft_truncation: str = "context"):
+    """`rows` written to tmp_path/name and read back by longctx.data.load_docs: (docs, ledger)."""
+    from longctx import data as data_mod
+
+    f = write_jsonl(tmp_path / name, rows)
+    ledger = data_mod.Ledger()
+    return data_mod.load_docs([str(f)], tok, max_len, truncation, ledger, sft_truncation), ledger
+
+
+def target_text(tok, doc) -> str:
+    """The decoded tokens of `doc` that are loss targets (label not IGNORE)."""
+    from longctx.data import IGNORE
+
+    return tok.decode([int(i) for i, t in zip(doc.input_ids, doc.labels) if t != IGNORE])
+
+
 def tiny_config(**overrides) -> dict:
     cfg = json.loads(TINY_CONFIG.read_text())
     cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

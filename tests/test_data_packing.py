@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
-from helpers_train import TOKENIZER, chat_rows, text_rows, write_jsonl
+from helpers_train import chat_rows, load_rows, target_text, text_rows, tokenizer
 from longctx import data as data_mod
 from longctx.data import IGNORE
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(TOKENIZER))
+    return tokenizer()
 
 
-def load(tok, rows, tmp_path, name="d.jsonl", max_len=4096, truncation="error", sft_truncation="context"):
-    f = write_jsonl(tmp_path / name, rows)
-    ledger = data_mod.Ledger()
-    return data_mod.load_docs([str(f)], tok, max_len, truncation, ledger, sft_truncation), ledger
-
-
-def targets_text(tok, doc):
-    return tok.decode([int(i) for i, l in zip(doc.input_ids, doc.labels) if l != IGNORE])
+load = partial(load_rows, truncation="error")  # a document over max_len stops the load unless a test says otherwise
 
 
 def test_text_every_token_but_the_first_is_a_target(tok, tmp_path):
@@ -38,14 +31,14 @@ def test_chat_targets_are_exactly_the_assistant_turns(tok, tmp_path):
             {"role": "assistant", "content": "anchor bottle"}, {"role": "user", "content": "and?"},
             {"role": "assistant", "content": "candle"}]
     (doc,), _ = load(tok, [{"messages": msgs}], tmp_path)
-    assert targets_text(tok, doc) == "anchor bottle<|end|>\ncandle<|end|>\n"
+    assert target_text(tok, doc) == "anchor bottle<|end|>\ncandle<|end|>\n"
     full = tok.apply_chat_template(msgs, tokenize=False)
     assert tok.decode(doc.input_ids.tolist()) == full
 
 
 def test_prompt_response_targets_are_the_response(tok, tmp_path):
     (doc,), _ = load(tok, [{"prompt": "Reverse: a b", "response": " b a"}], tmp_path)
-    assert targets_text(tok, doc) == " b a<|eos|>"
+    assert target_text(tok, doc) == " b a<|eos|>"
 
 
 def test_truncation_policies_and_ledger(tok, tmp_path):

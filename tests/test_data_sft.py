@@ -5,27 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from helpers_train import TOKENIZER, WORDS, text_rows, write_jsonl
+from helpers_train import WORDS, load_rows, target_text, text_rows, tokenizer, write_jsonl
 from longctx import data as data_mod
-from longctx.data import IGNORE
 from longctx.errors import LongctxError
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(TOKENIZER))
-
-
-def load(tok, rows, tmp_path, name="d.jsonl", max_len=4096, truncation="truncate", sft="context"):
-    f = write_jsonl(tmp_path / name, rows)
-    ledger = data_mod.Ledger()
-    return data_mod.load_docs([str(f)], tok, max_len, truncation, ledger, sft), ledger
-
-
-def targets(tok, doc) -> str:
-    return tok.decode([int(i) for i, t in zip(doc.input_ids, doc.labels) if t != IGNORE])
+    return tokenizer()
 
 
 def text(tok, doc) -> str:
@@ -40,9 +27,9 @@ def filler(n: int, seed: int = 0) -> str:
 
 def test_long_prompt_keeps_instruction_question_and_the_whole_answer(tok, tmp_path):
     row = {"prompt": "Read this. " + filler(300) + " Question: what is the key?", "response": " the key is 42"}
-    (doc,), ledger = load(tok, [row], tmp_path, max_len=64)
+    (doc,), ledger = load_rows(tok, [row], tmp_path, max_len=64)
     assert len(doc) == 64
-    assert targets(tok, doc) == " the key is 42<|eos|>"
+    assert target_text(tok, doc) == " the key is 42<|eos|>"
     assert text(tok, doc).startswith("<|bos|>Read this.")
     assert "Question: what is the key?" in text(tok, doc)
     r = ledger.per_file["d.jsonl"]
@@ -52,13 +39,13 @@ def test_long_prompt_keeps_instruction_question_and_the_whole_answer(tok, tmp_pa
 
 def test_the_old_behaviour_cuts_the_answer_off(tok, tmp_path):
     row = {"prompt": "Read this. " + filler(300) + " Question: what is the key?", "response": " the key is 42"}
-    docs, ledger = load(tok, [row], tmp_path, max_len=64, sft="end")
+    docs, ledger = load_rows(tok, [row], tmp_path, max_len=64, sft_truncation="end")
     assert docs == [] and ledger.per_file["d.jsonl"]["docs_dropped_no_targets"] == 1
 
 
 def test_an_answer_longer_than_the_row_is_cut_and_counted(tok, tmp_path):
     row = {"prompt": "Q: list the words.", "response": " " + filler(200)}
-    (doc,), ledger = load(tok, [row], tmp_path, max_len=64)
+    (doc,), ledger = load_rows(tok, [row], tmp_path, max_len=64)
     assert len(doc) == 64 and text(tok, doc).startswith("<|bos|>Q:")
     assert ledger.per_file["d.jsonl"]["docs_answer_cut"] == 1
     assert "part of the answer cut" in ledger.format()
@@ -78,9 +65,9 @@ def test_long_user_turn_loses_its_middle_and_keeps_the_question_and_answers(tok,
             {"role": "assistant", "content": "42"},
             {"role": "user", "content": "and the lock?"},
             {"role": "assistant", "content": "7"}]
-    (doc,), ledger = load(tok, [{"messages": msgs}], tmp_path, max_len=96)
+    (doc,), ledger = load_rows(tok, [{"messages": msgs}], tmp_path, max_len=96)
     assert len(doc) <= 96
-    assert targets(tok, doc) == "42<|end|>\n7<|end|>\n"
+    assert target_text(tok, doc) == "42<|end|>\n7<|end|>\n"
     t = text(tok, doc)
     assert t.startswith("<|bos|><|system|>\nbe brief<|end|>\n<|user|>\nDocument:") and "Question: the key?" in t
     assert ledger.per_file["d.jsonl"]["docs_context_cut"] == 1
@@ -90,13 +77,13 @@ def test_many_short_turns_lose_the_earliest_exchanges(tok, tmp_path):
     msgs = [{"role": "system", "content": "count"}]
     for i in range(30):
         msgs += [{"role": "user", "content": f"next after {i}?"}, {"role": "assistant", "content": f"{i + 1}"}]
-    (doc,), ledger = load(tok, [{"messages": msgs}], tmp_path, max_len=80)
+    (doc,), ledger = load_rows(tok, [{"messages": msgs}], tmp_path, max_len=80)
     assert len(doc) <= 80
     t = text(tok, doc)
     assert t.startswith("<|bos|><|system|>\ncount<|end|>\n<|user|>\n") and t.endswith("next after 29?<|end|>\n"
                                                                                        "<|assistant|>\n30<|end|>\n")
     assert "next after 0?" not in t
-    assert targets(tok, doc).endswith("30<|end|>\n")
+    assert target_text(tok, doc).endswith("30<|end|>\n")
     assert ledger.per_file["d.jsonl"]["docs_context_cut"] == 1
 
 
@@ -104,16 +91,16 @@ def test_a_user_turn_is_not_gutted_while_earlier_exchanges_can_go(tok, tmp_path)
     """Cutting the longest user turn alone would leave 5 of its 62 tokens: dropping the earlier exchange is better."""
     msgs = [{"role": "user", "content": filler(60, 1) + " first?"}, {"role": "assistant", "content": "one"},
             {"role": "user", "content": filler(31, 2) + " second?"}, {"role": "assistant", "content": "two"}]
-    (doc,), _ = load(tok, [{"messages": msgs}], tmp_path, max_len=64)
+    (doc,), _ = load_rows(tok, [{"messages": msgs}], tmp_path, max_len=64)
     t = text(tok, doc)
     assert "first?" not in t and t.endswith(" second?<|end|>\n<|assistant|>\ntwo<|end|>\n")
-    assert targets(tok, doc) == "two<|end|>\n"
+    assert target_text(tok, doc) == "two<|end|>\n"
 
 
 def test_turns_after_the_last_answer_go_first(tok, tmp_path):
     msgs = [{"role": "user", "content": "the key?"}, {"role": "assistant", "content": "42"},
             {"role": "user", "content": filler(300)}]
-    (doc,), _ = load(tok, [{"messages": msgs}], tmp_path, max_len=32)
+    (doc,), _ = load_rows(tok, [{"messages": msgs}], tmp_path, max_len=32)
     assert text(tok, doc) == "<|bos|><|user|>\nthe key?<|end|>\n<|assistant|>\n42<|end|>\n"
 
 
@@ -121,14 +108,14 @@ def test_unknown_role_is_an_error_naming_file_and_line(tok, tmp_path):
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
             {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]}]
     with pytest.raises(LongctxError) as e:
-        load(tok, rows, tmp_path, name="chat.jsonl")
+        load_rows(tok, rows, tmp_path, name="chat.jsonl")
     assert "chat.jsonl:2" in str(e.value) and "'robot'" in str(e.value) and "assistant" in str(e.value)
 
 
 def test_misspelled_assistant_is_an_error_with_a_suggestion(tok, tmp_path):
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "asistant", "content": "yo"}]}]
     with pytest.raises(LongctxError, match=r"d.jsonl:1: message 1 has role 'asistant' \(did you mean 'assistant'\?\)"):
-        load(tok, rows, tmp_path)
+        load_rows(tok, rows, tmp_path)
 
 
 def test_roles_the_template_names_are_known():
@@ -154,7 +141,7 @@ def answer_rows(n):
 def test_missing_assistant_and_empty_responses_are_counted_and_explained(tok, tmp_path):
     rows = answer_rows(6) + no_answer_rows(2) + [
         {"messages": [{"role": "user", "content": "say nothing"}, {"role": "assistant", "content": ""}]}]
-    docs, ledger = load(tok, rows, tmp_path, name="chat.jsonl")
+    docs, ledger = load_rows(tok, rows, tmp_path, name="chat.jsonl")
     r = ledger.per_file["chat.jsonl"]
     assert len(docs) == 7 and r["docs_no_assistant"] == 2 and r["docs_dropped_no_targets"] == 2
     assert r["docs_empty_response"] == 1
@@ -168,14 +155,14 @@ def test_missing_assistant_and_empty_responses_are_counted_and_explained(tok, tm
 
 def test_empty_responses_of_prompt_response_are_counted(tok, tmp_path):
     rows = [{"prompt": "a", "response": " b"}, {"prompt": "c", "response": ""}, {"prompt": "d", "response": "  "}]
-    docs, ledger = load(tok, rows, tmp_path)
+    docs, ledger = load_rows(tok, rows, tmp_path)
     assert len(docs) == 3 and ledger.per_file["d.jsonl"]["docs_empty_response"] == 2
     with pytest.raises(LongctxError, match="2 with an empty response"):
         ledger.check_sft(0.5)
 
 
 def test_text_files_do_not_count_toward_the_limit(tok, tmp_path):
-    docs, ledger = load(tok, text_rows(5, lo=200, hi=220), tmp_path, max_len=32)
+    docs, ledger = load_rows(tok, text_rows(5, lo=200, hi=220), tmp_path, max_len=32)
     assert ledger.per_file["d.jsonl"]["docs_truncated"] == 5
     assert "5 over --max-seq-len: cut at the end" in ledger.format()
     ledger.check_sft(0.0)
@@ -197,7 +184,7 @@ def test_build_mixed_with_text_keeps_the_long_sft_documents(tok, tmp_path):
     r = bundle.ledger.per_file["sft.jsonl"]
     assert r["documents"] == 8 and r["docs_context_cut"] == 8 and r.get("docs_dropped_no_targets", 0) == 0
     assert "sft.jsonl (prompt_response): 8 over --max-seq-len: context cut, answer kept" in bundle.ledger.format()
-    kept = [targets(tok, d) for d in bundle.train_docs if d.sample_id.startswith("sft.jsonl")]
+    kept = [target_text(tok, d) for d in bundle.train_docs if d.sample_id.startswith("sft.jsonl")]
     assert sorted(kept) == sorted(f" answer {i}<|eos|>" for i in range(8))
 
     cfg.sft_truncation = "end"  # the old behaviour drops every SFT document: now a stop, not a silent run

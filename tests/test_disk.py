@@ -138,20 +138,27 @@ def in_tmpfs(mount: Path, size: str, cmd: list[str], copy_to: Path) -> list[str]
             "--", *cmd]
 
 
-@pytest.mark.slow
-def test_full_disk_during_a_save_stops_clearly_and_the_previous_checkpoint_resumes(tmp_path):
-    data = small_dataset(tmp_path / "data")
-    model = tiny_model_dir(tmp_path / "init")
+def fail_in_small_tmpfs(tmp_path: Path, data: list[str], model: str, extra: list[str]) -> tuple[str, Path]:
+    """train.py for 4 steps with its output directory on a 6 MiB tmpfs, expected to fail (and not for want of the
+    mount); skips where no tmpfs can be mounted. Returns its log and the folder the tmpfs was copied to."""
     mount, kept = tmp_path / "small_fs", tmp_path / "kept"
-    # a checkpoint of the tiny model is ~4 MiB (zero3_offload, 2 ranks): the first fits, the second does not
-    args = fast_args(mount / "run", data, model, steps=4, extra=["--save-interval", "2", "--keep-last", "1",
-                                                                 "--no-save-final-model", "--no-preflight"])
+    args = fast_args(mount / "run", data, model, steps=4, extra=extra)
     cmd = in_tmpfs(mount, "6m", launcher_cmd(args), kept)
     if cmd is None:
         pytest.skip("cannot mount a small tmpfs here (needs unshare -rm)")
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     log = p.stdout + p.stderr
     assert p.returncode not in (0, 99), log[-3000:]
+    return log, kept
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_save_stops_clearly_and_the_previous_checkpoint_resumes(tmp_path):
+    data = small_dataset(tmp_path / "data")
+    model = tiny_model_dir(tmp_path / "init")
+    # a checkpoint of the tiny model is ~4 MiB (zero3_offload, 2 ranks): the first fits, the second does not
+    log, kept = fail_in_small_tmpfs(tmp_path, data, model, ["--save-interval", "2", "--keep-last", "1",
+                                                            "--no-save-final-model", "--no-preflight"])
     assert "saving checkpoint step-00000004" in log and "the filesystem is out of space" in log, log[-3000:]
     assert "inline_container" not in log.split("error:", 1)[-1].split("cause:")[0]  # the message leads, not torch
     run = kept / "run"
@@ -170,13 +177,6 @@ def test_preflight_refuses_a_filesystem_too_small_for_the_run(tmp_path):
     """Needs the training loop to call preflight.run_disk (see the wiring list of issue #20)."""
     data = small_dataset(tmp_path / "data")
     model = tiny_model_dir(tmp_path / "init")
-    mount, kept = tmp_path / "small_fs", tmp_path / "kept"
-    args = fast_args(mount / "run", data, model, steps=4, extra=["--save-interval", "2", "--keep-last", "1"])
-    cmd = in_tmpfs(mount, "6m", launcher_cmd(args), kept)
-    if cmd is None:
-        pytest.skip("cannot mount a small tmpfs here (needs unshare -rm)")
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    log = p.stdout + p.stderr
-    assert p.returncode not in (0, 99), log[-3000:]
+    log, kept = fail_in_small_tmpfs(tmp_path, data, model, ["--save-interval", "2", "--keep-last", "1"])
     assert "preflight refused the run" in log and "disk: the run will keep up to" in log, log[-3000:]
     assert not (kept / "run" / "checkpoints").exists()
