@@ -160,6 +160,33 @@ def section(results: dict, fig_prefix: str = "smollm2_32k/") -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+README_BEGIN = "<!-- BEGIN GENERATED: smollm2_32k summary (python -m recipes.smollm2_32k.report publish) -->"
+README_END = "<!-- END GENERATED: smollm2_32k summary -->"
+README_AFTER = "its figures are at the end of docs/RESULTS.md.\n"  # the learning-proof paragraph of the eval section
+
+
+def readme_paragraph(results: dict) -> str:
+    """The README's pointer to the section, with its headline numbers (the longest length, before -> after)."""
+    ev = results.get("eval", {})
+    before, after = ev.get("extended_before") or ev.get("native_before"), ev.get("after")
+    T = _fmt_len(results["args"]["target_len"])
+    gpus = ", ".join((results.get("environment") or {}).get("gpus") or ["CPU"])
+    text = (f"A real pretrained model extended by train.py: SmolLM2-135M-Instruct, 8K → {T} context by full "
+            f"fine-tuning on one {gpus} ([recipes/smollm2_32k/](recipes/smollm2_32k/README.md))")
+    if before and after and before.get("passkey") and after.get("passkey"):
+        pk_b, pk_a = _acc_by_length(before["passkey"])[-1], _acc_by_length(after["passkey"])[-1]
+        text += f": passkey at {T} {pk_b:.0%} → {pk_a:.0%}"
+        if before.get("multi_needle") and after.get("multi_needle"):
+            mn_b, mn_a = _acc_by_length(before["multi_needle"])[-1], _acc_by_length(after["multi_needle"])[-1]
+            text += f", multi-needle at {T} {mn_b:.0%} → {mn_a:.0%}"
+        native = (ev.get("native_before") or before).get("ppl_short")
+        if native and after.get("ppl_short"):
+            text += (f", short-text NLL {_pct(native['overall']['nll'], after['ppl_short']['overall']['nll'])} "
+                     "against the native model")
+    return (text + "; the heatmaps, NLL by position to the full length and the tables are in "
+            "[docs/RESULTS.md](docs/RESULTS.md) (figures in `docs/smollm2_32k/`).\n")
+
+
 def publish(results_path: Path) -> None:
     results = json.loads(Path(results_path).read_text())
     for p in figures(results, FIG_DIR):
@@ -173,6 +200,19 @@ def publish(results_path: Path) -> None:
         new = cur.rstrip() + "\n\n" + text + "\n"
     doc.write_text(new)
     print(f"rewrote the smollm2_32k region of {doc}")
+    readme = ROOT / "README.md"
+    cur = readme.read_text()
+    block = f"{README_BEGIN}\n{readme_paragraph(results)}{README_END}\n"
+    if README_BEGIN in cur and README_END in cur:
+        new = cur[:cur.index(README_BEGIN)] + block + cur[cur.index(README_END) + len(README_END) + 1:]
+    elif README_AFTER in cur:
+        i = cur.index(README_AFTER) + len(README_AFTER)
+        new = cur[:i] + "\n" + block + cur[i:]
+    else:
+        raise SystemExit(f"README.md: the evaluation section's line {README_AFTER.strip()!r} is gone; add the "
+                         f"paragraph by hand:\n{block}")
+    readme.write_text(new)
+    print(f"rewrote the smollm2_32k paragraph of {readme}")
 
 
 def main(argv=None) -> int:
