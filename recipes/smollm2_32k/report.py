@@ -196,6 +196,9 @@ def publish(results_path: Path) -> None:
     cur = doc.read_text()
     if BEGIN in cur and END in cur:
         new = cur[:cur.index(BEGIN)] + text + cur[cur.index(END) + len(END):]
+    elif "\n## Learning proof" in cur:  # first time: before the learning proof (a real model before a toy one)
+        i = cur.index("\n## Learning proof") + 1
+        new = cur[:i] + text + "\n\n" + cur[i:]
     else:
         new = cur.rstrip() + "\n\n" + text + "\n"
     doc.write_text(new)
