@@ -105,6 +105,9 @@ class Config:
     # ---- training ----------------------------------------------------------------------------
     epochs: float = _f(1.0, "Passes over the training rows (ignored when --max-steps > 0).", "training")
     max_steps: int = _f(-1, "Optimizer steps to run; > 0 overrides --epochs.", "training")
+    max_train_minutes: float = _f(0.0, "A wall-clock limit on the training loop (0: none): the step that passes it "
+                                  "is the last one (it evaluates and saves as the final step would). The lr "
+                                  "schedule stays the one planned for the full --max-steps / --epochs.", "training")
     micro_batch_size: int = _f(1, "Rows per GPU per forward (train_micro_batch_size_per_gpu).", "training")
     grad_accum: int = _f(1, "Micro-batches per optimizer step (gradient_accumulation_steps).", "training")
     lr: Optional[float] = _f(None, "Peak learning rate. Default: 1e-5 for a --model you bring, 3e-3 for the "

@@ -287,6 +287,19 @@ class Trainer:
         if data.eval_rows and self.step == 0:
             self.evaluate(max_batches=1)  # the longest eval batch, before step 0: an eval OOM shows at once
         self.engine.train()
+        import time as _time
+
+        started = _time.monotonic()
+        self.stopped_early = False
+
+        def time_up() -> bool:  # every rank takes the same decision
+            import torch
+
+            if not cfg.max_train_minutes:
+                return False
+            over = _time.monotonic() - started > 60 * cfg.max_train_minutes
+            return all_reduce_sum(torch.tensor(float(over)), self.device) > 0
+
         while self.step < self.total_steps:
             index = self.step  # 0-based index of the step being taken
             metrics.start_step()
@@ -295,11 +308,16 @@ class Trainer:
                      for rows in plan.micro_batches(index, self.layout.dp_rank)]
             result = self.train_step(micro, plan.step_targets(index), step=index + 1)
             self.step = index + 1
+            last = self.step == self.total_steps
+            if not last and time_up():
+                last = self.stopped_early = True
+                self.say(f"--max-train-minutes {cfg.max_train_minutes:g} reached: step {self.step} of "
+                         f"{self.total_steps} is the last")
             self.guard.check(self.engine, self.step, result.loss, result.grad_norm, data.step_sample_ids(index))
             train_seconds = metrics.elapsed()
             eval_loss = None
             if data.eval_rows and ((cfg.eval_interval and self.step % cfg.eval_interval == 0)
-                                   or self.step == self.total_steps):
+                                   or last):
                 eval_loss = self.evaluate()
             metrics.log_samples(self.step, data.step_sample_ids(index))
             doc_lens = [len(data.train_docs[d]) for r in plan.step_rows(index) for d in plan.rows[r]]
@@ -307,12 +325,14 @@ class Trainer:
                                    lr=lr, grad_norm=result.grad_norm,
                                    tokens=sum(doc_lens), doc_lens=doc_lens, skipped_steps=self.guard.skipped,
                                    loss_scale=self.guard.loss_scale,
-                                   log=self.step % cfg.log_interval == 0 or self.step == self.total_steps
+                                   log=self.step % cfg.log_interval == 0 or last
                                    or eval_loss is not None, eval_loss=eval_loss, seconds=train_seconds)
-            if (cfg.save_interval and self.step % cfg.save_interval == 0) or self.step == self.total_steps:
+            if (cfg.save_interval and self.step % cfg.save_interval == 0) or last:
                 self.save()
             for cb in self.callbacks:
                 cb.on_step_end(self, self.step, row)
+            if last:
+                break
         metrics.close()
 
     # ---- 5. the consolidated Hugging Face model ---------------------------------------------------------------

@@ -99,3 +99,19 @@ def test_deterministic_and_written(tok, sources, tmp_path):
     assert [r["text"] for r in rows] == a["train"]
     assert len(list((tmp_path / "eval_texts").glob("*.txt"))) == len(a["eval"])
     assert json.loads((tmp_path / "stats.json").read_text()) == a["stats"]
+
+
+def test_capped_build_stops_at_the_caps(tok, sources):
+    """--max-train-tokens / --max-eval-tokens: about the asked tokens (one piece over at most), pieces still whole
+    consecutive cuts of their group, deterministic."""
+    lib, doc = sources
+    groups = ltd.stdlib_groups(lib) + ltd.doc_groups(doc)
+    args = dict(target_len=1024, min_long_len=512, short_share=0.2, eval_share=0.3, seed=0, max_train_tokens=3000,
+                max_eval_tokens=1500)
+    a, b = ltd.build(tok, groups, **args), ltd.build(tok, groups, **args)
+    assert a == b
+    st = a["stats"]
+    assert 0 < st["train_long_tokens"] <= 3000 * 0.8 + 1024 and 0 < st["eval_tokens"] <= 1500 + 1024
+    assert all(ltd.n_tokens(tok, t) <= 1024 for t in a["train"] + a["eval"])
+    texts = {g.name: g.text() for g in groups}
+    assert all(any(t in whole for whole in texts.values()) for t in a["train"] + a["eval"])

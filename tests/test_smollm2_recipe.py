@@ -11,11 +11,19 @@ from longctx import config as config_mod
 from longctx.models import from_gguf
 
 RECIPE = REPO / "recipes" / "smollm2_32k" / "train.yaml"
+H200 = REPO / "recipes" / "smollm2_32k" / "train_h200.yaml"
 
 
 def test_recipe_config_parses():
     cfg = config_mod.parse(["--config", str(RECIPE)])
     assert cfg.max_seq_len == 32768 and cfg.eval_data and Path(cfg.deepspeed).name == "zero2.json"
+
+
+def test_h200_config_is_a_fixed_budget_without_cpu_adam():
+    cfg = config_mod.parse(["--config", str(H200)])
+    assert cfg.max_seq_len == 32768 and cfg.max_steps > 0 and cfg.max_train_minutes > 0
+    ds = json.loads((REPO / cfg.deepspeed).read_text())
+    assert "offload_optimizer" not in ds["zero_optimization"]  # torch AdamW on the GPU: no CPU Adam build
 
 
 def test_recipe_plans_for_the_extended_model(smollm2_dir, tmp_path, capsys):
@@ -33,3 +41,7 @@ def test_recipe_plans_for_the_extended_model(smollm2_dir, tmp_path, capsys):
                             "--gpus", "1", "--gpu-mem", "24GiB", "--host-mem", "64GiB", "--precision", "bf16"])
     text = plan.cli_plan(cfg)
     assert "of 24: fits" in text and "32,768 tokens" in text, text
+    cfg = config_mod.parse(["--config", str(H200), "--plan", "--model", str(path), "--tokenizer", str(model_dir),
+                            "--gpus", "1", "--gpu-mem", "141GiB", "--host-mem", "125GiB", "--precision", "bf16"])
+    text = plan.cli_plan(cfg)  # no checkpointing: the activations of a 32K row on the H200
+    assert "of 141: fits" in text and "checkpointing off" in text, text

@@ -2,6 +2,8 @@
 
     python -m longctx.models.from_gguf --out models/smollm2-135m
     python -m longctx.models.from_gguf --out models/smollm2-135m-32k --max-position-embeddings 32768
+    python -m longctx.models.from_gguf --gguf /path/SmolLM2-135M-Instruct.Q4_1.gguf --native-out models/smollm2-135m \
+        --out models/smollm2-135m-32k --max-position-embeddings 32768      # both from one read
 
 The model is a LlamaForCausalLM (30 layers, 9 query / 3 KV heads, vocab 49,152, tied embeddings, native context
 8K, rope_theta 100,000). transformers reads the GGUF (needs the `gguf` package) and dequantizes its Q4_1 blocks.
@@ -38,9 +40,15 @@ NATIVE_CONTEXT = 8192
 SANE_NLL = (1.0, 4.0)  # nats/token on English prose; random weights give ln(49152) = 10.8
 
 
-def gguf_path() -> Path:
-    """The .gguf file inside the installed package, found through its metadata (importing the package would
-    import its unused llm / llama_cpp deps)."""
+def gguf_path(explicit: str | Path | None = None) -> Path:
+    """`explicit` if given (a .gguf file anywhere, e.g. copied to a machine without the package), else the .gguf
+    file inside the installed package, found through its metadata (importing the package would import its unused
+    llm / llama_cpp deps)."""
+    if explicit:
+        p = Path(explicit)
+        if not p.is_file():
+            raise LongctxError(f"--gguf {explicit}: no such file")
+        return p
     try:
         files = importlib.metadata.files(PACKAGE) or []
     except importlib.metadata.PackageNotFoundError:
@@ -82,12 +90,12 @@ def ntk_rope_theta(theta: float, head_dim: int, new_len: int, old_len: int = NAT
     return theta * (new_len / old_len) ** (head_dim / (head_dim - 2))
 
 
-def load_gguf(dtype=None):
-    """(model, tokenizer) straight from the GGUF, dequantized to fp32."""
+def load_gguf(dtype=None, gguf: str | Path | None = None):
+    """(model, tokenizer) straight from the GGUF (`gguf`, else the package's), dequantized to fp32."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    p = gguf_path()
+    p = gguf_path(gguf)
     tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
     model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype or torch.float32)
     model.eval()
@@ -116,28 +124,15 @@ def extend_model(model, max_position_embeddings: int | None, rope_theta: float |
     """extend_context on a loaded model, its rotary frequencies recomputed for the new base."""
     changed = extend_context(model.config, max_position_embeddings, rope_theta)
     if "rope_theta" in changed:
-        model.model.rotary_emb.__init__(model.config)  # inv_freq is a buffer computed from the config at init
+        rotary = model.model.rotary_emb
+        device = rotary.inv_freq.device
+        rotary.__init__(model.config)  # inv_freq is a buffer computed from the config at init (on the CPU)
+        rotary.to(device)
     return changed
 
 
-def convert(out: Path, *, max_position_embeddings: int | None = None, rope_theta: float | None = None,
-            say=print) -> dict:
-    """Read, check, optionally extend, and write `out` atomically (out.tmp, then a rename). Returns the facts."""
-    model, tok = load_gguf()
-    text = check_text()
-    nll = text_nll(model, tok, text)
-    check_sane(nll, f"{GGUF_NAME} as read")
-    say(f"{GGUF_NAME}: {sum(p.numel() for p in model.parameters()):,} parameters; NLL {nll:.4f} nats/token on the "
-        "check text")
-    facts = {"nll_check_text": nll, "changed": extend_model(model, max_position_embeddings, rope_theta)}
-    if facts["changed"]:
-        facts["nll_check_text_extended"] = text_nll(model, tok, text)
-        say(f"context: {facts['changed']}; NLL with it {facts['nll_check_text_extended']:.4f} on the check text")
-    # a plain HF model: no trace of the GGUF quantizer in the config
-    for attr in ("quantization_config", "_name_or_path"):
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
-    model.hf_quantizer = None
+def _write(model, tok, out: Path, say) -> None:
+    """save_pretrained to out.tmp, then a rename: `out` is complete or absent."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -146,6 +141,35 @@ def convert(out: Path, *, max_position_embeddings: int | None = None, rope_theta
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     say(f"wrote {out} (fp32 safetensors, config, tokenizer)")
+
+
+def convert(out: Path, *, max_position_embeddings: int | None = None, rope_theta: float | None = None,
+            gguf: str | Path | None = None, native_out: Path | None = None, say=print) -> dict:
+    """Read, check, optionally extend, and write `out` atomically (out.tmp, then a rename). Returns the facts.
+    `native_out`: also write the model as read (native context) there, before extending: one read of the GGUF
+    (the slow part: its tokenizer) for both. The check-text NLL runs on a GPU when there is one."""
+    import torch
+
+    model, tok = load_gguf(gguf=gguf)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    text = check_text()
+    nll = text_nll(model, tok, text)
+    check_sane(nll, f"{GGUF_NAME} as read")
+    say(f"{GGUF_NAME}: {sum(p.numel() for p in model.parameters()):,} parameters; NLL {nll:.4f} nats/token on the "
+        "check text")
+    # a plain HF model: no trace of the GGUF quantizer in the config
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.hf_quantizer = None
+    if native_out:
+        _write(model, tok, native_out, say)
+    facts = {"nll_check_text": nll, "changed": extend_model(model, max_position_embeddings, rope_theta)}
+    if facts["changed"]:
+        facts["nll_check_text_extended"] = text_nll(model, tok, text)
+        say(f"context: {facts['changed']}; NLL with it {facts['nll_check_text_extended']:.4f} on the check text")
+    _write(model, tok, out, say)
     return facts
 
 
@@ -157,9 +181,14 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"new context length in the config (native {NATIVE_CONTEXT}); beyond it rope_theta is "
                         "raised by the NTK-aware factor unless --rope-theta is given")
     p.add_argument("--rope-theta", type=float, default=None, help="RoPE base to write (native 100000)")
+    p.add_argument("--gguf", default=None, help=f"the .gguf file to read (default: {GGUF_NAME} from the installed "
+                   f"{PACKAGE} package)")
+    p.add_argument("--native-out", default=None, help="also write the model with its native context here (one "
+                   "read of the GGUF for both)")
     args = p.parse_args(argv)
     try:
-        convert(Path(args.out), max_position_embeddings=args.max_position_embeddings, rope_theta=args.rope_theta)
+        convert(Path(args.out), max_position_embeddings=args.max_position_embeddings, rope_theta=args.rope_theta,
+                gguf=args.gguf, native_out=Path(args.native_out) if args.native_out else None)
     except LongctxError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -91,35 +91,118 @@ def held_out(name: str, share: float) -> bool:
     return h < share
 
 
-def pieces(tok, text: str, target_len: int) -> list[str]:
-    """`text` whole if bos + text + eos fits target_len tokens, else consecutive pieces that each fit (cut on token
-    boundaries, with a small margin because decoded pieces can re-tokenize a little longer)."""
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+def pieces(tok, text: str, target_len: int, ids: list[int] | None = None,
+           offsets: list[tuple[int, int]] | None = None) -> list[str]:
+    """`text` whole if bos + text + eos fits target_len tokens, else consecutive pieces that each fit, cut on token
+    boundaries (character offsets, so the pieces rebuild the text exactly), with a small margin because a piece can
+    re-tokenize a little longer. `ids`, `offsets`: text's tokens and their offsets, when already known."""
+    if ids is None or offsets is None:
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
     room = target_len - 2
     if len(ids) <= room:
         return [text]
     step = room - max(8, room // 64)
-    return [tok.decode(ids[s:s + step]) for s in range(0, len(ids), step)]
+    starts = [0] + [offsets[s][0] for s in range(step, len(ids), step)]
+    return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)]) if text[a:b]]
 
 
 def n_tokens(tok, text: str) -> int:
     return len(tok(text, add_special_tokens=False)["input_ids"]) + 2
 
 
+def _counts(tok, texts: list[str]) -> list[list[int]]:
+    """Token ids of many texts in one call (the fast tokenizer spreads a batch over the cores)."""
+    return tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def _encode(tok, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    if not texts:
+        return []
+    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return list(zip(enc["input_ids"], enc["offset_mapping"]))
+
+
+def _trim(text: str, tokens: int) -> str:
+    """The beginning of `text`, at a line end, long enough for `tokens` tokens (8 characters a token is more than
+    any text here averages), so a huge group is not tokenized whole for the few pieces a capped build keeps."""
+    limit = tokens * 8
+    if len(text) <= limit:
+        return text
+    cut = text.rfind("\n", 0, limit)
+    return text[:cut + 1 if cut > 0 else limit]
+
+
+def _stream_order(groups: list[Group], seed: int) -> list[Group]:
+    """A fixed pseudo-random order (by a hash of the name and the seed), so that a capped build samples every part
+    of the tree instead of its alphabetical beginning."""
+    return sorted(groups, key=lambda g: hashlib.sha256(f"{seed}:{g.name}".encode()).digest())
+
+
 def build(tok, groups: list[Group], *, target_len: int, min_long_len: int, short_share: float, eval_share: float,
-          seed: int = 0) -> dict:
-    """{"train": [text], "eval": [text], "stats": {...}}; deterministic for the same inputs."""
+          seed: int = 0, max_train_tokens: int = 0, max_eval_tokens: int = 0, max_group_tokens: int = 0,
+          batch: int = 32) -> dict:
+    """{"train": [text], "eval": [text], "stats": {...}}; deterministic for the same inputs.
+
+    max_train_tokens / max_eval_tokens (0: no cap): stop once training (long + short) and held-out documents hold
+    that many tokens. Groups are then visited in a hashed order and tokenized in batches only while their split
+    still needs text, so a capped build costs what it keeps, not the whole tree; each group then gives at most
+    max_group_tokens tokens (default 4 x target_len: its beginning), so that one huge documentation tree does not
+    fill the budget alone. Once the long documents are complete, only groups small enough to be short ones are
+    read for the short pool (by their size in characters)."""
+    capped = bool(max_train_tokens or max_eval_tokens)
+    long_cap = max_train_tokens * (1 - short_share) if max_train_tokens else float("inf")
+    short_cap = max_train_tokens * short_share if max_train_tokens else float("inf")
+    eval_cap = max_eval_tokens or float("inf")
+    group_cap = max_group_tokens or 4 * target_len
     train_long, eval_long, short_pool = [], [], []
-    for g in groups:
-        text = g.text()
-        if n_tokens(tok, text) < min_long_len:
-            short_pool += [t for _, t in g.files if n_tokens(tok, t) <= target_len]
-            continue
-        (eval_long if held_out(g.name, eval_share) else train_long).extend(pieces(tok, text, target_len))
+    tally = {"long": 0, "eval": 0, "pool": 0}
+
+    def needed(g: Group) -> bool:
+        if held_out(g.name, eval_share):
+            return tally["eval"] < eval_cap
+        if tally["long"] < long_cap:
+            return True
+        # only short groups are wanted now: one of min_long_len tokens has at least ~2 characters a token
+        return tally["pool"] < short_cap and sum(len(t) for _, t in g.files) < 2 * min_long_len
+
+    order = _stream_order(groups, seed) if capped else groups
+    i = 0
+    while i < len(order):
+        if capped and tally["long"] >= long_cap and tally["pool"] >= short_cap and tally["eval"] >= eval_cap:
+            break
+        chunk = []
+        while i < len(order) and len(chunk) < (batch if capped else len(order)):
+            if not capped or needed(order[i]):
+                chunk.append(order[i])
+            i += 1
+        texts = [_trim(g.text(), group_cap) if capped else g.text() for g in chunk]
+        for g, text, (ids, offsets) in zip(chunk, texts, _encode(tok, texts)):
+            held = held_out(g.name, eval_share)
+            if len(ids) + 2 < min_long_len:
+                if held or tally["pool"] >= short_cap:
+                    continue
+                files = [t for _, t in g.files]
+                for t, fids in zip(files, _counts(tok, files)):
+                    if len(fids) + 2 <= target_len:
+                        short_pool.append(t)
+                        tally["pool"] += len(fids) + 2
+                continue
+            dest, key, cap = (eval_long, "eval", eval_cap) if held else (train_long, "long", long_cap)
+            if capped and len(ids) > group_cap:
+                ids, offsets = ids[:group_cap], offsets[:group_cap]
+                text = text[:offsets[-1][1]]
+            cut = pieces(tok, text, target_len, ids, offsets)
+            step = -(-len(ids) // len(cut))  # tokens per piece as cut (the last one is shorter)
+            for k, piece in enumerate(cut):
+                if tally[key] >= cap:
+                    break
+                dest.append(piece)
+                tally[key] += min(step, len(ids) - k * step) + 2
     if not train_long:
         raise LongctxError(f"no group of at least {min_long_len:,} tokens for training; lower --min-long-len or add "
                            "--source directories")
-    long_tokens = sum(n_tokens(tok, t) for t in train_long)
+    long_tokens = sum(n_tokens(tok, t) for t in train_long) if not capped else tally["long"]
     want_short = long_tokens * short_share / (1 - short_share) if short_share < 1 else float("inf")
     random.Random(seed).shuffle(short_pool)
     short, short_tokens = [], 0
@@ -134,7 +217,10 @@ def build(tok, groups: list[Group], *, target_len: int, min_long_len: int, short
              "train_long_docs": len(train_long), "train_long_tokens": long_tokens,
              "train_short_docs": len(short), "train_short_tokens": short_tokens,
              "short_share": short_tokens / max(1, long_tokens + short_tokens),
-             "eval_docs": len(eval_long), "eval_tokens": sum(n_tokens(tok, t) for t in eval_long)}
+             "eval_docs": len(eval_long),
+             "eval_tokens": sum(n_tokens(tok, t) for t in eval_long) if not capped else tally["eval"]}
+    if capped:
+        stats.update(max_train_tokens=max_train_tokens, max_eval_tokens=max_eval_tokens)
     return {"train": train, "eval": eval_long, "stats": stats}
 
 
@@ -164,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"], help="standard library root ('' skips it)")
     p.add_argument("--doc-root", default=str(DOC_ROOT), help="package documentation root ('' skips it)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-train-tokens", type=int, default=0, help="stop once the training documents hold this "
+                   "many tokens (0: use every group); groups are then read in a hashed order and tokenized only "
+                   "while needed")
+    p.add_argument("--max-eval-tokens", type=int, default=0, help="the same cap for the held-out documents")
+    p.add_argument("--max-group-tokens", type=int, default=0, help="with a cap: tokens taken from one group at most "
+                   "(its beginning; default 4 x --target-len)")
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
 
@@ -174,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
             raise LongctxError("no text found: check --stdlib and --doc-root")
         tok = AutoTokenizer.from_pretrained(args.tokenizer)
         result = build(tok, groups, target_len=args.target_len, min_long_len=args.min_long_len or args.target_len // 4,
-                       short_share=args.short_share, eval_share=args.eval_share, seed=args.seed)
+                       short_share=args.short_share, eval_share=args.eval_share, seed=args.seed,
+                       max_train_tokens=args.max_train_tokens, max_eval_tokens=args.max_eval_tokens,
+                       max_group_tokens=args.max_group_tokens)
     except LongctxError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -1,0 +1,240 @@
+"""Figures and the docs/RESULTS.md section of a SmolLM2 8K -> 32K run, from gpu_run.py's results.json (CPU only).
+
+    python -m recipes.smollm2_32k.report figures --results OUT/results.json --to DIR   # the PNGs
+    python -m recipes.smollm2_32k.report section --results OUT/results.json           # the markdown, to stdout
+    python -m recipes.smollm2_32k.report publish --results OUT/results.json           # PNGs into docs/smollm2_32k/,
+                                                                                      # the region in docs/RESULTS.md
+Every number comes from results.json; nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+BEGIN = "<!-- BEGIN GENERATED: smollm2_32k (python -m recipes.smollm2_32k.report publish) -->"
+END = "<!-- END GENERATED: smollm2_32k -->"
+DOCS = ROOT / "docs"
+FIG_DIR = DOCS / "smollm2_32k"
+SIDES = (("native_before", "native 8K, untrained"), ("extended_before", "32K config, untrained"),
+         ("after", "32K, fine-tuned"))
+
+
+def _sides(results: dict) -> list[tuple[str, str, dict]]:
+    ev = results.get("eval", {})
+    return [(k, label, ev[k]) for k, label in SIDES if ev.get(k)]
+
+
+def _fmt_len(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else f"{n:,}"
+
+
+def figures(results: dict, to: Path) -> list[Path]:
+    from longctx.evaluation import plot
+
+    to = Path(to)
+    to.mkdir(parents=True, exist_ok=True)
+    sides, paths = _sides(results), []
+    for task, label in (("passkey", "passkey"), ("multi_needle", "multi-needle")):
+        panels = [(f"{name}: mean {ev[task]['mean_accuracy']:.0%}", ev[task]) for _, name, ev in sides if ev.get(task)]
+        if panels:
+            extra = f" ({sides[0][2][task]['needles']} needles, 1 asked)" if task == "multi_needle" else ""
+            paths.append(plot.heatmaps(panels, to / f"{task}_before_after.png",
+                                       suptitle=f"SmolLM2-135M-Instruct, {label}{extra} retrieval accuracy"))
+    ppl_panels = []
+    for key, what in (("ppl_long", "held-out long documents"), ("ppl_short", "held-out short windows")):
+        curves = [(name, ev[key]) for _, name, ev in sides if ev.get(key)]
+        if curves:
+            r = curves[0][1]
+            ppl_panels.append((f"{what}: {r['documents']} x {r['seq_len']:,} tokens", curves))
+    if ppl_panels:
+        paths.append(plot.ppl_panels(ppl_panels, to / "ppl_before_after.png"))
+    metrics = (results.get("train") or {}).get("metrics") or []
+    if metrics:
+        plt = plot._plt()
+        fig, ax = plt.subplots(figsize=(6.4, 3.4))
+        ax.plot([r["step"] for r in metrics], [r["loss"] for r in metrics], marker=".", lw=0.8, label="train")
+        ev = [r for r in metrics if r.get("eval_loss") is not None]
+        if ev:
+            ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "s", label="held-out")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title(f"train.py, SmolLM2-135M at {_fmt_len(results['args']['target_len'])} tokens", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.savefig(to / "train_loss.png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(to / "train_loss.png")
+    return paths
+
+
+def _median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    return xs[len(xs) // 2] if xs else None
+
+
+def _pct(a: float, b: float) -> str:
+    return f"{(b - a) / a:+.1%}" if a and math.isfinite(a) and b is not None and math.isfinite(b) else "n/a"
+
+
+def _acc_by_length(task_res: dict) -> list[float]:
+    acc = task_res["accuracy"]  # rows: depths, columns: lengths
+    return [sum(row[j] for row in acc) / len(acc) for j in range(len(task_res["lengths"]))]
+
+
+def section(results: dict, fig_prefix: str = "smollm2_32k/") -> str:
+    sides = _sides(results)
+    if not sides:
+        return "No evaluation in results.json yet.\n"
+    args, env = results["args"], results.get("environment", {})
+    tr = results.get("train") or {}
+    metrics, summary = tr.get("metrics") or [], tr.get("summary") or {}
+    lines = [f"## SmolLM2-135M-Instruct, 8K → {_fmt_len(args['target_len'])} context by full fine-tuning "
+             f"(one {', '.join(env.get('gpus') or ['CPU'])})", "",
+             "Written by `python -m recipes.smollm2_32k.report publish` from the results.json of "
+             "`recipes/smollm2_32k/gpu_run.sh` (the recipe: [recipes/smollm2_32k/](../recipes/smollm2_32k/README.md)). "
+             f"torch {env.get('torch')}, transformers {env.get('transformers')}, deepspeed {env.get('deepspeed')}.", ""]
+    if metrics:
+        last = metrics[-1]
+        steady = metrics[1:] or metrics  # the first step holds warm-up (cuDNN plans, allocator)
+        tps = _median([r.get("tokens_per_s") for r in steady])
+        tfl = _median([r.get("tflops") for r in steady])
+        tokens = sum(r.get("tokens") or 0 for r in metrics)
+        lines += [f"Training: {last['step']} steps, {tokens:,} tokens, train loss {metrics[0]['loss']:.3f} → "
+                  f"{last['loss']:.3f}"
+                  + (f", held-out loss {last['eval_loss']:.3f}" if last.get("eval_loss") is not None else "")
+                  + (f", median {tps:,.0f} tokens/s" if tps else "")
+                  + (f", {tfl:.0f} TFLOP/s" if tfl and tfl >= 1 else "")
+                  + ".", ""]
+    ph = results.get("phases", {})
+    if ph:
+        lines += ["Wall time by phase: " + ", ".join(f"{k} {v['seconds']:.0f} s" + ("" if v["ok"] else " (failed)")
+                                                     for k, v in ph.items())
+                  + f"; total {results.get('total_seconds', 0):.0f} s.", ""]
+    d = results.get("data") or {}
+    if d:
+        lines += [f"Data (stdlib + /usr/share/doc of the GPU machine, `long_text_data` capped): {d['train_long_docs']} long "
+                  f"documents ({d['train_long_tokens']:,} tokens), {d['train_short_docs']} short ones "
+                  f"({d['train_short_tokens']:,} tokens, {d['short_share']:.0%}), held out {d['eval_docs']} documents "
+                  f"({d['eval_tokens']:,} tokens) from groups no training text shares a file with.", ""]
+    head = "| | " + " | ".join(name for _, name, _ in sides) + " |"
+    sep = "| --- |" + " --- |" * len(sides)
+    for task, label in (("passkey", "Passkey"), ("multi_needle", "Multi-needle")):
+        res = [ev.get(task) for _, _, ev in sides]
+        if not all(res):
+            continue
+        n = res[0]
+        lines += [f"**{label} accuracy by context length** (mean over depths {', '.join(f'{x:.0%}' for x in n['depths'])}; "
+                  f"{n['samples_per_cell']} prompts per cell"
+                  + (f", {n['needles']} needles, 1 asked" if task == "multi_needle" else "") + ")", "", head, sep]
+        by_len = [_acc_by_length(r) for r in res]
+        for j, L in enumerate(n["lengths"]):
+            lines.append(f"| {_fmt_len(L)} | " + " | ".join(f"{b[j]:.0%}" for b in by_len) + " |")
+        lines += ["| mean | " + " | ".join(f"{r['mean_accuracy']:.0%}" for r in res) + " |", ""]
+    longs = [ev.get("ppl_long") for _, _, ev in sides]
+    if all(longs):
+        r0 = longs[0]
+        lines += [f"**NLL by token position** (nats/token, {r0['documents']} held-out windows of {r0['seq_len']:,} tokens)",
+                  "", "| positions | " + " | ".join(name for _, name, _ in sides) + " |", sep]
+        for b, bucket in enumerate(r0["buckets"]):
+            lines.append(f"| {bucket['start']:,}–{bucket['end']:,} | "
+                         + " | ".join(f"{r['buckets'][b]['nll']:.3f}" for r in longs) + " |")
+        lines += ["| all | " + " | ".join(f"{r['overall']['nll']:.3f}" for r in longs) + " |", ""]
+    shorts = [ev.get("ppl_short") for _, _, ev in sides]
+    if all(shorts):
+        base = shorts[0]["overall"]["nll"]
+        lines += [f"**Short text** ({shorts[0]['documents']} held-out windows of {shorts[0]['seq_len']:,} tokens): NLL "
+                  + ", ".join(f"{name} {r['overall']['nll']:.4f}" + ("" if i == 0 else f" ({_pct(base, r['overall']['nll'])})")
+                              for i, ((_, name, _), r) in enumerate(zip(sides, shorts)))
+                  + f" nats/token (change against the {sides[0][1]}).", ""]
+    figs = [f for f in ("passkey_before_after.png", "multi_needle_before_after.png", "ppl_before_after.png",
+                        "train_loss.png") if f in (results.get("figures") or []) or (FIG_DIR / f).exists()]
+    lines += [f"![{f.removesuffix('.png')}]({fig_prefix}{f})" for f in figs]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+README_BEGIN = "<!-- BEGIN GENERATED: smollm2_32k summary (python -m recipes.smollm2_32k.report publish) -->"
+README_END = "<!-- END GENERATED: smollm2_32k summary -->"
+README_AFTER = "its figures are at the end of docs/RESULTS.md.\n"  # the learning-proof paragraph of the eval section
+
+
+def readme_paragraph(results: dict) -> str:
+    """The README's pointer to the section, with its headline numbers (the longest length, before -> after)."""
+    ev = results.get("eval", {})
+    before, after = ev.get("extended_before") or ev.get("native_before"), ev.get("after")
+    T = _fmt_len(results["args"]["target_len"])
+    gpus = ", ".join((results.get("environment") or {}).get("gpus") or ["CPU"])
+    text = (f"A real pretrained model extended by train.py: SmolLM2-135M-Instruct, 8K → {T} context by full "
+            f"fine-tuning on one {gpus} ([recipes/smollm2_32k/](recipes/smollm2_32k/README.md))")
+    if before and after and before.get("passkey") and after.get("passkey"):
+        pk_b, pk_a = _acc_by_length(before["passkey"])[-1], _acc_by_length(after["passkey"])[-1]
+        text += f": passkey at {T} {pk_b:.0%} → {pk_a:.0%}"
+        if before.get("multi_needle") and after.get("multi_needle"):
+            mn_b, mn_a = _acc_by_length(before["multi_needle"])[-1], _acc_by_length(after["multi_needle"])[-1]
+            text += f", multi-needle at {T} {mn_b:.0%} → {mn_a:.0%}"
+        native = (ev.get("native_before") or before).get("ppl_short")
+        if native and after.get("ppl_short"):
+            text += (f", short-text NLL {_pct(native['overall']['nll'], after['ppl_short']['overall']['nll'])} "
+                     "against the native model")
+    return (text + "; the heatmaps, NLL by position to the full length and the tables are in "
+            "[docs/RESULTS.md](docs/RESULTS.md) (figures in `docs/smollm2_32k/`).\n")
+
+
+def publish(results_path: Path) -> None:
+    results = json.loads(Path(results_path).read_text())
+    for p in figures(results, FIG_DIR):
+        print(f"wrote {p}")
+    text = f"{BEGIN}\n{section(results)}{END}"
+    doc = DOCS / "RESULTS.md"
+    cur = doc.read_text()
+    if BEGIN in cur and END in cur:
+        new = cur[:cur.index(BEGIN)] + text + cur[cur.index(END) + len(END):]
+    elif "\n## Learning proof" in cur:  # first time: before the learning proof (a real model before a toy one)
+        i = cur.index("\n## Learning proof") + 1
+        new = cur[:i] + text + "\n\n" + cur[i:]
+    else:
+        new = cur.rstrip() + "\n\n" + text + "\n"
+    doc.write_text(new)
+    print(f"rewrote the smollm2_32k region of {doc}")
+    readme = ROOT / "README.md"
+    cur = readme.read_text()
+    block = f"{README_BEGIN}\n{readme_paragraph(results)}{README_END}\n"
+    if README_BEGIN in cur and README_END in cur:
+        new = cur[:cur.index(README_BEGIN)] + block + cur[cur.index(README_END) + len(README_END) + 1:]
+    elif README_AFTER in cur:
+        i = cur.index(README_AFTER) + len(README_AFTER)
+        new = cur[:i] + "\n" + block + cur[i:]
+    else:
+        raise SystemExit(f"README.md: the evaluation section's line {README_AFTER.strip()!r} is gone; add the "
+                         f"paragraph by hand:\n{block}")
+    readme.write_text(new)
+    print(f"rewrote the smollm2_32k paragraph of {readme}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m recipes.smollm2_32k.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("action", choices=["figures", "section", "publish"])
+    p.add_argument("--results", required=True, help="gpu_run.py's results.json")
+    p.add_argument("--to", default="", help="figures: where the PNGs go")
+    a = p.parse_args(argv)
+    if a.action == "publish":
+        publish(Path(a.results))
+        return 0
+    results = json.loads(Path(a.results).read_text())
+    if a.action == "figures":
+        for f in figures(results, Path(a.to or ".")):
+            print(f"wrote {f}")
+    else:
+        print(section(results), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
