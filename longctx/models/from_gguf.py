@@ -147,12 +147,9 @@ def convert(out: Path, *, max_position_embeddings: int | None = None, rope_theta
             gguf: str | Path | None = None, native_out: Path | None = None, say=print) -> dict:
     """Read, check, optionally extend, and write `out` atomically (out.tmp, then a rename). Returns the facts.
     `native_out`: also write the model as read (native context) there, before extending: one read of the GGUF
-    (the slow part: its tokenizer) for both. The check-text NLL runs on a GPU when there is one."""
-    import torch
+    (the slow part: its tokenizer) for both."""
 
-    model, tok = load_gguf(gguf=gguf)
-    if torch.cuda.is_available():
-        model.to("cuda")
+    model, tok = load_gguf(gguf=gguf)  # checked on CPU: text_nll's ids are built there
     text = check_text()
     nll = text_nll(model, tok, text)
     check_sane(nll, f"{GGUF_NAME} as read")
