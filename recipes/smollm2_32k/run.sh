@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# SmolLM2-135M-Instruct, 8K -> 32K, full-parameter, then eval before/after. NOT RUN YET on a GPU (see README.md).
+# SmolLM2-135M-Instruct, 8K -> 32K, full-parameter, then eval before/after: the full-length run, not run on a GPU yet
+# (the H200 run published in docs/RESULTS.md is gpu_run.sh with train_h200.yaml; see README.md).
 # Usage (from the repository root, in the venv):  bash recipes/smollm2_32k/run.sh
 set -euo pipefail
 NGPU=${NGPU:-1}
