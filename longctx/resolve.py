@@ -354,6 +354,8 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
         keep, why["keep_attention"] = bool(cfg.keep_attention), "requested"
     elif hw is None:
         keep, why["keep_attention"] = False, "auto: off (no GPU memory to plan against)"
+    elif cfg.max_seq_len / math.sqrt(sp) < KEEP_ATTENTION_MIN_TOKENS:
+        keep, why["keep_attention"] = False, f"auto: off ({KEEP_ATTENTION_WHY})"
     else:
         keep = gpu_fits(setup(ds, shards, keep=True))
         why["keep_attention"] = ("auto: on (the plan fits every layer's attention output on the GPU; backward "
@@ -371,6 +373,16 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
                     tiled_loss=cfg.tiled_loss, sequence_parallel=sp, offload_params=on_cpu["offload_param"],
                     offload_optimizer=on_cpu["offload_optimizer"], zero_stage=stage, lr=lr, world=world,
                     ds_config=ds, why=why, s2_group=s2_group)
+
+
+# Selective checkpointing pays where attention's recompute is large. Its cost is per op, not per token: torch's
+# selective checkpointing runs every op of a checkpointed layer through a Python dispatch mode, which a short step
+# cannot hide. Measured on one H200 (8B shape, 8 layers, one document per row, docs/RESULTS.md), against upstream's
+# best stack in the same runs: 16K 0.88x-0.95x with it (0.98x without, an earlier run), 64K 1.10x, 128K 1.18x
+# (1.02x without). Rows shorter than this (per rank's attention work: S / sqrt(sp) under Ulysses) recompute attention.
+KEEP_ATTENTION_MIN_TOKENS = 65536
+KEEP_ATTENTION_WHY = (f"rows under {KEEP_ATTENTION_MIN_TOKENS // 1024}K tokens: attention's recompute is cheap there "
+                      "and selective checkpointing's per-op overhead measured slower at 16K")
 
 
 # Parameters on the GPU or offloaded (ds_config offload_param.device "auto"), where both fit: decided by

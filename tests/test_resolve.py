@@ -130,6 +130,9 @@ def test_attention_is_kept_only_where_the_plan_fits_it():
     assert not settings(H200, *flags, "--no-keep-attention").keep_attention
     assert settings(dataclasses.replace(A6000, gpu_mem=16 * GiB), *flags, "--keep-attention").keep_attention
     assert not settings(H200, "--no-gradient-checkpointing").keep_attention
+    short = settings(H200, "--max-seq-len", "32768", "--offload-gradient-checkpointing")
+    assert not short.keep_attention and short.reentrant and "under 64K" in short.why["keep_attention"]
+    assert settings(H200, "--max-seq-len", "32768", "--keep-attention").keep_attention  # an explicit choice stands
     assert not settings(resolve.Facts(), "--max-seq-len", "512", model=json.loads(
         (REPO / "longctx" / "default_data" / "tiny_llama.json").read_text())).keep_attention  # CPU: nothing to plan
     with pytest.raises(LongctxError, match="--keep-attention is a checkpointing mode"):
