@@ -37,6 +37,14 @@ def fmt_len(n) -> str:
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
+def timed_steps(run: dict) -> int:
+    """bench.run's --steps, read from the recorded command (1 when absent)."""
+    import re
+
+    m = re.search(r"--steps[ =](\d+)", run.get("command") or "")
+    return int(m.group(1)) if m else 1
+
+
 def fmt(x, nd=2, suffix="") -> str:
     return DASH if x is None else f"{x:,.{nd}f}{suffix}"
 
@@ -89,7 +97,8 @@ def render_run(run: dict) -> list[str]:
            f"Date {run['date']}; torch {v.get('torch')}, cuDNN {v.get('cudnn')}, transformers {v.get('transformers')}, "
            f"deepspeed {v.get('deepspeed')}, liger-kernel {v.get('liger_kernel')}; git {str(git.get('commit'))[:10]}"
            f"{' (uncommitted changes)' if git.get('dirty') else ''}. Reproduce: `{run.get('command')}`. "
-           "bf16, micro-batch 1, ZeRO-3 with the optimizer on CPU; one warmup step, then the timed step."
+           "bf16, micro-batch 1, ZeRO-3 with the optimizer on CPU; one warmup step, then "
+           + (f"{timed_steps(run)} timed steps, the slowest reported." if timed_steps(run) > 1 else "the timed step.")
            + (f" Note: {run['note']}." if run.get("note") else ""), ""]
     techs = run.get("techniques") or {}
     out += [f"- `{t}`: {d}" for t, d in sorted(techs.items())] + [""]
