@@ -107,7 +107,7 @@ class Setup:
     precision: str = "bf16"
     checkpointing: str = "plain"         # none | plain (checkpoints on GPU) | offload (in pinned host RAM)
     offload_impl: str = "fork"           # fork (offload_gradient_checkpointing_enable) | upstream (save_on_cpu)
-    reentrant: bool = True               # torch.utils.checkpoint use_reentrant (train.py: True)
+    reentrant: bool = True               # torch.utils.checkpoint use_reentrant (train.py: True unless attention is kept)
     num_offloaded_layers: Optional[int] = None   # None: all layers
     keep_attention: bool = False         # selective checkpointing: attention outputs kept on the GPU (non-reentrant)
     loss: str = "chunked"                # full (HF: fp32 logits) | chunked (longctx) | liger (fused) | none
