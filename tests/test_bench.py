@@ -90,3 +90,10 @@ def test_results_md_is_generated_from_the_committed_json():
 
     existing = (REPO / "docs" / "RESULTS.md").read_text()
     assert report.update_document(existing, report.render(report.load_results(REPO / "bench" / "results"))) == existing
+
+
+def test_runs_take_their_own_lengths():
+    from bench.run import parse_runs
+
+    assert parse_runs("longctx:1, varlen:stdlib@64K+128K,upstream_best") == [
+        ("longctx", "1", ""), ("varlen", "stdlib", "64K,128K"), ("upstream_best", "1", "")]
