@@ -42,7 +42,7 @@ def weights():
     return config, AutoModelForCausalLM.from_config(config, dtype=torch.float32).state_dict()
 
 
-def run(weights, ckpt: SimpleNamespace | None) -> tuple[float, dict, int]:
+def run(weights, ckpt: SimpleNamespace | None, tiled_mlp: bool = False) -> tuple[float, dict, int]:
     from transformers import AutoModelForCausalLM
 
     config, state = weights
@@ -52,6 +52,10 @@ def run(weights, ckpt: SimpleNamespace | None) -> tuple[float, dict, int]:
     lm.train()
     if ckpt is not None:
         modeling.enable_checkpointing(lm, ckpt)
+    if tiled_mlp:  # DeepSpeed's TiledMLP (its own recompute) inside the selectively checkpointed layer
+        from longctx import sequence_parallel
+
+        sequence_parallel.enable_tiled_mlp(lm, shards=3)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (1, sum(DOCS)), generator=g)
     pos = torch.cat([torch.arange(n) for n in DOCS])[None]
@@ -95,3 +99,12 @@ def test_without_keeping_attention_runs_twice(weights, reference):
     loss, _, calls = run(weights, settings("plain", False))
     assert calls == 2 * ref_calls
     assert loss == pytest.approx(reference[0], rel=1e-6)
+
+
+def test_kept_attention_with_tiled_mlp(weights, reference):
+    ref_loss, ref_grads, ref_calls = reference
+    loss, grads, calls = run(weights, settings("offload", True, LAYERS), tiled_mlp=True)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    assert calls == ref_calls
