@@ -99,6 +99,9 @@ def render_run(run: dict) -> list[str]:
            f"{' (uncommitted changes)' if git.get('dirty') else ''}. Reproduce: `{run.get('command')}`. "
            "bf16, micro-batch 1, ZeRO-3 with the optimizer on CPU; one warmup step, then "
            + (f"{timed_steps(run)} timed steps, the slowest reported." if timed_steps(run) > 1 else "the timed step.")
+           + (" The device was synchronized between forward, backward and the optimizer step (`--breakdown`), which "
+              "serializes what would overlap: these step times are for the breakdown, not for comparison."
+              if breakdown(run) else "")
            + (f" Note: {run['note']}." if run.get("note") else ""), ""]
     techs = run.get("techniques") or {}
     out += [f"- `{t}`: {d}" for t, d in sorted(techs.items())] + [""]
@@ -126,7 +129,27 @@ def render_run(run: dict) -> list[str]:
                        f"{r['tflops_per_gpu']:.1f} | {fmt(100 * r['mfu'] if r.get('mfu') else None, 1, '%')} | "
                        f"{mem} | {settings_cell(r['settings'])} |")
         out.append("")
+        out += phase_lines(sub)
     return out
+
+
+def breakdown(run: dict) -> bool:
+    return any(r.get("phases_s") for r in run["rows"])
+
+
+def phase_lines(rows: list[dict]) -> list[str]:
+    """Seconds per step in forward, backward and DeepSpeed's step (the optimizer), for rows run with --breakdown."""
+    rows = sorted((r for r in rows if r.get("phases_s")), key=lambda r: (r["seq_len"], r["technique"]))
+    if not rows:
+        return []
+    out = ["| Technique | Length | forward s | backward s | optimizer step s | timed steps s |",
+           "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        p = r["phases_s"]
+        steps = ", ".join(f"{t:.2f}" for t in r.get("step_times_s") or [])
+        out.append(f"| {r['technique']} | {fmt_len(r['seq_len'])} | {fmt(p.get('forward'))} | "
+                   f"{fmt(p.get('backward'))} | {fmt(p.get('step'))} | {steps} |")
+    return out + [""]
 
 
 def render(runs: list[dict]) -> str:

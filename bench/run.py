@@ -42,6 +42,10 @@ PROFILES: dict[str, dict] = {
                         runs="longctx:1,upstream_best:1,recompute_attn:1@128K"),
     # packed real-text document lengths (Python's stdlib): the default against varlen_attn; and the 16K pair again,
     # where a step is ~2 s and one timed step is noisy (run with --steps 2 or more)
+    # how attention is kept, at every length: torch's selective checkpointing against the replay of the attention
+    # outputs, next to plain checkpointing (the default under 64K) and upstream's best
+    "1xgpu-8b-8L-keep": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
+                             runs="upstream_best:1,keep_replay:1,keep_selective:1,recompute_attn:1"),
     "1xgpu-8b-8L-packed": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="128K",
                                runs="longctx:stdlib,varlen:stdlib,longctx:1@16K,upstream_best:1@16K"),
     # where parameters live, and tiled MLP, side by side on one GPU
@@ -144,6 +148,8 @@ def parse_args(argv=None):
                                   "by '+'), e.g. longctx:1,longctx:stdlib@128K")
     p.add_argument("--lengths")
     p.add_argument("--steps", type=int, default=1, help="timed steps per length (after one warmup step)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="time forward, backward and optimizer step of each timed step (syncs the device between them)")
     p.add_argument("--results-dir", default=str(RESULTS))
     p.add_argument("--dry-run", action="store_true", help="print the worker commands and exit")
     p.add_argument("--master-port", type=int, default=29512)
@@ -173,7 +179,7 @@ def resolve_profile(a) -> dict:
 
 
 def worker_cmd(prof: dict, technique: str, docs: str, out: Path, run_id: str, steps: int, port: int,
-               lengths: str = "") -> list[str]:
+               lengths: str = "", breakdown: bool = False) -> list[str]:
     script = str(ROOT / "bench" / "train_bench.py")
     gpus = int(prof.get("gpus") or 1)
     launch = (["deepspeed", "--num_gpus", str(gpus), "--master_port", str(port), script] if gpus > 1
@@ -184,7 +190,7 @@ def worker_cmd(prof: dict, technique: str, docs: str, out: Path, run_id: str, st
         cmd += ["--layers", str(prof["layers"])]
     if prof.get("cap"):
         cmd += ["--mem-cap-gib", str(prof["cap"])]
-    return cmd
+    return cmd + (["--breakdown"] if breakdown else [])
 
 
 def run_worker(cmd: list[str]) -> int:
@@ -232,12 +238,15 @@ def main(argv=None) -> int:
     run_id = run_id_for(date, device, prof["shape"], prof.get("layers"), int(prof.get("gpus") or 1), prof.get("cap"))
     if a.profile:  # profiles of one shape and machine (placement, packed) must not overwrite each other
         run_id = f"{date}_{device_slug(device)}_{a.profile}"
+    if a.breakdown:  # its step times include the phase syncs: not comparable with a plain run's, kept apart
+        run_id += "_breakdown"
     results = Path(a.results_dir)
     raw, out = results / "raw" / f"{run_id}.jsonl", results / f"{run_id}.json"
     extra = {"run_id": run_id, "git": git_info(),
              "command": "python -m bench.run " + shlex.join(argv if argv is not None else sys.argv[1:]),
              "profile": prof}
-    cmds = [worker_cmd(prof, t, d, raw, run_id, a.steps, a.master_port, n) for t, d, n in parse_runs(prof["runs"])]
+    cmds = [worker_cmd(prof, t, d, raw, run_id, a.steps, a.master_port, n, a.breakdown)
+            for t, d, n in parse_runs(prof["runs"])]
     if a.dry_run:
         print("\n".join(shlex.join(c) for c in cmds))
         return 0

@@ -53,6 +53,9 @@ def parse_args(argv=None):
                    "(bench/stdlib_doc_lengths.json), shuffled and packed")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=1, help="timed steps per length")
+    p.add_argument("--breakdown", action="store_true",
+                   help="time forward, backward and the optimizer step of each timed step (the device synchronized "
+                        "at each boundary, so the step times include those waits)")
     p.add_argument("--mem-cap-gib", type=float, default=None,
                    help="per-process GPU memory cap: an emulated smaller card (the resolution plans for it too)")
     p.add_argument("--out", default="-", help="JSONL to append rows to ('-' = stdout)")
@@ -223,13 +226,14 @@ class Worker:
         n_targets = data.plan.step_targets(0)
         cuda = torch.cuda.is_available()
         times, losses = [], []
+        phases = {} if self.a.breakdown else None
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         for i in range(self.a.warmup + self.a.steps):
             if cuda:
                 torch.cuda.synchronize()
             ts = time.perf_counter()
-            res = trainer.train_step(micro, n_targets)
+            res = trainer.train_step(micro, n_targets, phases=phases if i >= self.a.warmup else None)
             if cuda:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - ts
@@ -238,7 +242,11 @@ class Worker:
                 times.append(dt)
         peak = torch.cuda.max_memory_allocated() / GiB if cuda else None
         peak_reserved = torch.cuda.max_memory_reserved() / GiB if cuda else None
-        step_s = max(all_ranks_max(times))
+        times = all_ranks_max(times)
+        step_s = max(times)
+        if phases is not None:  # seconds per timed step, the slowest rank's
+            names = sorted(phases)
+            phases = dict(zip(names, (v / len(times) for v in all_ranks_max([phases[n] for n in names]))))
         doc_lens = [len(data.train_docs[d]) for r in data.plan.step_rows(0) for d in data.plan.rows[r]]
         shape = flops.ModelShape.from_config(trainer.model_config)
         f = flops.train_flops(shape, doc_lens)
@@ -248,7 +256,8 @@ class Worker:
         s = trainer.settings
         return {"kind": "row", "status": "ok", "technique": self.tech.name, "seq_len": length, "docs": self.a.docs,
                 "doc_lens": doc_lens if len(doc_lens) <= 64 else None, "n_docs": len(doc_lens),
-                "tokens": sum(doc_lens), "step_time_s": step_s, "tokens_per_s": sum(doc_lens) / step_s / self.world,
+                "tokens": sum(doc_lens), "step_time_s": step_s, "step_times_s": times, "phases_s": phases,
+                "tokens_per_s": sum(doc_lens) / step_s / self.world,
                 "tflops_per_gpu": f / step_s / self.world / 1e12,
                 "mfu": flops.mfu(f, step_s, self.world, peak_flops) if peak_flops else None,
                 "peak_gpu_gib": all_ranks_max([peak])[0] if peak is not None else None,

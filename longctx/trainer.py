@@ -54,6 +54,33 @@ class StepResult:
     grad_norm: Optional[float]
 
 
+class PhaseClock:
+    """Adds the wall time since the previous lap to `phases[name]`, the device synchronized first; idle when
+    `phases` is None (one attribute check per phase)."""
+
+    def __init__(self, phases: Optional[dict], device):
+        import time
+
+        self.phases, self.device, self._now = phases, device, time.perf_counter
+        if phases is not None:
+            self._sync()
+            self.last = self._now()
+
+    def _sync(self) -> None:
+        import torch
+
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def lap(self, name: str) -> None:
+        if self.phases is None:
+            return
+        self._sync()
+        now = self._now()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self.last
+        self.last = now
+
+
 class Trainer:
     def __init__(self, cfg, *, rank: int = 0, world: int = 1, local_rank: int = 0,
                  callbacks: Sequence[Callback] = (), data=None, facts=None, quiet: bool = False):
@@ -231,19 +258,28 @@ class Trainer:
         """The kernel that takes the collator's document boundaries, or None (masks, S2-Attn's own rows)."""
         return self.settings.attn_impl if self.settings.pass_varlen_kwargs else None
 
-    def train_step(self, micro_batches: Sequence[dict], n_targets: int, step: Optional[int] = None) -> StepResult:
-        """One optimizer step over this rank's collated micro-batches; n_targets is the global batch's count."""
+    def train_step(self, micro_batches: Sequence[dict], n_targets: int, step: Optional[int] = None,
+                   phases: Optional[dict] = None) -> StepResult:
+        """One optimizer step over this rank's collated micro-batches; n_targets is the global batch's count.
+
+        With `phases` (a dict), the seconds spent in forward, backward and DeepSpeed's step (the optimizer, at the
+        last micro-batch) are added to it under those names. The device is synchronized at each boundary, which
+        serializes what would overlap: a benchmark's breakdown, not for training."""
         import torch
 
         step = self.step + 1 if step is None else step
         scale = self.layout.loss_scale(self.cfg.grad_accum, n_targets)
         loss_sum = torch.zeros((), dtype=torch.float64)
+        clock = PhaseClock(phases, self.device)
         for m, batch in enumerate(micro_batches):
             loss = self.forward(batch)
+            clock.lap("forward")
             for cb in self.callbacks:
                 loss = cb.on_loss(self, step, m, loss)
             self.engine.backward(loss * scale)
+            clock.lap("backward")
             self.engine.step()
+            clock.lap("step")
             loss_sum += loss.detach().double().cpu()
         grad_norm = self.engine.get_global_grad_norm()
         return StepResult(all_reduce_sum(loss_sum, self.device) / n_targets,

@@ -25,7 +25,8 @@ def smoke(tmp_path_factory):
     import subprocess
 
     d = tmp_path_factory.mktemp("bench")
-    p = subprocess.run([sys.executable, "-m", "bench.run", "--profile", "cpu-smoke", "--results-dir", str(d)],
+    p = subprocess.run([sys.executable, "-m", "bench.run", "--profile", "cpu-smoke", "--steps", "2", "--breakdown",
+                        "--results-dir", str(d)],
                        cwd=REPO, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     (res,) = [json.loads(f.read_text()) for f in d.glob("*.json")]
@@ -39,6 +40,7 @@ def test_every_technique_and_length_ran(smoke):
     assert set(got) == want
     assert all(r["status"] == "ok" for r in got.values()), [r for r in got.values() if r["status"] != "ok"]
     assert smoke["command"].startswith("python -m bench.run --profile cpu-smoke")
+    assert all(len(r["losses"]) == 3 for r in got.values())  # one warmup step, two timed
 
 
 def test_rows_record_what_train_py_resolves(smoke):
@@ -97,3 +99,20 @@ def test_runs_take_their_own_lengths():
 
     assert parse_runs("longctx:1, varlen:stdlib@64K+128K,upstream_best") == [
         ("longctx", "1", ""), ("varlen", "stdlib", "64K,128K"), ("upstream_best", "1", "")]
+
+
+
+def test_breakdown_times_the_phases_inside_the_step(smoke):
+    """--breakdown (the smoke run has it): forward, backward and the optimizer step of each timed step, through
+    Trainer.train_step. The phases are parts of the step, so per step they add up to no more than its time; the
+    run is kept apart from plain runs (its own run_id) and the report says how its times were taken."""
+    from bench import report
+
+    assert smoke["run_id"].endswith("_breakdown")
+    for row in smoke["rows"]:
+        assert len(row["step_times_s"]) == 2 and row["step_time_s"] == max(row["step_times_s"])
+        phases = row["phases_s"]
+        assert set(phases) == {"forward", "backward", "step"} and all(v > 0 for v in phases.values())
+        assert sum(phases.values()) <= sum(row["step_times_s"]) / 2
+    text = report.render([smoke])
+    assert "optimizer step s" in text and "`--breakdown`" in text
