@@ -73,6 +73,10 @@ class Config:
         None, "Selective checkpointing: keep each layer's attention output and log-sum-exp on the GPU so backward "
         "does not rerun attention (the largest share of a long-context step); the rest of the layer is still "
         "recomputed. Default: on when checkpointing and the memory plan fits the kept outputs on the GPU.", "model")
+    keep_attention_by: Literal["selective", "replay"] = _f(
+        "selective", "How attention is kept: selective = torch's selective checkpointing (non-reentrant; every op "
+        "of the layer runs through its dispatch mode); replay = the attention kernels' outputs recorded in forward "
+        "and replayed in the recompute, the rest of the layer checkpointed as without --keep-attention.", "model")
     tiled_loss: bool = _f(True, "LM head + cross-entropy chunk by chunk, never holding [tokens x vocab] logits; "
                           "--no-tiled-loss materializes them (ablation).", "model")
 

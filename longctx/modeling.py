@@ -225,7 +225,7 @@ def build_model(cfg, model_config, kind: str, settings, layout):
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from . import attention, s2attn, sequence_parallel as sp_mod
+    from . import attention, attention_replay, s2attn, sequence_parallel as sp_mod
 
     ds_config = settings.ds_config
     zero3 = settings.zero_stage == 3
@@ -235,6 +235,8 @@ def build_model(cfg, model_config, kind: str, settings, layout):
     impl = sp_mod.core_attention(attention.register(settings.attn_impl), layout.size)
     if settings.s2_group:
         impl = s2attn.register(impl, settings.s2_group)
+    if settings.keep_attention and settings.keep_attention_by == "replay":
+        impl = attention_replay.register(impl)
     torch.manual_seed(cfg.seed)
     if kind == "pretrained":
         lm = AutoModelForCausalLM.from_pretrained(cfg.model, config=model_config, dtype=dtype, attn_implementation=impl)
@@ -259,9 +261,13 @@ def build_model(cfg, model_config, kind: str, settings, layout):
 
 
 def enable_checkpointing(lm, settings) -> None:
-    from . import selective
+    """Checkpointing as `settings` says. Attention kept by replay also needs the model built with
+    attention_replay's attention function (build_model does both)."""
+    from . import attention_replay, selective
 
-    kwargs = selective.checkpoint_kwargs() if settings.keep_attention else {"use_reentrant": settings.reentrant}
+    by = getattr(settings, "keep_attention_by", "selective")
+    kept = settings.keep_attention and settings.checkpointing != "none"
+    kwargs = selective.checkpoint_kwargs() if kept and by == "selective" else {"use_reentrant": settings.reentrant}
     if settings.checkpointing == "offload" and settings.offload_impl == "fork":
         if not hasattr(lm, "offload_gradient_checkpointing_enable"):
             raise LongctxError(f"transformers fork: {type(lm).__name__} has no offload_gradient_checkpointing_enable "
@@ -274,6 +280,8 @@ def enable_checkpointing(lm, settings) -> None:
                                            offload="save_on_cpu" if fork_info() else True)
     elif settings.checkpointing == "plain":
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    if kept and by == "replay":
+        attention_replay.enable(lm)
 
 
 class LinearCrossEntropySum(torch.autograd.Function):

@@ -87,6 +87,7 @@ HEAD_CHUNK_TOKENS = 8192
 
 CHECKPOINTING = ("none", "plain", "offload")
 OFFLOAD_IMPLS = ("fork", "upstream")
+KEEP_ATTENTION_BY = ("selective", "replay")
 LOSSES = ("full", "chunked", "liger", "none")
 ATTENTIONS = ("flash", "dense_mask", "eager")
 PRECISIONS = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -109,7 +110,8 @@ class Setup:
     offload_impl: str = "fork"           # fork (offload_gradient_checkpointing_enable) | upstream (save_on_cpu)
     reentrant: bool = True               # torch.utils.checkpoint use_reentrant (train.py: True unless attention is kept)
     num_offloaded_layers: Optional[int] = None   # None: all layers
-    keep_attention: bool = False         # selective checkpointing: attention outputs kept on the GPU (non-reentrant)
+    keep_attention: bool = False         # attention outputs kept on the GPU through the recompute
+    keep_attention_by: str = "selective"  # selective (torch's, non-reentrant) | replay (longctx.attention_replay)
     loss: str = "chunked"                # full (HF: fp32 logits) | chunked (longctx) | liger (fused) | none
     liger_kernels: bool = False          # Liger RMSNorm / RoPE / SwiGLU
     tiled_mlp_shards: int = 1
@@ -137,8 +139,12 @@ class Setup:
                 problems.append(f"{name}={value!r} not in {allowed}")
         if self.offload_params and self.zero_stage != 3:
             problems.append("offload_params needs ZeRO stage 3")
-        if self.keep_attention and (self.checkpointing == "none" or self.reentrant):
-            problems.append("keep_attention needs non-reentrant checkpointing")
+        if self.keep_attention and self.checkpointing == "none":
+            problems.append("keep_attention needs checkpointing")
+        if self.keep_attention and self.keep_attention_by == "selective" and self.reentrant:
+            problems.append("keep_attention by selective checkpointing needs non-reentrant checkpointing")
+        if self.keep_attention_by not in KEEP_ATTENTION_BY:
+            problems.append(f"keep_attention_by={self.keep_attention_by!r} not in {KEEP_ATTENTION_BY}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -593,7 +599,7 @@ def describe(setup: Setup) -> str:
     z += f", {' + '.join(off)} on CPU" + (" (pinned)" if s.pin_memory else "") if off else ""
     ck = {"none": "off", "plain": "on GPU" + (" (reentrant)" if s.reentrant else ""),
           "offload": f"offloaded ({s.offload_impl}, {s.offloaded_layers}/{s.shape.layers} layers)"}[s.checkpointing]
-    ck += ", attention kept" if s.keep_attention else ""
+    ck += (", attention kept" + (" (replayed)" if s.keep_attention_by == "replay" else "")) if s.keep_attention else ""
     loss = {"full": "full fp32 logits", "chunked": f"chunked CE ({HEAD_CHUNK_TOKENS} tokens)",
             "liger": "Liger fused linear CE", "none": "none"}[s.loss]
     return (f"{s.precision} | {z} | checkpointing {ck} | loss {loss} | Liger kernels "
@@ -683,7 +689,7 @@ def parse_size(text: str) -> int:
 def setup_from_settings(*, shape: ModelShape, seq_len: int, micro_batch: int, world: int, ds_config: dict,
                         precision: str, checkpointing: str, offload_impl: str, reentrant: bool,
                         num_offloaded_layers: int, keep_attention: bool, liger: bool, tiled_loss: bool, attention: str, sp: int,
-                        tiled_mlp_shards: int, tied_embeddings: bool) -> Setup:
+                        tiled_mlp_shards: int, tied_embeddings: bool, keep_attention_by: str = "selective") -> Setup:
     """The Setup of what longctx.trainer builds from these settings (longctx.resolve calls this while deciding;
     `setup_from_resolved` once decided)."""
     zero = ds_config.get("zero_optimization", {}) or {}
@@ -699,7 +705,8 @@ def setup_from_settings(*, shape: ModelShape, seq_len: int, micro_batch: int, wo
                  offload_optimizer=offloaded("offload_optimizer"),
                  pin_memory=pin or not (offloaded("offload_param") or offloaded("offload_optimizer")),
                  precision=precision, checkpointing=checkpointing, offload_impl=offload_impl, reentrant=reentrant,
-                 num_offloaded_layers=num_offloaded_layers, keep_attention=keep_attention, loss="liger" if liger else ("chunked" if tiled_loss
+                 num_offloaded_layers=num_offloaded_layers, keep_attention=keep_attention,
+                 keep_attention_by=keep_attention_by, loss="liger" if liger else ("chunked" if tiled_loss
                                                                                          else "full"),
                  liger_kernels=liger, attention=attention, sp=sp, tiled_mlp_shards=tiled_mlp_shards,
                  tied_embeddings=tied_embeddings, head_gathered_throughout=True,
@@ -717,6 +724,7 @@ def setup_from_resolved(settings, cfg, model_config) -> Setup:
         world=settings.world, ds_config=settings.ds_config, precision=settings.precision,
         checkpointing=settings.checkpointing, offload_impl=settings.offload_impl, reentrant=settings.reentrant,
         num_offloaded_layers=settings.num_offloaded_layers, keep_attention=settings.keep_attention,
+        keep_attention_by=settings.keep_attention_by,
         liger=settings.liger, tiled_loss=settings.tiled_loss,
         attention=attention_kind(settings.attention, cfg.packing), sp=settings.sequence_parallel,
         tiled_mlp_shards=settings.tiled_mlp_shards, tied_embeddings=bool(tied))

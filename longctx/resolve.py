@@ -114,7 +114,7 @@ class Resolved:
     liger: bool
     checkpointing: str               # none | plain | offload
     offload_impl: str                # fork | upstream (with checkpointing == offload)
-    reentrant: bool                  # False with keep_attention (selective checkpointing needs the non-reentrant path)
+    reentrant: bool                  # False when attention is kept by selective checkpointing (its need)
     num_offloaded_layers: int        # layers whose checkpoints live in host RAM
     keep_attention: bool             # selective checkpointing: attention outputs kept through the recompute
     tiled_mlp: bool
@@ -128,6 +128,7 @@ class Resolved:
     world: int
     ds_config: dict = field(repr=False)
     s2_group: Optional[int] = None   # --s2-attn: LongLoRA's shifted sparse attention over attn_impl, in training
+    keep_attention_by: str = "selective"  # selective | replay (how keep_attention keeps it)
     why: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -149,7 +150,8 @@ class Resolved:
         """The run header's lines (also `--plan`'s)."""
         ck = {"none": "off", "plain": "on GPU",
               "offload": f"offloaded ({self.offload_impl}, {self.num_offloaded_layers} layers)"}[self.checkpointing]
-        ck += ", attention kept" if self.keep_attention else ""
+        ck += (", attention kept" + (" (replayed)" if self.keep_attention_by == "replay" else "")) \
+            if self.keep_attention else ""
         where = ", ".join(n for n, on in (("params", self.offload_params), ("optimizer", self.offload_optimizer))
                           if on) or "nothing"
         return [f"precision {self.precision} | attention {self.attention} | liger {'on' if self.liger else 'off'} | "
@@ -298,12 +300,17 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
         return ds
 
     keep_requested = bool(cfg.keep_attention) and mode != "none"
+    keep_by = cfg.keep_attention_by
+
+    def reentrant(keep: bool) -> bool:  # reentrant is the cheaper path; selective checkpointing needs the other
+        return not (keep and keep_by == "selective")
 
     def setup(ds: dict, shards: int, keep: bool = keep_requested) -> "plan_mod.Setup":
         return plan_mod.setup_from_settings(
             shape=shape, seq_len=cfg.max_seq_len, micro_batch=cfg.micro_batch_size, world=world, ds_config=ds,
-            precision=precision, checkpointing=mode, offload_impl=impl, reentrant=not keep,
-            num_offloaded_layers=n_off, keep_attention=keep, liger=liger, tiled_loss=cfg.tiled_loss,
+            precision=precision, checkpointing=mode, offload_impl=impl, reentrant=reentrant(keep),
+            num_offloaded_layers=n_off, keep_attention=keep, keep_attention_by=keep_by, liger=liger,
+            tiled_loss=cfg.tiled_loss,
             attention=plan_mod.attention_kind(attn.name, cfg.packing), sp=sp, tiled_mlp_shards=shards,
             tied_embeddings=bool(_get(model_config, "tie_word_embeddings", False)))
 
@@ -361,6 +368,11 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
         why["keep_attention"] = ("auto: on (the plan fits every layer's attention output on the GPU; backward "
                                  "does not rerun attention)" if keep else
                                  "auto: off (the kept attention outputs would not fit the GPU)")
+    if keep and keep_by == "replay" and not (attn.varlen_kwargs or (attn.name == "sdpa" and not cfg.packing)):
+        # the replay's attention function is a custom name, for which transformers builds no mask
+        raise LongctxError(f"--keep-attention-by replay needs attention that is causal without a mask: "
+                           f"sdpa_per_doc (auto), varlen, flash_attention_2, or sdpa with --no-packing; not "
+                           f"{attn.name}{' with packing' if attn.name == 'sdpa' else ''}")
     s2_group = None
     if cfg.s2_attn is not None:
         from .s2attn import resolve_group_size
@@ -369,7 +381,8 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
         why["attention"] += f"; S2-Attn in training (group {s2_group}, half the heads shifted by {s2_group // 2})"
     return Resolved(precision=precision, attention=attn.name, attn_impl=attn.impl,
                     attn_varlen_kwargs=attn.varlen_kwargs, liger=liger, checkpointing=mode, offload_impl=impl,
-                    reentrant=not keep, num_offloaded_layers=n_off, keep_attention=keep, tiled_mlp=tiled, tiled_mlp_shards=shards,
+                    reentrant=reentrant(keep), num_offloaded_layers=n_off, keep_attention=keep,
+                    keep_attention_by=keep_by, tiled_mlp=tiled, tiled_mlp_shards=shards,
                     tiled_loss=cfg.tiled_loss, sequence_parallel=sp, offload_params=on_cpu["offload_param"],
                     offload_optimizer=on_cpu["offload_optimizer"], zero_stage=stage, lr=lr, world=world,
                     ds_config=ds, why=why, s2_group=s2_group)

@@ -137,3 +137,18 @@ def test_attention_is_kept_only_where_the_plan_fits_it():
         (REPO / "longctx" / "default_data" / "tiny_llama.json").read_text())).keep_attention  # CPU: nothing to plan
     with pytest.raises(LongctxError, match="--keep-attention is a checkpointing mode"):
         config.parse(["--keep-attention", "--no-gradient-checkpointing"])
+    # kept by replay: the same decision and plan, on the reentrant path plain checkpointing takes
+    by_replay = settings(H200, *flags, "--keep-attention-by", "replay")
+    selective = settings(H200, *flags)
+    assert by_replay.keep_attention and by_replay.reentrant and by_replay.keep_attention_by == "replay"
+    assert not selective.reentrant and selective.keep_attention_by == "selective"
+    assert "attention kept (replayed)" in by_replay.header()[0]
+    assert plan.plan(plan.setup_from_resolved(by_replay, cfg, L8B_8L)).components()["kept attention outputs"] == \
+        plan.plan(plan.setup_from_resolved(selective, cfg, L8B_8L)).components()["kept attention outputs"]
+    with pytest.raises(LongctxError, match="causal without a mask"):  # its custom name gets no mask from transformers
+        settings(H200, *flags, "--keep-attention", "--keep-attention-by", "replay", "--attn-implementation", "sdpa",
+                 "--max-seq-len", "4096")
+    assert settings(H200, *flags, "--keep-attention", "--keep-attention-by", "replay", "--attn-implementation",
+                    "sdpa", "--no-packing").keep_attention
+    with pytest.raises(ValueError, match="needs non-reentrant"):
+        plan.setup_from_resolved(dataclasses.replace(selective, reentrant=True), cfg, L8B_8L)

@@ -3,7 +3,9 @@
 * SP=2 on 2 ranks trains exactly like SP=1 on 1 rank (both one data-parallel group, so the same rows per step),
   under ZeRO-3 + CPU offload and under ZeRO-2: the fork's offloaded checkpointing, packed rows of odd length
   (255, padded to 256), tiled MLP forced on (2 chunks per slice); per-step losses, grad norms (the gradient
-  scale: Adam alone would hide it) and the eval loss agree.
+  scale: Adam alone would hide it) and the eval loss agree. The ZeRO-3 pair keeps attention by replay
+  (longctx.attention_replay inside DeepSpeed's Ulysses wrapper; tests/test_train_packing.py proves SP=1 with it
+  against a one-by-one reference).
 * A head count not divisible by N stops the run with the reason, before the run directory is written.
 """
 
@@ -19,10 +21,11 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("ds", ["zero3_offload", "zero2"])
 def test_sp2_equals_sp1(tmp_path, ds):
     """ZeRO-3 (reduce-scatter divides by world) and ZeRO-2 (divides by world / N) average differently."""
+    kept = ["--keep-attention", "--keep-attention-by", "replay"] if ds == "zero3_offload" else []
     data = small_dataset(tmp_path / "data", n_text=40, n_chat=10, n_pr=10)
     model = tiny_model_dir(tmp_path / "model")
     common = ["--eval-fraction", "0.1", "--offload-gradient-checkpointing", "--tiled-mlp", "--no-save-final-model",
-              "--deepspeed", f"ds_configs/{ds}.json"]
+              "--deepspeed", f"ds_configs/{ds}.json", *kept]
     runs = {}
     for sp, nproc in ((1, 1), (2, 2)):
         out = tmp_path / f"sp{sp}"
@@ -31,6 +34,7 @@ def test_sp2_equals_sp1(tmp_path, ds):
         p = run_train(args, nproc=nproc)
         if sp == 2:
             assert "sequence parallel 2" in p.stdout and "tiled MLP on" in p.stdout, p.stdout[-2000:]
+            assert ("attention kept (replayed)" in p.stdout) == bool(kept), p.stdout[-2000:]
         runs[sp] = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in runs[1]] == [r["step"] for r in runs[2]] == [1, 2, 3]
     for a, b in zip(runs[1], runs[2]):

@@ -168,12 +168,15 @@ def test_linear_cross_entropy_sum_matches_autograd():
 # ---- through the launcher ---------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ckpt", [[], ["--offload-gradient-checkpointing", "--keep-attention"]],
-                         ids=["checkpointing", "offloaded+kept-attention"])
+@pytest.mark.parametrize("ckpt", [[], ["--offload-gradient-checkpointing", "--keep-attention"],
+                                  ["--offload-gradient-checkpointing", "--keep-attention", "--keep-attention-by",
+                                   "replay"]],
+                         ids=["checkpointing", "offloaded+kept-attention", "offloaded+replayed-attention"])
 def test_launcher_step_equals_one_by_one_reference(tmp_path, tok, ckpt):
     """2 ranks x grad_accum 2 x packed rows (ZeRO-3): the logged loss and grad norm of step 1 equal the
     target-token mean loss and its gradient norm computed one document at a time from the same initial weights;
-    also with the fork's offloader and selective checkpointing (non-reentrant, attention outputs kept)."""
+    also with the fork's offloader and attention kept, by selective checkpointing (non-reentrant) and by replay
+    (reentrant)."""
     data_file = write_jsonl(tmp_path / "docs.jsonl", text_rows(40, seed=5, lo=5, hi=50))
     model_dir = tiny_model_dir(tmp_path / "init")
     out = tmp_path / "run"
@@ -181,7 +184,9 @@ def test_launcher_step_equals_one_by_one_reference(tmp_path, tok, ckpt):
                         extra=["--grad-accum", "2", "--max-seq-len", "256", "--no-save-final-model", *ckpt]))
     if ckpt:
         resolved = json.loads((out / "resolved.json").read_text())
-        assert resolved["keep_attention"] and not resolved["reentrant"]
+        by = "replay" if "replay" in ckpt else "selective"
+        assert resolved["keep_attention"] and resolved["keep_attention_by"] == by
+        assert resolved["reentrant"] == (by == "replay")
     row = read_jsonl(out / "metrics.jsonl")[0]
     ids = read_jsonl(out / "samples.jsonl")[0]["sample_ids"]
     assert len(ids) > 4  # several documents per row, 4 rows

@@ -1,0 +1,141 @@
+"""Attention kept through the recompute by replaying its outputs (`--keep-attention-by replay`).
+
+torch's selective checkpointing (longctx.selective) finds the attention kernel by running every op of a
+checkpointed layer through a Python dispatch mode, in forward and again in the recompute. On a CPU that mode
+makes a layer's forward + backward take 1.85x the host time (bench/keep_attention_host.py), and where GPU work per
+layer is short (16K rows on an H200) host time can show in the step. Here the mode is entered only around the
+attention function:
+
+  forward (inside the checkpoint)   the attention kernels' outputs are recorded, per checkpointed call, in order;
+  recompute (in backward)           the same calls get the recorded outputs instead of running the kernels, so
+                                    autograd builds attention's node over them and its backward runs as usual.
+
+The rest of the layer runs as plain checkpointing runs it, reentrant or not (the fork's offloader included). The
+recorded outputs belong to the checkpointed call's closure, so they are freed with its autograd state; a kernel
+the replay cannot match (another op, or an output changed in place) simply runs again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
+
+from .selective import is_attention_op
+
+NAME = "longctx_kept"
+_active = threading.local()  # the dispatch mode of the checkpointed call running now, if any
+
+
+class _Recorded:
+    """An attention kernel's outputs, stored as torch's selective checkpointing stores them: detached (no autograd
+    history shared with the forward's tensors, no reference cycle), with their versions to tell an in-place change."""
+    __slots__ = ("func", "out", "versions")
+
+    def __init__(self, func, out):
+        self.func = func
+        self.out = tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, out)
+        self.versions = [x._version for x in tree_leaves(self.out) if isinstance(x, torch.Tensor)]
+
+    def matches(self, func) -> bool:
+        return func is self.func and self.versions == [x._version for x in tree_leaves(self.out)
+                                                       if isinstance(x, torch.Tensor)]
+
+
+class _Record(TorchDispatchMode):
+    def __init__(self, recorded: deque):
+        super().__init__()
+        self.recorded = recorded
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if is_attention_op(func):
+            self.recorded.append(_Recorded(func, out))
+        return out
+
+
+class _Replay(TorchDispatchMode):
+    def __init__(self, recorded: deque):
+        super().__init__()
+        self.recorded = recorded
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if is_attention_op(func) and self.recorded:
+            entry = self.recorded.popleft()
+            if entry.matches(func):
+                return entry.out
+            self.recorded.clear()  # out of step with the forward: every kernel from here runs again
+        return func(*args, **(kwargs or {}))
+
+
+def _bind(function: Callable) -> Callable:
+    """`function` as one checkpointed call runs it: its first run records, later runs (the recompute) replay."""
+    recorded: deque = deque()
+    runs = [0]
+
+    def run(*args, **kwargs):
+        mode = (_Record if runs[0] == 0 else _Replay)(recorded)
+        runs[0] += 1
+        outer = getattr(_active, "mode", None)
+        _active.mode = mode
+        try:
+            return function(*args, **kwargs)
+        finally:
+            _active.mode = outer
+            if isinstance(mode, _Replay):
+                recorded.clear()  # a second recompute (retain_graph) runs the kernels again
+
+    return run
+
+
+def wrap_checkpoint(checkpoint_func: Callable) -> Callable:
+    """A decoder layer's `_gradient_checkpointing_func` whose calls record and replay attention."""
+    if getattr(checkpoint_func, "replays_attention", False):
+        return checkpoint_func
+
+    def checkpoint(function, *args, **kwargs):
+        if not torch.is_grad_enabled():  # nothing will be recomputed
+            return checkpoint_func(function, *args, **kwargs)
+        return checkpoint_func(_bind(function), *args, **kwargs)
+
+    checkpoint.replays_attention = True
+    return checkpoint
+
+
+def enable(lm: torch.nn.Module) -> int:
+    """Every checkpointed decoder layer of `lm` replays attention; returns how many. After checkpointing is on."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    impl = getattr(lm.config, "_attn_implementation", None)
+    if impl != NAME:  # the layers would record nothing and every kernel would run twice, silently
+        raise ValueError(f"attention replay needs the model built with attn_implementation={NAME!r} "
+                         f"(attention_replay.register), not {impl!r}")
+    n = 0
+    for m in lm.modules():
+        if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing:
+            m._gradient_checkpointing_func = wrap_checkpoint(m._gradient_checkpointing_func)
+            n += 1
+    return n
+
+
+def register(base_impl: str) -> str:
+    """Register NAME with transformers' AttentionInterface: `base_impl`, its kernels recorded and replayed inside
+    checkpointed calls (anywhere else it is `base_impl` unchanged)."""
+    from transformers import AttentionInterface
+
+    base = AttentionInterface._global_mapping[base_impl]
+
+    def kept_forward(module, query, key, value, attention_mask, **kwargs):
+        mode = getattr(_active, "mode", None)
+        if mode is None:
+            return base(module, query, key, value, attention_mask, **kwargs)
+        with mode:
+            return base(module, query, key, value, attention_mask, **kwargs)
+
+    kept_forward.base_impl = base_impl
+    AttentionInterface.register(NAME, kept_forward)
+    return NAME
