@@ -116,7 +116,7 @@ class Resolved:
     offload_impl: str                # fork | upstream (with checkpointing == offload)
     reentrant: bool                  # False when attention is kept by selective checkpointing (its need)
     num_offloaded_layers: int        # layers whose checkpoints live in host RAM
-    keep_attention: bool             # selective checkpointing: attention outputs kept through the recompute
+    keep_attention: bool             # attention outputs kept through the recompute (by keep_attention_by)
     tiled_mlp: bool
     tiled_mlp_shards: int            # ceil(tokens per rank / hidden) when tiled (planned; agreed at run time)
     tiled_loss: bool
