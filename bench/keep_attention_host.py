@@ -37,9 +37,8 @@ def build(way):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from longctx import attention, attention_replay, modeling
-    from longctx.resolve import SDPA_PER_DOC
-
     from longctx.config import DEFAULT_MODEL
+    from longctx.resolve import SDPA_PER_DOC
 
     shape = json.loads(open(DEFAULT_MODEL).read())  # the embedded tiny GQA Llama (hidden 128)
     shape["num_hidden_layers"] = LAYERS
@@ -74,6 +73,8 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--steps", type=int, default=40)
     a = p.parse_args(argv)
+    import transformers
+
     from longctx import attention
     from longctx.resolve import SDPA_PER_DOC
 
@@ -102,8 +103,6 @@ def main(argv=None) -> int:
     base = next(r for r in rows if r["way"].startswith("plain, reentrant"))["per_layer_ms"]
     for r in rows:
         r["per_layer_ms_over_plain_reentrant"] = r["per_layer_ms"] - base
-    import transformers
-
     res = {"schema": "keep_attention_host", "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
            "device": f"{cpu_name()}, 1 thread",
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -40,12 +40,12 @@ PROFILES: dict[str, dict] = {
     # one H100/H200, the 8B shape at 8 layers: our default against upstream's best, one document and packed rows
     "1xgpu-8b-8L": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
                         runs="longctx:1,upstream_best:1,recompute_attn:1@128K"),
-    # packed real-text document lengths (Python's stdlib): the default against varlen_attn; and the 16K pair again,
-    # where a step is ~2 s and one timed step is noisy (run with --steps 2 or more)
     # how attention is kept, at every length: torch's selective checkpointing against the replay of the attention
     # outputs, next to plain checkpointing (the default under 64K) and upstream's best
     "1xgpu-8b-8L-keep": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
                              runs="upstream_best:1,keep_replay:1,keep_selective:1,recompute_attn:1"),
+    # packed real-text document lengths (Python's stdlib): the default against varlen_attn; and the 16K pair again,
+    # where a step is ~2 s and one timed step is noisy (run with --steps 2 or more)
     "1xgpu-8b-8L-packed": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="128K",
                                runs="longctx:stdlib,varlen:stdlib,longctx:1@16K,upstream_best:1@16K"),
     # where parameters live, and tiled MLP, side by side on one GPU

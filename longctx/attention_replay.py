@@ -46,11 +46,13 @@ class _Recorded:
                                                        if isinstance(x, torch.Tensor)]
 
 
-class _Record(TorchDispatchMode):
+class _Mode(TorchDispatchMode):
     def __init__(self, recorded: deque):
         super().__init__()
         self.recorded = recorded
 
+
+class _Record(_Mode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if is_attention_op(func):
@@ -58,11 +60,7 @@ class _Record(TorchDispatchMode):
         return out
 
 
-class _Replay(TorchDispatchMode):
-    def __init__(self, recorded: deque):
-        super().__init__()
-        self.recorded = recorded
-
+class _Replay(_Mode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if is_attention_op(func) and self.recorded:
             entry = self.recorded.popleft()
@@ -75,11 +73,12 @@ class _Replay(TorchDispatchMode):
 def _bind(function: Callable) -> Callable:
     """`function` as one checkpointed call runs it: its first run records, later runs (the recompute) replay."""
     recorded: deque = deque()
-    runs = [0]
+    runs = 0
 
     def run(*args, **kwargs):
-        mode = (_Record if runs[0] == 0 else _Replay)(recorded)
-        runs[0] += 1
+        nonlocal runs
+        mode = (_Record if runs == 0 else _Replay)(recorded)
+        runs += 1
         outer = getattr(_active, "mode", None)
         _active.mode = mode
         try:

@@ -265,7 +265,7 @@ def enable_checkpointing(lm, settings) -> None:
     attention_replay's attention function (build_model does both)."""
     from . import attention_replay, selective
 
-    by = getattr(settings, "keep_attention_by", "selective")
+    by = settings.keep_attention_by
     kept = settings.keep_attention and settings.checkpointing != "none"
     kwargs = selective.checkpoint_kwargs() if kept and by == "selective" else {"use_reentrant": settings.reentrant}
     if settings.checkpointing == "offload" and settings.offload_impl == "fork":

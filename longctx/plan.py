@@ -599,7 +599,7 @@ def describe(setup: Setup) -> str:
     z += f", {' + '.join(off)} on CPU" + (" (pinned)" if s.pin_memory else "") if off else ""
     ck = {"none": "off", "plain": "on GPU" + (" (reentrant)" if s.reentrant else ""),
           "offload": f"offloaded ({s.offload_impl}, {s.offloaded_layers}/{s.shape.layers} layers)"}[s.checkpointing]
-    ck += (", attention kept" + (" (replayed)" if s.keep_attention_by == "replay" else "")) if s.keep_attention else ""
+    ck += kept_attention_label(s.keep_attention, s.keep_attention_by)
     loss = {"full": "full fp32 logits", "chunked": f"chunked CE ({HEAD_CHUNK_TOKENS} tokens)",
             "liger": "Liger fused linear CE", "none": "none"}[s.loss]
     return (f"{s.precision} | {z} | checkpointing {ck} | loss {loss} | Liger kernels "
@@ -683,6 +683,11 @@ def parse_size(text: str) -> int:
         raise ValueError(f"cannot read a memory size from {text!r} (e.g. 16GiB, 512G, 48GB)")
     value = float(num)
     return int(value * (_UNITS[unit] if unit else GiB))
+
+
+def kept_attention_label(keep: bool, by: str) -> str:
+    """What the checkpointing line of the run header and the plan adds for kept attention."""
+    return (", attention kept" + (" (replayed)" if by == "replay" else "")) if keep else ""
 
 
 # ---- from the resolved settings ------------------------------------------------------------------------

@@ -148,10 +148,11 @@ class Resolved:
 
     def header(self) -> list[str]:
         """The run header's lines (also `--plan`'s)."""
+        from .plan import kept_attention_label
+
         ck = {"none": "off", "plain": "on GPU",
               "offload": f"offloaded ({self.offload_impl}, {self.num_offloaded_layers} layers)"}[self.checkpointing]
-        ck += (", attention kept" + (" (replayed)" if self.keep_attention_by == "replay" else "")) \
-            if self.keep_attention else ""
+        ck += kept_attention_label(self.keep_attention, self.keep_attention_by)
         where = ", ".join(n for n, on in (("params", self.offload_params), ("optimizer", self.offload_optimizer))
                           if on) or "nothing"
         return [f"precision {self.precision} | attention {self.attention} | liger {'on' if self.liger else 'off'} | "
