@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
         trainer.run(cfg, rank=rank, world=world, local_rank=local_rank, callbacks=callbacks)
         return 0
     except LongctxError as e:
-        if rank == 0:
-            print(f"\nerror: {e}", file=sys.stderr, flush=True)
+        # Every rank says it: the launcher stops all ranks once one exits, so a message left to rank 0 alone was
+        # lost whenever another rank exited first (seen under load in CI).
+        print(f"\nerror{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr, flush=True)
         return e.exit_code
 
 
