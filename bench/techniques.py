@@ -13,6 +13,8 @@ parameters and optimizer to CPU as `ds_configs/zero3_offload.json` did before pl
     recompute_attn   longctx without selective checkpointing (attention rerun in backward, as before)
     params_cpu       longctx with parameters forced to CPU     } where parameters live, measured side by side
     params_gpu       longctx with parameters forced on the GPU }
+    opt_gpu          longctx with the optimizer on the GPU (fp32 master + Adam states in GPU memory)
+    all_gpu          longctx with parameters and optimizer on the GPU
     tiled_mlp        longctx with tiled MLP forced on
     sp               longctx with Ulysses sequence parallelism over every rank of the worker
     lora, longlora   LongLoRA: LoRA + trainable embeddings/norms (+ S2-Attn, one document per row)
@@ -36,6 +38,7 @@ class Technique:
     offload_param: str = "auto"
     desc: str = ""
     world_flags: tuple[str, ...] = field(default=())  # flags that take the worker's world size ({world})
+    offload_optimizer: str = "cpu"  # offload_optimizer.device: "cpu", or "none" (optimizer states on the GPU)
 
 
 _RECIPE = ("--offload-gradient-checkpointing",)  # --liger auto: on wherever a GPU and liger-kernel are
@@ -62,6 +65,10 @@ TECHNIQUES = {t.name: t for t in (
               desc="longctx with attention kept by replaying its outputs (reentrant checkpointing), at every length"),
     Technique("params_cpu", _RECIPE, "cpu", "longctx with parameters on CPU"),
     Technique("params_gpu", _RECIPE, "none", "longctx with parameters on the GPU"),
+    Technique("opt_gpu", _RECIPE, offload_optimizer="none",
+              desc="longctx with the optimizer states and update on the GPU (parameters resolved)"),
+    Technique("all_gpu", _RECIPE, "none", offload_optimizer="none",
+              desc="longctx with parameters and optimizer on the GPU (ZeRO-3, no offload)"),
     Technique("tiled_mlp", _RECIPE + ("--tiled-mlp",), desc="longctx with tiled MLP forced on"),
     Technique("sp", _RECIPE, desc="longctx + Ulysses SP over the worker's GPUs",
               world_flags=("--sequence-parallel", "{world}")),

@@ -160,6 +160,8 @@ class Worker:
             ds["zero_optimization"].pop("offload_param")
         else:
             ds["zero_optimization"]["offload_param"]["device"] = self.tech.offload_param
+        if self.tech.offload_optimizer == "none":
+            ds["zero_optimization"].pop("offload_optimizer")
         self.ds_file.write_text(json.dumps(ds))
         facts = resolve.Facts.detect(gpus=self.world)
         if facts.cuda:
