@@ -374,6 +374,9 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
         raise LongctxError(f"--keep-attention-by replay needs attention that is causal without a mask: "
                            f"sdpa_per_doc (auto), varlen, flash_attention_2, or sdpa with --no-packing; not "
                            f"{attn.name}{' with packing' if attn.name == 'sdpa' else ''}")
+    if keep and keep_by == "replay" and facts.cuda:
+        why["keep_attention"] += ("; by replay, whose gradients are checked against no checkpointing on CPU but not "
+                                  "yet on a GPU (tests/test_selective.py, gpu marker)")
     s2_group = None
     if cfg.s2_attn is not None:
         from .s2attn import resolve_group_size

@@ -152,3 +152,132 @@ def test_kept_attention_with_tiled_mlp(weights, reference, way):
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
     assert calls == ref_calls
+
+
+# ---- the replay under reentrant checkpointing, where the forward runs under no_grad -------------------------------
+# SDPA asks cuDNN and memory-efficient attention for a logsumexp only when grad mode is on and an input requires
+# grad, so the no_grad forward of reentrant checkpointing calls the kernel without it and the recompute with it.
+# No CPU kernel has that argument; this op is a plain causal attention with the same contract (and a backward that
+# needs the logsumexp), called the way SDPA's composite calls its kernels.
+
+@torch.library.custom_op("longctx_test::attn", mutates_args=())
+def _attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, compute_log_sumexp: bool) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
+    lse = s.logsumexp(-1)
+    return torch.exp(s - lse[..., None]) @ v, (lse if compute_log_sumexp else lse.new_empty(0))
+
+
+@_attn.register_fake
+def _(q, k, v, compute_log_sumexp):
+    return torch.empty_like(q), q.new_empty(q.shape[:-1] if compute_log_sumexp else (0,))
+
+
+def _attn_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:3], output[1])
+
+
+def _attn_backward(ctx, grad_out, _grad_lse):
+    q, k, v, lse = ctx.saved_tensors  # an empty lse (asked for none) breaks this, as it breaks cuDNN's backward
+    scale = q.shape[-1] ** -0.5
+    s = (q @ k.transpose(-1, -2)) * scale
+    p = torch.exp(s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf")) - lse[..., None])
+    dp = grad_out @ v.transpose(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    return ds @ k * scale, ds.transpose(-1, -2) @ q * scale, p.transpose(-1, -2) @ grad_out, None
+
+
+_attn.register_autograd(_attn_backward, setup_context=_attn_setup)
+
+
+def _composite_attention(module, q, k, v, attention_mask, **kwargs):
+    """What SDPA's composite does: the logsumexp only if backward can need it."""
+    need = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return torch.ops.longctx_test.attn(q, k, v, need)[0], None
+
+
+def test_replay_under_reentrant_checkpointing_keeps_what_backward_needs(monkeypatch):
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+    from transformers import AttentionInterface
+
+    monkeypatch.setattr(selective, "ATTENTION_OPS", selective.ATTENTION_OPS | {"longctx_test.attn"})
+    AttentionInterface.register("longctx_test_composite", _composite_attention)
+    kept = AttentionInterface._global_mapping[attention_replay.register("longctx_test_composite")]
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, 16, requires_grad=True)
+    w = [torch.randn(16, 16, requires_grad=True) for _ in range(4)]
+
+    def layer(h):
+        q, k, v = (h @ wi for wi in w[:3])
+        return h + kept(None, q, k, v, None)[0] @ w[3]
+
+    def grads(out):
+        out.square().mean().backward()
+        g = [t.grad.clone() for t in (x, *w)]
+        for t in (x, *w):
+            t.grad = None
+        return g
+
+    ref = grads(layer(layer(x)))  # no checkpointing
+    step = attention_replay.wrap_checkpoint(partial(checkpoint, use_reentrant=True))
+    with AttentionCalls() as counted:
+        got = grads(step(layer, step(layer, x)))
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    assert counted.calls == 2  # each layer's kernel ran once: the recompute took the recorded outputs
+
+
+def test_replay_runs_the_kernel_again_when_the_call_differs():
+    """A recompute whose call is not the recorded one (other arguments or shapes) gets the kernel, not the record."""
+    q = torch.randn(1, 2, 8, 4)
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    key = attention_replay.call_key(op, (q, q, q, 0.0, True), {})
+    assert key == attention_replay.call_key(op, (q.clone(), q, q, 0.0, True), {})
+    assert key != attention_replay.call_key(op, (q, q, q, 0.0, False), {})
+    assert key != attention_replay.call_key(op, (q[..., :6, :], q, q, 0.0, True), {})
+    eff = torch.ops.aten._scaled_dot_product_efficient_attention.default
+    args, _ = attention_replay.with_log_sumexp(eff, (q, q, q, None, False), {})
+    assert args[4] is True and attention_replay.with_log_sumexp(op, (q, q, q), {})[0] == (q, q, q)
+
+
+@pytest.mark.gpu
+def test_replay_on_gpu_gives_the_gradients_of_no_checkpointing():
+    """On a GPU, in bf16, SDPA dispatches to cuDNN (or flash / memory-efficient): the replay, reentrant as the
+    product runs it, gives the gradients of the same model without checkpointing, one kernel call per layer and
+    document."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = tiny_config(num_hidden_layers=LAYERS, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                      num_key_value_heads=2)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    torch.manual_seed(0)
+    state = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).state_dict()
+
+    def grads_of(ckpt):
+        impl = attention.register(SDPA_PER_DOC)
+        if ckpt is not None:
+            impl = attention_replay.register(impl)
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=impl).cuda()
+        lm.load_state_dict(state)
+        lm.train()
+        if ckpt is not None:
+            modeling.enable_checkpointing(lm, ckpt)
+        g = torch.Generator().manual_seed(1)
+        docs = [128, 256, 128]
+        ids = torch.randint(0, lm.config.vocab_size, (1, sum(docs)), generator=g).cuda()
+        pos = torch.cat([torch.arange(n) for n in docs])[None].cuda()
+        cu = torch.tensor([0] + docs).cumsum(0).to(torch.int32).cuda()
+        kw = attention.model_kwargs({"cu_seq_lens": cu, "max_length": max(docs)}, SDPA_PER_DOC, ids.device)
+        with AttentionCalls() as counted:
+            logits = lm(input_ids=ids, position_ids=pos, **kw).logits.float()
+            torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
+        return {n: p.grad.float() for n, p in lm.named_parameters()}, counted.calls
+
+    ref, ref_calls = grads_of(None)
+    got, calls = grads_of(settings("plain", True, way="replay"))
+    assert calls == ref_calls == LAYERS * 3
+    for name, g in ref.items():  # the same kernels on the same inputs: equal up to bf16 accumulation order
+        torch.testing.assert_close(got[name], g, rtol=2e-2, atol=2e-3, msg=name)
