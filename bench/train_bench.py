@@ -242,6 +242,9 @@ class Worker:
             losses.append(res.loss)
             if i >= self.a.warmup:
                 times.append(dt)
+        if not loss_moved(losses):  # every step trains on the same rows: a loss that never moves took no update
+            raise RuntimeError(f"the loss did not change over {len(losses)} steps ({losses[0]:.6f}): no update took "
+                               "effect (non-finite gradients skipped?); its step time would not be a training step's")
         peak = torch.cuda.max_memory_allocated() / GiB if cuda else None
         peak_reserved = torch.cuda.max_memory_reserved() / GiB if cuda else None
         times = all_ranks_max(times)
@@ -285,6 +288,11 @@ class Worker:
                             "docs": self.a.docs, "error": f"{type(e).__name__}: {str(e)[:300]}"})
                 return 1
         return 0
+
+
+def loss_moved(losses: list[float]) -> bool:
+    """The bench repeats one step's rows at a constant lr: after the first update the loss must differ."""
+    return len(losses) < 2 or len(set(losses)) > 1
 
 
 def all_ranks_max(values: list[float]) -> list[float]:

@@ -43,6 +43,15 @@ def test_every_technique_and_length_ran(smoke):
     assert all(len(r["losses"]) == 3 for r in got.values())  # one warmup step, two timed
 
 
+def test_rows_that_took_no_update_are_not_results(smoke):
+    """Each row repeats its rows at a constant lr, so its loss moves; a row whose loss stands still (the replay's
+    first GPU run: gradients without attention's, no update) is refused by the worker, not timed as a result."""
+    from bench.train_bench import loss_moved
+
+    assert all(loss_moved(r["losses"]) for r in smoke["rows"])
+    assert not loss_moved([12.587, 12.587, 12.587]) and loss_moved([12.587]) and loss_moved([12.587, 12.381])
+
+
 def test_rows_record_what_train_py_resolves(smoke):
     from bench import techniques
     from longctx import config, resolve
