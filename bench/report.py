@@ -85,7 +85,9 @@ def ratio(rows: list[dict], row: dict):
 def settings_cell(s: dict) -> str:
     ck = {"none": "no GC", "plain": "GC", "offload": f"{s['offload_impl']} offload"}[s["checkpointing"]]
     return (f"{s['attention']}, {ck}, liger {'on' if s['liger'] else 'off'}, params "
-            f"{'CPU' if s['offload_params'] else 'GPU'}, tiled MLP {'on' if s['tiled_mlp'] else 'off'}")
+            f"{'CPU' if s['offload_params'] else 'GPU'}"
+            + ("" if s.get("offload_optimizer", True) else ", optimizer GPU")
+            + f", tiled MLP {'on' if s['tiled_mlp'] else 'off'}")
 
 
 def render_run(run: dict) -> list[str]:
@@ -97,7 +99,7 @@ def render_run(run: dict) -> list[str]:
            f"Date {run['date']}; torch {v.get('torch')}, cuDNN {v.get('cudnn')}, transformers {v.get('transformers')}, "
            f"deepspeed {v.get('deepspeed')}, liger-kernel {v.get('liger_kernel')}; git {str(git.get('commit'))[:10]}"
            f"{' (uncommitted changes)' if git.get('dirty') else ''}. Reproduce: `{run.get('command')}`. "
-           "bf16, micro-batch 1, ZeRO-3 with the optimizer on CPU; one warmup step, then "
+           "bf16, micro-batch 1, ZeRO-3 with the optimizer on CPU unless a row says otherwise; one warmup step, then "
            + (f"{timed_steps(run)} timed steps, the slowest reported." if timed_steps(run) > 1 else "the timed step.")
            + (" The device was synchronized between forward, backward and the optimizer step (`--breakdown`), which "
               "serializes what would overlap: these step times are for the breakdown, not for comparison."
