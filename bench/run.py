@@ -4,7 +4,9 @@
     python -m bench.run --shape llama3.2-3b --techniques longctx,upstream_best --lengths 16K,32K --docs 1
 
 One worker process (bench/train_bench.py) per technique and row shape (--docs): Liger patches the model classes
-for the life of a process. Workers append rows to <results-dir>/raw/<run_id>.jsonl as they measure them;
+for the life of a process. A worker keeps one build across its lengths while they resolve alike; a length that
+resolves to another build gets a fresh worker (a rebuild in one process died once, most likely of host memory
+the first DeepSpeed engine kept). Workers append rows to <results-dir>/raw/<run_id>.jsonl as they measure them;
 <results-dir>/<run_id>.json is rewritten from it after every worker (atomically), so a killed run keeps what it
 measured. The raw JSONL is a working file: commit the collected JSON, not it.
 
@@ -117,6 +119,8 @@ def collect(raw: Path, out: Path, extra: dict) -> dict:
             metas[(r["technique"], r.get("docs"))] = {k: v for k, v in r.items() if k != "kind"}
         elif r.get("kind") == "attempt":
             pending[(r.get("technique"), r.get("seq_len"), r.get("docs"))] = r
+        elif r.get("kind") == "restart":  # the try moved to a fresh worker, whose rows follow
+            pending.pop(key, None)
         elif r.get("kind") == "row":
             pending.pop(key, None)
             rows.append({k: v for k, v in r.items() if k != "kind"})
@@ -178,9 +182,12 @@ def resolve_profile(a) -> dict:
     return prof
 
 
+WORKER = ROOT / "bench" / "train_bench.py"
+
+
 def worker_cmd(prof: dict, technique: str, docs: str, out: Path, run_id: str, steps: int, port: int,
                lengths: str = "", breakdown: bool = False) -> list[str]:
-    script = str(ROOT / "bench" / "train_bench.py")
+    script = str(WORKER)
     gpus = int(prof.get("gpus") or 1)
     launch = (["deepspeed", "--num_gpus", str(gpus), "--master_port", str(port), script] if gpus > 1
               else [sys.executable, script])
@@ -213,6 +220,20 @@ def run_worker(cmd: list[str]) -> int:
         for s, h in old.items():
             signal.signal(s, h)
         stop_group(proc)
+
+
+def run_until_done(cmd: list[str], raw: Path) -> int:
+    """Run a worker; where it asks for a fresh process (a length that needs another build: bench/train_bench.py),
+    run it again for the lengths its restart record names. Decided from the record, not the exit code, which a
+    multi-rank launcher need not pass on."""
+    while True:
+        before = sum(r.get("kind") == "restart" for r in read_jsonl(raw))
+        rc = run_worker(cmd)
+        restarts = [r for r in read_jsonl(raw) if r.get("kind") == "restart"]
+        if len(restarts) == before:
+            return rc
+        i = cmd.index("--lengths")
+        cmd = cmd[:i + 1] + [",".join(str(n) for n in restarts[-1]["lengths"])] + cmd[i + 2:]
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -253,7 +274,7 @@ def main(argv=None) -> int:
     raw.parent.mkdir(parents=True, exist_ok=True)
     worst = 0
     for cmd in cmds:
-        worst = max(worst, run_worker(cmd))
+        worst = max(worst, run_until_done(cmd, raw))
         collect(raw, out, extra)
     print(f"{out}: {len(json.loads(out.read_text())['rows'])} rows", flush=True)
     return worst

@@ -208,7 +208,10 @@ class Worker:
         if self.trainer is not None and key == self.key:
             return self.trainer.retarget(cfg, data), cfg, False  # same build; this length's rows and plan
         if self.trainer is not None:
-            self.trainer.close()
+            # A second DeepSpeed engine in one process: a 16K -> 128K rebuild of the 8B shape died on a 125 GiB
+            # host, most likely of the first engine's host memory (pinned CPU Adam buffers, tens of GiB) not given
+            # back. bench.run starts a fresh worker for this length and the rest.
+            raise FreshProcess(length)
         t.setup(run_dir=False).build()
         self.trainer, self.key = t, key
         return t, cfg, True
@@ -278,6 +281,10 @@ class Worker:
             self.write({"kind": "attempt", "technique": self.tech.name, "seq_len": length, "docs": self.a.docs})
             try:
                 self.write(self.measure(length))
+            except FreshProcess:
+                self.write({"kind": "restart", "technique": self.tech.name, "seq_len": length, "docs": self.a.docs,
+                            "lengths": [n for n in self.a.lengths if n >= length]})
+                return RESTART_RC
             except torch.OutOfMemoryError as e:
                 self.write({"kind": "row", "status": "oom", "technique": self.tech.name, "seq_len": length,
                             "docs": self.a.docs, "error": str(e).splitlines()[0][:300]})
@@ -288,6 +295,13 @@ class Worker:
                             "docs": self.a.docs, "error": f"{type(e).__name__}: {str(e)[:300]}"})
                 return 1
         return 0
+
+
+RESTART_RC = 75  # EX_TEMPFAIL: "run me again in a fresh process for the lengths in my restart record"
+
+
+class FreshProcess(Exception):
+    """This length resolves to another build than the one in hand: it needs a fresh worker process."""
 
 
 def loss_moved(losses: list[float]) -> bool:
@@ -313,7 +327,15 @@ def main(argv=None) -> int:
         import train
 
         train.dist_env()
-    return Worker(a).run()
+    rc = Worker(a).run()
+    import torch
+
+    if rc == 0 and torch.distributed.is_initialized():
+        # leave together, as train.py does: a rank that finds the store's owner (rank 0) gone can wait at exit (a
+        # 2-rank CPU run hung there once, after writing both rows); on an error the launcher stops the rest
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return rc
 
 
 if __name__ == "__main__":

@@ -399,7 +399,8 @@ class Trainer:
         torch.distributed.barrier()
 
     def close(self) -> None:
-        """Free the engine (the benchmark builds several in one process); the process group stays."""
+        """Free the engine; the process group stays. (A second engine in the same process is not what the benchmark
+        does any more: host memory was not reliably given back, bench/train_bench.py.)"""
         import gc
 
         import torch

@@ -50,3 +50,35 @@ def test_sigterm_stops_the_worker_group(tmp_path):
     while any(_alive(x) for x in pids) and time.time() < deadline:
         time.sleep(0.1)
     assert not any(_alive(x) for x in pids), "worker or its child outlived bench.run"
+
+
+def test_a_worker_that_needs_a_fresh_process_is_run_again_for_the_rest(tmp_path):
+    """bench/train_bench.py asks for a fresh process when a length needs another build (a second DeepSpeed engine
+    in one process is what killed a 16K -> 128K rebuild of the 8B shape). bench.run runs it again for the lengths
+    its restart record names, and the try that moved is not reported as crashed. The worker here is a stand-in with
+    the real worker's protocol: it measures its first length, asks for a fresh process at the next."""
+    import json
+
+    from bench import run
+
+    raw, launches = tmp_path / "raw.jsonl", tmp_path / "launches"
+    worker = textwrap.dedent(f"""
+        import json, sys
+        lengths = [int(x) for x in sys.argv[sys.argv.index("--lengths") + 1].split(",")]
+        open({str(launches)!r}, "a").write(",".join(map(str, lengths)) + "\\n")
+        out = open({str(raw)!r}, "a")
+        for i, n in enumerate(lengths):
+            out.write(json.dumps({{"kind": "attempt", "technique": "t", "seq_len": n, "docs": "1"}}) + "\\n")
+            if i == 1:
+                out.write(json.dumps({{"kind": "restart", "technique": "t", "seq_len": n, "docs": "1",
+                                       "lengths": lengths[i:]}}) + "\\n")
+                sys.exit(75)
+            out.write(json.dumps({{"kind": "row", "status": "ok", "technique": "t", "seq_len": n, "docs": "1",
+                                   "step_time_s": 1.0}}) + "\\n")
+    """)
+    rc = run.run_until_done([sys.executable, "-c", worker, "--lengths", "1,2,3,4"], raw)
+    assert rc == 0
+    assert launches.read_text().split() == ["1,2,3,4", "2,3,4", "3,4", "4"]  # each launch measures one first
+    res = run.collect(raw, tmp_path / "res.json", {})
+    assert [(r["seq_len"], r["status"]) for r in res["rows"]] == [(1, "ok"), (2, "ok"), (3, "ok"), (4, "ok")]
+    assert json.loads((tmp_path / "res.json").read_text())["rows"] == res["rows"]
