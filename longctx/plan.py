@@ -580,6 +580,14 @@ def next_knobs(setup: Setup, hw: Hardware, n: int = 3,
     return scored[:n]
 
 
+def short_of(setup: Setup, hw: Hardware) -> str:
+    """What a setup that fits at no length runs out of, at the shortest length the search tries (1K)."""
+    v = check_fit(plan(replace(setup, seq_len=1024)), hw)
+    what = [n for n, ok in (("GPU memory", v.gpu_ok), ("host RAM", v.host_ok), ("pinnable memory", v.pinned_ok))
+            if not ok]
+    return "no length fits (" + " and ".join(what) + ")"
+
+
 def host_knob(p: Plan, hw: Hardware) -> str:
     s = p.setup
     if s.offloaded_layers:
@@ -672,7 +680,7 @@ def format_plan(setup: Setup, hw: Hardware, *, model_name: str = "", optional: t
         lines.append("Next knobs (re-planned at this length):")
         for k, before, after, mx in knobs:
             lines.append(f"  {k.flag}: {k.what}; peak {before / GiB:.2f} -> {after / GiB:.2f} GiB, "
-                         f"max_seq_len {fmt_len(mx)}")
+                         + (f"max_seq_len {fmt_len(mx)}" if mx else f"but then {short_of(k.setup, hw)}"))
     return "\n".join(lines)
 
 

@@ -115,6 +115,17 @@ def test_next_knob_names_liger_when_logits_dominate():
     assert knobs[0][2] < knobs[0][1]
 
 
+def test_a_knob_that_fits_at_no_length_says_what_runs_out():
+    """8B with its optimizer states on one 139 GiB GPU: offloading them lowers the GPU peak, but 8B's CPU Adam
+    states do not fit a 125 GiB host at any length; the advice says so instead of "max_seq_len 0"."""
+    hw = Hardware(gpus=1, gpu_mem=139 * GiB, host_mem=125 * GiB)
+    s = Setup(LLAMA8B, 32768, world=1, offload_params=True, offload_optimizer=False, loss="liger",
+              liger_kernels=True, checkpointing="offload")
+    text = format_plan(s, hw, model_name="llama3.1-8b")
+    line = next(x for x in text.splitlines() if x.strip().startswith("offload_optimizer cpu"))
+    assert line.endswith("but then no length fits (host RAM)") and "max_seq_len 0" not in text
+
+
 def test_parse_size():
     assert parse_size("16GiB") == 16 * GiB
     assert parse_size("512G") == 512 * GiB
