@@ -182,12 +182,9 @@ def resolve_profile(a) -> dict:
     return prof
 
 
-WORKER = ROOT / "bench" / "train_bench.py"
-
-
 def worker_cmd(prof: dict, technique: str, docs: str, out: Path, run_id: str, steps: int, port: int,
                lengths: str = "", breakdown: bool = False) -> list[str]:
-    script = str(WORKER)
+    script = str(ROOT / "bench" / "train_bench.py")
     gpus = int(prof.get("gpus") or 1)
     launch = (["deepspeed", "--num_gpus", str(gpus), "--master_port", str(port), script] if gpus > 1
               else [sys.executable, script])

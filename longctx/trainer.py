@@ -6,7 +6,6 @@
     trainer.build()      model and engine, resume from a checkpoint
     trainer.fit()        the loop: steps, eval, metrics, checkpoints
     trainer.save_final() the consolidated Hugging Face model
-    trainer.close()
 
 Loss normalization: each optimizer step minimizes  sum(token CE) / N  over the target tokens of the whole global
 batch (all ranks, all micro-batches); N is known in advance from the batch plan. Each micro-batch backpropagates
@@ -397,22 +396,6 @@ class Trainer:
         import torch
 
         torch.distributed.barrier()
-
-    def close(self) -> None:
-        """Free the engine; the process group stays. (A second engine in the same process is not what the benchmark
-        does any more: host memory was not reliably given back, bench/train_bench.py.)"""
-        import gc
-
-        import torch
-
-        if self.engine is not None:
-            destroy = getattr(self.engine, "destroy", None)
-            if destroy is not None:
-                destroy()
-            self.engine = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def run(cfg, *, rank: int, world: int, local_rank: int, callbacks: Sequence[Callback] = ()) -> Trainer:
