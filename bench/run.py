@@ -154,6 +154,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=1, help="timed steps per length (after one warmup step)")
     p.add_argument("--breakdown", action="store_true",
                    help="time forward, backward and optimizer step of each timed step (syncs the device between them)")
+    p.add_argument("--memory-at-peak", action="store_true",
+                   help="each row also says what was live at one more (untimed) step's peak (bench/memory_at_peak.py)")
     p.add_argument("--results-dir", default=str(RESULTS))
     p.add_argument("--dry-run", action="store_true", help="print the worker commands and exit")
     p.add_argument("--master-port", type=int, default=29512)
@@ -183,7 +185,7 @@ def resolve_profile(a) -> dict:
 
 
 def worker_cmd(prof: dict, technique: str, docs: str, out: Path, run_id: str, steps: int, port: int,
-               lengths: str = "", breakdown: bool = False) -> list[str]:
+               lengths: str = "", breakdown: bool = False, memory_at_peak: bool = False) -> list[str]:
     script = str(ROOT / "bench" / "train_bench.py")
     gpus = int(prof.get("gpus") or 1)
     launch = (["deepspeed", "--num_gpus", str(gpus), "--master_port", str(port), script] if gpus > 1
@@ -194,7 +196,7 @@ def worker_cmd(prof: dict, technique: str, docs: str, out: Path, run_id: str, st
         cmd += ["--layers", str(prof["layers"])]
     if prof.get("cap"):
         cmd += ["--mem-cap-gib", str(prof["cap"])]
-    return cmd + (["--breakdown"] if breakdown else [])
+    return cmd + (["--breakdown"] if breakdown else []) + (["--memory-at-peak"] if memory_at_peak else [])
 
 
 def run_worker(cmd: list[str]) -> int:
@@ -263,7 +265,7 @@ def main(argv=None) -> int:
     extra = {"run_id": run_id, "git": git_info(),
              "command": "python -m bench.run " + shlex.join(argv if argv is not None else sys.argv[1:]),
              "profile": prof}
-    cmds = [worker_cmd(prof, t, d, raw, run_id, a.steps, a.master_port, n, a.breakdown)
+    cmds = [worker_cmd(prof, t, d, raw, run_id, a.steps, a.master_port, n, a.breakdown, a.memory_at_peak)
             for t, d, n in parse_runs(prof["runs"])]
     if a.dry_run:
         print("\n".join(shlex.join(c) for c in cmds))

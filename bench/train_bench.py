@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -56,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--breakdown", action="store_true",
                    help="time forward, backward and the optimizer step of each timed step (the device synchronized "
                         "at each boundary, so the step times include those waits)")
+    p.add_argument("--memory-at-peak", action="store_true",
+                   help="after the timed steps, one more step under a memory recorder: the row gets what was live at "
+                        "that step's peak and where it was allocated (bench/memory_at_peak.py; slow, never timed)")
     p.add_argument("--mem-cap-gib", type=float, default=None,
                    help="per-process GPU memory cap: an emulated smaller card (the resolution plans for it too)")
     p.add_argument("--out", default="-", help="JSONL to append rows to ('-' = stdout)")
@@ -250,6 +254,11 @@ class Worker:
                                "effect (non-finite gradients skipped?); its step time would not be a training step's")
         peak = torch.cuda.max_memory_allocated() / GiB if cuda else None
         peak_reserved = torch.cuda.max_memory_reserved() / GiB if cuda else None
+        at_peak = None
+        if self.a.memory_at_peak:  # after the peak above was read: the recorder's own step is neither timed nor peaked
+            from bench import memory_at_peak
+
+            at_peak = memory_at_peak.record(lambda: trainer.train_step(micro, n_targets))
         times = all_ranks_max(times)
         step_s = max(times)
         if phases is not None:  # seconds per timed step, the slowest rank's
@@ -270,6 +279,7 @@ class Worker:
                 "mfu": flops.mfu(f, step_s, self.world, peak_flops) if peak_flops else None,
                 "peak_gpu_gib": all_ranks_max([peak])[0] if peak is not None else None,
                 "peak_reserved_gib": peak_reserved, "predicted_peak_gib": predicted / GiB,
+                "memory_at_peak": at_peak,
                 "plan_setup": dataclasses.asdict(setup),  # what the planner was asked (tests/test_plan_calibration.py)
                 "losses": losses, "built": built, "build_s": round(init_s, 1),
                 "settings": {k: v for k, v in s.to_dict().items() if k != "ds_config"}}
@@ -327,7 +337,11 @@ def main(argv=None) -> int:
         import train
 
         train.dist_env()
-    rc = Worker(a).run()
+    worker = Worker(a)
+    try:
+        rc = worker.run()
+    finally:
+        shutil.rmtree(worker.tmp, ignore_errors=True)  # its model and DeepSpeed config files
     import torch
 
     if rc == 0 and torch.distributed.is_initialized():

@@ -26,6 +26,7 @@ def smoke(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("bench")
     p = subprocess.run([sys.executable, "-m", "bench.run", "--profile", "cpu-smoke", "--steps", "2", "--breakdown",
+                        "--memory-at-peak",
                         "--results-dir", str(d)],
                        cwd=REPO, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -125,3 +126,18 @@ def test_breakdown_times_the_phases_inside_the_step(smoke):
         assert sum(phases.values()) <= sum(row["step_times_s"]) / 2
     text = report.render([smoke])
     assert "optimizer step s" in text and "`--breakdown`" in text
+
+
+def test_memory_at_peak_names_what_was_live(smoke):
+    """--memory-at-peak (the smoke run has it): one more step under the recorder. Upstream's fp32 loss (baseline)
+    peaks in its backward with three [targets x vocab] fp32 tensors live: the logits and the gradients that
+    log-softmax's and NLL's backward nodes made (511 targets of a 512-token row; the worker's tiny vocab is 2048)."""
+    for row in smoke["rows"]:
+        m = row["memory_at_peak"]["storages"]
+        assert m["live"] and sum(g["gib"] for g in m["live"]) + m["other_gib"] <= m["peak_gib"] + 1e-9
+    row = next(r for r in smoke["rows"] if (r["technique"], r["seq_len"], r["docs"]) == ("baseline", 512, "1"))
+    m = row["memory_at_peak"]["storages"]
+    by_node = {g["where"].split(" < ")[0]: round(g["gib"] * 1024 ** 3) for g in m["live"]}
+    logits = 511 * 2048 * 4
+    assert by_node["LogSoftmaxBackward0"] == logits and by_node["NllLossBackward0"] == logits
+    assert m["peak_gib"] * 1024 ** 3 >= 3 * logits
