@@ -165,6 +165,12 @@ def test_train_refuses_a_stale_lock_instead_of_waiting_forever(tmp_path):
 
     ext = tmp_path / "ext"
     lock_in(ext)
+    # The other ops this environment has built (DeepSpeed's CPU shared-memory comm op, built at init_distributed
+    # before the trainer reaches CPU Adam) are linked in: rebuilding one here took 50 s of CI for nothing tested.
+    built = opbuild.use_environment_extensions_dir()  # the directory every other test builds in
+    for op in (built.iterdir() if built.is_dir() else ()):
+        if op.name != opbuild.OP:
+            (ext / op.name).symlink_to(op, target_is_directory=True)
     data = small_dataset(tmp_path / "data", n_text=20, n_chat=0, n_pr=0)
     out = tmp_path / "o"
     p = run_train(fast_args(out, data, tiny_config_file(tmp_path / "m"), steps=1), env={opbuild.ENV: str(ext)},

@@ -101,7 +101,8 @@ def _final_weights(out):
 @pytest.mark.parametrize("ds", ["zero2", "zero3", "zero3_offload"])
 def test_resume_at_any_step_is_bitwise_exact(tmp_path_factory, ds):
     """One uninterrupted run saving every step; then, for each resume step, a copy of its directory resumed from
-    that checkpoint. Losses, grad norms, lr and the final weights must be identical bitwise."""
+    that checkpoint. Losses, grad norms, lr and the final weights must be identical bitwise. CPU Adam (the
+    offload config) is resumed at both RESUME_AT steps, where its arithmetic differs; the others at the first."""
     import shutil
 
     import torch
@@ -121,7 +122,7 @@ def test_resume_at_any_step_is_bitwise_exact(tmp_path_factory, ds):
     run_train(args(ref))
     ref_weights = _final_weights(ref)
     _check_predicted_sizes(ref, ds)
-    for at in RESUME_AT:
+    for at in RESUME_AT if ds == "zero3_offload" else RESUME_AT[:1]:
         out = d / f"resumed_at_{at}"
         shutil.copytree(ref, out)
         shutil.rmtree(out / "final_model")
