@@ -99,7 +99,8 @@ def render_run(run: dict) -> list[str]:
            f"Date {run['date']}; torch {v.get('torch')}, cuDNN {v.get('cudnn')}, transformers {v.get('transformers')}, "
            f"deepspeed {v.get('deepspeed')}, liger-kernel {v.get('liger_kernel')}; git {str(git.get('commit'))[:10]}"
            f"{' (uncommitted changes)' if git.get('dirty') else ''}. Reproduce: `{run.get('command')}`. "
-           "bf16, micro-batch 1, ZeRO-3 with the optimizer on CPU unless a row says otherwise; one warmup step, then "
+           + f"bf16, micro-batch 1{accumulated(run)}, ZeRO-3 with the optimizer on CPU unless a row says otherwise; "
+           "one warmup step, then "
            + (f"{timed_steps(run)} timed steps, the slowest reported." if timed_steps(run) > 1 else "the timed step.")
            + (" The device was synchronized between forward, backward and the optimizer step (`--breakdown`), which "
               "serializes what would overlap: these step times are for the breakdown, not for comparison."
@@ -133,6 +134,11 @@ def render_run(run: dict) -> list[str]:
         out.append("")
         out += phase_lines(sub)
     return out
+
+
+def accumulated(run: dict) -> str:
+    n = int(run.get("grad_accum") or 1)
+    return f" x {n} accumulated per optimizer step (tokens/s and MFU count all {n} rows)" if n > 1 else ""
 
 
 def breakdown(run: dict) -> bool:

@@ -42,6 +42,10 @@ PROFILES: dict[str, dict] = {
     # one H100/H200, the 8B shape at 8 layers: our default against upstream's best, one document and packed rows
     "1xgpu-8b-8L": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
                         runs="longctx:1,upstream_best:1,recompute_attn:1@128K"),
+    # the same with the README recipes' step: four 1-row micro-batches per optimizer step (the CPU Adam step, ~1 s
+    # of the 8-layer model, once per four rows)
+    "1xgpu-8b-8L-accum4": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
+                               runs="longctx:1,upstream_best:1", grad_accum=4),
     # how attention is kept, at every length: torch's selective checkpointing against the replay of the attention
     # outputs, next to plain checkpointing (the default under 64K) and upstream's best
     "1xgpu-8b-8L-keep": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
@@ -131,7 +135,7 @@ def collect(raw: Path, out: Path, extra: dict) -> dict:
     res = {"schema": SCHEMA, **extra, "date": first.get("date"), "device": first.get("device"),
            "n_gpus": first.get("n_gpus"), "gpu_total_gib": first.get("gpu_total_gib"),
            "mem_cap_gib": first.get("mem_cap_gib"), "versions": first.get("versions"), "shape": first.get("shape"),
-           "layers": first.get("layers"),
+           "layers": first.get("layers"), "grad_accum": first.get("grad_accum", 1),
            "techniques": {m["technique"]: m.get("technique_desc") for m in metas.values()},
            "rows": sorted(rows, key=lambda r: (str(r.get("docs")), r["seq_len"], r["technique"]))}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +156,9 @@ def parse_args(argv=None):
                                   "by '+'), e.g. longctx:1,longctx:stdlib@128K")
     p.add_argument("--lengths")
     p.add_argument("--steps", type=int, default=1, help="timed steps per length (after one warmup step)")
+    p.add_argument("--grad-accum", type=int,
+                   help="rows (micro-batches) per optimizer step, as train.py's --grad-accum (default 1, or the "
+                        "profile's); the README's recipes use 4-8")
     p.add_argument("--breakdown", action="store_true",
                    help="time forward, backward and optimizer step of each timed step (syncs the device between them)")
     p.add_argument("--memory-at-peak", action="store_true",
@@ -175,7 +182,7 @@ def parse_runs(text: str) -> list[tuple[str, str, str]]:
 
 def resolve_profile(a) -> dict:
     prof = dict(PROFILES[a.profile]) if a.profile else dict(gpus=1, cap=None, layers=None)
-    for k in ("shape", "gpus", "cap", "layers", "runs", "lengths"):
+    for k in ("shape", "gpus", "cap", "layers", "runs", "lengths", "grad_accum"):
         if getattr(a, k) is not None:
             prof[k] = getattr(a, k)
     missing = [k for k in ("shape", "runs", "lengths") if not prof.get(k)]
@@ -196,6 +203,8 @@ def worker_cmd(prof: dict, technique: str, docs: str, out: Path, run_id: str, st
         cmd += ["--layers", str(prof["layers"])]
     if prof.get("cap"):
         cmd += ["--mem-cap-gib", str(prof["cap"])]
+    if int(prof.get("grad_accum") or 1) > 1:
+        cmd += ["--grad-accum", str(prof["grad_accum"])]
     return cmd + (["--breakdown"] if breakdown else []) + (["--memory-at-peak"] if memory_at_peak else [])
 
 
@@ -258,6 +267,8 @@ def main(argv=None) -> int:
     run_id = run_id_for(date, device, prof["shape"], prof.get("layers"), int(prof.get("gpus") or 1), prof.get("cap"))
     if a.profile:  # profiles of one shape and machine (placement, packed) must not overwrite each other
         run_id = f"{date}_{device_slug(device)}_{a.profile}"
+    if a.grad_accum and a.grad_accum > 1:  # another step than the profile's: its own results
+        run_id += f"_accum{a.grad_accum}"
     if a.breakdown:  # its step times include the phase syncs: not comparable with a plain run's, kept apart
         run_id += "_breakdown"
     results = Path(a.results_dir)

@@ -54,6 +54,8 @@ def parse_args(argv=None):
                    "(bench/stdlib_doc_lengths.json), shuffled and packed")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=1, help="timed steps per length")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches (rows) per optimizer step, train.py's --grad-accum: the README's recipes use 4-8")
     p.add_argument("--breakdown", action="store_true",
                    help="time forward, backward and the optimizer step of each timed step (the device synchronized "
                         "at each boundary, so the step times include those waits)")
@@ -115,16 +117,16 @@ def row_doc_lengths(length: int, docs: str, seed: int) -> list[int]:
     return out
 
 
-def synthetic_data(length: int, docs: str, vocab: int, rows: int, seed: int):
-    """`rows` rows of at most `length` tokens, documents of random ids (every token a target but the first of each
-    document), as the data.DataBundle the Trainer trains on."""
+def synthetic_data(length: int, docs: str, vocab: int, dp_world: int, seed: int, accum: int = 1):
+    """One optimizer step's rows (dp_world x accum) of at most `length` tokens, documents of random ids (every token
+    a target but the first of each document), as the data.DataBundle the Trainer trains on."""
     import numpy as np
 
     from longctx import data as data_mod
 
     rng = np.random.default_rng(seed)
     out, row_ix = [], []
-    for r in range(rows):
+    for r in range(dp_world * accum):
         row = []
         for n in row_doc_lengths(length, docs, seed + r):
             ids = rng.integers(3, vocab, size=n, dtype=np.int32)
@@ -135,8 +137,8 @@ def synthetic_data(length: int, docs: str, vocab: int, rows: int, seed: int):
         row_ix.append(row)
     lengths = [sum(len(out[d]) for d in row) for row in row_ix]
     targets = [sum(out[d].n_supervised for d in row) for row in row_ix]
-    return data_mod.DataBundle(out, [], data_mod.BatchPlan(row_ix, lengths, targets, micro=1, accum=1, world=rows,
-                                                           seed=seed), [], data_mod.Ledger())
+    return data_mod.DataBundle(out, [], data_mod.BatchPlan(row_ix, lengths, targets, micro=1, accum=accum,
+                                                           world=dp_world, seed=seed), [], data_mod.Ledger())
 
 
 class Worker:
@@ -179,7 +181,7 @@ class Worker:
         self.write({"kind": "meta", "run_id": a.run_id, "technique": self.tech.name, "technique_desc": self.tech.desc,
                     "device": facts.name, "n_gpus": self.world, "gpu_total_gib": (facts.gpu_mem or 0) / GiB or None,
                     "mem_cap_gib": a.mem_cap_gib, "versions": versions(), "shape": a.shape, "layers": config.num_hidden_layers,
-                    "docs": a.docs, "argv": sys.argv[1:],
+                    "docs": a.docs, "grad_accum": a.grad_accum, "argv": sys.argv[1:],
                     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")})
 
     def write(self, row: dict) -> None:
@@ -194,7 +196,8 @@ class Worker:
         argv = ["--model", str(self.model_file), "--deepspeed", str(self.ds_file), "--max-seq-len", str(length),
                 "--output-dir", str(self.tmp / "run"), "--overwrite", "--max-steps", "1000", "--eval-fraction", "0",
                 "--no-save-final-model", "--no-preflight", "--lr", "1e-5", "--warmup-steps", "0",
-                "--lr-scheduler", "constant", "--seed", str(self.a.seed), *flags, *self.a.extra]
+                "--lr-scheduler", "constant", "--seed", str(self.a.seed), "--grad-accum", str(self.a.grad_accum),
+                *flags, *self.a.extra]
         if self.a.docs != "1" and "--no-packing" in argv:
             raise ValueError(f"{self.tech.name} trains one document per row (--no-packing): use --docs 1")
         return config_mod.parse(argv)
@@ -205,7 +208,8 @@ class Worker:
 
         cfg = self.config(length)
         data = synthetic_data(length, self.a.docs, 2048 if self.a.shape == "tiny-llama" else 128000,
-                              rows=self.world // max(1, cfg.sequence_parallel), seed=self.a.seed + length)
+                              dp_world=self.world // max(1, cfg.sequence_parallel), seed=self.a.seed + length,
+                              accum=cfg.grad_accum)
         t = Trainer(cfg, rank=self.rank, world=self.world, local_rank=self.a.local_rank, data=data, facts=self.facts,
                     quiet=True).prepare()
         key = dataclasses.replace(t.settings, why={}, tiled_mlp_shards=0, ds_config={})

@@ -141,3 +141,23 @@ def test_memory_at_peak_names_what_was_live(smoke):
     logits = 511 * 2048 * 4
     assert by_node["LogSoftmaxBackward0"] == logits and by_node["NllLossBackward0"] == logits
     assert m["peak_gib"] * 1024 ** 3 >= 3 * logits
+
+
+def test_grad_accum_trains_that_many_rows_per_optimizer_step(tmp_path):
+    """--grad-accum N (the README recipes' 4-8): the worker's step is N one-row micro-batches through the Trainer,
+    as train.py's --grad-accum makes it; the row counts all of them and the run says so."""
+    import subprocess
+
+    from bench import report
+
+    p = subprocess.run([sys.executable, "-m", "bench.run", "--shape", "tiny-llama", "--runs", "longctx:1",
+                        "--lengths", "256", "--grad-accum", "3", "--results-dir", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    (res,) = [json.loads(f.read_text()) for f in tmp_path.glob("*.json")]
+    assert res["run_id"].endswith("_accum3") and res["grad_accum"] == 3
+    (row,) = res["rows"]
+    assert row["status"] == "ok" and row["n_docs"] == 3 and row["doc_lens"] == [256] * 3 and row["tokens"] == 768
+    assert row["tokens_per_s"] == pytest.approx(768 / row["step_time_s"])
+    assert "micro-batch 1 x 3 accumulated per optimizer step" in "\n".join(report.render_run(res))
+
