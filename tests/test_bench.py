@@ -161,3 +161,21 @@ def test_grad_accum_trains_that_many_rows_per_optimizer_step(tmp_path):
     assert row["tokens_per_s"] == pytest.approx(768 / row["step_time_s"])
     assert "micro-batch 1 x 3 accumulated per optimizer step" in "\n".join(report.render_run(res))
 
+
+def test_the_step_time_figure_takes_each_techniques_newest_plain_rows():
+    """docs/step_time_vs_seqlen.png: per technique, the newest row at each length; a run timed with --breakdown
+    (device synced between phases) only for a technique no plain run has; accumulated steps are another step."""
+    from bench.report import latest_series
+
+    def run(run_id, date, rows, breakdown=False, accum=1):
+        return {"run_id": run_id + ("_breakdown" if breakdown else ""), "date": date, "grad_accum": accum,
+                "rows": [dict(technique=t, seq_len=n, docs="1", status="ok", step_time_s=s,
+                              **({"phases_s": {"forward": 1.0}} if breakdown else {})) for t, n, s in rows]}
+
+    runs = [run("old", "2026-12-01", [("a", 16, 1.0), ("a", 64, 2.0), ("b", 16, 5.0)]),
+            run("new", "2026-12-02", [("a", 16, 1.5)]),
+            run("synced", "2026-12-03", [("a", 16, 9.0), ("c", 64, 3.0)], breakdown=True),
+            run("accum", "2026-12-04", [("a", 64, 8.0)], accum=4)]
+    got = {t: (synced, [(r["seq_len"], r["step_time_s"]) for r in rows])
+           for t, (synced, rows) in latest_series(runs).items()}
+    assert got == {"a": (False, [(16, 1.5), (64, 2.0)]), "b": (False, [(16, 5.0)]), "c": (True, [(64, 3.0)])}
