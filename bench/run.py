@@ -45,7 +45,7 @@ PROFILES: dict[str, dict] = {
     # the same with the README recipes' step: four 1-row micro-batches per optimizer step (the CPU Adam step, ~1 s
     # of the 8-layer model, once per four rows)
     "1xgpu-8b-8L-accum4": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
-                               runs="longctx:1,upstream_best:1", grad_accum=4),
+                               runs="longctx:1,upstream_best:1,longctx:stdlib@128K", grad_accum=4),
     # how attention is kept, at every length: torch's selective checkpointing against the replay of the attention
     # outputs, next to plain checkpointing (the default under 64K) and upstream's best
     "1xgpu-8b-8L-keep": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
