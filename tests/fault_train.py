@@ -47,4 +47,4 @@ class Faults(Callback):
 
 
 if __name__ == "__main__":
-    sys.exit(train.main(sys.argv[1:], callbacks=[Faults(os.environ)]))
+    train.exit_now(train.main(sys.argv[1:], callbacks=[Faults(os.environ)]))

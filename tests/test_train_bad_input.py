@@ -405,3 +405,13 @@ def test_non_finite_loss_stops_with_step_and_sample_ids(base, tmp_path):
     assert "non-finite loss (nan) at step 2" in log and "text.jsonl:" in log, log[-3000:]
     ckpts = sorted(c.name for c in (out / "checkpoints").glob("step-*"))
     assert ckpts == ["step-00000001"]  # nothing saved from the diverged step on
+
+
+def test_exit_now_keeps_what_was_printed_and_the_exit_code(tmp_path):
+    """train.py leaves through exit_now (no interpreter teardown, where a library's C++ thread once aborted a
+    finished rank): what the run printed to a pipe (block-buffered) still arrives, and the code is the run's."""
+    code = ("import logging, sys, train; logging.basicConfig(stream=sys.stderr); print('summary line', end=''); "
+            "logging.getLogger('x').warning('logged'); train.exit_now(3)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 3 and p.stdout == "summary line" and "logged" in p.stderr
