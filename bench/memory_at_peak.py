@@ -55,25 +55,29 @@ def summarize(events: Iterable[Event], base_bytes: int = 0, top: int = 12) -> di
     """Replay `events`; at the highest allocated total, the blocks the trace saw allocated that were live, grouped
     by where, largest first. base_bytes: what was allocated before the trace began (freeing some of it during the
     step lowers the total; whatever of it is left at the peak is `from_before_gib`)."""
-    live: dict[int, Event] = {}
-    awaiting: dict[int, Event] = {}  # freed by Python, held for a stream (CUDA only)
+    events = list(events)
     cur = peak = base_bytes
-    at_peak: dict[int, Event] = {}
-    awaiting_at_peak = 0
-    for e in events:
+    peak_at = -1  # index of the event that reached the peak (-1: before the trace)
+    for i, e in enumerate(events):
         if e.action == "alloc":
-            live[e.addr] = e
             cur += e.size
             if cur > peak:
-                peak, at_peak = cur, dict(live)
-                awaiting_at_peak = sum(b.size for b in awaiting.values())
+                peak, peak_at = cur, i
         elif e.action == "free_requested":
             cur -= e.size  # a block from before the trace too
-            b = live.pop(e.addr, None)
+    # Replay again up to the peak for what was live then (a copy of the live set at every new peak is quadratic).
+    at_peak: dict[int, Event] = {}
+    awaiting: dict[int, Event] = {}  # freed by Python, held for a stream (CUDA only)
+    for e in events[:peak_at + 1]:
+        if e.action == "alloc":
+            at_peak[e.addr] = e
+        elif e.action == "free_requested":
+            b = at_peak.pop(e.addr, None)
             if b is not None:
                 awaiting[e.addr] = b
         elif e.action == "free_completed":
             awaiting.pop(e.addr, None)
+    awaiting_at_peak = sum(b.size for b in awaiting.values())
     groups: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     for b in at_peak.values():
         groups[b.where][0] += b.size
