@@ -136,8 +136,12 @@ def render_run(run: dict) -> list[str]:
     return out
 
 
+def grad_accum(run: dict) -> int:
+    return int(run.get("grad_accum") or 1)  # runs before --grad-accum have no key: one row per step
+
+
 def accumulated(run: dict) -> str:
-    n = int(run.get("grad_accum") or 1)
+    n = grad_accum(run)
     return f" x {n} accumulated per optimizer step (tokens/s and MFU count all {n} rows)" if n > 1 else ""
 
 
@@ -285,7 +289,7 @@ def latest_series(runs: list[dict], docs: str = "1") -> dict[str, tuple[bool, li
     out: dict[str, tuple[bool, list[dict]]] = {}
     for synced in (False, True):
         newest: dict[str, dict[int, dict]] = {}
-        for run in sorted((r for r in runs if breakdown(r) == synced and int(r.get("grad_accum") or 1) == 1),
+        for run in sorted((r for r in runs if breakdown(r) == synced and grad_accum(r) == 1),
                           key=lambda r: (r.get("date") or "", r["run_id"])):
             for r in run["rows"]:
                 if r["status"] == "ok" and str(r["docs"]) == docs and r["technique"] not in out:
