@@ -262,7 +262,11 @@ class Worker:
         if self.a.memory_at_peak:  # after the peak above was read: the recorder's own step is neither timed nor peaked
             from bench import memory_at_peak
 
-            at_peak = memory_at_peak.record(lambda: trainer.train_step(micro, n_targets))
+            try:  # a diagnostic: its failure must not cost the timed row above
+                at_peak = memory_at_peak.record(lambda: trainer.train_step(micro, n_targets))
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                at_peak = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         times = all_ranks_max(times)
         step_s = max(times)
         if phases is not None:  # seconds per timed step, the slowest rank's
