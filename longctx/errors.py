@@ -15,3 +15,10 @@ class TrainingDiverged(LongctxError):
     """Training stopped because continuing would train on garbage."""
 
     exit_code = 3
+
+
+class GpuOutOfMemory(LongctxError):
+    """The GPU ran out of memory during training: reported with where, the plan's prediction against the peak
+    reached, the checkpoint to resume from and the knobs that lower the peak, instead of a CUDA traceback."""
+
+    exit_code = 4

@@ -184,6 +184,30 @@ def run(setup: Setup, local_rank: int, local_world: int, say: Callable[[str], No
     return p
 
 
+def out_of_memory_message(error: str, *, where: str, rank: int, p: Plan, peak_allocated: Optional[int],
+                          card_bytes: Optional[int], host_mem: int, checkpoint: Optional[str]) -> str:
+    """What train.py says when CUDA runs out of memory mid-run (pure: every figure is given).
+
+    error: torch's message; where: what the rank was doing; p: the plan the preflight checked; peak_allocated:
+    torch.cuda.max_memory_allocated() at the failure; card_bytes: the GPU's total memory (None: not known, no knob
+    lines); checkpoint: the last complete checkpoint, or None."""
+    first = error.strip().splitlines()[0] if error.strip() else "out of memory"
+    lines = [f"GPU out of memory on rank {rank}, {where}.", f"  torch: {first}",
+             f"  the memory plan predicted a peak of {_g(p.gpu_peak)} per GPU (its '{p.peak_phase}' phase)"
+             + (f"; this rank had reached {_g(peak_allocated)} allocated" if peak_allocated is not None else "")
+             + (f" of a {_g(card_bytes)} card" if card_bytes is not None else "") + "."]
+    if p.setup.zero_stage == 3 and not p.setup.offload_optimizer and p.setup.optimizer != "none":
+        lines.append("  with the optimizer on the GPU the plan is known to run low at long rows (docs/RESULTS.md).")
+    lines.append(f"Nothing is lost: the last complete checkpoint is {checkpoint}; rerun the same command with "
+                 "--resume auto to continue from it." if checkpoint else
+                 "No checkpoint was complete yet; the run starts over once it fits.")
+    if card_bytes is not None:
+        lines.append("Knobs that lower the peak (re-planned for this card):\n"
+                     + knob_advice(p.setup, card_bytes - CUDA_CONTEXT_BYTES, host_mem, p.setup.world))
+    lines.append("train.py --plan (same arguments) shows the breakdown.")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------
 # Disk
 # --------------------------------------------------------------------------------------------

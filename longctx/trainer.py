@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import TrainingDiverged
+from .errors import GpuOutOfMemory, TrainingDiverged
 
 
 class Callback:
@@ -90,6 +90,7 @@ class Trainer:
         self.say = functools.partial(print, flush=True) if rank == 0 and not quiet else (lambda *a, **k: None)
         self.engine = None
         self.step = 0  # optimizer steps completed
+        self.activity = "building the model and the DeepSpeed engine"  # what a GPU out-of-memory report names
 
     # ---- 1. every check, and the one resolution ------------------------------------------------------------
     def prepare(self) -> "Trainer":
@@ -236,6 +237,7 @@ class Trainer:
             for cb in cbs:
                 cb.on_checkpoint_written(self, self.step, path)
 
+        self.activity = f"saving the checkpoint of step {self.step}"
         return checkpoint.save(self.engine, self.cfg.output_dir, self.step, self.state_dict(), self.cfg.keep_last,
                                rank=self.rank, barrier=self.barrier, on_written=written)
 
@@ -271,12 +273,17 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64)
         clock = PhaseClock(phases, self.device)
         for m, batch in enumerate(micro_batches):
+            of = (f"micro-batch {m + 1} of {len(micro_batches)}, {batch['input_ids'].numel():,} tokens, "
+                  f"step {step} of {getattr(self, 'total_steps', step)}")
+            self.activity = f"in the forward of {of}"
             loss = self.forward(batch)
             clock.lap("forward")
             for cb in self.callbacks:
                 loss = cb.on_loss(self, step, m, loss)
+            self.activity = f"in the backward of {of}"
             self.engine.backward(loss * scale)
             clock.lap("backward")
+            self.activity = f"in DeepSpeed's step after {of}"
             self.engine.step()
             clock.lap("step")
             loss_sum += loss.detach().double().cpu()
@@ -295,6 +302,7 @@ class Trainer:
         rows, mb = data.eval_rows, cfg.micro_batch_size
         per = world * mb
         tot = torch.zeros(2, dtype=torch.float64)
+        self.activity = f"evaluating after step {self.step}"
         self.engine.eval()
         with torch.no_grad():
             for b in range(min(math.ceil(len(rows) / per), max_batches or math.inf)):
@@ -377,6 +385,7 @@ class Trainer:
         cfg = self.cfg
         if not cfg.save_final_model:
             return []
+        self.activity = "saving the final model"
         if cfg.lora:  # <output-dir>/adapter (+ final_model with --merge)
             paths = lora.save_final(self.engine, self.tok, cfg, self.rank, self.zero3, self.barrier)
         else:
@@ -397,6 +406,22 @@ class Trainer:
 
         torch.distributed.barrier()
 
+    def out_of_memory(self, error: BaseException) -> GpuOutOfMemory:
+        """The report of a CUDA out-of-memory error (train.py prints it and exits with its code; the launcher stops
+        the other ranks)."""
+        import psutil
+        import torch
+
+        from . import checkpoint, plan as plan_mod, preflight
+
+        cuda = torch.cuda.is_available()
+        done = checkpoint.latest_complete(self.cfg.output_dir)
+        return GpuOutOfMemory(preflight.out_of_memory_message(
+            str(error), where=self.activity, rank=self.rank, p=plan_mod.plan(self.setup_plan),
+            peak_allocated=torch.cuda.max_memory_allocated() if cuda else None,
+            card_bytes=torch.cuda.mem_get_info()[1] if cuda else None, host_mem=psutil.virtual_memory().total,
+            checkpoint=str(done) if done else None))
+
 
 def run(cfg, *, rank: int, world: int, local_rank: int, callbacks: Sequence[Callback] = ()) -> Trainer:
     """train.py's whole job."""
@@ -404,9 +429,13 @@ def run(cfg, *, rank: int, world: int, local_rank: int, callbacks: Sequence[Call
 
     trainer = Trainer(cfg, rank=rank, world=world, local_rank=local_rank, callbacks=callbacks).prepare()
     trainer.say(trainer.header())
-    trainer.setup().build()
-    trainer.fit()
-    final = trainer.save_final()
+    trainer.setup()
+    try:
+        trainer.build()
+        trainer.fit()
+        final = trainer.save_final()
+    except torch.OutOfMemoryError as e:  # a message with the way on, not a CUDA traceback from every rank
+        raise trainer.out_of_memory(e) from None
     torch.distributed.barrier()
     trainer.say(trainer.summary(final))
     torch.distributed.destroy_process_group()

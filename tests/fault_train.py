@@ -4,6 +4,7 @@
     LONGCTX_TEST_NAN_AT_STEP=k      rank 0's loss of step k is NaN ("k+": of every step from k on)
     LONGCTX_TEST_PAUSE_AFTER_STEP=k every rank parks after step k (its checkpoint saved), so a test can kill -9
     LONGCTX_TEST_PAUSE_IN_SAVE=k    every rank parks inside the save of step k, before it is marked complete
+    LONGCTX_TEST_OOM_AT_STEP=k      the last rank raises torch.OutOfMemoryError (CUDA's) after the forward of step k
 A parked run first writes the marker <output-dir>.PAUSED_<where> beside its run directory.
 """
 
@@ -31,8 +32,14 @@ class Faults(Callback):
         self.nan = env.get("LONGCTX_TEST_NAN_AT_STEP", "")
         self.after = env.get("LONGCTX_TEST_PAUSE_AFTER_STEP", "")
         self.in_save = env.get("LONGCTX_TEST_PAUSE_IN_SAVE", "")
+        self.oom = env.get("LONGCTX_TEST_OOM_AT_STEP", "")
 
     def on_loss(self, trainer, step, micro, loss):
+        if self.oom == str(step) and trainer.rank == trainer.world - 1:
+            import torch
+
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by "
+                                         "tests/fault_train.py)\nsecond line of torch's message")
         v = self.nan
         hit = v and (step >= int(v[:-1]) if v.endswith("+") else step == int(v))
         return loss * float("nan") if hit and trainer.rank == 0 and micro == 0 else loss

@@ -9,7 +9,8 @@ import pytest
 from longctx.errors import LongctxError
 from longctx.flops import ModelShape
 from longctx.plan import GiB, Setup, plan
-from longctx.preflight import Machine, cgroup_room, check, memlock_limit, probe, read_meminfo, run
+from longctx.preflight import (Machine, cgroup_room, check, memlock_limit, out_of_memory_message, probe, read_meminfo,
+                               run)
 
 LLAMA8B = ModelShape(hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256)
 TINY = ModelShape(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, intermediate=384, vocab=2048)
@@ -87,3 +88,29 @@ def test_longest_batch_comes_first():
     assert sorted(out) == sorted(order)
     assert longest_first(order, lengths, k=0) == order
     assert longest_first(order, lengths, k=2) == out  # deterministic (resume replays it)
+
+
+def test_out_of_memory_report_names_where_the_plan_the_checkpoint_and_the_knobs():
+    # 8B at 128K on 8 V100s with checkpoints on the GPU: the plan is far above the card, so the report's knob
+    # lines are the planner's own re-plan for a 16 GiB card
+    s = Setup(LLAMA8B, 131072, world=8, precision="fp16", loss="chunked", checkpointing="plain")
+    p = plan(s)
+    msg = out_of_memory_message("CUDA out of memory. Tried to allocate 3.91 GiB.\nmore", where="in the backward of "
+                                "micro-batch 2 of 4, 131,072 tokens, step 7 of 100", rank=3, p=p,
+                                peak_allocated=int(15.2 * GiB), card_bytes=int(16 * GiB), host_mem=int(512 * GiB),
+                                checkpoint="runs/x/checkpoints/step-00000005")
+    assert msg.startswith("GPU out of memory on rank 3, in the backward of micro-batch 2 of 4, 131,072 tokens, "
+                          "step 7 of 100.")
+    assert "torch: CUDA out of memory. Tried to allocate 3.91 GiB." in msg and "more" not in msg
+    assert f"predicted a peak of {p.gpu_peak / GiB:.1f} GiB per GPU (its '{p.peak_phase}' phase)" in msg
+    assert "reached 15.2 GiB allocated of a 16.0 GiB card" in msg
+    assert "runs/x/checkpoints/step-00000005; rerun the same command with --resume auto" in msg
+    knobs = msg.split("Knobs that lower the peak (re-planned for this card):\n")[1]
+    assert "the largest --max-seq-len that fits as configured" in knobs and "-> " in knobs
+    assert "optimizer on the GPU" not in msg  # ZeRO-3 with the optimizer offloaded (the Setup default)
+
+    on_gpu = plan(Setup(LLAMA8B, 131072, world=8, offload_params=False, offload_optimizer=False))
+    msg = out_of_memory_message("", where="x", rank=0, p=on_gpu, peak_allocated=None, card_bytes=None,
+                                host_mem=int(512 * GiB), checkpoint=None)
+    assert "optimizer on the GPU the plan is known to run low" in msg
+    assert "No checkpoint was complete yet" in msg and "Knobs" not in msg and "allocated" not in msg

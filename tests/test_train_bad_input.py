@@ -407,6 +407,29 @@ def test_non_finite_loss_stops_with_step_and_sample_ids(base, tmp_path):
     assert ckpts == ["step-00000001"]  # nothing saved from the diverged step on
 
 
+@pytest.mark.slow
+def test_gpu_out_of_memory_is_reported_with_the_checkpoint_to_resume_from(base, tmp_path):
+    """The last rank runs out of GPU memory (CUDA's exception, raised at step 2 by tests/fault_train.py): it says
+    where, against what plan, and from which checkpoint to resume; the launcher stops the other rank and fails."""
+    d, data, model = base
+    out = tmp_path / "o"
+    args = fast_args(out, data, model, steps=3, extra=["--save-interval", "1"])
+    p = run_train(args, env={"LONGCTX_TEST_OOM_AT_STEP": "2"}, check=False, timeout=300)
+    assert p.returncode != 0
+    log = p.stdout + p.stderr
+    assert "GPU out of memory on rank 1, in the forward of micro-batch 1 of 1" in log and "step 2 of 3" in log, \
+        log[-3000:]
+    assert "torch: CUDA out of memory. Tried to allocate 2.00 GiB" in log and "second line" not in log
+    assert "the memory plan predicted a peak of" in log
+    done = out / "checkpoints" / "step-00000001"
+    assert f"the last complete checkpoint is {done}; rerun the same command with --resume auto" in log
+    assert "OutOfMemoryError" not in log, log[-3000:]  # no CUDA traceback from the failing rank (rank 0 may show
+    # its collective's broken connection: the launcher stops it after rank 1 exits)
+    from longctx import checkpoint
+
+    assert checkpoint.latest_complete(out) == done
+
+
 def test_exit_now_keeps_what_was_printed_and_the_exit_code(tmp_path):
     """train.py leaves through exit_now (no interpreter teardown, where a library's C++ thread once aborted a
     finished rank): what the run printed to a pipe (block-buffered) still arrives, and the code is the run's."""
