@@ -274,7 +274,7 @@ class Trainer:
         clock = PhaseClock(phases, self.device)
         for m, batch in enumerate(micro_batches):
             of = (f"micro-batch {m + 1} of {len(micro_batches)}, {batch['input_ids'].numel():,} tokens, "
-                  f"step {step} of {getattr(self, 'total_steps', step)}")
+                  f"step {step} of {self.total_steps}")
             self.activity = f"in the forward of {of}"
             loss = self.forward(batch)
             clock.lap("forward")
