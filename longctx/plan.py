@@ -477,6 +477,11 @@ OPTIMIZER_ON_GPU_CAUTION = ("caution: with the optimizer on the GPU, measured pe
                             "leave that margin")
 
 
+def optimizer_on_gpu(s: Setup) -> bool:
+    """Whether DeepSpeed keeps the optimizer's states on the GPU: the placement OPTIMIZER_ON_GPU_CAUTION is about."""
+    return bool(s.zero_stage) and not s.offload_optimizer and s.optimizer != "none"
+
+
 def check_fit(p: Plan, hw: Hardware) -> Verdict:
     ranks = hw.gpus
     pinned_total = p.pinned * ranks
@@ -811,6 +816,6 @@ def cli_plan(cfg, optional: tuple[str, ...] = ()) -> str:
     notes = ["; ".join(settings.header()[:2])] + [f"{k}: {v}" for k, v in settings.why.items()]
     if facts.assumed:
         notes.append("assumed: " + "; ".join(facts.assumed))
-    if settings.zero_stage and not settings.offload_optimizer:
+    if optimizer_on_gpu(setup):
         notes.append(OPTIMIZER_ON_GPU_CAUTION)
     return text + "\n\nResolved (as train.py would run it):\n  " + "\n  ".join(notes)

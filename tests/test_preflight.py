@@ -112,5 +112,5 @@ def test_out_of_memory_report_names_where_the_plan_the_checkpoint_and_the_knobs(
     on_gpu = plan(Setup(LLAMA8B, 131072, world=8, offload_params=False, offload_optimizer=False))
     msg = out_of_memory_message("", where="x", rank=0, p=on_gpu, peak_allocated=None, card_bytes=None,
                                 host_mem=int(512 * GiB), checkpoint=None)
-    assert "optimizer on the GPU the plan is known to run low" in msg
+    assert "with the optimizer on the GPU, measured peaks ran above this plan" in msg
     assert "No checkpoint was complete yet" in msg and "Knobs" not in msg and "allocated" not in msg

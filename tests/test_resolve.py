@@ -92,6 +92,10 @@ def test_plan_prints_the_resolution_train_py_uses():
     for k, v in s.why.items():
         assert f"{k}: {v}" in text
     assert "; ".join(s.header()[:2]) in text
+    assert plan.OPTIMIZER_ON_GPU_CAUTION not in text  # zero3_offload.json, the default
+
+    on_gpu = config.parse(args + ["--plan", "--deepspeed", str(REPO / "ds_configs" / "zero3.json")])
+    assert plan.OPTIMIZER_ON_GPU_CAUTION in plan.cli_plan(on_gpu)
 
 
 def test_resolved_json_round_trips(tmp_path):
