@@ -5,6 +5,11 @@ documents from one 128K document down to 256 documents of 512 tokens; then 128K 
 document lengths (bench/stdlib_doc_lengths.json) at several values of PER_DOC_MIN_TOKENS.
 
     python -m bench.attention_kernels bench/results/<date>_<device>_attention_kernels.json
+    python -m bench.attention_kernels OUT.json --fa4     # flash-attention-4 (CuTe DSL) against the default path
+
+`--fa4` needs the `flash-attn-4` package (flash_attn.cute); it is not a dependency of the project, only a candidate
+the default is measured against: its error on packed rows against an fp32 reference (per document, as the default's
+is), and its speed against SDPA per document on one 128K document, 4 x 32K and stdlib rows of fresh lengths.
 """
 
 from __future__ import annotations
@@ -138,8 +143,86 @@ def fresh_lengths(steps: int = 4) -> dict:
     return out
 
 
+def fa4_against_default(steps: int = 4) -> dict:
+    """flash-attention-4's varlen kernel against longctx's SDPA per document (the default), same inputs. Error first:
+    a packed row of 8 documents (16K tokens), output and the three gradients of each, relative to an fp32 SDPA
+    per document on upcast inputs (math backend), for both. Then speed (fwd + bwd), as in main()."""
+    from flash_attn.cute import flash_attn_varlen_func
+
+    # Inputs are (1, S, H, D), the projections' layout: FA4 takes them as they are, the default as transformers
+    # hands them over, transposed views (1, H, S, D). Both return (1, S, H, D).
+    def fa4(q, k, v, cu, max_len):
+        o = flash_attn_varlen_func(q[0], k[0], v[0], cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
+                                   max_seqlen_k=max_len, causal=True)
+        return (o[0] if isinstance(o, tuple) else o).unsqueeze(0)
+
+    def default(q, k, v, cu, max_len):
+        return attention.sdpa_per_doc_forward(None, *(t.transpose(1, 2) for t in (q, k, v)), None,
+                                              cu_seq_lens_q=cu)[0]
+
+    out: dict = {"error": {}}
+    lens = [4096, 3000, 2500, 2048, 1900, 1200, 1000, 640]
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32).cuda()
+    n = sum(lens)
+    q = torch.randn(1, n, H, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, n, K, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    g = torch.randn(1, n, H, D, device="cuda", dtype=torch.bfloat16)
+
+    def grads(fn, dtype):
+        x = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        o = fn(*x)
+        o.backward(g.to(dtype))
+        return [o.detach().float()] + [t.grad.float() for t in x]
+
+    def reference(q32, k32, v32):
+        outs = []
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            with torch.nn.attention.sdpa_kernel([SDPBackend.MATH]):
+                outs.append(torch.nn.functional.scaled_dot_product_attention(
+                    *(t[:, a:b].transpose(1, 2) for t in (q32, k32, v32)), is_causal=True, enable_gqa=True))
+        return torch.cat(outs, 2).transpose(1, 2)
+
+    ref = grads(reference, torch.float32)
+    for name, fn in (("fa4", fa4), ("default", default)):
+        got = grads(lambda a, b, c: fn(a, b, c, cu, max(lens)), torch.bfloat16)
+        out["error"][name] = {t: float((x - r).norm() / r.norm()) for t, x, r in zip(("o", "dq", "dk", "dv"), got, ref)}
+    print("error", json.dumps(out["error"]), flush=True)
+
+    t0 = time.perf_counter()
+    rows = {"one_document": [S], "4_documents": [S // 4] * 4}
+    rows.update({f"stdlib_{seed}": row_doc_lengths(S, "stdlib", 2000 + seed) for seed in range(steps)})
+    for name, lens in rows.items():
+        lens[-1] += S - sum(lens)
+        cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32).cuda()
+        q = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(1, S, K, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        g = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16)
+        flops = 3.5 * 4 * sum(x * x / 2 for x in lens) * H * D
+        row = {"docs": len(lens)}
+        for kname, fn in (("fa4", fa4), ("default", default)):
+            def once():
+                fn(q, k, v, cu, max(lens)).backward(g)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            once()  # the first call on these lengths: what a training step on fresh rows pays
+            torch.cuda.synchronize()
+            row[kname + "_first_ms"] = round(1e3 * (time.perf_counter() - t), 1)
+            sec = timeit(once)
+            row[kname + "_ms"], row[kname + "_tflops"] = round(1e3 * sec, 1), round(flops / sec / 1e12, 1)
+        out[name] = row
+        print(name, json.dumps(row), flush=True)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[2] == "--fresh-only":
+    if len(sys.argv) > 2 and sys.argv[2] == "--fa4":
+        import importlib.metadata as md
+        with open(sys.argv[1], "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "cudnn": torch.backends.cudnn.version(), "flash_attn_4": md.version("flash-attn-4"),
+                       "fa4": fa4_against_default()}, f, indent=1)
+    elif len(sys.argv) > 2 and sys.argv[2] == "--fresh-only":
         with open(sys.argv[1], "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "cudnn": torch.backends.cudnn.version(), "fresh_lengths": fresh_lengths()}, f, indent=1)
