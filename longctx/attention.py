@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from .resolve import SDPA_PER_DOC, VARLEN
+from .resolve import FA4, SDPA_PER_DOC, VARLEN
 
 VARLEN_NAME = VARLEN
 _KERNEL: Callable | None = None  # what longctx_varlen calls; torch's varlen_attn unless a test swaps it
@@ -40,6 +40,10 @@ def register(impl: str) -> str:
     """Register a longctx implementation name with transformers (a no-op for transformers' own names)."""
     if impl == VARLEN:
         register_varlen()
+    elif impl == FA4:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(FA4, fa4_attention_forward)
     elif impl == SDPA_PER_DOC:
         from transformers import AttentionInterface
 
@@ -202,10 +206,25 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              attention_mask: torch.Tensor | None, dropout: float = 0.0,
                              scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers attention-interface function: (B, H, S, D) in, (B, S, H, D) out."""
+    return _varlen_forward(_KERNEL or torch_varlen_attn(), VARLEN_NAME, query, key, value, attention_mask, dropout,
+                           scaling, kwargs)
+
+
+def fa4_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                          scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """The same over flash-attention-4's kernels (longctx.fa4)."""
+    from .fa4 import varlen_kernel
+
+    return _varlen_forward(varlen_kernel, FA4, query, key, value, attention_mask, dropout, scaling, kwargs)
+
+
+def _varlen_forward(kernel: Callable, name: str, query, key, value, attention_mask, dropout, scaling,
+                    kwargs: dict) -> tuple[torch.Tensor, None]:
     if attention_mask is not None:
-        raise RuntimeError(f"{VARLEN_NAME} takes no attention mask; packing is expressed by cu_seq_lens")
+        raise RuntimeError(f"{name} takes no attention mask; packing is expressed by cu_seq_lens")
     if dropout:
-        raise RuntimeError(f"{VARLEN_NAME} does not implement attention dropout")
+        raise RuntimeError(f"{name} does not implement attention dropout")
     B, Hq, S, D = query.shape
     cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu is None or max_len is None:
@@ -216,7 +235,6 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     q = query.transpose(1, 2).reshape(B * S, Hq, D)
     k = key.transpose(1, 2).reshape(B * S, key.shape[1], D)
     v = value.transpose(1, 2).reshape(B * S, value.shape[1], value.shape[-1])
-    kernel = _KERNEL or torch_varlen_attn()
     out = call_varlen(kernel, q, k, v, cu.to(device=q.device, dtype=torch.int32), int(max_len), scaling)
     return out.view(B, S, Hq, out.shape[-1]), None
 

@@ -34,6 +34,7 @@ from .errors import LongctxError
 # Attention choices the user can name, and what each is registered as with transformers.
 SDPA_PER_DOC = "longctx_sdpa"   # longctx.attention.sdpa_per_doc_forward
 VARLEN = "longctx_varlen"       # longctx.attention.varlen_attention_forward
+FA4 = "longctx_fa4"             # longctx.attention.fa4_attention_forward (flash-attn-4's kernels, longctx.fa4)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Facts:
     host_mem: Optional[int] = None             # bytes of host RAM
     varlen_attn: bool = False                  # torch.nn.attention.varlen.varlen_attn exists
     flash_attn: bool = False                   # the flash-attn package is installed
+    fa4: Optional[str] = None                  # flash-attn-4's version where its kernels import
     liger: bool = False                        # liger-kernel is installed
     fork: bool = False                         # the installed transformers is our fork
     assumed: tuple[str, ...] = ()              # facts assumed rather than probed (plans for a target)
@@ -59,12 +61,18 @@ class Facts:
     def sm80(self) -> bool:
         return self.cuda and self.capability is not None and tuple(self.capability) >= (8, 0)
 
+    @property
+    def sm90(self) -> bool:
+        return self.cuda and self.capability is not None and tuple(self.capability) >= (9, 0)
+
     @classmethod
     def detect(cls, gpus: Optional[int] = None) -> "Facts":
         import psutil
         import torch
 
-        common = dict(varlen_attn=_has_varlen_attn(), flash_attn=importlib.util.find_spec("flash_attn") is not None,
+        from .fa4 import installed_version
+
+        common = dict(varlen_attn=_has_varlen_attn(), flash_attn=_has_flash_attn_2(), fa4=installed_version(),
                       liger=importlib.util.find_spec("liger_kernel") is not None, fork=_is_fork(),
                       host_mem=int(psutil.virtual_memory().total))
         if torch.cuda.is_available():
@@ -86,6 +94,14 @@ class Facts:
                                     assumed=f.assumed + (f"a GPU of sm{cap[0]}{cap[1]}+ with liger-kernel installed",))
         return dataclasses.replace(f, gpus=gpus or f.gpus, gpu_mem=gpu_mem or f.gpu_mem,
                                    host_mem=host_mem or f.host_mem)
+
+
+def _has_flash_attn_2() -> bool:
+    """flash-attn (2.x) proper: flash-attn-4 installs into the same `flash_attn` package, without its functions."""
+    try:
+        return importlib.util.find_spec("flash_attn.flash_attn_interface") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _has_varlen_attn() -> bool:
@@ -203,13 +219,26 @@ class AttentionChoice:
 
 def resolve_attention(requested: str, facts: Facts, *, precision: str, packing: bool, max_seq_len: int,
                       dense_mask_max_len: int) -> AttentionChoice:
-    """auto is sdpa_per_doc everywhere: measured on H100 (docs/RESULTS.md), SDPA's cuDNN kernel runs causal GQA
-    attention at 408 TFLOP/s on one 128K document and 391 per document in packed rows, against 120 for torch's
-    varlen_attn and about 235 for FlashAttention 2; on CPU and V100 SDPA picks its math / memory-efficient kernel.
-    Per document means no S x S mask, so packing works at any length on every device."""
+    """auto is fa4 where flash-attn-4 is installed on an sm90+ GPU in bf16/fp16, else sdpa_per_doc. Measured on an
+    H100 (docs/RESULTS.md, fwd + bwd, 128K rows): flash-attention-4's varlen kernel 625 TFLOP/s on one document
+    against 542 for SDPA's cuDNN, and twice the speed of SDPA per document on rows packed with real document
+    lengths (most of which SDPA per document sends to torch's varlen_attn, 323-327 on one document). SDPA per
+    document runs everywhere (cuDNN first; on CPU and V100 SDPA's math / memory-efficient kernel), with no S x S
+    mask, so packing works at any length on every device."""
     half = precision in ("bf16", "fp16")
     if requested == "auto":
-        requested = "sdpa_per_doc"
+        requested = "fa4" if facts.fa4 and facts.sm90 and half else "sdpa_per_doc"
+    if requested == "fa4":
+        if not facts.fa4:
+            raise LongctxError("--attn-implementation fa4 is unavailable: flash-attn-4 is not installed "
+                               "(pip install flash-attn-4; use auto or sdpa_per_doc without it)")
+        if not facts.sm90 or not half:
+            raise LongctxError("--attn-implementation fa4 needs a CUDA GPU of sm90+ (its backward's requirement) and "
+                               f"bf16/fp16 (device: {facts.name}, precision: {precision})")
+        from .fa4 import MEASURED_VERSION
+
+        other = "" if facts.fa4 == MEASURED_VERSION else f"; measured with {MEASURED_VERSION}, not this version"
+        return AttentionChoice("fa4", FA4, True, f"flash-attention-4 {facts.fa4} varlen (packed via cu_seqlens){other}")
     if requested == "sdpa_per_doc":
         return AttentionChoice("sdpa_per_doc", SDPA_PER_DOC, True,
                                "SDPA per document (cuDNN, then flash, then memory-efficient)" if facts.cuda else
@@ -372,7 +401,7 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
     if keep and keep_by == "replay" and not (attn.varlen_kwargs or (attn.name == "sdpa" and not cfg.packing)):
         # the replay's attention function is a custom name, for which transformers builds no mask
         raise LongctxError(f"--keep-attention-by replay needs attention that is causal without a mask: "
-                           f"sdpa_per_doc (auto), varlen, flash_attention_2, or sdpa with --no-packing; not "
+                           f"sdpa_per_doc, fa4, varlen, flash_attention_2, or sdpa with --no-packing; not "
                            f"{attn.name}{' with packing' if attn.name == 'sdpa' else ''}")
     if keep and keep_by == "replay" and facts.cuda:
         why["keep_attention"] += ("; by replay, whose gradients are checked against no checkpointing on CPU but not "

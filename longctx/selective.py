@@ -30,6 +30,7 @@ ATTENTION_OPS = frozenset({
     "aten._efficient_attention_forward",
     "aten._cudnn_attention_forward",
     "torch_attn._varlen_attn",
+    "longctx.fa4_varlen_fwd",
     "flash_attn._flash_attn_forward",
     "flash_attn._flash_attn_varlen_forward",
 })

@@ -244,11 +244,17 @@ def test_replay_runs_the_kernel_again_when_the_call_differs():
 
 
 @pytest.mark.gpu
-def test_replay_on_gpu_gives_the_gradients_of_no_checkpointing():
-    """On a GPU, in bf16, SDPA dispatches to cuDNN (or flash / memory-efficient): the replay, reentrant as the
-    product runs it, gives the gradients of the same model without checkpointing, one kernel call per layer and
-    document."""
+@pytest.mark.parametrize("route", ["sdpa_per_document", "varlen"])
+def test_replay_on_gpu_gives_the_gradients_of_no_checkpointing(route, monkeypatch):
+    """On a GPU, in bf16, SDPA dispatches to cuDNN (or flash / memory-efficient) and varlen_attn to flash: the
+    replay, reentrant as the product runs it, gives the gradients of the same model without checkpointing, one
+    kernel call per layer and document (SDPA per document, the documents' lengths let through to it here) or per
+    layer (varlen_attn, where these short documents go by default)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    if route == "sdpa_per_document":
+        monkeypatch.setattr(attention, "PER_DOC_MIN_TOKENS", 128)
+        monkeypatch.setattr(attention, "PLAN_CACHED_MULTIPLE", 128)
 
     cfg = tiny_config(num_hidden_layers=LAYERS, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                       num_key_value_heads=2)
@@ -278,6 +284,6 @@ def test_replay_on_gpu_gives_the_gradients_of_no_checkpointing():
 
     ref, ref_calls = grads_of(None)
     got, calls = grads_of(settings("plain", True, way="replay"))
-    assert calls == ref_calls == LAYERS * 3
+    assert calls == ref_calls == LAYERS * (3 if route == "sdpa_per_document" else 1)
     for name, g in ref.items():  # the same kernels on the same inputs: equal up to bf16 accumulation order
         torch.testing.assert_close(got[name], g, rtol=2e-2, atol=2e-3, msg=name)

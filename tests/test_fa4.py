@@ -1,0 +1,228 @@
+"""flash-attention-4 as torch custom ops (longctx.fa4) and its place in `auto` (longctx.resolve).
+
+The package needs an sm90+ GPU, so on CPU its two kernel entry points are replaced by a plain attention
+implementation written here (forward with log-sum-exp; the textbook backward from the saved log-sum-exp). What is
+checked is everything of ours around them: the layout the transformers attention function hands over, the
+documents of a packed row kept apart, GQA, the scale, the autograd registration, and that selective
+checkpointing and the replay keep the op's outputs (one call per layer instead of two) with the gradients of no
+checkpointing. The kernels themselves are checked against an fp32 reference on a GPU by
+`python -m bench.attention_kernels OUT --fa4` (docs/RESULTS.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+
+import pytest
+import torch
+
+from helpers_train import tiny_config
+from longctx import attention, modeling
+from longctx.errors import LongctxError
+from longctx.resolve import FA4, SDPA_PER_DOC, Facts, resolve_attention
+
+DOCS = [40, 56, 32]
+LAYERS = 2
+
+
+def _up(t):  # fp32 at least; the fp64 test stays fp64
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _causal_scores(q, k, scale):
+    """(H, n, n) fp32 scores of one document, k's heads repeated for GQA, the future masked."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    s = torch.einsum("qhd,khd->hqk", _up(q), _up(k)) * scale
+    n = q.shape[0]
+    return s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+
+
+def fake_fwd(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+             return_lse, **_):
+    assert causal and return_lse and cu_seqlens_q is cu_seqlens_k
+    assert max_seqlen_q == max(cu_seqlens_q.diff().tolist())
+    FAKE.forwards += 1
+    out = torch.empty(*q.shape[:2], v.shape[-1], dtype=q.dtype)
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=_up(q).dtype)  # fp32 in the kernel
+    bounds = cu_seqlens_q.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        s = _causal_scores(q[a:b], k[a:b], softmax_scale)
+        lse[:, a:b] = torch.logsumexp(s, -1)
+        vv = _up(v[a:b].repeat_interleave(q.shape[1] // v.shape[1], dim=1))
+        out[a:b] = torch.einsum("hqk,khd->qhd", s.softmax(-1), vv).to(q.dtype)
+    return out, lse, None, None, None
+
+
+def fake_bwd(q, k, v, out, dout, lse, softmax_scale, causal, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+             max_seqlen_k, **_):
+    """dV = P^T dO, dS = P (dO V^T - rowsum(dO O)), dQ = scale dS K, dK = scale dS^T Q; P from the saved lse;
+    K/V gradients summed over the query heads of their group."""
+    assert causal
+    rep = q.shape[1] // k.shape[1]
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    bounds = cu_seqlens_q.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        p = (_causal_scores(q[a:b], k[a:b], softmax_scale) - lse[:, a:b, None]).exp()
+        do, o = _up(dout[a:b]), _up(out[a:b])
+        kk = _up(k[a:b].repeat_interleave(rep, dim=1))
+        vv = _up(v[a:b].repeat_interleave(rep, dim=1))
+        dvv = torch.einsum("hqk,qhd->khd", p, do)
+        ds = p * (torch.einsum("qhd,khd->hqk", do, vv) - (do * o).sum(-1).T[:, :, None])
+        dq[a:b] = (softmax_scale * torch.einsum("hqk,khd->qhd", ds, kk)).to(q.dtype)
+        dkk = softmax_scale * torch.einsum("hqk,qhd->khd", ds, _up(q[a:b]))
+        dk[a:b] = dkk.view(b - a, k.shape[1], rep, -1).sum(2).to(k.dtype)
+        dv[a:b] = dvv.view(b - a, v.shape[1], rep, -1).sum(2).to(v.dtype)
+    return dq, dk, dv
+
+
+FAKE = types.SimpleNamespace(forwards=0)
+
+
+@pytest.fixture
+def fake_kernels(monkeypatch):
+    interface = types.ModuleType("flash_attn.cute.interface")
+    interface._flash_attn_fwd, interface._flash_attn_bwd = fake_fwd, fake_bwd
+    cute = types.ModuleType("flash_attn.cute")
+    cute.interface = interface
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", interface)
+    FAKE.forwards = 0
+
+
+@pytest.mark.usefixtures("fake_kernels")
+@pytest.mark.parametrize("scaling", [None, 0.3])
+def test_fa4_attention_equals_sdpa_per_document(scaling):
+    """transformers' (B, H, S, D) views in, (B, S, H, D) out; packed documents kept apart; GQA; the scale."""
+    H, K, D, S = 4, 2, 16, sum(DOCS)
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(1, S, h, D, generator=g, dtype=torch.float64) for h in (H, K, K)]
+    cu = torch.tensor([0] + DOCS).cumsum(0).to(torch.int32)
+
+    def run(fn, impl):
+        leaves = [t.clone().requires_grad_() for t in base]
+        kw = attention.model_kwargs({"cu_seq_lens": cu, "max_length": max(DOCS)}, impl, torch.device("cpu"))
+        out, _ = fn(None, *(t.transpose(1, 2) for t in leaves), None, scaling=scaling, **kw)
+        out.backward(torch.arange(out.numel(), dtype=out.dtype).view_as(out).sin())
+        return [out.detach()] + [t.grad for t in leaves]
+
+    got = run(attention.fa4_attention_forward, FA4)
+    ref = run(attention.sdpa_per_doc_forward, SDPA_PER_DOC)
+    assert FAKE.forwards == 1  # the whole packed row in one kernel call
+    for name, x, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        torch.testing.assert_close(x, r, rtol=1e-9, atol=1e-10, msg=name)
+
+
+class AttentionCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from longctx import selective
+
+        self.calls += selective.is_attention_op(func)
+        return func(*args, **(kwargs or {}))
+
+
+def model_run(keep_by: str | None):
+    """Loss, gradients and attention-op calls of a tiny GQA model on one packed row, built with FA4; keep_by:
+    how attention is kept through plain checkpointing (None: no checkpointing)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from longctx import attention_replay
+
+    cfg = tiny_config(num_hidden_layers=LAYERS)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    torch.manual_seed(0)
+    impl = attention.register(FA4)
+    if keep_by == "replay":
+        impl = attention_replay.register(impl)
+    lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=impl)
+    lm.train()
+    if keep_by is not None:
+        modeling.enable_checkpointing(lm, types.SimpleNamespace(
+            checkpointing="plain", offload_impl="fork", keep_attention=keep_by != "none",
+            keep_attention_by="replay" if keep_by == "replay" else "selective", reentrant=keep_by in ("replay", "none"),
+            num_offloaded_layers=0))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (1, sum(DOCS)), generator=g)
+    pos = torch.cat([torch.arange(n) for n in DOCS])[None]
+    cu = torch.tensor([0] + DOCS).cumsum(0).to(torch.int32)
+    kw = attention.model_kwargs({"cu_seq_lens": cu, "max_length": max(DOCS)}, FA4, ids.device)
+    with AttentionCalls() as counted:
+        logits = lm(input_ids=ids, position_ids=pos, **kw).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+        loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in lm.named_parameters()}, counted.calls
+
+
+@pytest.mark.usefixtures("fake_kernels")
+@pytest.mark.parametrize("keep_by", ["selective", "replay"])
+def test_kept_fa4_attention_gives_the_gradients_of_no_checkpointing(keep_by):
+    ref_loss, ref_grads, ref_calls = model_run(None)
+    assert ref_calls == LAYERS  # the dispatcher sees the op: one call per layer for the packed row
+    loss, grads, calls = model_run(keep_by)
+    assert calls == ref_calls  # kept: backward did not rerun it
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    _, _, plain = model_run("none")
+    assert plain == 2 * ref_calls  # the control: plain checkpointing reruns it
+
+
+@pytest.mark.gpu
+def test_fa4_op_on_gpu_equals_the_package_autograd_function():
+    """The custom ops call the kernels the package's own autograd Function calls: same output and gradients on a
+    packed bf16 row with GQA (up to the order of the backward's atomic adds)."""
+    from longctx import fa4
+
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0) and fa4.installed_version()):
+        pytest.skip("needs flash-attn-4 on a CUDA GPU of sm90+")
+    from flash_attn.cute import flash_attn_varlen_func
+
+    lens = [1024, 3000, 517, 2048]
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32).cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    base = [torch.randn(sum(lens), h, 128, generator=g, device="cuda", dtype=torch.bfloat16) for h in (32, 8, 8)]
+    dout = torch.randn(sum(lens), 32, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in base]
+        out = fn(*leaves)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(dout)
+        return [out.detach()] + [t.grad for t in leaves]
+
+    ours = run(lambda q, k, v: fa4.varlen_kernel(q, k, v, cu, cu, max(lens), max(lens)))
+    theirs = run(lambda q, k, v: flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                                        max_seqlen_q=max(lens), max_seqlen_k=max(lens), causal=True))
+    for name, x, r in zip(("out", "dq", "dk", "dv"), ours, theirs):
+        assert float((x.float() - r.float()).norm() / r.float().norm()) < 5e-3, name
+
+
+H100 = Facts("cuda", "NVIDIA H100 80GB HBM3", (9, 0), 80 * 2**30, 1, 128 * 2**30, varlen_attn=True, liger=True,
+             fork=True, fa4="4.0.0b36")
+
+
+def choose(facts: Facts, requested: str = "auto", precision: str = "bf16"):
+    return resolve_attention(requested, facts, precision=precision, packing=True, max_seq_len=131072,
+                             dense_mask_max_len=8192)
+
+
+def test_auto_is_fa4_where_it_is_installed_on_sm90_in_half_precision():
+    assert choose(H100).name == "fa4" and choose(H100).impl == FA4 and choose(H100).varlen_kwargs
+    assert "measured with" not in choose(H100).note
+    assert "measured with 4.0.0b36, not this version" in choose(dataclasses.replace(H100, fa4="4.1.0")).note
+    a100 = dataclasses.replace(H100, name="A100", capability=(8, 0))
+    for facts, precision in ((dataclasses.replace(H100, fa4=None), "bf16"), (a100, "bf16"), (H100, "fp32")):
+        assert choose(facts, precision=precision).name == "sdpa_per_doc"
+
+
+def test_fa4_asked_for_where_it_cannot_run_is_refused():
+    with pytest.raises(LongctxError, match="flash-attn-4 is not installed"):
+        choose(dataclasses.replace(H100, fa4=None), "fa4")
+    with pytest.raises(LongctxError, match="sm90"):
+        choose(dataclasses.replace(H100, capability=(8, 0)), "fa4")
+    with pytest.raises(LongctxError, match="sm90"):
+        choose(Facts(fa4="4.0.0b36"), "fa4", precision="fp32")
