@@ -21,7 +21,8 @@ recording asks for it always: the recorded outputs are those of a call that back
 matches the recompute's call, which asks for it, argument for argument. Before this, the first GPU run (8B shape,
 128K, cuDNN) showed a backward 3x faster than its work allows: the recompute had been handed a forward's outputs
 without a logsumexp. The CPU tests could not see it (CPU flash attention always returns one); tests/test_selective.py
-now has an op with the GPU kernels' contract, and a GPU test against no checkpointing, not yet run on a GPU.
+now has an op with the GPU kernels' contract, and a GPU test against no checkpointing (passed on an H100,
+2026-12-05, with documents through SDPA per document and through varlen_attn).
 """
 
 from __future__ import annotations

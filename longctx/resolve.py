@@ -403,9 +403,9 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
         raise LongctxError(f"--keep-attention-by replay needs attention that is causal without a mask: "
                            f"sdpa_per_doc, fa4, varlen, flash_attention_2, or sdpa with --no-packing; not "
                            f"{attn.name}{' with packing' if attn.name == 'sdpa' else ''}")
-    if keep and keep_by == "replay" and facts.cuda:
-        why["keep_attention"] += ("; by replay, whose gradients are checked against no checkpointing on CPU but not "
-                                  "yet on a GPU (tests/test_selective.py, gpu marker)")
+    if keep and keep_by == "replay":
+        why["keep_attention"] += ("; by replay (gradients checked against no checkpointing on CPU and, 2026-12-05, "
+                                  "on an H100: tests/test_selective.py)")
     s2_group = None
     if cfg.s2_attn is not None:
         from .s2attn import resolve_group_size
