@@ -11,9 +11,11 @@ selective checkpointing (longctx.selective) and the replay (longctx.attention_re
 attention would be recomputed in backward. As an op, `longctx::fa4_varlen_fwd` is dispatched like torch's own
 varlen_attn: its outputs (the attention output and the log-sum-exp backward needs, always computed) can be kept.
 
-The package is optional (not a dependency): `longctx.resolve` uses it where it imports and the GPU is sm90+ (its
-backward's requirement), the version it was measured with or not. The kernels' private entry points
-(`_flash_attn_fwd`, `_flash_attn_bwd`) are the ones its own autograd Function calls.
+The package is optional (not a dependency): `--attn-implementation fa4` where it imports and the GPU is sm90+ (its
+backward's requirement). Not yet `auto`: these ops matched the package's own autograd Function on an H100 and ran
+inside train.py's step there, but no step time was measured (docs/RESULTS.md). The kernels' private entry points
+(`_flash_attn_fwd`, `_flash_attn_bwd`) are the ones its own autograd Function calls; they are private, so the
+version measured is named in the resolved note when another is installed.
 """
 
 from __future__ import annotations

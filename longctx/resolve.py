@@ -120,6 +120,11 @@ def _is_fork() -> bool:
     return True
 
 
+FA4_NOT_YET_AUTO = ("; flash-attn-4 is installed: --attn-implementation fa4 ran faster in isolation (H100: 1.15x on one "
+                    "128K document, 2x on packed real text; docs/RESULTS.md) but is not auto until its step time is "
+                    "measured")
+
+
 @dataclass(frozen=True)
 class Resolved:
     """The settings of one run, every "auto" decided. `why` says, per setting, what decided it."""
@@ -219,15 +224,19 @@ class AttentionChoice:
 
 def resolve_attention(requested: str, facts: Facts, *, precision: str, packing: bool, max_seq_len: int,
                       dense_mask_max_len: int) -> AttentionChoice:
-    """auto is fa4 where flash-attn-4 is installed on an sm90+ GPU in bf16/fp16, else sdpa_per_doc. Measured on an
-    H100 (docs/RESULTS.md, fwd + bwd, 128K rows): flash-attention-4's varlen kernel 625 TFLOP/s on one document
-    against 542 for SDPA's cuDNN, and twice the speed of SDPA per document on rows packed with real document
-    lengths (most of which SDPA per document sends to torch's varlen_attn, 323-327 on one document). SDPA per
-    document runs everywhere (cuDNN first; on CPU and V100 SDPA's math / memory-efficient kernel), with no S x S
-    mask, so packing works at any length on every device."""
+    """auto is sdpa_per_doc: SDPA per document runs everywhere (cuDNN first, 530-543 TFLOP/s fwd + bwd on one 128K
+    document on an H200; on CPU and V100 SDPA's math / memory-efficient kernel), with no S x S mask, so packing
+    works at any length on every device. fa4 (flash-attn-4, sm90+) measured faster in isolation on an H100
+    (docs/RESULTS.md: 625 vs 542 TFLOP/s on one 128K document, twice the speed on rows packed with real document
+    lengths) and runs inside train.py's step, but has no end-to-end step time yet: it is named, not auto, and the
+    note says so where it is installed."""
     half = precision in ("bf16", "fp16")
     if requested == "auto":
-        requested = "fa4" if facts.fa4 and facts.sm90 and half else "sdpa_per_doc"
+        choice = resolve_attention("sdpa_per_doc", facts, precision=precision, packing=packing,
+                                   max_seq_len=max_seq_len, dense_mask_max_len=dense_mask_max_len)
+        if facts.fa4 and facts.sm90 and half:
+            choice = dataclasses.replace(choice, note=choice.note + FA4_NOT_YET_AUTO)
+        return choice
     if requested == "fa4":
         if not facts.fa4:
             raise LongctxError("--attn-implementation fa4 is unavailable: flash-attn-4 is not installed "
