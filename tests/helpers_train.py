@@ -246,3 +246,22 @@ def read_only_command(d: Path, cmd: list[str]) -> list[str] | None:
     if probe.returncode != 0:
         return None
     return ["unshare", "-rm", "sh", "-c", script, str(d), *cmd]
+
+
+def attention_calls():
+    """A dispatch mode counting the attention kernels the dispatcher runs (longctx.selective's list: what selective
+    checkpointing and the replay keep; a kept output answers without dispatching)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from longctx import selective
+
+    class AttentionCalls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += selective.is_attention_op(func)
+            return func(*args, **(kwargs or {}))
+
+    return AttentionCalls()

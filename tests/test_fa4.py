@@ -17,7 +17,7 @@ import types
 import pytest
 import torch
 
-from helpers_train import tiny_config
+from helpers_train import attention_calls, tiny_config
 from longctx import attention, modeling
 from longctx.errors import LongctxError
 from longctx.resolve import FA4, SDPA_PER_DOC, Facts, resolve_attention
@@ -113,18 +113,6 @@ def test_fa4_attention_equals_sdpa_per_document(scaling):
         torch.testing.assert_close(x, r, rtol=1e-9, atol=1e-10, msg=name)
 
 
-class AttentionCalls(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from longctx import selective
-
-        self.calls += selective.is_attention_op(func)
-        return func(*args, **(kwargs or {}))
-
-
 def model_run(keep_by: str | None):
     """Loss, gradients and attention-op calls of a tiny GQA model on one packed row, built with FA4; keep_by:
     how attention is kept through plain checkpointing (None: no checkpointing)."""
@@ -150,7 +138,7 @@ def model_run(keep_by: str | None):
     pos = torch.cat([torch.arange(n) for n in DOCS])[None]
     cu = torch.tensor([0] + DOCS).cumsum(0).to(torch.int32)
     kw = attention.model_kwargs({"cu_seq_lens": cu, "max_length": max(DOCS)}, FA4, ids.device)
-    with AttentionCalls() as counted:
+    with attention_calls() as counted:
         logits = lm(input_ids=ids, position_ids=pos, **kw).logits.float()
         loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
         loss.backward()

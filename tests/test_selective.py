@@ -11,26 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers_train import tiny_config
+from helpers_train import attention_calls, tiny_config
 from longctx import attention, attention_replay, modeling, selective
 from longctx.resolve import SDPA_PER_DOC
 
 DOCS = [40, 56, 32]  # one packed row of three documents
 LAYERS = 2
-
-
-class AttentionCalls(TorchDispatchMode):
-    """Counts the attention kernels the dispatcher runs (the selective cache answers without dispatching)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += selective.is_attention_op(func)
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +62,7 @@ def packed_loss(lm) -> torch.Tensor:
 
 def run(weights, ckpt: SimpleNamespace | None, tiled_mlp: bool = False) -> tuple[float, dict, int]:
     lm = build(weights, ckpt, tiled_mlp)
-    with AttentionCalls() as counted:
+    with attention_calls() as counted:
         loss = packed_loss(lm)
         loss.backward()
     grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
@@ -134,7 +121,7 @@ def test_replay_runs_the_kernel_again_for_a_second_backward(weights, reference):
     """retain_graph: the first backward consumed the recorded outputs, so the second recompute runs the kernels,
     and both backwards give the reference gradients."""
     lm = build(weights, settings("plain", True, way="replay-nonreentrant"))
-    with AttentionCalls() as counted:
+    with attention_calls() as counted:
         loss = packed_loss(lm)
         loss.backward(retain_graph=True)
         once = counted.calls
@@ -223,7 +210,7 @@ def test_replay_under_reentrant_checkpointing_keeps_what_backward_needs(monkeypa
 
     ref = grads(layer(layer(x)))  # no checkpointing
     step = attention_replay.wrap_checkpoint(partial(checkpoint, use_reentrant=True))
-    with AttentionCalls() as counted:
+    with attention_calls() as counted:
         got = grads(step(layer, step(layer, x)))
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
@@ -277,7 +264,7 @@ def test_replay_on_gpu_gives_the_gradients_of_no_checkpointing(route, monkeypatc
         pos = torch.cat([torch.arange(n) for n in docs])[None].cuda()
         cu = torch.tensor([0] + docs).cumsum(0).to(torch.int32).cuda()
         kw = attention.model_kwargs({"cu_seq_lens": cu, "max_length": max(docs)}, SDPA_PER_DOC, ids.device)
-        with AttentionCalls() as counted:
+        with attention_calls() as counted:
             logits = lm(input_ids=ids, position_ids=pos, **kw).logits.float()
             torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
         return {n: p.grad.float() for n, p in lm.named_parameters()}, counted.calls
