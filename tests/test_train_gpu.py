@@ -1,5 +1,5 @@
 """GPU checks (skipped without CUDA): bf16 packing and gradient parity of the kernels auto picks (SDPA per document,
-varlen), Liger under the training loss, and train.py end to end on one GPU with the automatic choices.
+varlen) and of fa4 where flash-attn-4 is installed on sm90+, Liger under the training loss, and train.py end to end on one GPU with the automatic choices.
 
 Run on a GPU machine:  pytest -m gpu tests/test_train_gpu.py tests/test_attention_backend.py
 """
@@ -29,15 +29,17 @@ def _lm(impl, dtype=torch.bfloat16):
     return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=impl).cuda()
 
 
-@pytest.mark.parametrize("impl", ["sdpa_per_doc", "varlen"])
+@pytest.mark.parametrize("impl", ["sdpa_per_doc", "varlen", "fa4"])
 def test_packed_rows_equal_documents_one_by_one_with_gradients(impl):
     """Packing parity and gradient parity of the kernels `auto` can pick, in bf16 on the GPU (cuDNN first for
     sdpa_per_doc): a packed row of documents of odd lengths gives the loss and the weight gradients of the same
     documents run one by one (transformers' own SDPA, fp32 reference)."""
-    from longctx import attention, resolve
+    from longctx import attention, fa4, resolve
     from longctx.modeling import CausalLMWithLoss
 
-    name = attention.register({"sdpa_per_doc": resolve.SDPA_PER_DOC, "varlen": resolve.VARLEN}[impl])
+    if impl == "fa4" and not (torch.cuda.get_device_capability() >= (9, 0) and fa4.installed_version()):
+        pytest.skip("fa4 needs flash-attn-4 on a GPU of sm90+")
+    name = attention.register({"sdpa_per_doc": resolve.SDPA_PER_DOC, "varlen": resolve.VARLEN, "fa4": resolve.FA4}[impl])
     torch.manual_seed(1)
     lens = [7, 300, 45, 5000, 66, 129, 4500]  # short runs go to varlen, long documents to SDPA one by one
     docs = [torch.randint(3, 2000, (n,)) for n in lens]
@@ -48,7 +50,7 @@ def test_packed_rows_equal_documents_one_by_one_with_gradients(impl):
     labels[0, starts.cuda()] = -100
     cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32)
     kw = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lens), "max_length_k": max(lens)}
-    if impl == "varlen":
+    if impl != "sdpa_per_doc":
         kw = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in kw.items()}
     model = CausalLMWithLoss(_lm(name))
     packed = model(ids, pos, labels, **kw)
