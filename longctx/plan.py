@@ -89,7 +89,7 @@ CHECKPOINTING = ("none", "plain", "offload")
 OFFLOAD_IMPLS = ("fork", "upstream")
 KEEP_ATTENTION_BY = ("selective", "replay")
 LOSSES = ("full", "chunked", "liger", "none")
-ATTENTIONS = ("flash", "dense_mask", "eager")
+ATTENTIONS = ("flash", "fa4", "dense_mask", "eager")
 PRECISIONS = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
@@ -115,7 +115,7 @@ class Setup:
     loss: str = "chunked"                # full (HF: fp32 logits) | chunked (longctx) | liger (fused) | none
     liger_kernels: bool = False          # Liger RMSNorm / RoPE / SwiGLU
     tiled_mlp_shards: int = 1
-    attention: str = "flash"             # flash: O(S) (flash, varlen, SDPA mem-efficient) | dense_mask | eager
+    attention: str = "flash"             # flash: O(S) (flash, varlen, SDPA mem-efficient) | fa4 | dense_mask | eager
     sp: int = 1                          # sequence-parallel degree (Ulysses)
     lm_head: bool = True                 # False: the decoder stack only (a benchmark)
     tied_embeddings: bool = False
@@ -275,9 +275,17 @@ def per_token_bytes(s: ModelShape, act_bytes: int) -> int:
 
 
 def attention_workspace(setup: Setup) -> float:
-    """Beyond the O(S) tensors already in the working set: the dense mask or eager's S x S scores."""
+    """Beyond the O(S) tensors already in the working set (calibrated on SDPA's cuDNN and varlen_attn): the dense
+    mask or eager's S x S scores; flash-attention-4's backward accumulators."""
     S, B, a = setup.seq_len, setup.micro_batch, setup.act_bytes
     heads = setup.shape.heads / setup.sp
+    if setup.attention == "fa4":
+        # its backward allocates fp32 accumulators for dQ, and for dK and dV under GQA, plus two fp32 rows per
+        # head (flash_attn.cute.interface._flash_attn_bwd): ~3 GiB at 128K for the 8B shape, not measured in a
+        # step yet, so counted on top of the calibrated working set
+        kv = setup.shape.kv_heads / setup.sp
+        gqa = setup.shape.kv_heads != setup.shape.heads
+        return B * S * 4 * (heads * setup.shape.head_dim + (2 * kv * setup.shape.head_dim if gqa else 0) + 2 * heads)
     if setup.attention == "dense_mask":   # boolean block-diagonal mask, one per row
         return B * S * S
     if setup.attention == "eager":        # additive mask, scores (act), fp32 softmax saved, probs (act)
@@ -555,7 +563,7 @@ def candidate_knobs(setup: Setup, optional: tuple[str, ...] = ()) -> list[Knob]:
         if not s.offload_params:
             out.append(Knob("offload_param cpu (ds_configs/zero3_offload.json)", "parameters to host RAM",
                             replace(s, offload_params=True)))
-    if s.attention != "flash":
+    if s.attention in ("dense_mask", "eager"):
         out.append(Knob("--attn-implementation varlen (sm80+) or --no-packing", "no S x S mask or scores",
                         replace(s, attention="flash")))
     if s.micro_batch > 1:
@@ -761,6 +769,8 @@ def attention_kind(name: str, packing: bool) -> str:
         return "eager"
     if name == "sdpa" and packing:
         return "dense_mask"
+    if name == "fa4":
+        return "fa4"
     return "flash"  # sdpa_per_doc, varlen, flash_attention_2, SDPA without a mask: O(S)
 
 

@@ -148,3 +148,23 @@ def test_chunk_size_agrees_with_the_training_loss():
     from longctx import modeling, plan as plan_mod
 
     assert plan_mod.HEAD_CHUNK_TOKENS == modeling.HEAD_CHUNK_TOKENS
+
+
+def test_fa4_counts_its_backward_accumulators():
+    """flash-attention-4's backward allocates fp32 accumulators for dQ (every query head) and, under GQA, dK and
+    dV (every KV head), and two fp32 values per head and token: on top of the calibrated working set of a layer's
+    backward, per rank's heads under Ulysses; no mask knob is offered for it."""
+    from longctx.plan import attention_kind, candidate_knobs
+
+    assert attention_kind("fa4", packing=True) == "fa4" and attention_kind("varlen", packing=True) == "flash"
+    for sp in (1, 4):
+        flash = Setup(LLAMA8B, 131072, world=sp, sp=sp)
+        fa4 = replace(flash, attention="fa4")
+        per_token = 4 * (32 * 128 + 2 * 8 * 128 + 2 * 32) / sp
+        assert attention_workspace(fa4) == pytest.approx(131072 * per_token)
+        layer = {name: plan(x).phase_totals["layer backward"] for name, x in (("flash", flash), ("fa4", fa4))}
+        assert layer["fa4"] - layer["flash"] == pytest.approx(131072 * per_token)
+    mha = replace(LLAMA8B, kv_heads=32)
+    assert attention_workspace(Setup(mha, 1024, attention="fa4")) == pytest.approx(1024 * 4 * (32 * 128 + 2 * 32))
+    assert not any("varlen" in k.flag for k in candidate_knobs(Setup(LLAMA8B, 131072, attention="fa4")))
+    assert any("varlen" in k.flag for k in candidate_knobs(Setup(LLAMA8B, 8192, attention="dense_mask")))
