@@ -5,11 +5,13 @@ documents from one 128K document down to 256 documents of 512 tokens; then 128K 
 document lengths (bench/stdlib_doc_lengths.json) at several values of PER_DOC_MIN_TOKENS.
 
     python -m bench.attention_kernels bench/results/<date>_<device>_attention_kernels.json
-    python -m bench.attention_kernels OUT.json --fa4     # flash-attention-4 (CuTe DSL) against the default path
+    python -m bench.attention_kernels OUT.json --fa4     # packed-row candidates against the default path
 
-`--fa4` needs the `flash-attn-4` package (flash_attn.cute); it is not a dependency of the project, only a candidate
-the default is measured against: its error on packed rows against an fp32 reference (per document, as the default's
-is), and its speed against SDPA per document on one 128K document, 4 x 32K and stdlib rows of fresh lengths.
+`--fa4` needs the `flash-attn-4` package (flash_attn.cute; not a dependency of the project): flash-attention-4
+through longctx.fa4's ops and cuDNN's ragged layout (SDPA on nested jagged tensors, cuDNN only) against SDPA per
+document: error on packed rows against an fp32 reference, speed on one 128K document, 4 x 32K and stdlib rows of
+fresh lengths. (bench/results/2026-12-05_h100_attention_fa4.json predates the cuDNN column and timed the package's
+own flash_attn_varlen_func, which tests/test_fa4.py shows equal to longctx.fa4's ops.)
 """
 
 from __future__ import annotations
@@ -143,24 +145,36 @@ def fresh_lengths(steps: int = 4) -> dict:
     return out
 
 
-def fa4_against_default(steps: int = 4) -> dict:
-    """flash-attention-4's varlen kernel against longctx's SDPA per document (the default), same inputs. Error first:
-    a packed row of 8 documents (16K tokens), output and the three gradients of each, relative to an fp32 SDPA
-    per document on upcast inputs (math backend), for both. Then speed (fwd + bwd), as in main()."""
-    from flash_attn.cute import flash_attn_varlen_func
+def candidates_against_default(steps: int = 4) -> dict:
+    """The packed-row candidates against longctx's SDPA per document (the default), same inputs: flash-attention-4
+    through longctx.fa4's ops (what `--attn-implementation fa4` runs) and cuDNN's ragged (THD) layout, reached
+    through SDPA on nested jagged tensors with only the cuDNN backend allowed. A candidate that fails records its
+    error and is left out of the rows after. Error first: a packed row of 8 documents (16K tokens), output and the
+    three gradients, relative to an fp32 SDPA per document on upcast inputs (math backend). Then speed (fwd + bwd),
+    the first call on each row's lengths separately (a training step meets new lengths every time)."""
+    from torch.nn.attention import sdpa_kernel
 
-    # Inputs are (1, S, H, D), the projections' layout: FA4 takes them as they are, the default as transformers
-    # hands them over, transposed views (1, H, S, D). Both return (1, S, H, D).
+    from longctx.fa4 import varlen_kernel
+
+    # Inputs are (1, S, H, D), the projections' layout; the default gets transformers' transposed views
+    # (1, H, S, D). All return (1, S, H, D).
     def fa4(q, k, v, cu, max_len):
-        o = flash_attn_varlen_func(q[0], k[0], v[0], cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
-                                   max_seqlen_k=max_len, causal=True)
-        return (o[0] if isinstance(o, tuple) else o).unsqueeze(0)
+        return varlen_kernel(q[0], k[0], v[0], cu, cu, max_len, max_len).unsqueeze(0)
+
+    def cudnn_thd(q, k, v, cu, max_len):
+        off = cu.long()
+        nq, nk, nv = (torch.nested.nested_tensor_from_jagged(t[0], off, max_seqlen=max_len).transpose(1, 2)
+                      for t in (q, k, v))
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            o = torch.nn.functional.scaled_dot_product_attention(nq, nk, nv, is_causal=True, enable_gqa=True)
+        return o.transpose(1, 2).values().unsqueeze(0)
 
     def default(q, k, v, cu, max_len):
         return attention.sdpa_per_doc_forward(None, *(t.transpose(1, 2) for t in (q, k, v)), None,
                                               cu_seq_lens_q=cu)[0]
 
-    out: dict = {"error": {}}
+    kernels = {"fa4": fa4, "cudnn_thd": cudnn_thd, "default": default}
+    out: dict = {"error": {}, "failed": {}}
     lens = [4096, 3000, 2500, 2048, 1900, 1200, 1000, 640]
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32).cuda()
     n = sum(lens)
@@ -183,10 +197,15 @@ def fa4_against_default(steps: int = 4) -> dict:
         return torch.cat(outs, 2).transpose(1, 2)
 
     ref = grads(reference, torch.float32)
-    for name, fn in (("fa4", fa4), ("default", default)):
-        got = grads(lambda a, b, c: fn(a, b, c, cu, max(lens)), torch.bfloat16)
+    for name, fn in list(kernels.items()):
+        try:
+            got = grads(lambda a, b, c: fn(a, b, c, cu, max(lens)), torch.bfloat16)
+        except Exception as e:  # noqa: BLE001  (a candidate this torch or card cannot run)
+            out["failed"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            del kernels[name]
+            continue
         out["error"][name] = {t: float((x - r).norm() / r.norm()) for t, x, r in zip(("o", "dq", "dk", "dv"), got, ref)}
-    print("error", json.dumps(out["error"]), flush=True)
+    print("error", json.dumps(out["error"]), "failed", json.dumps(out["failed"]), flush=True)
 
     t0 = time.perf_counter()
     rows = {"one_document": [S], "4_documents": [S // 4] * 4}
@@ -199,7 +218,7 @@ def fa4_against_default(steps: int = 4) -> dict:
         g = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16)
         flops = 3.5 * 4 * sum(x * x / 2 for x in lens) * H * D
         row = {"docs": len(lens)}
-        for kname, fn in (("fa4", fa4), ("default", default)):
+        for kname, fn in kernels.items():
             def once():
                 fn(q, k, v, cu, max(lens)).backward(g)
             torch.cuda.synchronize()
@@ -221,7 +240,7 @@ if __name__ == "__main__":
         with open(sys.argv[1], "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "cudnn": torch.backends.cudnn.version(), "flash_attn_4": md.version("flash-attn-4"),
-                       "fa4": fa4_against_default()}, f, indent=1)
+                       "fa4": candidates_against_default()}, f, indent=1)
     elif len(sys.argv) > 2 and sys.argv[2] == "--fresh-only":
         with open(sys.argv[1], "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
