@@ -8,6 +8,7 @@
     any length; the document boundaries come from the collator's cu_seq_lens (kept on the host: slicing needs
     them there) or, failing that, from the position_ids.
   * "longctx_varlen" (`varlen`): torch.nn.attention.varlen.varlen_attn over the flattened micro-batch.
+  * "longctx_fa4" (`fa4`): the same over flash-attention-4's kernels as torch ops (longctx.fa4; sm90+).
   * transformers' own "flash_attention_2", "sdpa" and "eager" (upstream's; packing needs a dense mask).
 
 Varlen paths get cu_seq_lens_q/k and max_length_q/k (transformers' flash-attention kwargs) from the collator,
