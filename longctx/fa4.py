@@ -93,7 +93,7 @@ def varlen_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch
     """torch varlen_attn's calling convention (what longctx.attention.call_varlen passes) over the custom op."""
     if not is_causal:
         raise RuntimeError("longctx's flash-attention-4 path is causal only")
-    if cu_k is not cu_q and not torch.equal(cu_q, cu_k) or max_q != max_k:
+    if max_q != max_k or (cu_k is not cu_q and not torch.equal(cu_q, cu_k)):  # call_varlen passes one cu twice
         raise RuntimeError("longctx's flash-attention-4 path is self-attention only (cu_seqlens_q == cu_seqlens_k)")
     out, _ = fa4_varlen_fwd(q, k, v, cu_q, int(max_q), float(scale if scale is not None else q.shape[-1] ** -0.5))
     return out
