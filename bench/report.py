@@ -123,6 +123,8 @@ def render_run(run: dict) -> list[str]:
             x = ratio(sub, r)
             if r.get("peak_gpu_gib") is None:  # a CPU run: no GPU memory to compare the plan with
                 mem = f"{DASH} | {r['predicted_peak_gib']:.2f}"
+            elif r.get("peak_withdrawn"):  # the run's note or a later one says why the peak is not the step's
+                mem = f"{r['peak_gpu_gib']:.2f}, withdrawn: {r['peak_withdrawn']} | {r['predicted_peak_gib']:.2f}"
             else:
                 err = r["predicted_peak_gib"] / r["peak_gpu_gib"] - 1
                 mem = (f"{r['peak_gpu_gib']:.2f} | {r['predicted_peak_gib']:.2f} ({err:+.1%}"
@@ -326,7 +328,7 @@ def plot(runs: list[dict], plots_dir: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    gpu = [r for _, r in ok if r.get("peak_gpu_gib") is not None]
+    gpu = [r for _, r in ok if r.get("peak_gpu_gib") is not None and not r.get("peak_withdrawn")]
     xs = [r["peak_gpu_gib"] for r in gpu]
     ax.scatter(xs, [r["predicted_peak_gib"] for r in gpu], s=18)
     hi = max(xs + [1.0]) * 1.15

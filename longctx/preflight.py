@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import LongctxError
-from .plan import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, OPTIMIZER_ON_GPU_CAUTION, GiB, Hardware, Plan, Setup, fmt_len,
-                   host_knob, max_seq_len_that_fits, next_knobs, optimizer_on_gpu, plan)
+from .plan import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GiB, Hardware, Plan, Setup, fmt_len,
+                   host_knob, max_seq_len_that_fits, next_knobs, plan)
 
 
 @dataclass(frozen=True)
@@ -196,8 +196,6 @@ def out_of_memory_message(error: str, *, where: str, rank: int, p: Plan, peak_al
              f"  the memory plan predicted a peak of {_g(p.gpu_peak)} per GPU (its '{p.peak_phase}' phase)"
              + (f"; this rank had reached {_g(peak_allocated)} allocated" if peak_allocated is not None else "")
              + (f" of a {_g(card_bytes)} card" if card_bytes is not None else "") + "."]
-    if optimizer_on_gpu(p.setup):
-        lines.append("  " + OPTIMIZER_ON_GPU_CAUTION + ".")
     lines.append(f"Nothing is lost: the last complete checkpoint is {checkpoint}; rerun the same command with "
                  "--resume auto to continue from it." if checkpoint else
                  "No checkpoint was complete yet; the run starts over once it fits.")

@@ -104,6 +104,16 @@ def test_results_md_is_generated_from_the_committed_json():
     assert report.update_document(existing, report.render(report.load_results(REPO / "bench" / "results"))) == existing
 
 
+def test_a_withdrawn_peak_is_printed_with_its_reason_not_judged_against_the_plan():
+    from bench import report
+
+    run = json.loads((REPO / "bench" / "results" / "2026-12-05_h200_llama3.1-8b-8L_1x_nocap_breakdown.json")
+                     .read_text())
+    row = next(r for r in run["rows"] if r.get("peak_withdrawn"))
+    line = next(x for x in report.render_run(run) if x.startswith(f"| {row['technique']} | 128K |"))
+    assert f"withdrawn: {row['peak_withdrawn']}" in line and "outside" not in line and "%" not in line.split("|")[10]
+
+
 def test_runs_take_their_own_lengths():
     from bench.run import parse_runs
 

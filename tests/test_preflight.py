@@ -107,10 +107,8 @@ def test_out_of_memory_report_names_where_the_plan_the_checkpoint_and_the_knobs(
     assert "runs/x/checkpoints/step-00000005; rerun the same command with --resume auto" in msg
     knobs = msg.split("Knobs that lower the peak (re-planned for this card):\n")[1]
     assert "the largest --max-seq-len that fits as configured" in knobs and "-> " in knobs
-    assert "optimizer on the GPU" not in msg  # ZeRO-3 with the optimizer offloaded (the Setup default)
 
     on_gpu = plan(Setup(LLAMA8B, 131072, world=8, offload_params=False, offload_optimizer=False))
     msg = out_of_memory_message("", where="x", rank=0, p=on_gpu, peak_allocated=None, card_bytes=None,
                                 host_mem=int(512 * GiB), checkpoint=None)
-    assert "with the optimizer on the GPU, measured peaks ran above this plan" in msg
     assert "No checkpoint was complete yet" in msg and "Knobs" not in msg and "allocated" not in msg

@@ -92,10 +92,20 @@ def test_plan_prints_the_resolution_train_py_uses():
     for k, v in s.why.items():
         assert f"{k}: {v}" in text
     assert "; ".join(s.header()[:2]) in text
-    assert plan.OPTIMIZER_ON_GPU_CAUTION not in text  # zero3_offload.json, the default
+    assert "ds_configs/zero3.json" not in text  # 8B's states (128 GB) do not fit 4 x 16 GiB
 
-    on_gpu = config.parse(args + ["--plan", "--deepspeed", str(REPO / "ds_configs" / "zero3.json")])
-    assert plan.OPTIMIZER_ON_GPU_CAUTION in plan.cli_plan(on_gpu)
+
+def test_plan_points_to_zero3_json_where_the_whole_states_fit():
+    """Where the optimizer is offloaded but parameters, gradients and Adam states all fit the GPUs, `--plan` says
+    what ds_configs/zero3.json would plan to; not where they do not fit, nor where the config already keeps them."""
+    tiny = ["--gpus", "1", "--gpu-mem", "80GiB", "--host-mem", "128GiB", "--plan"]
+    text = plan.cli_plan(config.parse(tiny))
+    assert "The whole model's states fit the GPUs: with --deepspeed ds_configs/zero3.json" in text
+    on_gpu = config.parse(tiny + ["--deepspeed", str(REPO / "ds_configs" / "zero3.json")])
+    assert "ds_configs/zero3.json (parameters" not in plan.cli_plan(on_gpu)
+    eight_b = ["--model", str(REPO / "longctx" / "default_data" / "llama3.1-8b.json"), "--max-seq-len", "32768"]
+    assert "states fit" not in plan.cli_plan(config.parse(eight_b + tiny))  # 128 GB of states on one 80 GiB card
+    assert "states fit" in plan.cli_plan(config.parse(eight_b + tiny[:1] + ["8"] + tiny[2:]))  # 16 GB each of 8
 
 
 def test_resolved_json_round_trips(tmp_path):
