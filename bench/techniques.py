@@ -10,8 +10,8 @@ parameters and optimizer to CPU as `ds_configs/zero3_offload.json` did before pl
     upstream_offload baseline + upstream offload=True
     upstream_best    upstream SDPA + upstream offload=True + Liger (auto: on with a GPU): the best stack without us
     varlen           longctx with torch's varlen_attn (the default kernel before sdpa_per_doc)
-    sdpa_per_doc     longctx with SDPA per document (the default; named, for side-by-side runs with fa4)
-    fa4              longctx with flash-attention-4 (needs flash-attn-4 on an sm90+ GPU)
+    sdpa_per_doc     longctx with SDPA per document (auto without flash-attn-4; named, for runs beside fa4)
+    fa4              longctx with flash-attention-4 (auto where flash-attn-4 is installed on an sm90+ GPU)
     recompute_attn   longctx without selective checkpointing (attention rerun in backward, as before)
     params_cpu       longctx with parameters forced to CPU     } where parameters live, measured side by side
     params_gpu       longctx with parameters forced on the GPU }
@@ -60,7 +60,7 @@ TECHNIQUES = {t.name: t for t in (
               UPSTREAM_OFFLOAD_PARAM, "upstream's best: SDPA + offload=True + Liger"),
     Technique("varlen", _RECIPE + ("--attn-implementation", "varlen"), desc="longctx with torch varlen_attn"),
     Technique("sdpa_per_doc", _RECIPE + ("--attn-implementation", "sdpa_per_doc"),
-              desc="longctx with SDPA per document (the default kernel)"),
+              desc="longctx with SDPA per document (auto without flash-attn-4)"),
     Technique("fa4", _RECIPE + ("--attn-implementation", "fa4"), desc="longctx with flash-attention-4"),
     Technique("recompute_attn", _RECIPE + ("--no-keep-attention",),
               desc="longctx with plain checkpointing (attention recomputed in backward)"),

@@ -276,16 +276,12 @@ def per_token_bytes(s: ModelShape, act_bytes: int) -> int:
 
 def attention_workspace(setup: Setup) -> float:
     """Beyond the O(S) tensors already in the working set (calibrated on SDPA's cuDNN and varlen_attn): the dense
-    mask or eager's S x S scores; flash-attention-4's backward accumulators."""
+    mask or eager's S x S scores. flash-attention-4 adds nothing: its backward's fp32 accumulators (dQ, and dK/dV
+    under GQA: ~3 GiB at 128K for the 8B shape) take the place of cuDNN's workspace, and its measured peaks equal
+    the default's (one H100, 8B shape at 8 layers: 6.0 / 17.0 / 32.0 GiB at 16K / 64K / 128K for both; 31.9 vs
+    34.4 GiB on stdlib rows at 128K; bench/results/2026-12-05_h100_1xgpu-8b-8L-fa4.json)."""
     S, B, a = setup.seq_len, setup.micro_batch, setup.act_bytes
     heads = setup.shape.heads / setup.sp
-    if setup.attention == "fa4":
-        # its backward allocates fp32 accumulators for dQ, and for dK and dV under GQA, plus two fp32 rows per
-        # head (flash_attn.cute.interface._flash_attn_bwd): ~3 GiB at 128K for the 8B shape, not measured in a
-        # step yet, so counted on top of the calibrated working set
-        kv = setup.shape.kv_heads / setup.sp
-        gqa = setup.shape.kv_heads != setup.shape.heads
-        return B * S * 4 * (heads * setup.shape.head_dim + (2 * kv * setup.shape.head_dim if gqa else 0) + 2 * heads)
     if setup.attention == "dense_mask":   # boolean block-diagonal mask, one per row
         return B * S * S
     if setup.attention == "eager":        # additive mask, scores (act), fp32 softmax saved, probs (act)

@@ -9,8 +9,10 @@ run header, `resolved.json` in the run directory, the memory plan and a benchmar
 
 What it decides, and from what:
   precision      bf16 on sm80+, fp16 (dynamic loss scaling) on sm70, fp32 on CPU
-  attention      sdpa_per_doc wherever SDPA runs (every CUDA GPU and CPU): causal SDPA per document of a
-                 packed row, cuDNN first on GPUs (the fastest kernel measured, docs/RESULTS.md), no S x S mask
+  attention      fa4 (flash-attention-4's varlen kernels) where flash-attn-4 is installed on an sm90+ GPU in half
+                 precision (its step measured faster, docs/RESULTS.md); else sdpa_per_doc wherever SDPA runs
+                 (every CUDA GPU and CPU): causal SDPA per document of a packed row, cuDNN first on GPUs; no S x S
+                 mask either way
   liger          on when liger-kernel is installed and a GPU is used
   checkpointing  none | plain | offload (fork's offloader or upstream's save_on_cpu), reentrant, offloaded layers
   ZeRO placement ds_config offload_param.device "auto": parameters stay on the GPU where the plan fits them,
@@ -120,16 +122,20 @@ def _is_fork() -> bool:
     return True
 
 
-FA4_NOT_YET_AUTO = ("; flash-attn-4 is installed: --attn-implementation fa4 ran faster in isolation (H100: 1.15x on one "
-                    "128K document, 2x on packed real text; docs/RESULTS.md) but is not auto until its step time is "
-                    "measured")
+# Step times through train.py, one H100, 8B shape at 8 layers (bench/results/2026-12-05_h100_1xgpu-8b-8L-fa4.json):
+# fa4 against sdpa_per_doc 1.93 / 4.65 / 11.20 s against 1.96 / 4.90 / 12.18 s at 16K / 64K / 128K (one document),
+# 5.04 against 5.35 s on stdlib rows at 128K; the same peaks.
+FA4_AUTO = ("; auto: its step beat sdpa_per_doc's on an H100 (1.02-1.09x from 16K to 128K, 1.06x on packed real "
+            "text)")
+FA4_MISSING = ("; flash-attn-4 would be auto here (pip install 'flash-attn-4[cu13]'; 1.02-1.09x faster steps on an "
+               "H100, docs/RESULTS.md)")
 
 
 @dataclass(frozen=True)
 class Resolved:
     """The settings of one run, every "auto" decided. `why` says, per setting, what decided it."""
     precision: str
-    attention: str                   # what the user would name: sdpa_per_doc | varlen | flash_attention_2 | sdpa | eager
+    attention: str                   # the user's name: fa4 | sdpa_per_doc | varlen | flash_attention_2 | sdpa | eager
     attn_impl: str                   # the name given to transformers
     attn_varlen_kwargs: bool         # the collator's cu_seq_lens / max_length go to the model forward
     liger: bool
@@ -222,21 +228,42 @@ class AttentionChoice:
     note: str
 
 
+def fa4_head_dim_ok(head_dim: Optional[int], capability: Optional[tuple[int, int]]) -> bool:
+    """flash-attention-4's head sizes (flash_attn.cute.interface._validate_head_dims, 4.0.0b36): multiples of 8 from
+    8 to 256 on sm90; to 128, or 256, on sm100+. None: not known here (checked where the model is)."""
+    if head_dim is None:
+        return True
+    if head_dim % 8 or not 8 <= head_dim <= 256:
+        return False
+    return capability is None or capability[0] < 10 or head_dim <= 128 or head_dim == 256
+
+
 def resolve_attention(requested: str, facts: Facts, *, precision: str, packing: bool, max_seq_len: int,
-                      dense_mask_max_len: int) -> AttentionChoice:
-    """auto is sdpa_per_doc: SDPA per document runs everywhere (cuDNN first, 530-543 TFLOP/s fwd + bwd on one 128K
-    document on an H200; on CPU and V100 SDPA's math / memory-efficient kernel), with no S x S mask, so packing
-    works at any length on every device. fa4 (flash-attn-4, sm90+) measured faster in isolation on an H100
-    (docs/RESULTS.md: 625 vs 542 TFLOP/s on one 128K document, twice the speed on rows packed with real document
-    lengths) and runs inside train.py's step, but has no end-to-end step time yet: it is named, not auto, and the
-    note says so where it is installed."""
+                      dense_mask_max_len: int, head_dim: Optional[int] = None) -> AttentionChoice:
+    """auto is fa4 where flash-attn-4 (the version measured) imports on an sm90+ GPU in half precision: through
+    train.py on an H100 its step was the faster at every length measured (FA4_AUTO), with the same peak. Elsewhere
+    auto is sdpa_per_doc: SDPA per document runs everywhere (cuDNN first, 530-543 TFLOP/s fwd + bwd on one 128K
+    document on an H100/H200; on CPU and V100 SDPA's math / memory-efficient kernel), with no S x S mask, so
+    packing works at any length on every device."""
     half = precision in ("bf16", "fp16")
     if requested == "auto":
+        if facts.fa4 and facts.sm90 and half and not fa4_head_dim_ok(head_dim, facts.capability):
+            fa4_note = f"; not fa4: head_dim {head_dim} is outside flash-attention-4's sizes on this GPU"
+        elif facts.fa4 and facts.sm90 and half:
+            from .fa4 import MEASURED_VERSION
+
+            if facts.fa4 == MEASURED_VERSION:  # longctx.fa4 calls private entry points: only the version measured
+                choice = resolve_attention("fa4", facts, precision=precision, packing=packing,
+                                           max_seq_len=max_seq_len, dense_mask_max_len=dense_mask_max_len,
+                                           head_dim=head_dim)
+                return dataclasses.replace(choice, note=choice.note + FA4_AUTO)
+            fa4_note = (f"; flash-attn-4 {facts.fa4} is installed, but auto takes only the version measured "
+                        f"({MEASURED_VERSION}): --attn-implementation fa4 runs it")
+        else:
+            fa4_note = FA4_MISSING if facts.sm90 and half else ""
         choice = resolve_attention("sdpa_per_doc", facts, precision=precision, packing=packing,
                                    max_seq_len=max_seq_len, dense_mask_max_len=dense_mask_max_len)
-        if facts.fa4 and facts.sm90 and half:
-            choice = dataclasses.replace(choice, note=choice.note + FA4_NOT_YET_AUTO)
-        return choice
+        return dataclasses.replace(choice, note=choice.note + fa4_note)
     if requested == "fa4":
         if not facts.fa4:
             raise LongctxError("--attn-implementation fa4 is unavailable: flash-attn-4 is not installed "
@@ -244,6 +271,10 @@ def resolve_attention(requested: str, facts: Facts, *, precision: str, packing: 
         if not facts.sm90 or not half:
             raise LongctxError("--attn-implementation fa4 needs a CUDA GPU of sm90+ (its backward's requirement) and "
                                f"bf16/fp16 (device: {facts.name}, precision: {precision})")
+        if not fa4_head_dim_ok(head_dim, facts.capability):
+            raise LongctxError(f"--attn-implementation fa4: head_dim {head_dim} is not among flash-attention-4's "
+                               f"sizes on {facts.name} (multiples of 8 up to 256 on sm90, up to 128 or 256 on "
+                               "sm100+); use auto or sdpa_per_doc")
         from .fa4 import MEASURED_VERSION
 
         other = "" if facts.fa4 == MEASURED_VERSION else f"; measured with {MEASURED_VERSION}, not this version"
@@ -318,7 +349,8 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
     precision, why["precision"] = resolve_precision(cfg.precision, facts)
     liger, why["liger"] = resolve_liger(cfg.liger, facts)
     attn = resolve_attention(cfg.attn_implementation, facts, precision=precision, packing=cfg.packing,
-                             max_seq_len=cfg.max_seq_len, dense_mask_max_len=cfg.dense_mask_max_len)
+                             max_seq_len=cfg.max_seq_len, dense_mask_max_len=cfg.dense_mask_max_len,
+                             head_dim=shape.head_dim)
     why["attention"] = attn.note
     mode, impl, n_off, why["checkpointing"] = resolve_checkpointing(cfg, facts, shape.layers)
     if not cfg.tiled_loss and liger:

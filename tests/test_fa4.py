@@ -193,21 +193,41 @@ H100 = Facts("cuda", "NVIDIA H100 80GB HBM3", (9, 0), 80 * 2**30, 1, 128 * 2**30
              fork=True, fa4="4.0.0b36")
 
 
-def choose(facts: Facts, requested: str = "auto", precision: str = "bf16"):
+def choose(facts: Facts, requested: str = "auto", precision: str = "bf16", head_dim: int = 128):
     return resolve_attention(requested, facts, precision=precision, packing=True, max_seq_len=131072,
-                             dense_mask_max_len=8192)
+                             dense_mask_max_len=8192, head_dim=head_dim)
 
 
-def test_fa4_is_named_not_auto_until_its_step_time_is_measured():
-    """fa4 where asked for on sm90+ in half precision; auto stays sdpa_per_doc and, where fa4 could run, says so."""
+def test_auto_takes_fa4_where_the_measured_version_runs():
+    """auto is fa4 on sm90+ in half precision with the version measured installed; another version is named in the
+    note and left to --attn-implementation fa4; without flash-attn-4 on such a GPU the note says how to get it;
+    elsewhere auto is sdpa_per_doc and says nothing of fa4."""
     named = choose(H100, "fa4")
     assert (named.name, named.impl, named.varlen_kwargs) == ("fa4", FA4, True) and "measured with" not in named.note
     assert "measured with 4.0.0b36, not this version" in choose(dataclasses.replace(H100, fa4="4.1.0"), "fa4").note
-    assert choose(H100).name == "sdpa_per_doc" and "--attn-implementation fa4 ran faster" in choose(H100).note
+    auto = choose(H100)
+    assert (auto.name, auto.impl) == ("fa4", FA4) and "auto: its step beat sdpa_per_doc's" in auto.note
+    assert choose(H100, precision="fp16").name == "fa4"
+    other = choose(dataclasses.replace(H100, fa4="4.1.0"))
+    assert other.name == "sdpa_per_doc" and "flash-attn-4 4.1.0 is installed, but auto takes only" in other.note
+    missing = choose(dataclasses.replace(H100, fa4=None))
+    assert missing.name == "sdpa_per_doc" and "pip install 'flash-attn-4[cu13]'" in missing.note
     a100 = dataclasses.replace(H100, name="A100", capability=(8, 0))
-    for facts, precision in ((dataclasses.replace(H100, fa4=None), "bf16"), (a100, "bf16"), (H100, "fp32")):
+    for facts, precision in ((a100, "bf16"), (H100, "fp32"), (Facts(fa4="4.0.0b36"), "fp32")):
         auto = choose(facts, precision=precision)
         assert auto.name == "sdpa_per_doc" and "fa4" not in auto.note
+
+
+def test_head_sizes_flash_attention_4_lacks_keep_auto_on_sdpa_and_refuse_the_name():
+    """Its sizes (4.0.0b36): multiples of 8 up to 256 on sm90; up to 128, or 256, on sm100+."""
+    b200 = dataclasses.replace(H100, name="B200", capability=(10, 0))
+    for facts, d in ((H100, 32), (H100, 64), (H100, 256), (b200, 128), (b200, 256)):
+        assert choose(facts, head_dim=d).name == "fa4", (facts.name, d)
+    for facts, d in ((H100, 100), (H100, 4), (H100, 512), (b200, 192)):
+        auto = choose(facts, head_dim=d)
+        assert auto.name == "sdpa_per_doc" and f"not fa4: head_dim {d}" in auto.note, (facts.name, d)
+        with pytest.raises(LongctxError, match=f"head_dim {d} is not among"):
+            choose(facts, "fa4", head_dim=d)
 
 
 def test_fa4_asked_for_where_it_cannot_run_is_refused():

@@ -1,5 +1,6 @@
-"""GPU checks (skipped without CUDA): bf16 packing and gradient parity of the kernels auto picks (SDPA per document,
-varlen) and of fa4 where flash-attn-4 is installed on sm90+, Liger under the training loss, and train.py end to end on one GPU with the automatic choices.
+"""GPU checks (skipped without CUDA): bf16 packing and gradient parity of the kernels auto picks (fa4 where
+flash-attn-4 is installed on sm90+, else SDPA per document, which routes some documents to varlen), Liger under the
+training loss, and train.py end to end on one GPU with the automatic choices.
 
 Run on a GPU machine:  pytest -m gpu tests/test_train_gpu.py tests/test_attention_backend.py
 """
