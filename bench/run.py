@@ -54,10 +54,14 @@ PROFILES: dict[str, dict] = {
     # where a step is ~2 s and one timed step is noisy (run with --steps 2 or more)
     "1xgpu-8b-8L-packed": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="128K",
                                runs="longctx:stdlib,varlen:stdlib,longctx:1@16K,upstream_best:1@16K"),
-    # flash-attention-4 (flash-attn-4 installed, sm90+) against SDPA per document, one document and packed real text,
-    # before it may become auto
+    # flash-attention-4 (flash-attn-4 installed, sm90+) against SDPA per document, one document and packed real text:
+    # the measurement by which auto takes it (2026-12-05, H100)
     "1xgpu-8b-8L-fa4": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
                             runs="sdpa_per_doc:1,fa4:1,upstream_best:1,sdpa_per_doc:stdlib@128K,fa4:stdlib@128K"),
+    # beyond 128K, to the longest both stacks run on the card: the default (fa4 where installed) against upstream's
+    # best; a length the preflight refuses or that runs out of memory is recorded as such
+    "1xgpu-8b-8L-long": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="192K,256K,384K",
+                             runs="longctx:1,upstream_best:1"),
     # where parameters live, and tiled MLP, side by side on one GPU
     "1xgpu-8b-8L-placement": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
                                   runs="params_cpu:1,params_gpu:1,tiled_mlp:1"),
