@@ -77,7 +77,7 @@ def reference_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=True
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--core", choices=("segments", "varlen", "sdpa_per_doc"), required=True)
+    p.add_argument("--core", choices=("segments", "varlen", "sdpa_per_doc", "fa4"), required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int, default=0)
     args = p.parse_args()
@@ -98,12 +98,17 @@ def main():
     lm_ref = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     sp_mod.check(sp, world, config)
 
-    flatten = args.core in ("varlen", "sdpa_per_doc")
+    flatten = args.core in ("varlen", "sdpa_per_doc", "fa4")
     micro = 1 if flatten else 2
     if args.core == "varlen":
         impl = attention.register_varlen(reference_varlen_kernel)
     elif args.core == "sdpa_per_doc":
         impl = attention.register(resolve.SDPA_PER_DOC)
+    elif args.core == "fa4":  # longctx.fa4's ops over a plain stand-in for flash-attention-4's kernels
+        import helpers_fa4
+
+        helpers_fa4.install()
+        impl = attention.register(resolve.FA4)
     else:
         impl = "sdpa"
     core = sp_mod.core_attention(impl, sp)

@@ -17,6 +17,7 @@ import types
 import pytest
 import torch
 
+from helpers_fa4 import FAKE, fake_modules
 from helpers_train import attention_calls, tiny_config
 from longctx import attention, modeling
 from longctx.errors import LongctxError
@@ -26,67 +27,10 @@ DOCS = [40, 56, 32]
 LAYERS = 2
 
 
-def _up(t):  # fp32 at least; the fp64 test stays fp64
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def _causal_scores(q, k, scale):
-    """(H, n, n) fp32 scores of one document, k's heads repeated for GQA, the future masked."""
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    s = torch.einsum("qhd,khd->hqk", _up(q), _up(k)) * scale
-    n = q.shape[0]
-    return s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
-
-
-def fake_fwd(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-             return_lse, **_):
-    assert causal and return_lse and cu_seqlens_q is cu_seqlens_k
-    assert max_seqlen_q == max(cu_seqlens_q.diff().tolist())
-    FAKE.forwards += 1
-    out = torch.empty(*q.shape[:2], v.shape[-1], dtype=q.dtype)
-    lse = torch.empty(q.shape[1], q.shape[0], dtype=_up(q).dtype)  # fp32 in the kernel
-    bounds = cu_seqlens_q.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        s = _causal_scores(q[a:b], k[a:b], softmax_scale)
-        lse[:, a:b] = torch.logsumexp(s, -1)
-        vv = _up(v[a:b].repeat_interleave(q.shape[1] // v.shape[1], dim=1))
-        out[a:b] = torch.einsum("hqk,khd->qhd", s.softmax(-1), vv).to(q.dtype)
-    return out, lse, None, None, None
-
-
-def fake_bwd(q, k, v, out, dout, lse, softmax_scale, causal, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-             max_seqlen_k, **_):
-    """dV = P^T dO, dS = P (dO V^T - rowsum(dO O)), dQ = scale dS K, dK = scale dS^T Q; P from the saved lse;
-    K/V gradients summed over the query heads of their group."""
-    assert causal
-    rep = q.shape[1] // k.shape[1]
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    bounds = cu_seqlens_q.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        p = (_causal_scores(q[a:b], k[a:b], softmax_scale) - lse[:, a:b, None]).exp()
-        do, o = _up(dout[a:b]), _up(out[a:b])
-        kk = _up(k[a:b].repeat_interleave(rep, dim=1))
-        vv = _up(v[a:b].repeat_interleave(rep, dim=1))
-        dvv = torch.einsum("hqk,qhd->khd", p, do)
-        ds = p * (torch.einsum("qhd,khd->hqk", do, vv) - (do * o).sum(-1).T[:, :, None])
-        dq[a:b] = (softmax_scale * torch.einsum("hqk,khd->qhd", ds, kk)).to(q.dtype)
-        dkk = softmax_scale * torch.einsum("hqk,qhd->khd", ds, _up(q[a:b]))
-        dk[a:b] = dkk.view(b - a, k.shape[1], rep, -1).sum(2).to(k.dtype)
-        dv[a:b] = dvv.view(b - a, v.shape[1], rep, -1).sum(2).to(v.dtype)
-    return dq, dk, dv
-
-
-FAKE = types.SimpleNamespace(forwards=0)
-
-
 @pytest.fixture
 def fake_kernels(monkeypatch):
-    interface = types.ModuleType("flash_attn.cute.interface")
-    interface._flash_attn_fwd, interface._flash_attn_bwd = fake_fwd, fake_bwd
-    cute = types.ModuleType("flash_attn.cute")
-    cute.interface = interface
-    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
-    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", interface)
+    for name, module in fake_modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
     FAKE.forwards = 0
 
 

@@ -4,7 +4,8 @@ tests/sp_worker.py runs the training path with SP=2 (Ulysses all-to-all, sliced 
 CE sums weighted by supervised-token counts, DeepSpeed's gradient reduction) and, independently, every
 document alone through an eager-attention copy of the model. Loss and every gradient must agree to fp32
 round-off: packed rows of odd length (padded to a multiple of 2), unpacked rows of different lengths, and
-the paths that take cu_seq_lens of the full row (varlen, and the default SDPA per document); each also with tiled MLP + full logits.
+the paths that take cu_seq_lens of the full row (varlen, SDPA per document, fa4); each also with tiled MLP + full
+logits.
 """
 
 from __future__ import annotations
@@ -50,10 +51,10 @@ def test_sp2_equals_sp1_packed_odd_and_variable_length_rows(tmp_path):
     assert results["unpacked_varlen/plain"]["local_len"] == 12  # longest row 23 -> 24
 
 
-@pytest.mark.parametrize("core", ["varlen", "sdpa_per_doc"])
+@pytest.mark.parametrize("core", ["varlen", "sdpa_per_doc", "fa4"])
 def test_sp2_equals_sp1_varlen_full_cu_seqlens(tmp_path, core):
-    """The kernels that take the full row's document boundaries: torch varlen_attn (a reference kernel on CPU)
-    and the default SDPA per document."""
+    """The kernels that take the full row's document boundaries: torch varlen_attn (a reference kernel on CPU),
+    SDPA per document, and longctx.fa4's ops (over a plain stand-in for flash-attention-4's kernels on CPU)."""
     results = run_worker(core, tmp_path)
     assert_parity(results, {"varlen_packed_odd"})
     assert results["varlen_packed_odd/plain"]["local_len"] == 31  # 61 -> 62
