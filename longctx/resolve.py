@@ -247,9 +247,10 @@ def resolve_attention(requested: str, facts: Facts, *, precision: str, packing: 
     packing works at any length on every device."""
     half = precision in ("bf16", "fp16")
     if requested == "auto":
-        if facts.fa4 and facts.sm90 and half and not fa4_head_dim_ok(head_dim, facts.capability):
+        fa4_could_run = facts.fa4 and facts.sm90 and half
+        if fa4_could_run and not fa4_head_dim_ok(head_dim, facts.capability):
             fa4_note = f"; not fa4: head_dim {head_dim} is outside flash-attention-4's sizes on this GPU"
-        elif facts.fa4 and facts.sm90 and half:
+        elif fa4_could_run:
             from .fa4 import MEASURED_VERSION
 
             if facts.fa4 == MEASURED_VERSION:  # longctx.fa4 calls private entry points: only the version measured
