@@ -44,8 +44,9 @@ class Technique:
 
 
 _RECIPE = ("--offload-gradient-checkpointing",)  # --liger auto: on wherever a GPU and liger-kernel are
-# upstream SDPA packs only with an S x S mask; upstream checkpointing recomputes attention
-_UPSTREAM_SDPA = ("--attn-implementation", "sdpa", "--no-packing", "--no-keep-attention")
+# upstream SDPA packs only with an S x S mask; upstream checkpointing recomputes attention; upstream has no tiled MLP
+# (train.py's auto would tile where the untiled step does not fit, and the row would no longer be upstream's)
+_UPSTREAM_SDPA = ("--attn-implementation", "sdpa", "--no-packing", "--no-keep-attention", "--no-tiled-mlp")
 
 TECHNIQUES = {t.name: t for t in (
     Technique("longctx", _RECIPE, desc="longctx defaults (README recipe: fork offload + Liger, the rest auto)"),
