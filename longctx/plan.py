@@ -66,6 +66,14 @@ IDS_BYTES_PER_TOKEN = 24
 #   upstream (save_on_cpu): nothing beyond the working set; reentrant assumed like plain (+1).
 CKPT_EXTRA_UNITS = {("plain", False): 0, ("plain", True): 1, ("fork", False): 1, ("fork", True): 3,
                     ("upstream", False): 0, ("upstream", True): 1}
+# Tiled MLP (DeepSpeed's TiledMLP): full-length tensors no shard count shrinks, as a floor under the MLP's part of
+# the working set: the input gradient it allocates whole before the first shard and the concatenated output of the
+# recompute; under reentrant checkpointing these come while the recomputed layer's outputs are still held. FITTED,
+# provisional, on the two 96-shard rows at 384K (bench/results/2026-12-05_h100_1xgpu-8b-8L-long.json: without the
+# floor the plan was 6% low for the fork's non-reentrant path and 30% low for upstream's reentrant one). The check:
+# the 4-shard reentrant rows of 2026-12-04 (placement, 16K-128K) plan -11% / +12% / +10% with it (-12 / +8 / +5%
+# without).
+TILED_MLP_MIN_UNITS = {False: 1.5, True: 4.5}  # keyed by reentrant
 # Ulysses sequence parallelism: all-to-all send/receive buffers of q, k, v and the attention output.
 SP_A2A_UNITS = 2.0
 # Fit check, outside what torch reports as allocated: the CUDA context (driver, kernels, NCCL) and
@@ -245,14 +253,19 @@ def total_params(s: ModelShape, *, lm_head: bool = True, tied: bool = False) -> 
     return s.layers * layer_params(s) + emb + s.hidden + (emb if lm_head and not tied else 0)
 
 
-def working_set_units(s: ModelShape, act_bytes: int, *, liger: bool, mlp_shards: int = 1) -> float:
-    """Peak of one decoder layer's backward after recompute, in units of tokens x hidden x act_bytes."""
+def working_set_units(s: ModelShape, act_bytes: int, *, liger: bool, mlp_shards: int = 1,
+                      reentrant: bool = False) -> float:
+    """Peak of one decoder layer's backward after recompute, in units of tokens x hidden x act_bytes. With tiled MLP
+    the MLP's part is one shard's intermediates, but never less than TiledMLP's full-length tensors
+    (TILED_MLP_MIN_UNITS, which depend on how the layer is recomputed)."""
     q, kv, r = _ratios(s)
-    r = r / mlp_shards
     attn = 3 * q + 2 * kv
+    mlp = (4 if liger else 6) * r / mlp_shards
+    if mlp_shards > 1:
+        mlp = max(mlp, TILED_MLP_MIN_UNITS[reentrant])
     if liger:
-        return 4 + attn + 4 * r + 1
-    return 2 * (4 / act_bytes + 2) + attn + 6 * r + 1
+        return 4 + attn + mlp + 1
+    return 2 * (4 / act_bytes + 2) + attn + mlp + 1
 
 
 def saved_units(s: ModelShape, act_bytes: int, *, liger: bool) -> float:
@@ -403,7 +416,7 @@ def plan(setup: Setup) -> Plan:
                                Item("ids, rotary cos/sin, logsumexp", T * per_token_bytes(s, a))]
 
     liger = setup.liger_kernels
-    ws_units = working_set_units(s, a, liger=liger, mlp_shards=setup.tiled_mlp_shards)
+    ws_units = working_set_units(s, a, liger=liger, mlp_shards=setup.tiled_mlp_shards, reentrant=setup.reentrant)
     untiled = working_set_units(s, a, liger=liger) * U
     ckpt_units = ckpt_gpu_units(setup)
     ckpt_note = {"none": "no checkpointing", "plain": f"{s.layers} layers on GPU",
@@ -646,7 +659,7 @@ def format_plan(setup: Setup, hw: Hardware, *, model_name: str = "", optional: t
                      f"with {s.tiled_mlp_shards} shards {gib(p.working_set_tiled).strip()} GiB")
     else:
         t = working_set_units(sh, s.act_bytes, liger=s.liger_kernels,
-                              mlp_shards=max(2, math.ceil(sh.intermediate / sh.hidden)))
+                              mlp_shards=max(2, math.ceil(sh.intermediate / sh.hidden)), reentrant=s.reentrant)
         lines.append(f"  per-layer working set {gib(p.working_set_untiled).strip()} GiB; with tiled MLP "
                      f"{t * s.tokens * sh.hidden * s.act_bytes / GiB:.2f} GiB")
     need = p.gpu_peak * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES

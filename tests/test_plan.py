@@ -27,6 +27,10 @@ def test_working_set_units_by_hand():
     assert working_set_units(LLAMA8B, 2, liger=True) == pytest.approx(22.5)
     # tiled MLP, 4 shards: r = 0.875 -> 8 + 3.5 + 5.25 + 1
     assert working_set_units(LLAMA8B, 2, liger=False, mlp_shards=4) == pytest.approx(17.75)
+    # many shards (96 at 384K): TiledMLP's full-length tensors are the floor, higher when the recompute is reentrant
+    assert working_set_units(LLAMA8B, 2, liger=True, mlp_shards=96) == pytest.approx(4 + 3.5 + 1.5 + 1)
+    assert working_set_units(LLAMA8B, 2, liger=True, mlp_shards=96, reentrant=True) == pytest.approx(4 + 3.5 + 4.5 + 1)
+    assert working_set_units(LLAMA8B, 2, liger=True, reentrant=True) == pytest.approx(22.5)  # untiled: no floor
     # fp32 activations: the RMSNorm upcast is not a copy of a different size: 2 x (1 + 2) = 6
     assert working_set_units(LLAMA8B, 4, liger=False) == pytest.approx(31.5)
 
