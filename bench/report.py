@@ -310,11 +310,10 @@ def plot(runs: list[dict], plots_dir: Path) -> list[Path]:
     for i, (tech, (synced, pts)) in enumerate(sorted(latest_series(runs).items())):
         label = tech + (" (phases synced)" if synced else "")
         # the question the plot answers is the default against upstream's best: those two bold, the rest thin
-        main = tech in ("longctx", "upstream_best")
+        main = {"longctx": "tab:blue", "upstream_best": "tab:red"}.get(tech)
         style = dict(marker="os^vD<>ph*"[i % 10], linestyle=("-", "--", ":")[i // 10 % 3], label=label,
-                     color={"longctx": "tab:blue", "upstream_best": "tab:red"}.get(
-                         tech, plt.get_cmap("tab20")((2 * i + 1) % 20)), linewidth=2.4 if main else 1.0, alpha=1.0 if main else 0.7,
-                     zorder=3 if main else 2)
+                     color=main or plt.get_cmap("tab20")((2 * i + 1) % 20),  # the pale half of tab20
+                     linewidth=2.4 if main else 1.0, alpha=1.0 if main else 0.7, zorder=3 if main else 2)
         ax.plot([r["seq_len"] for r in pts], [r["step_time_s"] for r in pts], **style)
         ax_mfu.plot([r["seq_len"] for r in pts], [100 * (r.get("mfu") or 0) for r in pts], **style)
     ax_mfu.axhline(45, color="grey", linewidth=1, linestyle="--")
