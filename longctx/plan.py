@@ -253,6 +253,12 @@ def total_params(s: ModelShape, *, lm_head: bool = True, tied: bool = False) -> 
     return s.layers * layer_params(s) + emb + s.hidden + (emb if lm_head and not tied else 0)
 
 
+def tiled_mlp_shards(tokens: int, hidden: int) -> int:
+    """Chunks tiled MLP splits a rank's tokens into: ceil(tokens / hidden) (what longctx.sequence_parallel's
+    agreed_shards runs), at least 2. The one rule for resolve's plan, the knob and the plan's preview."""
+    return max(2, math.ceil(tokens / hidden))
+
+
 def working_set_units(s: ModelShape, act_bytes: int, *, liger: bool, mlp_shards: int = 1,
                       reentrant: bool = False) -> float:
     """Peak of one decoder layer's backward after recompute, in units of tokens x hidden x act_bytes. With tiled MLP
@@ -567,7 +573,7 @@ def candidate_knobs(setup: Setup, optional: tuple[str, ...] = ()) -> list[Knob]:
         out.append(Knob("--micro-batch-size 1 (raise --grad-accum)", "fewer tokens per forward",
                         replace(s, micro_batch=1)))
     if s.tiled_mlp_shards == 1 and "tiled_mlp" in optional:
-        n = max(2, math.ceil(s.shape.intermediate / s.shape.hidden))
+        n = tiled_mlp_shards(s.tokens, s.shape.hidden)
         out.append(Knob(f"tiled MLP ({n} shards)", "MLP intermediates one shard at a time",
                         replace(s, tiled_mlp_shards=n)))
     if "sequence_parallel" in optional and s.world % max(1, s.sp * 2) == 0 and s.world > s.sp:
@@ -659,7 +665,7 @@ def format_plan(setup: Setup, hw: Hardware, *, model_name: str = "", optional: t
                      f"with {s.tiled_mlp_shards} shards {gib(p.working_set_tiled).strip()} GiB")
     else:
         t = working_set_units(sh, s.act_bytes, liger=s.liger_kernels,
-                              mlp_shards=max(2, math.ceil(sh.intermediate / sh.hidden)), reentrant=s.reentrant)
+                              mlp_shards=tiled_mlp_shards(s.tokens, sh.hidden), reentrant=s.reentrant)
         lines.append(f"  per-layer working set {gib(p.working_set_untiled).strip()} GiB; with tiled MLP "
                      f"{t * s.tokens * sh.hidden * s.act_bytes / GiB:.2f} GiB")
     need = p.gpu_peak * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES

@@ -386,7 +386,7 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
             attention=plan_mod.attention_kind(attn.name, cfg.packing), sp=sp, tiled_mlp_shards=shards,
             tied_embeddings=bool(_get(model_config, "tie_word_embeddings", False)))
 
-    shards_if_tiled = max(2, math.ceil(math.ceil(cfg.max_seq_len / sp) * cfg.micro_batch_size / shape.hidden))
+    shards_if_tiled = plan_mod.tiled_mlp_shards(math.ceil(cfg.max_seq_len / sp) * cfg.micro_batch_size, shape.hidden)
     hw = plan_mod.Hardware(gpus=facts.gpus, gpu_mem=facts.gpu_mem, host_mem=facts.host_mem or 0) \
         if facts.gpu_mem else None
 
