@@ -4,6 +4,7 @@
     deepspeed train.py --deepspeed ds_configs/zero3_offload.json            # the embedded default
     deepspeed --num_gpus 8 train.py --deepspeed ds_configs/zero3_offload.json --config my.yaml
     python train.py --plan --gpus 4 --gpu-mem 48GiB ...                     # the memory plan, no GPU needed
+    python train.py --prepare-data --data big.jsonl --max-seq-len 131072    # tokenize once into the data cache
 
 main(): parse the typed config -> either print the memory plan, or run the Trainer: check every input and
 resolve every "auto" once (nothing is written before) -> distributed, preflight, run directory -> model and
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
             return 0
         from longctx import trainer
 
+        if cfg.prepare_data:
+            trainer.prepare_data(cfg, rank=rank, world=world)
+            return 0
         trainer.run(cfg, rank=rank, world=world, local_rank=local_rank, callbacks=callbacks)
         return 0
     except LongctxError as e:

@@ -83,9 +83,11 @@ class Config:
                           "--no-tiled-loss materializes them (ablation).", "model")
 
     # ---- data --------------------------------------------------------------------------------
-    data: list[str] = _f(DEFAULT_DATA, "Training files (.jsonl/.json/.parquet/.arrow). Each file holds one "
-                         "format: {text}, {messages} (chat template; loss on assistant turns) or "
-                         "{prompt,response} (loss on the response).", "data")
+    data: list[str] = _f(DEFAULT_DATA, "Training files (.jsonl/.json/.parquet/.arrow, or a directory written by "
+                         "datasets' save_to_disk). Each file holds one format: {text}, {messages} (chat template; "
+                         "loss on assistant turns), {conversations} (ShareGPT's from/value, read as messages) or "
+                         "{prompt,response} (loss on the response). PATH:WEIGHT on every file samples each by its "
+                         "share of the training tokens (a.jsonl:0.7 b.parquet:0.3).", "data")
     eval_data: list[str] = _f([], "Evaluation files (same formats). If empty, --eval-fraction of the training "
                               "documents is held out.", "data")
     eval_fraction: float = _f(0.05, "Fraction of training documents held out for evaluation when --eval-data "
@@ -104,6 +106,12 @@ class Config:
         "context keeps the question and the answer and cuts the context (the middle of the prompt; for chat the "
         "earliest non-system exchanges or the middle of the longest user turn); end keeps the first max_seq_len "
         "tokens like plain text (the old behaviour; it can cut the answer off).", "data")
+    data_cache: str = _f("", "Where prepared (tokenized, memory-mapped) data is kept, keyed by the files' contents, "
+                         "the tokenizer and the options above: default $LONGCTX_DATA_CACHE or ~/.cache/longctx/data. "
+                         "Every rank of a node maps the same entry; a restart or resume reuses it.", "data")
+    data_workers: int = _f(0, "Processes that tokenize when data is prepared (0: the host's cores).", "data")
+    prepare_data: bool = _f(False, "Prepare the data into the cache (tokenize, truncate, ledger) and exit, before "
+                            "any model or GPU work: run once on a large dataset, then train many times.", "data")
     sft_drop_limit: float = _f(0.1, "Stop before training when more than this fraction of an SFT file's documents "
                                "is unusable: dropped (too long, no assistant turn, nothing supervised left) or with "
                                "an empty response. 1 trains on whatever is left.", "data")

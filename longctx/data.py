@@ -37,7 +37,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -148,46 +148,153 @@ def _json_lines_or_array(path: Path) -> list[int]:
     return list(range(1, len(arr) + 1))
 
 
-def read_records(path_str: str) -> tuple[list[dict], list[str]]:
-    """Read one dataset file with `datasets`; return its records and their locations ("file:line")."""
+# ShareGPT's speaker names that are not chat-template roles; any other "from" is kept as the role.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "chatgpt": "assistant", "bot": "assistant"}
+SHAREGPT_NOTE = "ShareGPT conversations ({from, value}) read as messages: human -> user, gpt -> assistant"
+
+
+@dataclass
+class Source:
+    """One dataset file (or `datasets.save_to_disk` directory) as an Arrow-backed, memory-mapped table: records
+    are read in slices, never all at once."""
+
+    name: str                      # shown in the ledger and in sample ids ("name:line")
+    fmt: str                       # text | messages | prompt_response
+    table: Any                     # a datasets.Dataset holding only the format's columns
+    lines: Optional[np.ndarray]    # the JSON line of each record; None: records are rows ("name:rowN")
+    sharegpt: bool = False
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.table)
+
+    def where(self, i: int) -> str:
+        return f"{self.name}:{self.lines[i]}" if self.lines is not None else f"{self.name}:row{i}"
+
+    def read(self, start: int, stop: int) -> tuple[list[dict], list[str]]:
+        """Records start..stop-1 as dicts, and their locations."""
+        cols = self.table[start:stop]
+        keys = list(cols)
+        records = [dict(zip(keys, vals)) for vals in zip(*(cols[k] for k in keys))]
+        where = [self.where(i) for i in range(start, stop)]
+        if self.sharegpt:
+            records = [{"messages": sharegpt_messages(r["conversations"], loc)} for r, loc in zip(records, where)]
+        return records, where
+
+    def check(self, tok, batch: int = 4096) -> None:
+        """Stop on a bad record before anything is tokenized. Arrow's schema and null counts settle most files at
+        once; otherwise (and for unknown chat roles) the records are scanned for the first bad one's location."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        arrow = self.table.data.table if hasattr(self.table.data, "table") else self.table.data
+        clean = not self.sharegpt and all(arrow.column(k).null_count == 0 for k in FORMATS[self.fmt])
+        if clean and self.fmt == "messages":
+            col = arrow.column("messages")
+            typ = col.type
+            clean = (pa.types.is_list(typ) or pa.types.is_large_list(typ)) and pa.types.is_struct(typ.value_type) \
+                and all(typ.value_type.get_field_index(f) >= 0 and pa.types.is_string(typ.value_type.field(f).type)
+                        for f in ("role", "content"))
+            if clean:
+                flat = pc.list_flatten(col)
+                clean = all(pc.struct_field(flat, f).null_count == 0 for f in ("role", "content")) \
+                    and flat.null_count == 0
+        elif clean:
+            clean = all(pa.types.is_string(arrow.column(k).type) or pa.types.is_large_string(arrow.column(k).type)
+                        for k in FORMATS[self.fmt])
+        unknown_roles = False
+        if self.fmt == "messages":
+            if not getattr(tok, "chat_template", None):
+                raise LongctxError(f"{self.where(0)}: chat data ({{'messages'}}) needs a tokenizer with a chat "
+                                   "template")
+            if clean:
+                found = pc.unique(pc.struct_field(pc.list_flatten(arrow.column("messages")), "role")).to_pylist()
+                unknown_roles = not set(found) <= chat_roles(tok)
+        if clean and not unknown_roles:
+            return
+        for start in range(0, self.num_rows, batch):
+            records, where = self.read(start, min(self.num_rows, start + batch))
+            validate_records(records, where, self.fmt)
+            if self.fmt == "messages":
+                check_roles([r["messages"] for r in records], where, chat_roles(tok))
+
+def sharegpt_messages(turns, loc: str) -> list[dict]:
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("from"), str)
+                                              and isinstance(t.get("value"), str) for t in turns):
+        raise LongctxError(f"{loc}: 'conversations' must be a list of {{'from': str, 'value': str}}")
+    return [{"role": SHAREGPT_ROLES.get(t["from"], t["from"]), "content": t["value"]} for t in turns]
+
+
+def open_source(path_str: str, workdir: str) -> Source:
+    """Open one dataset file, or a directory written by `datasets.save_to_disk`, checking it first; the Arrow
+    copy `datasets` makes of a JSON or Parquet file goes under `workdir`, which must outlive the Source."""
     path = Path(path_str)
     if not path.exists():
         raise LongctxError(f"dataset not found: {path_str}")
-    if path.is_dir() or path.suffix.lower() not in SUFFIXES:
-        raise LongctxError(f"dataset {path_str}: expected a .jsonl, .json, .parquet or .arrow file")
-    builder = SUFFIXES[path.suffix.lower()]
-    sniff(path)
-    lines = _json_lines_or_array(path) if builder == "json" else None
-    if lines is not None and not lines:
-        raise LongctxError(f"dataset {path_str} is empty (no records)")
-
     import datasets
 
     datasets.disable_progress_bars()
-    with tempfile.TemporaryDirectory(prefix="longctx-ds-") as cache:
+    if path.is_dir():
+        if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+            raise LongctxError(f"dataset {path_str}: a directory must be one written by datasets' save_to_disk; "
+                               "otherwise pass its .jsonl/.json/.parquet/.arrow files")
         try:
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache)
+            table = datasets.load_from_disk(str(path))
+        except Exception as e:  # noqa: BLE001 - datasets' errors: report the directory, keep the cause
+            raise LongctxError(f"dataset {path_str}: cannot load it with datasets.load_from_disk "
+                               f"({type(e).__name__}: {e})") from None
+        if isinstance(table, datasets.DatasetDict):
+            if "train" not in table:
+                raise LongctxError(f"dataset {path_str}: a DatasetDict without a 'train' split "
+                                   f"(splits: {', '.join(table)}); save the split to train on by itself")
+            table = table["train"]
+        lines = None
+    else:
+        if path.suffix.lower() not in SUFFIXES:
+            raise LongctxError(f"dataset {path_str}: expected a .jsonl, .json, .parquet or .arrow file, or a "
+                               "directory written by datasets' save_to_disk")
+        builder = SUFFIXES[path.suffix.lower()]
+        sniff(path)
+        lines = _json_lines_or_array(path) if builder == "json" else None
+        if lines is not None and not lines:
+            raise LongctxError(f"dataset {path_str} is empty (no records)")
+        try:
+            table = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=workdir)
         except Exception as e:  # pyarrow/datasets errors: report the file, keep the cause
             cause = e.__cause__ or e
             raise LongctxError(f"dataset {path_str}: cannot read ({type(cause).__name__}: {cause})") from None
-        records = ds.to_list()
-    if not records:
+    if len(table) == 0:
         raise LongctxError(f"dataset {path_str} is empty (no records)")
-    if lines is None or len(lines) != len(records):
-        where = [f"{path.name}:row{i}" for i in range(len(records))]
-    else:
-        where = [f"{path.name}:{n}" for n in lines]
-    return records, where
+    if lines is not None and len(lines) != len(table):
+        lines = None
+    lines = None if lines is None else np.asarray(lines, dtype=np.int64)
+    name = path.name
+    first = table[0]
+    fmt, sharegpt = detect_format(first, f"{name}:{lines[0] if lines is not None else 'row0'}", path_str)
+    columns = ["conversations"] if sharegpt else list(FORMATS[fmt])
+    return Source(name, fmt, table.select_columns(columns), lines, sharegpt)
 
 
-def detect_format(records: list[dict], where: list[str], path: str) -> str:
-    keys = {k for k, v in records[0].items() if v is not None}
+def read_records(path_str: str) -> tuple[list[dict], list[str]]:
+    """All records of one dataset file and their locations ("file:line"), in memory (small files)."""
+    with tempfile.TemporaryDirectory(prefix="longctx-ds-") as tmp:
+        source = open_source(path_str, tmp)
+        return source.read(0, source.num_rows)
+
+
+def detect_format(first: dict, where: str, path: str) -> tuple[str, bool]:
+    """The file's format from its first record's keys: (format, whether it is ShareGPT's shape of chat)."""
+    keys = {k for k, v in first.items() if v is not None}
     for fmt, need in FORMATS.items():
         if set(need) <= keys:
-            break
-    else:
-        raise LongctxError(f"{where[0]}: cannot tell the format of {path}: expected keys 'text', 'messages' or "
-                           f"'prompt'+'response', found {sorted(keys)}")
+            return fmt, False
+    if "conversations" in keys:
+        return "messages", True
+    raise LongctxError(f"{where}: cannot tell the format of {path}: expected keys 'text', 'messages', "
+                       f"'prompt'+'response' or 'conversations' (ShareGPT), found {sorted(keys)}")
+
+
+def validate_records(records: list[dict], where: Sequence[str], fmt: str) -> None:
     for rec, loc in zip(records, where):
         for k in FORMATS[fmt]:
             if rec.get(k) is None:
@@ -202,7 +309,6 @@ def detect_format(records: list[dict], where: list[str], path: str) -> str:
             for k in FORMATS[fmt]:
                 if not isinstance(rec[k], str):
                     raise LongctxError(f"{loc}: '{k}' must be a string, got {type(rec[k]).__name__}")
-    return fmt
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,6 +573,7 @@ class Ledger:
     per_file: dict[str, dict[str, int]] = field(default_factory=dict)
     packing: dict[str, Any] = field(default_factory=dict)
     formats: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, list[str]] = field(default_factory=dict)  # per file: how it was read (ShareGPT, sampling)
 
     def add(self, name: str, **counts: int) -> None:
         row = self.per_file.setdefault(name, {})
@@ -514,6 +621,8 @@ class Ledger:
                     lines.append(f"  {name}{fmt}: " + "; ".join(w))
         else:
             lines.append("documents cut, dropped or suspect: none")
+        for name, notes in self.notes.items():
+            lines += [f"  {name}: {n}" for n in notes]
         for k, v in self.packing.items():
             lines.append(f"  {k}: {v:.2%}" if isinstance(v, float) else f"  {k}: {v:,}" if isinstance(v, int)
                          else f"  {k}: {v}")
@@ -521,7 +630,7 @@ class Ledger:
 
     def to_dict(self) -> dict:
         return {"per_file": self.per_file, "total": self.total(), "packing": self.packing, "formats": self.formats,
-                "why": {name: self.why(name) for name in self.per_file}}
+                "notes": self.notes, "why": {name: self.why(name) for name in self.per_file}}
 
     def check_sft(self, limit: float, what: str = "training") -> None:
         """Stop when more than `limit` of an SFT file's documents are unusable: dropped (too long, no assistant
@@ -544,57 +653,72 @@ class Ledger:
 
 def load_docs(paths: Sequence[str], tok, max_seq_len: int, truncation: str, ledger: Ledger,
               sft_truncation: str = "context") -> list[Doc]:
-    """Read, tokenize and truncate every file; count everything in the ledger.
+    """Read, tokenize and truncate every file in memory; count everything in the ledger. The training path
+    (datastore.prepare) runs the same `tokenize_records` batch by batch into a memory-mapped cache; this is
+    for small files (tests, tools).
 
     truncation (over max_seq_len): truncate | drop | error. sft_truncation (with truncate, for chat and
     prompt/response): context (keep the answer, cut the context) | end (keep the first max_seq_len tokens)."""
-    fit = max_seq_len if truncation == "truncate" and sft_truncation == "context" else None
     docs: list[Doc] = []
     for path in paths:
-        records, where = read_records(path)
-        fmt = detect_format(records, where, path)
-        name = Path(path).name
-        ledger.formats[name] = fmt
-        flags: list[dict[str, int]] = [{} for _ in records]
-        if fmt == "text":
-            items = tokenize_text(tok, [r["text"] for r in records])
-        elif fmt == "prompt_response":
-            items = tokenize_prompt_response(tok, [r["prompt"] for r in records], [r["response"] for r in records],
-                                             fit=fit)
-            for f, r in zip(flags, records):
-                if not r["response"].strip():
-                    f["docs_empty_response"] = 1
-        else:
-            items = tokenize_messages(tok, [r["messages"] for r in records], where, fit=fit)
-            for f, r in zip(flags, records):
-                answers = [m for m in r["messages"] if m["role"] == "assistant"]
-                if not answers:
-                    f["docs_no_assistant"] = 1
-                elif any(not m["content"].strip() for m in answers):
-                    f["docs_empty_response"] = 1
-        ledger.add(name, docs_no_assistant=0, docs_empty_response=0, docs_context_cut=0, docs_answer_cut=0)
-        for item, loc, flag in zip(items, where, flags):
-            ids, labels, n = item.ids, item.labels, item.raw_len
-            ledger.add(name, documents=1, tokens_raw=n, **flag)
-            if item.cut:
-                ledger.add(name, tokens_truncated=n - len(ids), docs_truncated=1, **{f"docs_{item.cut}_cut": 1})
-            elif n > max_seq_len:
-                if truncation == "error":
-                    raise LongctxError(f"{loc}: document has {n:,} tokens > --max-seq-len {max_seq_len:,} "
-                                       "(--truncation error); use --truncation truncate or drop")
-                if truncation == "drop":
-                    ledger.add(name, tokens_dropped=n, docs_dropped_too_long=1)
-                    continue
-                ledger.add(name, tokens_truncated=n - max_seq_len, docs_truncated=1)
-                if fmt != "text" and any(t != IGNORE for t in labels[max_seq_len:]):
-                    ledger.add(name, docs_answer_cut=1)
-                ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-            doc = Doc(loc, np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32))
-            if doc.n_supervised == 0:
-                ledger.add(name, tokens_dropped=len(doc), docs_dropped_no_targets=1)
+        with tempfile.TemporaryDirectory(prefix="longctx-ds-") as tmp:
+            source = open_source(path, tmp)
+            source.check(tok)
+            ledger.formats[source.name] = source.fmt
+            ledger.add(source.name, docs_no_assistant=0, docs_empty_response=0, docs_context_cut=0,
+                       docs_answer_cut=0)
+            records, where = source.read(0, source.num_rows)
+        docs += tokenize_records(tok, records, where, source.fmt, source.name, max_seq_len, truncation,
+                                 sft_truncation, ledger)
+    return docs
+
+
+def tokenize_records(tok, records: list[dict], where: Sequence[str], fmt: str, name: str, max_seq_len: int,
+                     truncation: str, sft_truncation: str, ledger: Ledger) -> list[Doc]:
+    """Tokenize, truncate and label one batch of a file's records (of format `fmt`); count them in the ledger
+    under `name`. Documents left without a target are counted and dropped."""
+    validate_records(records, where, fmt)
+    fit = max_seq_len if truncation == "truncate" and sft_truncation == "context" else None
+    flags: list[dict[str, int]] = [{} for _ in records]
+    if fmt == "text":
+        items = tokenize_text(tok, [r["text"] for r in records])
+    elif fmt == "prompt_response":
+        items = tokenize_prompt_response(tok, [r["prompt"] for r in records], [r["response"] for r in records],
+                                         fit=fit)
+        for f, r in zip(flags, records):
+            if not r["response"].strip():
+                f["docs_empty_response"] = 1
+    else:
+        items = tokenize_messages(tok, [r["messages"] for r in records], where, fit=fit)
+        for f, r in zip(flags, records):
+            answers = [m for m in r["messages"] if m["role"] == "assistant"]
+            if not answers:
+                f["docs_no_assistant"] = 1
+            elif any(not m["content"].strip() for m in answers):
+                f["docs_empty_response"] = 1
+    docs: list[Doc] = []
+    for item, loc, flag in zip(items, where, flags):
+        ids, labels, n = item.ids, item.labels, item.raw_len
+        ledger.add(name, documents=1, tokens_raw=n, **flag)
+        if item.cut:
+            ledger.add(name, tokens_truncated=n - len(ids), docs_truncated=1, **{f"docs_{item.cut}_cut": 1})
+        elif n > max_seq_len:
+            if truncation == "error":
+                raise LongctxError(f"{loc}: document has {n:,} tokens > --max-seq-len {max_seq_len:,} "
+                                   "(--truncation error); use --truncation truncate or drop")
+            if truncation == "drop":
+                ledger.add(name, tokens_dropped=n, docs_dropped_too_long=1)
                 continue
-            ledger.add(name, tokens_kept=len(doc), targets_kept=doc.n_supervised)
-            docs.append(doc)
+            ledger.add(name, tokens_truncated=n - max_seq_len, docs_truncated=1)
+            if fmt != "text" and any(t != IGNORE for t in labels[max_seq_len:]):
+                ledger.add(name, docs_answer_cut=1)
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+        doc = Doc(loc, np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32))
+        if doc.n_supervised == 0:
+            ledger.add(name, tokens_dropped=len(doc), docs_dropped_no_targets=1)
+            continue
+        ledger.add(name, tokens_kept=len(doc), targets_kept=doc.n_supervised)
+        docs.append(doc)
     return docs
 
 
@@ -677,10 +801,11 @@ def longest_first(order, lengths, k: int) -> list[int]:
     return head + [r for r in order if r not in chosen]
 
 
-def make_rows(docs: list[Doc], max_seq_len: int, packing: bool) -> list[list[int]]:
+def make_rows(lengths: Sequence[int], max_seq_len: int, packing: bool) -> list[list[int]]:
+    """Rows of document indices: packed (best-fit decreasing) or one document each."""
     if packing:
-        return pack([len(d) for d in docs], max_seq_len)
-    return [[i] for i in range(len(docs))]
+        return pack(lengths, max_seq_len)
+    return [[i] for i in range(len(lengths))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -746,8 +871,8 @@ def collate(docs: list[Doc], rows: list[list[int]], *, pad_id: int, packing: boo
 
 @dataclass
 class DataBundle:
-    train_docs: list[Doc]
-    eval_docs: list[Doc]
+    train_docs: Sequence[Doc]   # a datastore.DocStore (train.py) or a list (the benchmark's synthetic rows)
+    eval_docs: Sequence[Doc]
     plan: BatchPlan
     eval_rows: list[list[int]]
     ledger: Ledger
@@ -756,33 +881,99 @@ class DataBundle:
         return [self.train_docs[d].sample_id for r in self.plan.step_rows(step) for d in self.plan.rows[r]]
 
 
-def build(cfg, tok, world_size: int) -> DataBundle:
-    ledger = Ledger()
-    docs = load_docs(cfg.data, tok, cfg.max_seq_len, cfg.truncation, ledger, cfg.sft_truncation)
+def doc_lengths(docs: Sequence[Doc]) -> list[int]:
+    return [int(n) for n in docs.lengths] if hasattr(docs, "lengths") else [len(d) for d in docs]
+
+
+def doc_targets(docs: Sequence[Doc]) -> list[int]:
+    return [int(n) for n in docs.targets] if hasattr(docs, "targets") else [d.n_supervised for d in docs]
+
+
+def parse_data_spec(entries: Sequence[str]) -> tuple[list[str], Optional[list[float]]]:
+    """`--data a.jsonl:0.7 b.parquet:0.3`: the paths, and their sampling weights (None when none is given). A
+    weight is what follows the last ':' when that is a number and the path before it exists."""
+    paths, weights = [], []
+    for e in entries:
+        head, sep, tail = str(e).rpartition(":")
+        try:
+            w = float(tail) if sep and Path(head).exists() and not Path(e).exists() else None
+        except ValueError:
+            w = None
+        if w is not None and not (w > 0 and np.isfinite(w)):
+            raise LongctxError(f"--data {e}: a sampling weight must be a positive number")
+        paths.append(head if w is not None else str(e))
+        weights.append(w)
+    given = [w is not None for w in weights]
+    if any(given) and not all(given):
+        raise LongctxError("--data: give a sampling weight to every file or to none (e.g. --data a.jsonl:0.7 "
+                           f"b.jsonl:0.3); missing for {', '.join(p for p, g in zip(paths, given) if not g)}")
+    return paths, (weights if all(given) else None)
+
+
+def mix(docs, files: np.ndarray, names: Sequence[str], weights: Sequence[float], seed: int,
+        ledger: Ledger) -> np.ndarray:
+    """The positions of `docs` one epoch trains on when file f gets weights[f] / sum(weights) of the training
+    tokens: each file's documents in a seeded order, repeated as often as its share needs (whole documents, so
+    the share is met to within one document). Noted per file in the ledger."""
+    lengths = np.asarray(doc_lengths(docs), dtype=np.int64)
+    total, wsum = int(lengths.sum()), float(sum(weights))
+    chosen = []
+    for f, (name, w) in enumerate(zip(names, weights)):
+        own = np.flatnonzero(files == f)
+        if not len(own):
+            continue
+        target = w / wsum * total
+        order = own[np.random.default_rng([seed, 11, f]).permutation(len(own))]
+        cum = np.cumsum(lengths[order])
+        reps, rest = divmod(target, float(cum[-1]))
+        head = order[:int(np.searchsorted(cum, rest)) + 1] if rest > 0 or not reps else order[:0]
+        pick = np.concatenate([np.tile(order, int(reps)), head])
+        chosen.append(pick)
+        ledger.notes.setdefault(name, []).append(
+            f"sampling weight {w:g}: {len(pick):,} documents, {int(lengths[pick].sum()):,} tokens per epoch "
+            f"({lengths[pick].sum() / max(1, total):.1%} of the training tokens; {len(own):,} documents available)")
+    return np.concatenate(chosen)
+
+
+def build(cfg, tok, world_size: int, say=print, announce=print) -> DataBundle:
+    """The training (and evaluation) documents, prepared once into the data cache (datastore), the eval split,
+    per-file sampling weights, rows and the batch plan. `say` prints on rank 0; `announce` prints from whichever
+    process prepares the data."""
+    from . import datastore
+
+    paths, weights = parse_data_spec(cfg.data)
+    opts = datastore.Options(cfg.max_seq_len, cfg.truncation, cfg.sft_truncation)
+    root = datastore.cache_root(cfg.data_cache)
+    store = datastore.prepare(paths, tok, opts, root, num_proc=cfg.data_workers, say=say, announce=announce)
+    ledger = store.ledger
     tot = ledger.total()
-    if not docs:
+    if not len(store):
         raise LongctxError(
-            f"no usable training documents in {', '.join(cfg.data)}: {tot.get('documents', 0)} read, "
+            f"no usable training documents in {', '.join(paths)}: {tot.get('documents', 0)} read, "
             f"{tot.get('docs_dropped_no_targets', 0)} without any supervised token, "
             f"{tot.get('docs_dropped_too_long', 0)} dropped as too long")
     ledger.check_sft(cfg.sft_drop_limit)
     if cfg.eval_data:
-        eval_ledger = Ledger()
-        eval_docs = load_docs(cfg.eval_data, tok, cfg.max_seq_len, cfg.truncation, eval_ledger, cfg.sft_truncation)
-        eval_ledger.check_sft(cfg.sft_drop_limit, "evaluation")
-        train_docs = docs
-    elif cfg.eval_fraction > 0 and len(docs) >= 2:
-        perm = np.random.default_rng([cfg.seed, 7]).permutation(len(docs))
-        k = min(len(docs) - 1, max(1, round(cfg.eval_fraction * len(docs))))
-        held = set(perm[:k].tolist())
-        eval_docs = [d for i, d in enumerate(docs) if i in held]
-        train_docs = [d for i, d in enumerate(docs) if i not in held]
+        eval_paths, _ = parse_data_spec(cfg.eval_data)
+        eval_docs = datastore.prepare(eval_paths, tok, opts, root, num_proc=cfg.data_workers, say=say,
+                                      announce=announce)
+        eval_docs.ledger.check_sft(cfg.sft_drop_limit, "evaluation")
+        train_docs = store
+    elif cfg.eval_fraction > 0 and len(store) >= 2:
+        perm = np.random.default_rng([cfg.seed, 7]).permutation(len(store))
+        k = min(len(store) - 1, max(1, round(cfg.eval_fraction * len(store))))
+        held = np.zeros(len(store), dtype=bool)
+        held[perm[:k]] = True
+        eval_docs, train_docs = store.subset(np.flatnonzero(held)), store.subset(np.flatnonzero(~held))
     else:
-        eval_docs, train_docs = [], docs
+        eval_docs, train_docs = store.subset(np.arange(0)), store
+    if weights is not None:
+        train_docs = train_docs.subset(mix(train_docs, train_docs.file_of(), store.names, weights, cfg.seed, ledger))
 
-    rows = make_rows(train_docs, cfg.max_seq_len, cfg.packing)
-    row_len = [sum(len(train_docs[d]) for d in r) for r in rows]
-    row_tgt = [sum(train_docs[d].n_supervised for d in r) for r in rows]
+    lengths, targets = doc_lengths(train_docs), doc_targets(train_docs)
+    rows = make_rows(lengths, cfg.max_seq_len, cfg.packing)
+    row_len = [sum(lengths[d] for d in r) for r in rows]
+    row_tgt = [sum(targets[d] for d in r) for r in rows]
     plan = BatchPlan(rows, row_len, row_tgt, micro=cfg.micro_batch_size, accum=cfg.grad_accum,
                      world=world_size, seed=cfg.seed, group_by_length=cfg.group_by_length and not cfg.packing)
     if plan.steps_per_epoch == 0:
@@ -790,10 +981,11 @@ def build(cfg, tok, world_size: int) -> DataBundle:
             f"the training data gives {len(rows)} rows but one optimizer step needs {plan.global_batch} "
             f"(micro_batch_size {cfg.micro_batch_size} x grad_accum {cfg.grad_accum} x {world_size} ranks); "
             "add data or lower the batch size")
-    eval_rows = make_rows(eval_docs, cfg.max_seq_len, cfg.packing) if eval_docs else []
+    eval_len = doc_lengths(eval_docs)
+    eval_rows = make_rows(eval_len, cfg.max_seq_len, cfg.packing)
     # longest first: train.py runs the first eval batch before step 0, so an eval OOM shows at once
     eval_rows = [eval_rows[i] for i in longest_first(range(len(eval_rows)),
-                                                      [sum(len(eval_docs[d]) for d in r) for r in eval_rows],
+                                                      [sum(eval_len[d] for d in r) for r in eval_rows],
                                                       len(eval_rows))]
 
     kept = sum(row_len)
@@ -812,5 +1004,6 @@ def build(cfg, tok, world_size: int) -> DataBundle:
         "efficiency (real tokens / row tokens)": kept / max(1, padded),
         "steps per epoch": plan.steps_per_epoch,
         "rows unused per epoch (incomplete last step)": len(rows) - plan.steps_per_epoch * plan.global_batch,
+        "data cache": str(store.path),
     }
     return DataBundle(train_docs, eval_docs, plan, eval_rows, ledger)

@@ -116,7 +116,7 @@ class Trainer:
         self.layout = sequence_parallel.Layout.for_run(cfg.sequence_parallel, self.rank, self.world,
                                                        cfg.micro_batch_size, self.settings.ds_config)
         if self.data is None:
-            self.data = data_mod.build(cfg, self.tok, self.layout.dp_world)
+            self.data = data_mod.build(cfg, self.tok, self.layout.dp_world, say=self.say, announce=announce(self.rank))
         self.resume_from = None
         if cfg.resume:
             from . import checkpoint
@@ -421,6 +421,26 @@ class Trainer:
             peak_allocated=torch.cuda.max_memory_allocated() if cuda else None,
             card_bytes=torch.cuda.mem_get_info()[1] if cuda else None, host_mem=psutil.virtual_memory().total,
             checkpoint=str(done) if done else None))
+
+
+def announce(rank: int):
+    """print() for what any rank may have to say (the process that prepares the data), its rank named."""
+    prefix = f"[rank {rank}] " if rank else ""
+    return lambda msg: print(prefix + msg, flush=True)
+
+
+def prepare_data(cfg, *, rank: int, world: int) -> None:
+    """train.py --prepare-data: the data tokenized into the cache and its ledger printed; no model, no GPU."""
+    from . import data as data_mod, modeling
+
+    quiet_libraries()
+    tok, _ = modeling.load_tokenizer(cfg)
+    say = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
+    bundle = data_mod.build(cfg, tok, max(1, world // max(1, cfg.sequence_parallel)), say=say,
+                            announce=announce(rank))
+    say(bundle.ledger.format())
+    say(f"data prepared: {bundle.ledger.packing['data cache']}; train with the same --data, --max-seq-len, "
+        "truncation options and tokenizer to reuse it")
 
 
 def run(cfg, *, rank: int, world: int, local_rank: int, callbacks: Sequence[Callback] = ()) -> Trainer:

@@ -14,6 +14,12 @@ def pytest_configure(config):
     from longctx import opbuild
 
     opbuild.use_environment_extensions_dir()
+    # prepared data of the whole session in one fresh directory (in-process tests and every launched run), never in
+    # the user's ~/.cache: an entry another checkout's code wrote could hide a change here
+    if "LONGCTX_DATA_CACHE" not in os.environ:
+        import tempfile
+
+        os.environ["LONGCTX_DATA_CACHE"] = tempfile.mkdtemp(prefix="longctx-test-data-")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped on CPU-only machines")
     config.addinivalue_line("markers", "slow: launches real multi-process runs")
 

@@ -171,6 +171,7 @@ def test_text_files_do_not_count_toward_the_limit(tok, tmp_path):
 class Cfg:
     max_seq_len, truncation, sft_truncation, sft_drop_limit = 64, "truncate", "context", 0.1
     eval_data, eval_fraction, seed, packing, micro_batch_size, grad_accum, group_by_length = [], 0.0, 0, True, 1, 1, False
+    data_cache, data_workers = "", 1
 
 
 def test_build_mixed_with_text_keeps_the_long_sft_documents(tok, tmp_path):
