@@ -342,10 +342,23 @@ def middle_cut(seq: list, keep: int) -> list:
     return list(seq[:head]) + (list(seq[len(seq) - tail:]) if tail else [])
 
 
+def encode(tok, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text without special tokens: what tok(texts, add_special_tokens=False) gives, through the
+    Rust tokenizer's encode_batch_fast where there is one (no character offsets computed: 2.5x faster measured on
+    the embedded tokenizer)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    plain = (backend is not None and hasattr(backend, "encode_batch_fast") and getattr(tok, "is_fast", False)
+             and backend.truncation is None and backend.padding is None  # what tok() would switch off first
+             and backend.encode_special_tokens == bool(getattr(tok, "split_special_tokens", False)))
+    if plain:
+        return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+    return tok(list(texts), add_special_tokens=False)["input_ids"]
+
+
 def tokenize_text(tok, texts: Sequence[str]) -> list[Tokenized]:
     bos, eos = _special(tok, "bos"), _special(tok, "eos")
     out = []
-    for ids in tok(list(texts), add_special_tokens=False)["input_ids"]:
+    for ids in encode(tok, texts):
         ids = bos + list(ids) + eos
         out.append(Tokenized(ids, [IGNORE] + ids[1:], len(ids)))
     return out
@@ -367,8 +380,7 @@ def tokenize_prompt_response(tok, prompts: Sequence[str], responses: Sequence[st
                              fit: int | None = None) -> list[Tokenized]:
     """fit=max_len: documents over it keep their response (fit_prompt_response); None: no cut here."""
     bos, eos = _special(tok, "bos"), _special(tok, "eos")
-    p_ids = tok(list(prompts), add_special_tokens=False)["input_ids"]
-    r_ids = tok(list(responses), add_special_tokens=False)["input_ids"]
+    p_ids, r_ids = encode(tok, prompts), encode(tok, responses)
     out = []
     for p, r in zip(p_ids, r_ids):
         prompt, resp, cut = bos + list(p), list(r) + eos, None

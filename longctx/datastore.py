@@ -44,7 +44,8 @@ from . import data as data_mod
 from .errors import LongctxError
 
 FORMAT_VERSION = 1
-RECORDS_PER_TASK = 256        # records a worker tokenizes per task (a few MB of text for long documents)
+TASK_BYTES = 4 << 20          # text a worker tokenizes per task: its token lists stay small, the cores stay busy
+TASK_RECORDS = 256            # at most, per task (chat records are not sized: their text is nested)
 INDEX_BYTES_PER_DOC = 8 + 8 + 2 + 8 + 8   # offsets, targets, file index, line, lengths: held in RAM per document
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "longctx" / "data"
 
@@ -230,10 +231,29 @@ class Progress:
             rate = self.tokens / el if el > 0 else 0.0
             eta = el * (self.total - self.done) / self.done if self.done else 0.0
             self.say(f"  preparing data: {self.done:,}/{self.total:,} records ({pct:.0f}%), "
-                     f"{self.tokens / 1e6:,.1f}M tokens, {rate / 1e6:.2f}M tokens/s, "
+                     f"{self.tokens / 1e6:,.1f}M tokens tokenized, {rate / 1e6:.2f}M tokens/s, "
                      f"{el:.0f} s elapsed, ETA {eta:.0f} s")
             self.next_pct = 5 * (int(pct) // 5 + 1)
             self.last = now
+
+
+def _slices(source: data_mod.Source) -> list[tuple[int, int]]:
+    """Record ranges of about TASK_BYTES of text (TASK_RECORDS at most; one record at least)."""
+    import pyarrow.compute as pc
+
+    n = source.num_rows
+    cols = [c for c in ("text", "prompt", "response") if c in source.table.column_names]
+    if not cols:
+        return [(a, min(n, a + TASK_RECORDS)) for a in range(0, n, TASK_RECORDS)]
+    arrow = source.table.data.table if hasattr(source.table.data, "table") else source.table.data
+    sizes = sum(pc.binary_length(arrow.column(c)).to_numpy(zero_copy_only=False) for c in cols)
+    out, a, acc = [], 0, 0
+    for i, size in enumerate(sizes):
+        acc += int(size)
+        if acc >= TASK_BYTES or i + 1 - a >= TASK_RECORDS or i + 1 == n:
+            out.append((a, i + 1))
+            a, acc = i + 1, 0
+    return out
 
 
 def _build(paths: Sequence[str], tok, options: Options, dest: Path, num_proc: int,
@@ -248,8 +268,7 @@ def _build(paths: Sequence[str], tok, options: Options, dest: Path, num_proc: in
         if s.sharegpt:
             ledger.notes.setdefault(s.name, []).append(data_mod.SHAREGPT_NOTE)
         ledger.add(s.name, docs_no_assistant=0, docs_empty_response=0, docs_context_cut=0, docs_answer_cut=0)
-    tasks = [(f, a, min(s.num_rows, a + RECORDS_PER_TASK)) for f, s in enumerate(sources)
-             for a in range(0, s.num_rows, RECORDS_PER_TASK)]
+    tasks = [(f, a, b) for f, s in enumerate(sources) for a, b in _slices(s)]
     progress = Progress(sum(s.num_rows for s in sources), say)
     lens, tgts, files, lines = [], [], [], []
     _WORK.update(sources=sources, tok=tok, options=options)
@@ -270,7 +289,7 @@ def _build(paths: Sequence[str], tok, options: Options, dest: Path, num_proc: in
                     files.append(np.full(len(ln), f, np.int16))
                     for name, row in counts.items():
                         ledger.add(name, **row)
-                    progress.add(n_records, int(ln.sum()))
+                    progress.add(n_records, sum(row.get("tokens_raw", 0) for row in counts.values()))
             finally:
                 if pool is not None:
                     pool.terminate()

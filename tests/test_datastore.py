@@ -73,6 +73,12 @@ def test_prepared_data_equals_the_in_memory_path_bit_for_bit(tok, tmp_path, trun
                 assert got["sample_ids"] == ref["sample_ids"]
 
 
+def test_plain_encoding_equals_the_tokenizers_own_call(tok):
+    """data.encode skips character offsets for speed; the ids must be what tok() gives, special-token text too."""
+    texts = [t["text"] for t in text_rows(20, seed=9)] + ["<|eos|> in the text", "", "  spaces\n\ttabs  "]
+    assert data_mod.encode(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
+
+
 def test_the_entry_does_not_depend_on_the_number_of_workers(tok, tmp_path):
     paths = small_dataset(tmp_path / "d", n_text=30, n_chat=10, n_pr=0)
     opts = datastore.Options(96, "truncate", "context")
