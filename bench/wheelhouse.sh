@@ -5,7 +5,7 @@
 #   - deepspeed 0.19.8 built with no ops precompiled (they JIT-build on the GPU host, which needs nvcc + ninja);
 #   - liger-kernel 0.8.5 and every pin of constraints.txt, as binary wheels for the target Python and platform;
 #   - with FA4=cu13: flash-attention-4 4.0.0b36 and its closure for a CUDA 13 torch (what `--attn-implementation auto`
-#     takes on sm90+; ~200 MB: nvidia-cutlass-dsl needs its cu12 libraries as well as the cu13 ones);
+#     takes on sm90; ~200 MB: nvidia-cutlass-dsl needs its cu12 libraries as well as the cu13 ones);
 #   - requirements-offline.txt: the exact list to install from the folder.
 # torch is not included: clusters bring their own CUDA build (set TORCH_SPEC, e.g. TORCH_SPEC=torch==2.11.0, to add
 # the PyPI build for the target platform; its nvidia-* dependencies come along and are large).

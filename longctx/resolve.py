@@ -9,10 +9,10 @@ run header, `resolved.json` in the run directory, the memory plan and a benchmar
 
 What it decides, and from what:
   precision      bf16 on sm80+, fp16 (dynamic loss scaling) on sm70, fp32 on CPU
-  attention      fa4 (flash-attention-4's varlen kernels) where flash-attn-4 is installed on an sm90+ GPU in half
-                 precision (its step measured faster, docs/RESULTS.md); else sdpa_per_doc wherever SDPA runs
-                 (every CUDA GPU and CPU): causal SDPA per document of a packed row, cuDNN first on GPUs; no S x S
-                 mask either way
+  attention      fa4 (flash-attention-4's varlen kernels) where flash-attn-4 is installed on an sm90 GPU (the
+                 architecture measured) in half precision (its step measured faster, docs/RESULTS.md); else
+                 sdpa_per_doc wherever SDPA runs (every CUDA GPU and CPU): causal SDPA per document of a packed row,
+                 cuDNN first on GPUs; no S x S mask either way
   liger          on when liger-kernel is installed and a GPU is used
   checkpointing  none | plain | offload (fork's offloader or upstream's save_on_cpu), reentrant, offloaded layers
   ZeRO placement ds_config offload_param.device "auto": parameters stay on the GPU where the plan fits them,
@@ -240,28 +240,34 @@ def fa4_head_dim_ok(head_dim: Optional[int], capability: Optional[tuple[int, int
 
 def resolve_attention(requested: str, facts: Facts, *, precision: str, packing: bool, max_seq_len: int,
                       dense_mask_max_len: int, head_dim: Optional[int] = None) -> AttentionChoice:
-    """auto is fa4 where flash-attn-4 (the version measured) imports on an sm90+ GPU in half precision: through
-    train.py on an H100 its step was the faster at every length measured (FA4_AUTO), with the same peak. Elsewhere
-    auto is sdpa_per_doc: SDPA per document runs everywhere (cuDNN first, 530-543 TFLOP/s fwd + bwd on one 128K
-    document on an H100/H200; on CPU and V100 SDPA's math / memory-efficient kernel), with no S x S mask, so
-    packing works at any length on every device."""
+    """auto is fa4 where flash-attn-4 (the version measured) imports on an sm90 GPU in half precision: through
+    train.py on an H100 its step was the faster at every length measured (FA4_AUTO), with the same peak. It runs on
+    sm100+ too, but was never measured there: auto stays on the measured default and says so, and
+    `--attn-implementation fa4` takes it anyway. Elsewhere auto is sdpa_per_doc: SDPA per document runs everywhere
+    (cuDNN first, 530-543 TFLOP/s fwd + bwd on one 128K document on an H100/H200; on CPU and V100 SDPA's math /
+    memory-efficient kernel), with no S x S mask, so packing works at any length on every device."""
     half = precision in ("bf16", "fp16")
     if requested == "auto":
+        from .gpu_extras import FA4_CAPABILITY, FA4_VERSION
+
+        measured_gpu = facts.cuda and tuple(facts.capability or ()) == FA4_CAPABILITY
         fa4_could_run = facts.fa4 and facts.sm90 and half
         if fa4_could_run and not fa4_head_dim_ok(head_dim, facts.capability):
             fa4_note = f"; not fa4: head_dim {head_dim} is outside flash-attention-4's sizes on this GPU"
+        elif fa4_could_run and not measured_gpu:
+            cap = facts.capability or (0, 0)
+            fa4_note = (f"; not fa4: flash-attention-4 was measured on sm{FA4_CAPABILITY[0]}{FA4_CAPABILITY[1]} "
+                        f"only (this GPU is sm{cap[0]}{cap[1]}); --attn-implementation fa4 takes it anyway")
         elif fa4_could_run:
-            from .fa4 import MEASURED_VERSION
-
-            if facts.fa4 == MEASURED_VERSION:  # longctx.fa4 calls private entry points: only the version measured
+            if facts.fa4 == FA4_VERSION:  # longctx.fa4 calls private entry points: only the version measured
                 choice = resolve_attention("fa4", facts, precision=precision, packing=packing,
                                            max_seq_len=max_seq_len, dense_mask_max_len=dense_mask_max_len,
                                            head_dim=head_dim)
                 return dataclasses.replace(choice, note=choice.note + FA4_AUTO)
             fa4_note = (f"; flash-attn-4 {facts.fa4} is installed, but auto takes only the version measured "
-                        f"({MEASURED_VERSION}): --attn-implementation fa4 runs it")
+                        f"({FA4_VERSION}): --attn-implementation fa4 runs it")
         else:
-            fa4_note = FA4_MISSING if facts.sm90 and half else ""
+            fa4_note = FA4_MISSING if measured_gpu and half else ""
         choice = resolve_attention("sdpa_per_doc", facts, precision=precision, packing=packing,
                                    max_seq_len=max_seq_len, dense_mask_max_len=dense_mask_max_len)
         return dataclasses.replace(choice, note=choice.note + fa4_note)
@@ -276,9 +282,9 @@ def resolve_attention(requested: str, facts: Facts, *, precision: str, packing: 
             raise LongctxError(f"--attn-implementation fa4: head_dim {head_dim} is not among flash-attention-4's "
                                f"sizes on {facts.name} (multiples of 8 up to 256 on sm90, up to 128 or 256 on "
                                "sm100+); use auto or sdpa_per_doc")
-        from .fa4 import MEASURED_VERSION
+        from .gpu_extras import FA4_VERSION
 
-        other = "" if facts.fa4 == MEASURED_VERSION else f"; measured with {MEASURED_VERSION}, not this version"
+        other = "" if facts.fa4 == FA4_VERSION else f"; measured with {FA4_VERSION}, not this version"
         return AttentionChoice("fa4", FA4, True, f"flash-attention-4 {facts.fa4} varlen (packed via cu_seqlens){other}")
     if requested == "sdpa_per_doc":
         return AttentionChoice("sdpa_per_doc", SDPA_PER_DOC, True,
