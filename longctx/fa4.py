@@ -13,7 +13,7 @@ varlen_attn: its outputs (the attention output and the log-sum-exp backward need
 
 The package is optional (not a dependency). It runs on sm90+ GPUs (its backward's requirement) in half precision;
 `auto` takes it on sm90 only, the architecture measured: through train.py on an H100 (8B shape at 8 layers) its
-step was 1.02-1.09x the default's from 16K to 128K and 1.06x on packed real text, with the same peaks
+step was 1.01-1.09x the default's from 16K to 128K and 1.06x on packed real text, with the same peaks
 (bench/results/2026-12-05_h100_1xgpu-8b-8L-fa4.json). The kernels' entry points (`_flash_attn_fwd`,
 `_flash_attn_bwd`) are the ones its own autograd Function calls; they are private, so `auto` takes only the version
 measured (MEASURED_VERSION), and `--attn-implementation fa4` names another in the resolved note.

@@ -134,12 +134,12 @@ def _is_fork() -> bool:
     return True
 
 
-# Step times through train.py, one H100, 8B shape at 8 layers (bench/results/2026-12-05_h100_1xgpu-8b-8L-fa4.json):
-# fa4 1.93 / 4.65 / 11.20 s against sdpa_per_doc's 1.96 / 4.90 / 12.18 s at 16K / 64K / 128K (one document), 5.04
-# against 5.35 s on stdlib rows at 128K; the same peaks.
-FA4_AUTO = ("; auto: its step beat sdpa_per_doc's on an H100 (1.02-1.09x from 16K to 128K, 1.06x on packed real "
+# Step times through train.py, one H100, 8B shape at 8 layers (bench/results/2026-12-05_h100_1xgpu-8b-8L-fa4.json,
+# the slower of two timed steps): fa4 1.93 / 4.65 / 11.20 s against sdpa_per_doc's 1.96 / 4.90 / 12.18 s at 16K /
+# 64K / 128K (one document: 1.014 / 1.054 / 1.088x), 5.04 against 5.35 s on stdlib rows at 128K; the same peaks.
+FA4_AUTO = ("; auto: its step beat sdpa_per_doc's on an H100 (1.01-1.09x from 16K to 128K, 1.06x on packed real "
             "text)")
-FA4_MISSING = (f"; flash-attn-4 would be auto here (with a CUDA 13 torch: pip install '{gpu_extras.FA4}'; 1.02-1.09x "
+FA4_MISSING = (f"; flash-attn-4 would be auto here (with a CUDA 13 torch: pip install '{gpu_extras.FA4}'; 1.01-1.09x "
                "faster steps on an H100, docs/RESULTS.md)")
 
 
