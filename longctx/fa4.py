@@ -11,9 +11,9 @@ selective checkpointing (longctx.selective) and the replay (longctx.attention_re
 attention would be recomputed in backward. As an op, `longctx::fa4_varlen_fwd` is dispatched like torch's own
 varlen_attn: its outputs (the attention output and the log-sum-exp backward needs, always computed) can be kept.
 
-The package is optional (not a dependency). `auto` takes it where it imports on an sm90+ GPU (its backward's
-requirement) in half precision: through train.py on an H100 (8B shape at 8 layers) its step was 1.02-1.09x the
-default's from 16K to 128K and 1.06x on packed real text, with the same peaks
+The package is optional (not a dependency). It runs on sm90+ GPUs (its backward's requirement) in half precision;
+`auto` takes it on sm90 only, the architecture measured: through train.py on an H100 (8B shape at 8 layers) its
+step was 1.01-1.09x the default's from 16K to 128K and 1.06x on packed real text, with the same peaks
 (bench/results/2026-12-05_h100_1xgpu-8b-8L-fa4.json). The kernels' entry points (`_flash_attn_fwd`,
 `_flash_attn_bwd`) are the ones its own autograd Function calls; they are private, so `auto` takes only the version
 measured (MEASURED_VERSION), and `--attn-implementation fa4` names another in the resolved note.
@@ -26,7 +26,9 @@ import importlib.util
 
 import torch
 
-MEASURED_VERSION = "4.0.0b36"
+from .gpu_extras import FA4_VERSION
+
+MEASURED_VERSION = FA4_VERSION  # pinned in one place: also what `make` installs on an sm90 GPU
 
 
 def installed_version() -> str | None:

@@ -9,10 +9,10 @@ run header, `resolved.json` in the run directory, the memory plan and a benchmar
 
 What it decides, and from what:
   precision      bf16 on sm80+, fp16 (dynamic loss scaling) on sm70, fp32 on CPU
-  attention      fa4 (flash-attention-4's varlen kernels) where flash-attn-4 is installed on an sm90+ GPU in half
-                 precision (its step measured faster, docs/RESULTS.md); else sdpa_per_doc wherever SDPA runs
-                 (every CUDA GPU and CPU): causal SDPA per document of a packed row, cuDNN first on GPUs; no S x S
-                 mask either way
+  attention      fa4 (flash-attention-4's varlen kernels) where flash-attn-4 is installed on an sm90 GPU (the
+                 architecture measured) in half precision (its step measured faster, docs/RESULTS.md); else
+                 sdpa_per_doc wherever SDPA runs (every CUDA GPU and CPU): causal SDPA per document of a packed row,
+                 cuDNN first on GPUs; no S x S mask either way
   liger          on when liger-kernel is installed and a GPU is used
   checkpointing  none | plain | offload (fork's offloader or upstream's save_on_cpu), reentrant, offloaded layers
   ZeRO placement ds_config offload_param.device "auto": parameters stay on the GPU where the plan fits them,
@@ -25,12 +25,14 @@ What it decides, and from what:
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from . import gpu_extras
 from .errors import LongctxError
 
 # Attention choices the user can name, and what each is registered as with transformers.
@@ -52,6 +54,8 @@ class Facts:
     flash_attn: bool = False                   # the flash-attn package is installed
     fa4: Optional[str] = None                  # flash-attn-4's version where its kernels import
     liger: bool = False                        # liger-kernel is installed
+    liger_version: Optional[str] = None        # its version (the run header reports it)
+    torch_cuda: Optional[str] = None           # torch.version.cuda (None: a CPU build)
     fork: bool = False                         # the installed transformers is our fork
     assumed: tuple[str, ...] = ()              # facts assumed rather than probed (plans for a target)
 
@@ -74,9 +78,10 @@ class Facts:
 
         from .fa4 import installed_version
 
+        liger = importlib.util.find_spec("liger_kernel") is not None
         common = dict(varlen_attn=_has_varlen_attn(), flash_attn=_has_flash_attn_2(), fa4=installed_version(),
-                      liger=importlib.util.find_spec("liger_kernel") is not None, fork=_is_fork(),
-                      host_mem=int(psutil.virtual_memory().total))
+                      liger=liger, liger_version=_version("liger-kernel") if liger else None,
+                      torch_cuda=torch.version.cuda, fork=_is_fork(), host_mem=int(psutil.virtual_memory().total))
         if torch.cuda.is_available():
             dev = torch.cuda.current_device()
             return cls("cuda", torch.cuda.get_device_name(dev), tuple(torch.cuda.get_device_capability(dev)),
@@ -96,6 +101,13 @@ class Facts:
                                     assumed=f.assumed + (f"a GPU of sm{cap[0]}{cap[1]}+ with liger-kernel installed",))
         return dataclasses.replace(f, gpus=gpus or f.gpus, gpu_mem=gpu_mem or f.gpu_mem,
                                    host_mem=host_mem or f.host_mem)
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(dist)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _has_flash_attn_2() -> bool:
@@ -122,13 +134,13 @@ def _is_fork() -> bool:
     return True
 
 
-# Step times through train.py, one H100, 8B shape at 8 layers (bench/results/2026-12-05_h100_1xgpu-8b-8L-fa4.json):
-# fa4 1.93 / 4.65 / 11.20 s against sdpa_per_doc's 1.96 / 4.90 / 12.18 s at 16K / 64K / 128K (one document), 5.04
-# against 5.35 s on stdlib rows at 128K; the same peaks.
-FA4_AUTO = ("; auto: its step beat sdpa_per_doc's on an H100 (1.02-1.09x from 16K to 128K, 1.06x on packed real "
+# Step times through train.py, one H100, 8B shape at 8 layers (bench/results/2026-12-05_h100_1xgpu-8b-8L-fa4.json,
+# the slower of two timed steps): fa4 1.93 / 4.65 / 11.20 s against sdpa_per_doc's 1.96 / 4.90 / 12.18 s at 16K /
+# 64K / 128K (one document: 1.014 / 1.054 / 1.088x), 5.04 against 5.35 s on stdlib rows at 128K; the same peaks.
+FA4_AUTO = ("; auto: its step beat sdpa_per_doc's on an H100 (1.01-1.09x from 16K to 128K, 1.06x on packed real "
             "text)")
-FA4_MISSING = ("; flash-attn-4 would be auto here (pip install 'flash-attn-4[cu13]'; 1.02-1.09x faster steps on an "
-               "H100, docs/RESULTS.md)")
+FA4_MISSING = (f"; flash-attn-4 would be auto here (with a CUDA 13 torch: pip install '{gpu_extras.FA4}'; 1.01-1.09x "
+               "faster steps on an H100, docs/RESULTS.md)")
 
 
 @dataclass(frozen=True)
@@ -211,7 +223,7 @@ def resolve_liger(requested: str, facts: Facts) -> tuple[bool, str]:
         return False, "requested"
     if requested == "on":
         if not facts.liger:
-            raise LongctxError("--liger on, but liger-kernel is not installed (pip install liger-kernel)")
+            raise LongctxError(f"--liger on, but liger-kernel is not installed (pip install {gpu_extras.LIGER})")
         if not facts.cuda:
             raise LongctxError("--liger on needs a CUDA GPU (Liger kernels are Triton kernels)")
         return True, "requested"
@@ -240,35 +252,41 @@ def fa4_head_dim_ok(head_dim: Optional[int], capability: Optional[tuple[int, int
 
 def resolve_attention(requested: str, facts: Facts, *, precision: str, packing: bool, max_seq_len: int,
                       dense_mask_max_len: int, head_dim: Optional[int] = None) -> AttentionChoice:
-    """auto is fa4 where flash-attn-4 (the version measured) imports on an sm90+ GPU in half precision: through
-    train.py on an H100 its step was the faster at every length measured (FA4_AUTO), with the same peak. Elsewhere
-    auto is sdpa_per_doc: SDPA per document runs everywhere (cuDNN first, 530-543 TFLOP/s fwd + bwd on one 128K
-    document on an H100/H200; on CPU and V100 SDPA's math / memory-efficient kernel), with no S x S mask, so
-    packing works at any length on every device."""
+    """auto is fa4 where flash-attn-4 (the version measured) imports on an sm90 GPU in half precision: through
+    train.py on an H100 its step was the faster at every length measured (FA4_AUTO), with the same peak. It runs on
+    sm100+ too, but was never measured there: auto stays on the measured default and says so, and
+    `--attn-implementation fa4` takes it anyway. Elsewhere auto is sdpa_per_doc: SDPA per document runs everywhere
+    (cuDNN first, 530-543 TFLOP/s fwd + bwd on one 128K document on an H100/H200; on CPU and V100 SDPA's math /
+    memory-efficient kernel), with no S x S mask, so packing works at any length on every device."""
     half = precision in ("bf16", "fp16")
     if requested == "auto":
+        measured_cap, measured_version = gpu_extras.FA4_CAPABILITY, gpu_extras.FA4_VERSION
+        measured_gpu = facts.cuda and tuple(facts.capability or ()) == measured_cap
         fa4_could_run = facts.fa4 and facts.sm90 and half
         if fa4_could_run and not fa4_head_dim_ok(head_dim, facts.capability):
             fa4_note = f"; not fa4: head_dim {head_dim} is outside flash-attention-4's sizes on this GPU"
+        elif fa4_could_run and not measured_gpu:
+            cap = facts.capability or (0, 0)
+            fa4_note = (f"; not fa4: flash-attention-4 was measured on sm{measured_cap[0]}{measured_cap[1]} "
+                        f"only (this GPU is sm{cap[0]}{cap[1]}); --attn-implementation fa4 takes it anyway")
         elif fa4_could_run:
-            from .fa4 import MEASURED_VERSION
-
-            if facts.fa4 == MEASURED_VERSION:  # longctx.fa4 calls private entry points: only the version measured
+            if facts.fa4 == measured_version:  # longctx.fa4 calls private entry points: only the version measured
                 choice = resolve_attention("fa4", facts, precision=precision, packing=packing,
                                            max_seq_len=max_seq_len, dense_mask_max_len=dense_mask_max_len,
                                            head_dim=head_dim)
                 return dataclasses.replace(choice, note=choice.note + FA4_AUTO)
             fa4_note = (f"; flash-attn-4 {facts.fa4} is installed, but auto takes only the version measured "
-                        f"({MEASURED_VERSION}): --attn-implementation fa4 runs it")
+                        f"({measured_version}): --attn-implementation fa4 runs it")
         else:
-            fa4_note = FA4_MISSING if facts.sm90 and half else ""
+            fa4_note = FA4_MISSING if measured_gpu and half else ""
         choice = resolve_attention("sdpa_per_doc", facts, precision=precision, packing=packing,
                                    max_seq_len=max_seq_len, dense_mask_max_len=dense_mask_max_len)
         return dataclasses.replace(choice, note=choice.note + fa4_note)
     if requested == "fa4":
         if not facts.fa4:
             raise LongctxError("--attn-implementation fa4 is unavailable: flash-attn-4 is not installed "
-                               "(pip install flash-attn-4; use auto or sdpa_per_doc without it)")
+                               f"(pip install '{gpu_extras.FA4}' for a CUDA 13 torch; use auto or sdpa_per_doc without "
+                               "it)")
         if not facts.sm90 or not half:
             raise LongctxError("--attn-implementation fa4 needs a CUDA GPU of sm90+ (its backward's requirement) and "
                                f"bf16/fp16 (device: {facts.name}, precision: {precision})")
@@ -276,9 +294,8 @@ def resolve_attention(requested: str, facts: Facts, *, precision: str, packing: 
             raise LongctxError(f"--attn-implementation fa4: head_dim {head_dim} is not among flash-attention-4's "
                                f"sizes on {facts.name} (multiples of 8 up to 256 on sm90, up to 128 or 256 on "
                                "sm100+); use auto or sdpa_per_doc")
-        from .fa4 import MEASURED_VERSION
-
-        other = "" if facts.fa4 == MEASURED_VERSION else f"; measured with {MEASURED_VERSION}, not this version"
+        measured_version = gpu_extras.FA4_VERSION
+        other = "" if facts.fa4 == measured_version else f"; measured with {measured_version}, not this version"
         return AttentionChoice("fa4", FA4, True, f"flash-attention-4 {facts.fa4} varlen (packed via cu_seqlens){other}")
     if requested == "sdpa_per_doc":
         return AttentionChoice("sdpa_per_doc", SDPA_PER_DOC, True,

@@ -130,10 +130,13 @@ class Trainer:
         return self
 
     def header(self) -> str:
+        from . import gpu_extras
+
         cfg, s = self.cfg, self.settings
         ds = s.ds_config
         lines = [f"device {self.facts.name} x{self.world} | model {cfg.model} ({self.kind}, "
-                 f"{self.model_config.model_type}) | tokenizer {self.tok_path} | lr {s.lr:g}"]
+                 f"{self.model_config.model_type}) | tokenizer {self.tok_path} | lr {s.lr:g}",
+                 gpu_extras.header_line(self.facts)]
         lines += s.header()
         lines += [f"ds_config {cfg.deepspeed}: train_batch_size {ds['train_batch_size']} = {cfg.micro_batch_size} x "
                   f"{cfg.grad_accum} x {self.layout.dp_world} | {self.layout.describe()}",

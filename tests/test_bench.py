@@ -189,3 +189,15 @@ def test_the_step_time_figure_takes_each_techniques_newest_plain_rows():
     got = {t: (synced, [(r["seq_len"], r["step_time_s"]) for r in rows])
            for t, (synced, rows) in latest_series(runs).items()}
     assert got == {"a": (False, [(16, 1.5), (64, 2.0)]), "b": (False, [(16, 5.0)]), "c": (True, [(64, 3.0)])}
+
+
+def test_the_report_marks_runs_from_a_tree_that_may_not_be_the_commit():
+    """A dirty tree, or one whose state was not recorded (LONGCTX_GIT_COMMIT on a copied tree), is said so."""
+    from bench.report import git_label
+
+    assert git_label({"commit": "0123456789abcdef", "dirty": False}) == "git 0123456789"
+    assert git_label({"commit": "0123456789abcdef", "dirty": True}) == "git 0123456789 (uncommitted changes)"
+    assert git_label({"commit": "1a40911", "dirty": None, "source": "LONGCTX_GIT_COMMIT"}) == \
+        "git 1a40911 (stated by LONGCTX_GIT_COMMIT; uncommitted changes not recorded)"
+    assert git_label({"commit": "1a40911", "dirty": None}) == "git 1a40911 (uncommitted changes not recorded)"
+    assert git_label({}) == git_label({"commit": None, "dirty": False}) == "git not recorded"

@@ -143,7 +143,7 @@ def choose(facts: Facts, requested: str = "auto", precision: str = "bf16", head_
 
 
 def test_auto_takes_fa4_where_the_measured_version_runs():
-    """auto is fa4 on sm90+ in half precision with the version measured installed; another version is named in the
+    """auto is fa4 on sm90 in half precision with the version measured installed; another version is named in the
     note and left to --attn-implementation fa4; without flash-attn-4 on such a GPU the note says how to get it;
     elsewhere auto is sdpa_per_doc and says nothing of fa4."""
     named = choose(H100, "fa4")
@@ -155,18 +155,33 @@ def test_auto_takes_fa4_where_the_measured_version_runs():
     other = choose(dataclasses.replace(H100, fa4="4.1.0"))
     assert other.name == "sdpa_per_doc" and "flash-attn-4 4.1.0 is installed, but auto takes only" in other.note
     missing = choose(dataclasses.replace(H100, fa4=None))
-    assert missing.name == "sdpa_per_doc" and "pip install 'flash-attn-4[cu13]'" in missing.note
+    assert missing.name == "sdpa_per_doc" and "pip install 'flash-attn-4[cu13]" in missing.note
     a100 = dataclasses.replace(H100, name="A100", capability=(8, 0))
     for facts, precision in ((a100, "bf16"), (H100, "fp32"), (Facts(fa4="4.0.0b36"), "fp32")):
         auto = choose(facts, precision=precision)
         assert auto.name == "sdpa_per_doc" and "fa4" not in auto.note
 
 
+@pytest.mark.parametrize("capability", [(10, 0), (10, 3), (12, 0)])
+def test_auto_keeps_the_measured_default_off_sm90_and_says_why(capability):
+    """Every fa4 measurement is from an H100: on sm100+, where it also runs, auto stays sdpa_per_doc (no install hint
+    either); the name still takes it."""
+    gpu = dataclasses.replace(H100, name="B200", capability=capability)
+    auto = choose(gpu)
+    assert auto.name == "sdpa_per_doc"
+    assert (f"not fa4: flash-attention-4 was measured on sm90 only (this GPU is sm{capability[0]}{capability[1]}); "
+            "--attn-implementation fa4 takes it anyway") in auto.note
+    assert (choose(gpu, "fa4").name, choose(gpu, "fa4").impl) == ("fa4", FA4)
+    assert "pip install" not in choose(dataclasses.replace(gpu, fa4=None)).note
+
+
 def test_head_sizes_flash_attention_4_lacks_keep_auto_on_sdpa_and_refuse_the_name():
     """Its sizes (4.0.0b36): multiples of 8 up to 256 on sm90; up to 128, or 256, on sm100+."""
     b200 = dataclasses.replace(H100, name="B200", capability=(10, 0))
-    for facts, d in ((H100, 32), (H100, 64), (H100, 256), (b200, 128), (b200, 256)):
-        assert choose(facts, head_dim=d).name == "fa4", (facts.name, d)
+    for d in (32, 64, 256):
+        assert choose(H100, head_dim=d).name == "fa4", d
+    for d in (128, 256):  # named: auto does not take it off sm90 (test above)
+        assert choose(b200, "fa4", head_dim=d).name == "fa4", d
     for facts, d in ((H100, 100), (H100, 4), (H100, 512), (b200, 192)):
         auto = choose(facts, head_dim=d)
         assert auto.name == "sdpa_per_doc" and f"not fa4: head_dim {d}" in auto.note, (facts.name, d)
