@@ -319,8 +319,8 @@ def validate_records(records: list[dict], where: Sequence[str], fmt: str) -> Non
 class Tokenized:
     """One tokenized document, before or after an SFT cut."""
 
-    ids: list[int]
-    labels: list[int]
+    ids: Sequence[int]     # a list, or an int32 array (plain text: its documents can be millions of tokens)
+    labels: Sequence[int]
     raw_len: int  # tokens before any cut
     cut: str | None = None  # None; "context" (over the limit, the answer kept whole); "answer" (some of it cut)
 
@@ -359,8 +359,10 @@ def tokenize_text(tok, texts: Sequence[str]) -> list[Tokenized]:
     bos, eos = _special(tok, "bos"), _special(tok, "eos")
     out = []
     for ids in encode(tok, texts):
-        ids = bos + list(ids) + eos
-        out.append(Tokenized(ids, [IGNORE] + ids[1:], len(ids)))
+        ids = np.asarray(bos + ids + eos, dtype=np.int32)
+        labels = ids.copy()
+        labels[0] = IGNORE
+        out.append(Tokenized(ids, labels, len(ids)))
     return out
 
 
