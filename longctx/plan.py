@@ -617,8 +617,8 @@ def plan(setup: Setup) -> Plan:
         n = setup.offloaded_layers
         ck = sum(cache.take(U) for _ in range(n))
         reused = n - round(ck / pinned_block(U))
-        host.append(Item("offloaded checkpoints", ck, f"{n} layers x {T:,} tokens"
-                         + (f", {reused} in cached blocks" if reused else "")))
+        host.append(Item("offloaded checkpoints", ck, f"{n} layers, {reused} in cached blocks" if reused else
+                         f"{n} layers x {T:,} tokens"))
     return Plan(setup, persistent, phases, host, cache.pinned, working_set_untiled=untiled,
                 working_set_tiled=ws_units * U if setup.tiled_mlp_shards > 1 else None)
 
