@@ -746,14 +746,41 @@ def short_of(setup: Setup, hw: Hardware) -> str:
     return "no length fits (" + " and ".join(what) + ")"
 
 
-def host_knob(p: Plan, hw: Hardware) -> str:
-    s = p.setup
+def host_knob(p: Plan, hw: Hardware, usable: Optional[float] = None) -> str:
+    """What lowers host RAM, each re-planned against `usable` bytes for all of `hw`'s ranks (default: hw.host_usable):
+    fewer checkpoints in host RAM, the parameters on the GPU, then more RAM or more ranks to divide the states over.
+    No setting train.py has keeps part of the optimizer states on the GPU (DeepSpeed's offload_optimizer.ratio is
+    not planned), so where the states alone overflow the host, that is what it says."""
+    s, ranks = p.setup, hw.gpus
+    usable = hw.host_usable if usable is None else usable
+
+    def host(x: Setup) -> float:
+        return plan(x).host_total(ranks)
+
+    def g(x: float) -> str:
+        return f"{x / GiB:.1f} GiB"
+
+    out = []
+    states = replace(s, num_offloaded_layers=0) if s.offloaded_layers else s
     if s.offloaded_layers:
-        return ("--num-offloaded-layers N (keep some checkpoints on the GPU), fewer GPUs per host, "
-                "or a shorter --max-seq-len")
-    if s.offload_params or s.offload_optimizer:
-        return "a ds_config without offload_param (then offload_optimizer), or more hosts"
-    return "a shorter --max-seq-len or more host RAM"
+        fit = next((n for n in range(s.offloaded_layers - 1, -1, -1)
+                    if host(replace(s, num_offloaded_layers=n)) <= usable), None)
+        if fit is not None:
+            out.append(f"--num-offloaded-layers {fit} (the other checkpoints on the GPU: host "
+                       f"{g(host(replace(s, num_offloaded_layers=fit)))})")
+        else:
+            out.append(f"with no checkpoint in host RAM it still needs {g(host(states))} of {g(usable)}")
+    if s.zero_stage == 3 and s.offload_params:
+        alt = replace(states, offload_params=False)
+        gpu = "" if not hw.gpu_mem else (f", GPU peak {g(plan(alt).gpu_peak)}"
+                                         + ("" if plan(alt).gpu_peak <= hw.gpu_usable else " (does not fit)"))
+        out.append(f"offload_param none in the ds_config (parameters on the GPU): host {g(host(alt))}"
+                   + ("" if host(alt) <= usable else ", still above") + gpu)
+    out.append(f"more host RAM (the plan takes {g(p.host_total(ranks))} of {g(usable)} usable)"
+               + (", fewer GPUs per host" if ranks > 1 else "")
+               + (" or more hosts (ZeRO-3 divides the states over every rank)" if s.zero_stage == 3 else
+                  " or a shorter --max-seq-len"))
+    return "; ".join(out)
 
 
 # ---- text -------------------------------------------------------------------------------------------

@@ -200,6 +200,37 @@ def test_host_buffers_without_pinning():
     assert plan(Setup(LLAMA8B, 16384, pin_memory=False)).pinned == 16 * GiB
 
 
+def test_full_depth_8b_on_one_gpu_is_refused_for_host_ram():
+    """Llama-3.1-8B at 32 layers on one 80 GiB GPU with 125 GiB of host RAM: the GPU fits, the host does not, and
+    the plan says so line by line and names what would change it."""
+    from helpers_train import REPO
+    from longctx import config
+    from longctx.plan import cli_plan
+
+    text = cli_plan(config.parse([
+        "--model", str(REPO / "longctx" / "default_data" / "llama3.1-8b.json"),
+        "--deepspeed", str(REPO / "ds_configs" / "zero3_offload.json"), "--max-seq-len", "32768",
+        "--gpus", "1", "--gpu-mem", "80GiB", "--host-mem", "125GiB", "--plan"]))
+    lines = text.splitlines()
+
+    def row(name: str) -> float:
+        return float(next(x for x in lines if x.strip().startswith(name)).split()[-1])
+
+    assert "of 80: fits" in text
+    assert row("bf16 params, per parameter (pinned, cached)") == 16.50
+    assert row("bf16 params (flat, pinned)") == 16.00
+    assert row("fp32 master (flat per sub-group)") == 29.92
+    assert row("fp32 grads (flat per sub-group, pinned)") == 32.00
+    assert row("bf16 grad partitions (flat, pinned)") == 16.00
+    assert row("Adam m, v (fp32)") == 59.83
+    assert row("total per rank") == 173.25
+    assert next(x for x in lines if "total, 1 ranks" in x).endswith("DOES NOT FIT")
+    assert "Largest max_seq_len that fits: none" in text
+    knob = next(x for x in lines if x.startswith("Host memory is the limit: "))
+    assert "offload_param none in the ds_config (parameters on the GPU): host 140.7 GiB, still above" in knob
+    assert "more host RAM" in knob and "more hosts" in knob
+
+
 def test_attention_workspace_by_hand():
     assert attention_workspace(Setup(LLAMA8B, 8192, attention="flash")) == 0
     assert attention_workspace(Setup(LLAMA8B, 8192, attention="dense_mask")) == 8192 ** 2
