@@ -200,6 +200,26 @@ def test_host_buffers_without_pinning():
     assert plan(Setup(LLAMA8B, 16384, pin_memory=False)).pinned == 16 * GiB
 
 
+def test_sub_groups_and_grad_accum_dtype_come_from_the_ds_config():
+    from longctx.plan import setup_from_settings
+
+    def setup(zero: dict, **top) -> Setup:
+        return setup_from_settings(
+            shape=LLAMA8B, seq_len=16384, micro_batch=1, world=1, precision="bf16", checkpointing="plain",
+            offload_impl="fork", reentrant=True, num_offloaded_layers=0, keep_attention=False, liger=True,
+            tiled_loss=True, attention="flash", sp=1, tiled_mlp_shards=1, tied_embeddings=False,
+            ds_config={"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                                             "offload_param": {"device": "cpu", "pin_memory": True}, **zero}, **top})
+
+    assert (setup({}).sub_group_size, setup({}).grad_accum_dtype) == (10 ** 9, None)
+    s = setup({"sub_group_size": 10 ** 12}, data_types={"grad_accum_dtype": "fp32"})
+    assert (s.sub_group_size, s.grad_accum_dtype) == (10 ** 12, "fp32")
+    h = {i.name: i for i in plan(s).host}
+    assert h["fp32 grads (flat per sub-group, pinned)"].note == "1 sub-group"  # 29.9 GiB -> one 32 GiB block
+    assert h["fp32 grad partitions (flat, pinned)"].bytes == 32 * GiB
+    assert setup({}, data_types={"grad_accum_dtype": "torch.bfloat16"}).grad_accum_dtype == "bf16"
+
+
 def test_full_depth_8b_on_one_gpu_is_refused_for_host_ram():
     """Llama-3.1-8B at 32 layers on one 80 GiB GPU with 125 GiB of host RAM: the GPU fits, the host does not, and
     the plan says so line by line and names what would change it."""
