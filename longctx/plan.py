@@ -562,7 +562,7 @@ def plan(setup: Setup) -> Plan:
 
     host_states, cache = host_state_items(setup)
     persistent = gpu_state_items(setup) + [Item("framework (cuBLAS workspaces, buffers)", FRAMEWORK_GPU_BYTES),
-                               Item("ids, rotary cos/sin, logsumexp", T * per_token_bytes(s, a))]
+                                           Item("ids, rotary cos/sin, logsumexp", T * per_token_bytes(s, a))]
 
     liger = setup.liger_kernels
     ws_units = working_set_units(s, a, liger=liger, mlp_shards=setup.tiled_mlp_shards, reentrant=setup.reentrant)
@@ -771,7 +771,7 @@ def host_knob(p: Plan, hw: Hardware, usable: Optional[float] = None) -> str:
         else:
             out.append(f"with no checkpoint in host RAM it still needs {g(host(states))} of {g(usable)}")
     if s.zero_stage == 3 and s.offload_params:
-        alt = replace(states, offload_params=False)
+        alt = replace(s, offload_params=False)
         gpu = "" if not hw.gpu_mem else (f", GPU peak {g(plan(alt).gpu_peak)}"
                                          + ("" if plan(alt).gpu_peak <= hw.gpu_usable else " (does not fit)"))
         out.append(f"offload_param none in the ds_config (parameters on the GPU): host {g(host(alt))}"
