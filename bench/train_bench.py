@@ -27,6 +27,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):  # run as a script (deepspeed launcher): make `bench` and `longctx` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -258,6 +259,7 @@ class Worker:
                                "effect (non-finite gradients skipped?); its step time would not be a training step's")
         peak = torch.cuda.max_memory_allocated() / GiB if cuda else None
         peak_reserved = torch.cuda.max_memory_reserved() / GiB if cuda else None
+        host_peak, host_now, pinned = all_ranks_max([x if x is not None else -1.0 for x in host_memory()])
         at_peak = None
         if self.a.memory_at_peak:  # after the peak above was read: the recorder's own step is neither timed nor peaked
             from bench import memory_at_peak
@@ -277,7 +279,8 @@ class Worker:
         f = flops.train_flops(shape, doc_lens)
         peak_flops = flops.peak_flops(self.facts.name, trainer.settings.precision) if cuda else None
         setup = plan_mod.setup_from_resolved(trainer.settings, cfg, trainer.model_config)
-        predicted = plan_mod.plan(setup).gpu_peak
+        planned = plan_mod.plan(setup)
+        predicted = planned.gpu_peak
         s = trainer.settings
         return {"kind": "row", "status": "ok", "technique": self.tech.name, "seq_len": length, "docs": self.a.docs,
                 "doc_lens": doc_lens if len(doc_lens) <= 64 else None, "n_docs": len(doc_lens),
@@ -287,6 +290,9 @@ class Worker:
                 "mfu": flops.mfu(f, step_s, self.world, peak_flops) if peak_flops else None,
                 "peak_gpu_gib": all_ranks_max([peak])[0] if peak is not None else None,
                 "peak_reserved_gib": peak_reserved, "predicted_peak_gib": predicted / GiB,
+                "peak_host_rss_gib": host_peak / GiB, "host_rss_gib": host_now / GiB,
+                "pinned_host_gib": pinned / GiB if pinned >= 0 else None,
+                "predicted_host_gib": planned.host_per_rank / GiB, "predicted_pinned_gib": planned.pinned / GiB,
                 "memory_at_peak": at_peak,
                 "plan_setup": dataclasses.asdict(setup),  # what the planner was asked (tests/test_plan_calibration.py)
                 "losses": losses, "built": built, "build_s": round(init_s, 1),
@@ -325,6 +331,30 @@ class FreshProcess(Exception):
 def loss_moved(losses: list[float]) -> bool:
     """The bench repeats one step's rows at a constant lr: after the first update the loss must differ."""
     return len(losses) < 2 or len(set(losses)) > 1
+
+
+def host_memory() -> tuple[int, int, Optional[int]]:
+    """This rank's host memory in bytes: the process's peak RSS so far (getrusage ru_maxrss, so the engine's build
+    too), its RSS now (psutil), and what torch's caching host allocator holds pinned, blocks in use and cached (None
+    without CUDA or without torch.cuda.host_memory_stats, which torch has had since pytorch#147660, early 2025)."""
+    import resource
+
+    import psutil
+    import torch
+
+    now = psutil.Process().memory_info().rss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # KiB
+    pinned = None
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if stats is not None and torch.cuda.is_available():
+        try:
+            s = stats()
+        except RuntimeError:
+            s = {}
+        # the first versions count every pinned block as reserved_bytes (allocated_bytes: those in use); torch 2.13
+        # has no reserved_bytes and counts every block the allocator owns, in use or cached, as allocated_bytes
+        pinned = s.get("reserved_bytes.current", s.get("allocated_bytes.current"))
+    return int(peak), int(now), pinned
 
 
 def all_ranks_max(values: list[float]) -> list[float]:

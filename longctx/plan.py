@@ -33,6 +33,19 @@ Tiled MLP (n shards) holds the r-sized tensors of one shard at a time: every r a
 These counts were derived from the ops, then checked against bench/results/offload_checkpointing: the
 prediction matches the measured peak to the byte per token (see tests/test_plan_calibration.py).
 
+How host RAM is formed (per rank; host_state_items). ZeRO-3 with CPU offload in DeepSpeed 0.19.8 keeps, for P
+parameters over W ranks (each parameter's partition padded to a multiple of W):
+    bf16 params, per parameter   a P/W   pinned: zero.Init pins each partition, DeepSpeed frees it into torch's cache
+    bf16 params (flat)           a P/W   pinned, whatever offload_param.pin_memory says
+    fp32 master                  4 P/W   pageable, one flat tensor per optimizer sub-group (sub_group_size)
+    fp32 grads                   4 P/W   pinned, one flat tensor per sub-group
+    bf16 grad partitions         a P/W   pinned (the gradient-accumulation dtype: the model's by default)
+    Adam m, v                    8 P/W   pageable, from the first optimizer step on
+Every pinned buffer goes through torch's caching host allocator: rounded up to a power of two, and never given back,
+so a freed block waits for the next request of its size (PinnedCache); the offloaded checkpoints draw on it too.
+Checked against the one host measurement (Llama-3.2-3B shape, one H100, commits 9e6909e, ac2ce74): pinned to the
+hundredth of a GiB, RSS within HOST_PROCESS_BYTES (tests/test_plan_calibration.py).
+
 Global constants are below, each with its physical meaning and where its value comes from. Nothing is
 tuned per configuration.
 """
@@ -80,12 +93,12 @@ SP_A2A_UNITS = 2.0
 # allocator slack between reserved and allocated (expandable segments keep it small).
 CUDA_CONTEXT_BYTES = 0.75 * GiB
 ALLOCATOR_SLACK = 0.08
-# Host RAM of a rank before the model: interpreter, torch + CUDA host-side libraries, DeepSpeed, NCCL.
+# Host RAM of a rank before the model: interpreter, torch + CUDA host-side libraries, DeepSpeed, NCCL. An estimate,
+# not fitted: the one host measurement (Llama-3.2-3B shape, 1xH100, baseline 16K and 32K, commit 9e6909e's
+# bench/results/2026-11-22_h100_llama3.2-3b_1x_nocap.json) leaves 1.97 GiB of RSS beyond the buffers counted below.
 HOST_PROCESS_BYTES = 3.0 * GiB
-# Host RAM a rank keeps beyond the model states it holds, per parameter of its shard: what the ZeRO-3 init
-# leaves resident (weights built on the host in act dtype, fp32 conversions before pinning). FITTED, provisional:
-# on the one host measurement with a clean pinned cache (bench/results 3B 1xH100 baseline 16K; 32K is the check).
-HOST_INIT_BYTES_PER_PARAM = 3.5
+# (HOST_INIT_BYTES_PER_PARAM = 3.5, fitted on that row as "ZeRO-3 init residue", is gone: it was the per-parameter
+# partitions that zero.Init pins and DeepSpeed frees into torch's pinned cache, now counted block by block.)
 # Host RAM usable by training: the rest is the OS, page cache for the data, other processes.
 HOST_USABLE = 0.90
 # Tokens per chunk of longctx.modeling's chunked LM-head loss (kept equal to modeling.HEAD_CHUNK_TOKENS, which
@@ -131,6 +144,8 @@ class Setup:
     reduce_bucket_size: int = 0          # elements; 0: hidden^2 (the "auto" value)
     prefetch_bucket_size: int = 0        # elements; 0: 0.9 hidden^2
     overlap_comm: bool = True
+    sub_group_size: int = 1_000_000_000  # ZeRO-3 elements per optimizer sub-group (DeepSpeed's default, our configs')
+    grad_accum_dtype: Optional[str] = None  # ds_config data_types.grad_accum_dtype; None: the precision (DeepSpeed's)
 
     def __post_init__(self):
         problems = []
@@ -142,7 +157,8 @@ class Setup:
                                      ("offload_impl", self.offload_impl, OFFLOAD_IMPLS),
                                      ("loss", self.loss, LOSSES), ("attention", self.attention, ATTENTIONS),
                                      ("precision", self.precision, tuple(PRECISIONS)),
-                                     ("optimizer", self.optimizer, ("adamw", "none"))):
+                                     ("optimizer", self.optimizer, ("adamw", "none")),
+                                     ("grad_accum_dtype", self.grad_accum_dtype, (None,) + tuple(PRECISIONS))):
             if value not in allowed:
                 problems.append(f"{name}={value!r} not in {allowed}")
         if self.offload_params and self.zero_stage != 3:
@@ -333,43 +349,170 @@ def loss_items(setup: Setup) -> list[Item]:
 
 
 def pinned_block(nbytes: float) -> float:
-    """torch's caching host allocator (tensor.pin_memory(), save_on_cpu) rounds each block up to a power of two
-    and keeps freed blocks cached for the life of the process (bench pinned peaks: 37.4 -> 40.9 GiB = 28
-    checkpoints of 96 MiB taking 128 MiB each)."""
+    """torch's caching host allocator (tensor.pin_memory(), torch.empty(pin_memory=True), save_on_cpu) rounds each
+    block up to a power of two and keeps freed blocks cached for the life of the process (bench pinned peaks: 37.4 ->
+    40.9 GiB = 28 checkpoints of 96 MiB taking 128 MiB each). DeepSpeed's get_accelerator().pin_memory() on CUDA is
+    tensor.pin_memory(), so its pinned buffers are rounded too."""
     return float(1 << math.ceil(math.log2(nbytes))) if nbytes > 0 else 0.0
 
 
-def model_state_items(setup: Setup) -> tuple[list[Item], list[Item], float]:
-    """(GPU items, host items, pinned bytes) of parameters, gradients and optimizer states per rank."""
+class PinnedCache:
+    """torch's caching host allocator in miniature (ATen CachingHostAllocator): an allocation takes a cached free block
+    of its power-of-two size if there is one, else pins a new block; a freed block stays pinned in the cache, never
+    given back to the OS. `pinned` is every byte it pinned."""
+
+    def __init__(self):
+        self.free: dict[float, int] = {}
+        self.pinned = 0.0
+
+    def take(self, nbytes: float) -> float:
+        """Pin `nbytes`; returns the bytes newly pinned (0 when a cached block is reused)."""
+        block = pinned_block(nbytes)
+        if self.free.get(block):
+            self.free[block] -= 1
+            return 0.0
+        self.pinned += block
+        return block
+
+    def give_back(self, nbytes: float) -> None:
+        block = pinned_block(nbytes)
+        self.free[block] = self.free.get(block, 0) + 1
+
+
+def parameter_sizes(s: ModelShape, *, lm_head: bool = True, tied: bool = False) -> list[int]:
+    """Elements of every parameter in module order, the order ZeRO-3 partitions them and cuts optimizer sub-groups:
+    the embedding; per layer q, k, v, o, gate, up, down and the two norms; the final norm; the LM head unless tied or
+    left out. Sums to total_params."""
+    h, d = s.hidden, s.head_dim
+    layer = [h * s.heads * d, h * s.kv_heads * d, h * s.kv_heads * d, s.heads * d * h,
+             h * s.intermediate, h * s.intermediate, s.intermediate * h, h, h]
+    return [s.vocab * h] + layer * s.layers + [h] + ([s.vocab * h] if lm_head and not tied else [])
+
+
+def sub_groups(partitions: list[int], sub_group_size: int) -> list[int]:
+    """Elements of each ZeRO-3 optimizer sub-group (stage3.py _create_fp16_sub_groups): the parameters' partitions in
+    order, a sub-group closed at the parameter that brings it to sub_group_size or more; one group if all fit."""
+    total = sum(partitions)
+    if sub_group_size >= total:
+        return [total]
+    out, acc = [], 0
+    for i, n in enumerate(partitions):
+        acc += n
+        if acc >= sub_group_size or i == len(partitions) - 1:
+            out.append(acc)
+            acc = 0
+    return out
+
+
+# Parameters of at most this many hidden sizes stay on the GPU from zero.Init on (the norms): ds_config
+# stage3_param_persistence_threshold, which longctx.dsconfig resolves from "auto" to 10 x hidden.
+PERSISTENT_HIDDENS = 10
+
+
+def host_state_items(setup: Setup) -> tuple[list[Item], PinnedCache]:
+    """Host buffers of the model states of one rank as DeepSpeed 0.19.8 allocates them, pinned ones taken in
+    allocation order from torch's pinned cache (which the offloaded checkpoints then draw on).
+
+    Left out, since they are freed before the first optimizer step creates Adam's 8 B/param: the fp32 conversion of
+    one sub-group at a time (`.to(fp32).clone()`, 8 B per element of the largest), initialize_optimizer_states'
+    scratch `gradient_buffer` and the pageable zeros each pinned buffer is copied from (4 B per element of the
+    largest sub-group each; 2 B/param for the gradient partitions)."""
+    cache = PinnedCache()
+    if setup.zero_stage == 3:
+        return _zero3_host_items(setup, cache), cache
+    if setup.offload_optimizer and setup.optimizer != "none":
+        return _zero12_host_items(setup, cache), cache
+    return [], cache
+
+
+def _zero3_host_items(setup: Setup, cache: PinnedCache) -> list[Item]:
+    s, a, W, pin, dt = setup.shape, setup.act_bytes, setup.world, setup.pin_memory, setup.precision
+    sizes = parameter_sizes(s, lm_head=setup.lm_head, tied=setup.tied_embeddings)
+    P = sum(math.ceil(n / W) for n in sizes)  # this rank's partitions, each padded to a multiple of W
+    stage3_optimizer = setup.optimizer != "none"
+    items = []
+    if setup.offload_params:
+        # partition_parameters.py Init._partition_param: each parameter's partition on the CPU, through
+        # get_accelerator().pin_memory() when offload_param.pin_memory. A tied LM head is built and partitioned too
+        # before tie_weights drops it, which frees its block into the cache.
+        blocks = [a * math.ceil(n / W) for n in sizes if n > PERSISTENT_HIDDENS * s.hidden]
+        orphan = [a * math.ceil(s.vocab * s.hidden / W)] if setup.tied_embeddings and setup.lm_head else []
+        if not stage3_optimizer:  # DeepSpeedZeRoOffload alone keeps the partitions where zero.Init put them
+            per_param = sum(cache.take(b) for b in blocks) if pin else a * P
+            return [Item(f"{dt} params, one partition per parameter" + (" (pinned)" if pin else ""), per_param)]
+        if pin:
+            per_param = sum(cache.take(b) for b in blocks + orphan)
+            for b in orphan:
+                cache.give_back(b)
+            items.append(Item(f"{dt} params, per parameter (pinned, cached)", per_param, "zero.Init"))
+        # stage3.py _create_param_groups_fp16_flat_cpu_memory: one flat buffer per parameter group, pinned whatever
+        # offload_param.pin_memory says; _move_to_flat_buffer then frees the per-parameter partitions above.
+        items.append(Item(f"{dt} params (flat, pinned)", cache.take(a * P)))
+        if pin:
+            for b in blocks:
+                cache.give_back(b)
+    if not (setup.offload_optimizer and stage3_optimizer):
+        return items
+    groups = sub_groups([math.ceil(n / W) for n in sizes], setup.sub_group_size)
+    ga = setup.grad_accum_dtype or dt
+    # stage3.py _create_fp32_partitions: each sub-group's bf16 flat `.to("cpu", fp32).clone()`, pageable
+    items.append(Item("fp32 master (flat per sub-group)", 4 * P))
+    # stage3.py initialize_optimizer_states: each sub-group's fp32 gradient, torch.zeros then pinned
+    items.append(Item("fp32 grads (flat per sub-group" + (", pinned)" if pin else ")"),
+                      sum(cache.take(4 * n) for n in groups) if pin else 4 * P,
+                      f"{len(groups)} sub-group{'s' if len(groups) > 1 else ''}"))
+    # stage3.py _setup_for_real_optimizer: grad_partitions_flat_buffer, where backward's reduced partitions land
+    # (in gradient_accumulation_dtype, the model's unless data_types.grad_accum_dtype), on the CPU and pinned
+    items.append(Item(f"{ga} grad partitions (flat" + (", pinned)" if pin else ")"),
+                      cache.take(PRECISIONS[ga] * P) if pin else PRECISIONS[ga] * P))
+    # ops/adam/cpu_adam.py DeepSpeedCPUAdam.step: exp_avg, exp_avg_sq (torch.zeros_like, fp32) at the first step
+    items.append(Item("Adam m, v (fp32)", 8 * P))
+    return items
+
+
+def _zero12_host_items(setup: Setup, cache: PinnedCache) -> list[Item]:
+    """ZeRO-1/2 with offload_optimizer (stage_1_and_2.py): one flat partition per buffer (one parameter group).
+    Gradient accumulation over micro-batches adds a pinned copy of each parameter's gradient (not counted)."""
+    s, a, W, pin = setup.shape, setup.act_bytes, setup.world, setup.pin_memory
+    sizes = parameter_sizes(s, lm_head=setup.lm_head, tied=setup.tied_embeddings)
+    P = math.ceil(sum(sizes) / W)
+
+    def buf(nbytes: float) -> float:
+        return cache.take(nbytes) if pin else nbytes
+
+    sfx = ", pinned)" if pin else ")"
+    return [Item("fp32 master (flat" + sfx, buf(4 * P)),                         # weights_partition
+            Item(f"{setup.precision} params for the CPU step (flat" + sfx, buf(a * P)),  # param_buffer_of_bit16_...
+            Item("fp32 grads (flat" + sfx, buf(4 * P)),                           # initialize_optimizer_states
+            Item("largest parameter's gradient" + (" (pinned)" if pin else ""),  # temp_grad_buffer_for_cpu_offload
+                 buf(a * max(sizes))),
+            Item("Adam m, v (fp32)", 8 * P)]
+
+
+def gpu_state_items(setup: Setup) -> list[Item]:
+    """Parameters, gradients and optimizer states one rank keeps on its GPU."""
     s, a, W = setup.shape, setup.act_bytes, setup.world
     P = total_params(s, lm_head=setup.lm_head, tied=setup.tied_embeddings)
     z = setup.zero_stage
-    gpu, host, pinned = [], [], 0.0
-    params_div = W if z == 3 else 1
-    if setup.offload_params:
-        host.append(Item("params (ZeRO-3 offload)", a * P / W))
-        pinned += a * P / W if setup.pin_memory else 0
-    else:
-        gpu.append(Item(f"params{' (ZeRO-3 shard)' if z == 3 else ''}", a * P / params_div))
+    gpu = []
+    if not setup.offload_params:
+        gpu.append(Item(f"params{' (ZeRO-3 shard)' if z == 3 else ''}", a * P / (W if z == 3 else 1)))
     if setup.optimizer == "none":
-        gpu.append(Item("grads", a * P))
-        return gpu, host, pinned
+        return gpu + [Item("grads", a * P)]
     opt_div = W if z >= 1 else 1
-    states = 12 * P / opt_div          # fp32 master + Adam m + v
-    if setup.offload_optimizer:
-        # fp32 master and fp32 grads are one flat pinned buffer each (rounded to a power of two), m and v are not
-        flat = pinned_block(4 * P / opt_div) if setup.pin_memory else 4 * P / opt_div
-        host.append(Item("fp32 master (flat, pinned)" if setup.pin_memory else "fp32 master", flat))
-        host.append(Item("fp32 grads (flat, pinned)" if setup.pin_memory else "fp32 grads", flat))
-        host.append(Item("Adam m, v", 8 * P / opt_div))
-        pinned += 2 * flat if setup.pin_memory else 0
-    else:
-        gpu.append(Item("fp32 master + Adam m, v", states))
+    if not setup.offload_optimizer:
+        gpu.append(Item("fp32 master + Adam m, v", 12 * P / opt_div))
     if z <= 1:
         gpu.append(Item("grads", a * P))
     elif not setup.offload_optimizer:
         gpu.append(Item("grads (shard)", a * P / W))
-    return gpu, host, pinned
+    return gpu
+
+
+def model_state_items(setup: Setup) -> tuple[list[Item], list[Item], float]:
+    """(GPU items, host items, pinned bytes) of parameters, gradients and optimizer states per rank."""
+    host, cache = host_state_items(setup)
+    return gpu_state_items(setup), host, cache.pinned
 
 
 def deepspeed_items(setup: Setup) -> list[Item]:
@@ -417,9 +560,9 @@ def plan(setup: Setup) -> Plan:
     V, h = s.vocab, s.hidden
     head_bytes = V * h * a if setup.lm_head else 0  # tied: the embedding matrix, gathered as the head
 
-    gpu_states, host_states, pinned = model_state_items(setup)
-    persistent = gpu_states + [Item("framework (cuBLAS workspaces, buffers)", FRAMEWORK_GPU_BYTES),
-                               Item("ids, rotary cos/sin, logsumexp", T * per_token_bytes(s, a))]
+    host_states, cache = host_state_items(setup)
+    persistent = gpu_state_items(setup) + [Item("framework (cuBLAS workspaces, buffers)", FRAMEWORK_GPU_BYTES),
+                                           Item("ids, rotary cos/sin, logsumexp", T * per_token_bytes(s, a))]
 
     liger = setup.liger_kernels
     ws_units = working_set_units(s, a, liger=liger, mlp_shards=setup.tiled_mlp_shards, reentrant=setup.reentrant)
@@ -470,14 +613,13 @@ def plan(setup: Setup) -> Plan:
                                         Item("gradient of the embedding output", U)] + head_live
 
     host = [Item("process (python, torch, CUDA, DeepSpeed)", HOST_PROCESS_BYTES)] + host_states
-    if setup.zero_stage == 3 and setup.optimizer != "none":
-        P = total_params(s, lm_head=setup.lm_head, tied=setup.tied_embeddings)
-        host.append(Item("ZeRO-3 init residue", HOST_INIT_BYTES_PER_PARAM * P / setup.world))
-    if setup.offloaded_layers:
-        ck = setup.offloaded_layers * pinned_block(U)
-        host.append(Item("offloaded checkpoints", ck, f"{setup.offloaded_layers} layers x {T:,} tokens"))
-        pinned += ck
-    return Plan(setup, persistent, phases, host, pinned, working_set_untiled=untiled,
+    if setup.offloaded_layers:  # one pinned host buffer per layer input, drawn from the cache the init left
+        n = setup.offloaded_layers
+        ck = sum(cache.take(U) for _ in range(n))
+        reused = n - round(ck / pinned_block(U))
+        host.append(Item("offloaded checkpoints", ck, f"{n} layers, {reused} in cached blocks" if reused else
+                         f"{n} layers x {T:,} tokens"))
+    return Plan(setup, persistent, phases, host, cache.pinned, working_set_untiled=untiled,
                 working_set_tiled=ws_units * U if setup.tiled_mlp_shards > 1 else None)
 
 
@@ -604,14 +746,41 @@ def short_of(setup: Setup, hw: Hardware) -> str:
     return "no length fits (" + " and ".join(what) + ")"
 
 
-def host_knob(p: Plan, hw: Hardware) -> str:
-    s = p.setup
+def host_knob(p: Plan, hw: Hardware, usable: Optional[float] = None) -> str:
+    """What lowers host RAM, each re-planned against `usable` bytes for all of `hw`'s ranks (default: hw.host_usable):
+    fewer checkpoints in host RAM, the parameters on the GPU, then more RAM or more ranks to divide the states over.
+    No setting train.py has keeps part of the optimizer states on the GPU (DeepSpeed's offload_optimizer.ratio is
+    not planned), so where the states alone overflow the host, that is what it says."""
+    s, ranks = p.setup, hw.gpus
+    usable = hw.host_usable if usable is None else usable
+
+    def host(x: Setup) -> float:
+        return plan(x).host_total(ranks)
+
+    def g(x: float) -> str:
+        return f"{x / GiB:.1f} GiB"
+
+    out = []
+    states = replace(s, num_offloaded_layers=0) if s.offloaded_layers else s
     if s.offloaded_layers:
-        return ("--num-offloaded-layers N (keep some checkpoints on the GPU), fewer GPUs per host, "
-                "or a shorter --max-seq-len")
-    if s.offload_params or s.offload_optimizer:
-        return "a ds_config without offload_param (then offload_optimizer), or more hosts"
-    return "a shorter --max-seq-len or more host RAM"
+        fit = next((n for n in range(s.offloaded_layers - 1, -1, -1)
+                    if host(replace(s, num_offloaded_layers=n)) <= usable), None)
+        if fit is not None:
+            out.append(f"--num-offloaded-layers {fit} (the other checkpoints on the GPU: host "
+                       f"{g(host(replace(s, num_offloaded_layers=fit)))})")
+        else:
+            out.append(f"with no checkpoint in host RAM it still needs {g(host(states))} of {g(usable)}")
+    if s.zero_stage == 3 and s.offload_params:
+        alt = replace(s, offload_params=False)
+        gpu = "" if not hw.gpu_mem else (f", GPU peak {g(plan(alt).gpu_peak)}"
+                                         + ("" if plan(alt).gpu_peak <= hw.gpu_usable else " (does not fit)"))
+        out.append(f"offload_param none in the ds_config (parameters on the GPU): host {g(host(alt))}"
+                   + ("" if host(alt) <= usable else ", still above") + gpu)
+    out.append(f"more host RAM (the plan takes {g(p.host_total(ranks))} of {g(usable)} usable)"
+               + (", fewer GPUs per host" if ranks > 1 else "")
+               + (" or more hosts (ZeRO-3 divides the states over every rank)" if s.zero_stage == 3 else
+                  " or a shorter --max-seq-len"))
+    return "; ".join(out)
 
 
 # ---- text -------------------------------------------------------------------------------------------
@@ -748,7 +917,22 @@ def setup_from_settings(*, shape: ModelShape, seq_len: int, micro_batch: int, wo
                  tied_embeddings=tied_embeddings, head_gathered_throughout=True,
                  reduce_bucket_size=int(zero.get("reduce_bucket_size") or 0),
                  prefetch_bucket_size=int(zero.get("stage3_prefetch_bucket_size") or 0),
-                 overlap_comm=bool(zero.get("overlap_comm", stage > 0)))
+                 overlap_comm=bool(zero.get("overlap_comm", stage > 0)),
+                 sub_group_size=int(zero.get("sub_group_size", Setup.sub_group_size)),
+                 grad_accum_dtype=dtype_name((ds_config.get("data_types") or {}).get("grad_accum_dtype")))
+
+
+def dtype_name(ds_dtype) -> Optional[str]:
+    """A DeepSpeed dtype spelling (runtime/config.py DtypeEnum: "bf16", "bfloat16", "torch.float32", ...) as one of
+    PRECISIONS; None for None."""
+    if ds_dtype is None:
+        return None
+    names = {"fp16": ("fp16", "float16", "half"), "fp32": ("fp32", "float32", "float"), "bf16": ("bf16", "bfloat16")}
+    key = str(ds_dtype).lower().removeprefix("torch.")
+    found = next((n for n, spellings in names.items() if key in spellings), None)
+    if found is None:
+        raise ValueError(f"data_types.grad_accum_dtype {ds_dtype!r} is not one of {sorted(names)}")
+    return found
 
 
 def setup_from_resolved(settings, cfg, model_config) -> Setup:

@@ -137,7 +137,8 @@ def check(p: Plan, m: Machine) -> tuple[list[str], list[str]]:
             f"host RAM: {m.local_world} rank(s) on this host would add {_g(add)} ({_g(p.host_per_rank)} per rank: "
             + ", ".join(f"{i.name} {_g(i.bytes)}" for i in p.host[1:] if i.bytes)
             + f"), but only {_g(m.host_available)} is available ({m.source}); this would end in an OOM kill. "
-            f"Knob: {host_knob(p, Hardware(gpus=m.local_world, gpu_mem=0, host_mem=m.host_total))}")
+            "Knobs: " + host_knob(p, Hardware(gpus=m.local_world, gpu_mem=0, host_mem=m.host_total),
+                                  usable=m.host_available + m.local_world * m.rss_now))
     pinned = p.pinned * m.local_world
     if pinned and m.memlock_limit is not None and pinned > m.memlock_limit:
         notes.append(f"pinned host memory: the plan pins {_g(pinned)} on this host, above RLIMIT_MEMLOCK "

@@ -73,6 +73,22 @@ def test_rows_record_what_train_py_resolves(smoke):
         assert s[k] == getattr(want, k), k
 
 
+def test_rows_record_host_memory_next_to_the_plans(smoke):
+    """Host RAM beside the GPU peaks: the process's peak and current RSS, the pinned bytes torch's host allocator
+    holds (None on CPU: no CUDA host allocator), and the plan's host RAM and pinned memory per rank for the row."""
+    from longctx.flops import ModelShape
+    from longctx.plan import GiB, Setup, plan
+
+    for r in smoke["rows"]:
+        # ru_maxrss and /proc's RSS read the kernel's approximate per-CPU counters: equal to within pages
+        assert 0 < r["host_rss_gib"] <= 1.01 * r["peak_host_rss_gib"] < 64, r["technique"]
+        assert r["pinned_host_gib"] is None  # the smoke profile runs on CPU
+        s = dict(r["plan_setup"])
+        p = plan(Setup(shape=ModelShape(**s.pop("shape")), **s))
+        assert r["predicted_host_gib"] == pytest.approx(p.host_per_rank / GiB)
+        assert r["predicted_pinned_gib"] == pytest.approx(p.pinned / GiB)
+
+
 def test_first_step_loss_does_not_depend_on_the_technique(smoke):
     """Same seed, same rows, fp32 on CPU: kernels, checkpoint offload and the loss implementation (baseline: full
     fp32 logits, longctx: chunked CE) must give the same first-step loss, near ln(vocab) for random ids at init."""

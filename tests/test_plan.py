@@ -73,17 +73,182 @@ def test_model_states_zero3_offload_by_hand():
     gpu, host, pinned = model_state_items(Setup(LLAMA8B, 1024, world=8, precision="fp16"))
     assert gpu == []
     h = {i.name: i.bytes for i in host}
-    assert h["params (ZeRO-3 offload)"] == 2 * P / 8
-    # 4 B x 8.03B / 8 = 3.74 GiB: one pinned flat buffer each, rounded up by the caching host allocator to 4 GiB
-    assert h["fp32 master (flat, pinned)"] == h["fp32 grads (flat, pinned)"] == 4 * GiB
-    assert h["Adam m, v"] == 8 * P / 8
-    assert pinned == 2 * P / 8 + 8 * GiB
+    MiB = 2 ** 20
+    # zero.Init pins each parameter's eighth: q, o 4 MiB; k, v 1 MiB; gate, up, down 14 -> 16 MiB; embedding and
+    # head 125.25 -> 128 MiB; the norms stay on the GPU. Freed into torch's pinned cache once DeepSpeed flattens them.
+    assert h["fp16 params, per parameter (pinned, cached)"] == 32 * (4 + 1 + 1 + 4 + 3 * 16) * MiB + 2 * 128 * MiB
+    # 2 B x 8.03B / 8 = 1.87 GiB, rounded up by the caching host allocator to 2 GiB
+    assert h["fp16 params (flat, pinned)"] == 2 * GiB
+    assert h["fp32 master (flat per sub-group)"] == 4 * P / 8  # pageable: not rounded
+    # the eighth is 1.004e9 elements: one sub-group of sub_group_size 1e9, closed by the LM head; 3.74 -> 4 GiB
+    assert h["fp32 grads (flat per sub-group, pinned)"] == 4 * GiB
+    assert h["fp16 grad partitions (flat, pinned)"] == 2 * GiB
+    assert h["Adam m, v (fp32)"] == 8 * P / 8
+    assert pinned == 2112 * MiB + 2 * GiB + 4 * GiB + 2 * GiB
     gpu, host, _ = model_state_items(Setup(LLAMA8B, 1024, world=4, offload_params=False, offload_optimizer=False))
     g = {i.name: i.bytes for i in gpu}
     assert g == {"params (ZeRO-3 shard)": 2 * P / 4, "fp32 master + Adam m, v": 12 * P / 4, "grads (shard)": 2 * P / 4}
+    assert host == []
     gpu, _, _ = model_state_items(Setup(LLAMA8B, 1024, world=4, zero_stage=2, offload_params=False,
                                         offload_optimizer=False))
     assert {i.name: i.bytes for i in gpu}["params"] == 2 * P
+
+
+LLAMA3B = ModelShape(hidden=3072, layers=28, heads=24, kv_heads=8, head_dim=128, intermediate=8192, vocab=128256)
+
+
+def deepspeed_host_table(s: ModelShape, W: int, a: int, *, tied: bool, sub_group_size: int, ckpt_tokens: int) -> dict:
+    """One rank's host buffers under DeepSpeed 0.19.8's ZeRO-3 with parameters and optimizer offloaded to pinned CPU
+    memory, re-derived from its source for this test (not from longctx.plan): buffer -> bytes newly taken from the OS.
+    torch's caching host allocator serves every pinned buffer: a power-of-two block, a cached one of that size if free.
+    """
+    h, V = s.hidden, s.vocab
+    layer = [h * s.heads * s.head_dim, h * s.kv_heads * s.head_dim, h * s.kv_heads * s.head_dim,
+             s.heads * s.head_dim * h, h * s.intermediate, h * s.intermediate, s.intermediate * h, h, h]
+    full = [V * h] + layer * s.layers + [h] + ([] if tied else [V * h])  # module order
+    part = [(n + W - 1) // W for n in full]                                # Init._aligned_size // world
+    P = sum(part)
+    cached: dict[int, int] = {}
+
+    def block(nbytes: int) -> int:
+        return 1 << (nbytes - 1).bit_length()
+
+    def pin(nbytes: int) -> int:
+        b = block(nbytes)
+        if cached.get(b):
+            cached[b] -= 1
+            return 0
+        return b
+
+    # Init._partition_param: partitions of every non-persistent parameter (norms persist: <= 10 x hidden), and of
+    # the LM head nn.Linear that tie_weights then drops
+    zero_init = [a * p for n, p in zip(full, part) if n > 10 * h] + ([a * ((V * h + W - 1) // W)] if tied else [])
+    row = {"per parameter": sum(pin(b) for b in zero_init)}
+    if tied:
+        cached[block(zero_init[-1])] = cached.get(block(zero_init[-1]), 0) + 1
+    row["flat params"] = pin(a * P)                    # _create_param_groups_fp16_flat_cpu_memory
+    for b in zero_init[:-1] if tied else zero_init:  # _move_to_flat_buffer frees them
+        cached[block(b)] = cached.get(block(b), 0) + 1
+    groups, acc = [], 0                                # _create_fp16_sub_groups
+    if sub_group_size >= P:
+        groups = [P]
+    else:
+        for i, n in enumerate(part):
+            acc += n
+            if acc >= sub_group_size or i == len(part) - 1:
+                groups.append(acc)
+                acc = 0
+    row["master"] = 4 * P                              # _create_fp32_partitions: pageable
+    row["grads"] = sum(pin(4 * n) for n in groups)     # initialize_optimizer_states
+    row["grad partitions"] = pin(a * P)                # grad_partitions_flat_buffer
+    row["adam"] = 8 * P                                # DeepSpeedCPUAdam.step
+    row["checkpoints"] = sum(pin(ckpt_tokens * h * a) for _ in range(s.layers))  # the fork's pinned layer inputs
+    row["sub-groups"] = len(groups)
+    return row
+
+
+@pytest.mark.parametrize("shape,W,precision,tied,sub_group_size,tokens", [
+    (LLAMA8B, 1, "bf16", False, 10 ** 9, 16384),        # 128 MiB checkpoints: all in cached MLP-weight blocks
+    (LLAMA8B, 1, "bf16", False, 10 ** 9, 32768),
+    (LLAMA8B, 8, "fp16", False, 10 ** 9, 65536),
+    (LLAMA8B, 4, "bf16", False, 2 * 10 ** 8, 131072),
+    (LLAMA3B, 1, "bf16", True, 10 ** 9, 16384),         # the tied head's block is reused by the last sub-group
+    (LLAMA3B, 2, "bf16", True, 10 ** 12, 24576),
+])
+def test_host_items_are_deepspeeds_buffers(shape, W, precision, tied, sub_group_size, tokens):
+    s = Setup(shape, tokens, world=W, precision=precision, tied_embeddings=tied, sub_group_size=sub_group_size,
+              checkpointing="offload", loss="liger", liger_kernels=True)
+    want = deepspeed_host_table(shape, W, s.act_bytes, tied=tied, sub_group_size=sub_group_size, ckpt_tokens=tokens)
+    p = plan(s)
+    got = {i.name: i for i in p.host}
+    dt = precision
+    assert {n: i.bytes for n, i in got.items()} == {
+        "process (python, torch, CUDA, DeepSpeed)": 3 * GiB,
+        f"{dt} params, per parameter (pinned, cached)": want["per parameter"],
+        f"{dt} params (flat, pinned)": want["flat params"],
+        "fp32 master (flat per sub-group)": want["master"],
+        "fp32 grads (flat per sub-group, pinned)": want["grads"],
+        f"{dt} grad partitions (flat, pinned)": want["grad partitions"],
+        "Adam m, v (fp32)": want["adam"],
+        "offloaded checkpoints": want["checkpoints"]}
+    assert got["fp32 grads (flat per sub-group, pinned)"].note.startswith(f"{want['sub-groups']} sub-group")
+    pinned = sum(want[k] for k in ("per parameter", "flat params", "grads", "grad partitions", "checkpoints"))
+    assert p.pinned == pinned
+    assert p.host_per_rank == 3 * GiB + pinned + want["master"] + want["adam"]
+
+
+def test_host_items_by_hand_8b_one_gpu():
+    """Llama-3.1-8B on one rank, bf16: the numbers a reader can check on paper."""
+    MiB = 2 ** 20
+    h = {i.name: i.bytes for i in plan(Setup(LLAMA8B, 16384, checkpointing="offload")).host}
+    # per layer q, o 32 MiB; k, v 8 MiB; gate, up, down 112 -> 128 MiB; embedding and head 1002 -> 1024 MiB
+    assert h["bf16 params, per parameter (pinned, cached)"] == 32 * (2 * 32 + 2 * 8 + 3 * 128) * MiB + 2 * GiB
+    assert h["bf16 params (flat, pinned)"] == 16 * GiB                     # 14.96 GiB
+    assert h["fp32 grads (flat per sub-group, pinned)"] == 8 * 4 * GiB     # 8 sub-groups of ~1e9 elements
+    assert h["bf16 grad partitions (flat, pinned)"] == 16 * GiB
+    assert h["offloaded checkpoints"] == 0  # 32 x 128 MiB: 32 of the 96 cached gate/up/down blocks
+
+
+def test_host_buffers_without_pinning():
+    """pin_memory false: the per-parameter partitions are pageable and given back; the flat bf16 parameters are
+    pinned all the same (DeepSpeed pins them unconditionally); the rest pageable and not rounded."""
+    P = 8_030_261_248
+    h = {i.name: i.bytes for i in plan(Setup(LLAMA8B, 16384, pin_memory=False)).host}
+    assert h == {"process (python, torch, CUDA, DeepSpeed)": 3 * GiB, "bf16 params (flat, pinned)": 16 * GiB,
+                 "fp32 master (flat per sub-group)": 4 * P, "fp32 grads (flat per sub-group)": 4 * P,
+                 "bf16 grad partitions (flat)": 2 * P, "Adam m, v (fp32)": 8 * P}
+    assert plan(Setup(LLAMA8B, 16384, pin_memory=False)).pinned == 16 * GiB
+
+
+def test_sub_groups_and_grad_accum_dtype_come_from_the_ds_config():
+    from longctx.plan import setup_from_settings
+
+    def setup(zero: dict, **top) -> Setup:
+        return setup_from_settings(
+            shape=LLAMA8B, seq_len=16384, micro_batch=1, world=1, precision="bf16", checkpointing="plain",
+            offload_impl="fork", reentrant=True, num_offloaded_layers=0, keep_attention=False, liger=True,
+            tiled_loss=True, attention="flash", sp=1, tiled_mlp_shards=1, tied_embeddings=False,
+            ds_config={"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                                             "offload_param": {"device": "cpu", "pin_memory": True}, **zero}, **top})
+
+    assert (setup({}).sub_group_size, setup({}).grad_accum_dtype) == (10 ** 9, None)
+    s = setup({"sub_group_size": 10 ** 12}, data_types={"grad_accum_dtype": "fp32"})
+    assert (s.sub_group_size, s.grad_accum_dtype) == (10 ** 12, "fp32")
+    h = {i.name: i for i in plan(s).host}
+    assert h["fp32 grads (flat per sub-group, pinned)"].note == "1 sub-group"  # 29.9 GiB -> one 32 GiB block
+    assert h["fp32 grad partitions (flat, pinned)"].bytes == 32 * GiB
+    assert setup({}, data_types={"grad_accum_dtype": "torch.bfloat16"}).grad_accum_dtype == "bf16"
+
+
+def test_full_depth_8b_on_one_gpu_is_refused_for_host_ram():
+    """Llama-3.1-8B at 32 layers on one 80 GiB GPU with 125 GiB of host RAM: the GPU fits, the host does not, and
+    the plan says so line by line and names what would change it."""
+    from helpers_train import REPO
+    from longctx import config
+    from longctx.plan import cli_plan
+
+    text = cli_plan(config.parse([
+        "--model", str(REPO / "longctx" / "default_data" / "llama3.1-8b.json"),
+        "--deepspeed", str(REPO / "ds_configs" / "zero3_offload.json"), "--max-seq-len", "32768",
+        "--gpus", "1", "--gpu-mem", "80GiB", "--host-mem", "125GiB", "--plan"]))
+    lines = text.splitlines()
+
+    def row(name: str) -> float:
+        return float(next(x for x in lines if x.strip().startswith(name)).split()[-1])
+
+    assert "of 80: fits" in text
+    assert row("bf16 params, per parameter (pinned, cached)") == 16.50
+    assert row("bf16 params (flat, pinned)") == 16.00
+    assert row("fp32 master (flat per sub-group)") == 29.92
+    assert row("fp32 grads (flat per sub-group, pinned)") == 32.00
+    assert row("bf16 grad partitions (flat, pinned)") == 16.00
+    assert row("Adam m, v (fp32)") == 59.83
+    assert row("total per rank") == 173.25
+    assert next(x for x in lines if "total, 1 ranks" in x).endswith("DOES NOT FIT")
+    assert "Largest max_seq_len that fits: none" in text
+    knob = next(x for x in lines if x.startswith("Host memory is the limit: "))
+    assert "offload_param none in the ds_config (parameters on the GPU): host 140.7 GiB, still above" in knob
+    assert "more host RAM" in knob and "more hosts" in knob
 
 
 def test_attention_workspace_by_hand():

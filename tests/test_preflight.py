@@ -37,11 +37,17 @@ def test_refuses_gpu_with_message_and_knob():
 
 
 def test_refuses_host_before_the_oom_killer():
-    # ZeRO-3 offload of 8B on 8 ranks needs ~18 B/param/8 + checkpoints per rank: far above 64 GiB of host RAM
+    # ZeRO-3 offload of 8B on 8 ranks: ~24 GiB of model states and buffers per rank + 16 GiB of checkpoints, far above
+    # 64 GiB of host RAM even with every checkpoint on the GPU: the knob is more RAM or more hosts, not fewer layers
     s = Setup(LLAMA8B, 65536, world=8, precision="fp16", loss="liger", liger_kernels=True, checkpointing="offload")
     problems, _ = check(plan(s), machine(local_world=8, host_available=int(64 * GiB), host_total=int(64 * GiB)))
     assert len(problems) == 1 and problems[0].startswith("host RAM:")
-    assert "offloaded checkpoints" in problems[0] and "--num-offloaded-layers" in problems[0]
+    assert "offloaded checkpoints" in problems[0] and "Adam m, v (fp32)" in problems[0]
+    assert "with no checkpoint in host RAM it still needs" in problems[0] and "more hosts" in problems[0]
+    assert "--num-offloaded-layers" not in problems[0]
+    # where the states fit and the checkpoints do not, fewer checkpoints in host RAM is the knob, re-planned
+    problems, _ = check(plan(s), machine(local_world=8, host_available=int(300 * GiB), host_total=int(400 * GiB)))
+    assert "--num-offloaded-layers 28 (the other checkpoints on the GPU" in problems[0]
 
 
 def test_fitting_run_passes_and_memlock_is_a_note():
