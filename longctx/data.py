@@ -894,6 +894,17 @@ class DataBundle:
     def step_sample_ids(self, step: int) -> list[str]:
         return [self.train_docs[d].sample_id for r in self.plan.step_rows(step) for d in self.plan.rows[r]]
 
+    def resident_bytes(self) -> int:
+        """Host RAM the data holds per rank beyond the shared, reclaimable page cache of the memory-mapped tokens:
+        the documents' index and the rows (Python lists: ~100 bytes a document); in-memory documents whole."""
+        def held(docs) -> int:
+            if hasattr(docs, "resident_bytes"):
+                return docs.resident_bytes()
+            return sum(d.input_ids.nbytes + d.labels.nbytes + 200 for d in docs)
+        n_rows = len(self.plan.rows) + len(self.eval_rows)
+        return held(self.train_docs) + held(self.eval_docs) + 100 * (len(self.train_docs) + len(self.eval_docs)) \
+            + 64 * n_rows
+
 
 def doc_lengths(docs: Sequence[Doc]) -> list[int]:
     return [int(n) for n in docs.lengths] if hasattr(docs, "lengths") else [len(d) for d in docs]

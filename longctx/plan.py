@@ -146,6 +146,7 @@ class Setup:
     overlap_comm: bool = True
     sub_group_size: int = 1_000_000_000  # ZeRO-3 elements per optimizer sub-group (DeepSpeed's default, our configs')
     grad_accum_dtype: Optional[str] = None  # ds_config data_types.grad_accum_dtype; None: the precision (DeepSpeed's)
+    data_bytes: int = 0                  # the training data's resident part per rank (longctx.data.DataBundle)
 
     def __post_init__(self):
         problems = []
@@ -619,6 +620,8 @@ def plan(setup: Setup) -> Plan:
         reused = n - round(ck / pinned_block(U))
         host.append(Item("offloaded checkpoints", ck, f"{n} layers, {reused} in cached blocks" if reused else
                          f"{n} layers x {T:,} tokens"))
+    if setup.data_bytes:
+        host.append(Item("data (document index and rows; tokens memory-mapped)", setup.data_bytes))
     return Plan(setup, persistent, phases, host, cache.pinned, working_set_untiled=untiled,
                 working_set_tiled=ws_units * U if setup.tiled_mlp_shards > 1 else None)
 

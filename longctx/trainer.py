@@ -18,6 +18,7 @@ in a checkpoint save, a hook on the built model. Product code has no test switch
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -158,7 +159,8 @@ class Trainer:
             if not self.facts.cuda:
                 torch.distributed.barrier()  # every rank has mapped every peer's buffer: the names can go
                 release_deepspeed_shm(self.rank)
-        self.setup_plan = plan_mod.setup_from_resolved(self.settings, cfg, self.model_config)
+        self.setup_plan = dataclasses.replace(plan_mod.setup_from_resolved(self.settings, cfg, self.model_config),
+                                              data_bytes=self.data.resident_bytes())
         if cfg.preflight:  # refuse what cannot fit now, not with an OOM hours in (all ranks agree)
             preflight.run(self.setup_plan, self.local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", self.world)),
                           self.say)

@@ -191,3 +191,22 @@ def test_prepare_data_from_the_command_line_then_a_run_reuses_it(tmp_path):
     assert "preparing data" in first.stdout and "token ledger" in first.stdout
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert second.returncode == 0 and "reused, nothing tokenized" in second.stdout
+
+
+def test_the_memory_plan_counts_the_data_each_rank_holds(tok, tmp_path):
+    """What a rank keeps of prepared data is its index (tokens stay memory-mapped): the plan's host items and the
+    preflight's total carry it."""
+    from longctx import plan as plan_mod
+    from longctx.flops import ModelShape
+
+    paths = small_dataset(tmp_path / "d", n_text=40, n_chat=0, n_pr=0)
+    bundle = data_mod.build(cfg_for(paths, tmp_path / "c"), tok, world_size=1, say=lambda m: None,
+                            announce=lambda m: None)
+    held = bundle.resident_bytes()
+    tokens = sum(len(d) for d in bundle.train_docs) * 5  # int32 ids + uint8 mask, on disk
+    assert 0 < held < 400 * (len(bundle.train_docs) + len(bundle.eval_docs)) and held < 2 * tokens
+    shape = ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=2048)
+    base = plan_mod.plan(plan_mod.Setup(shape=shape, seq_len=128))
+    with_data = plan_mod.plan(plan_mod.Setup(shape=shape, seq_len=128, data_bytes=held))
+    assert with_data.host_per_rank - base.host_per_rank == held
+    assert any(i.name.startswith("data (") and i.bytes == held for i in with_data.host)
