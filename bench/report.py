@@ -23,6 +23,8 @@ BEGIN = "<!-- BEGIN GENERATED: bench (python -m bench.report; edit bench/report.
 END = "<!-- END GENERATED: bench -->"
 TRL_BEGIN = "<!-- BEGIN GENERATED: trl_offload (python -m bench.report; edit bench/report.py, not this region) -->"
 TRL_END = "<!-- END GENERATED: trl_offload -->"
+DATA_BEGIN = "<!-- BEGIN GENERATED: data_scale (python -m bench.report; edit bench/report.py, not this region) -->"
+DATA_END = "<!-- END GENERATED: data_scale -->"
 TRL_VARIANTS = ("plain", "upstream", "fork")
 DASH = "—"
 BASELINE = "upstream_best"  # what the ratio column compares with: the best stack without this project
@@ -264,27 +266,71 @@ def render_trl(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def update_trl_region(doc: str, generated: str) -> str:
-    """Put the TRL region right after the bench region (replacing an existing one; removing it if `generated` is
-    empty)."""
-    if TRL_BEGIN in doc and TRL_END in doc:
-        head, rest = doc.split(TRL_BEGIN, 1)
-        _, tail = rest.split(TRL_END, 1)
+def update_region(doc: str, generated: str, begin: str = TRL_BEGIN, end: str = TRL_END, after: str = END) -> str:
+    """Put a generated region (begin..end) right after the line `after` (replacing an existing one; removing it if
+    `generated` is empty)."""
+    if begin in doc and end in doc:
+        head, rest = doc.split(begin, 1)
+        _, tail = rest.split(end, 1)
         if not generated:
             return head.rstrip("\n") + "\n\n" + tail.lstrip("\n")
         return head + generated.rstrip("\n") + tail
     if not generated:
         return doc
-    if END in doc:
-        head, tail = doc.split(END, 1)
-        return head + END + "\n\n" + generated.rstrip("\n") + "\n\n" + tail.lstrip("\n")
+    if after in doc:
+        head, tail = doc.split(after, 1)
+        return head + after + "\n\n" + generated.rstrip("\n") + "\n\n" + tail.lstrip("\n")
     return doc.rstrip("\n") + "\n\n" + generated
+
+
+def load_data_scale(results_dir: Path) -> list[dict]:
+    """bench/data_scale.py's runs (kind "data_scale"), by file name."""
+    runs = []
+    for p in sorted(Path(results_dir).glob("*.json")):
+        r = json.loads(p.read_text())
+        if r.get("kind") == "data_scale" and "rows" in r:
+            runs.append({**r, "file": p.name})
+    return runs
+
+
+def render_data_scale(runs: list[dict]) -> str:
+    if not runs:
+        return ""
+    lines = [DATA_BEGIN, "", "## Data at real size: the prepared cache against the in-memory path (CPU)", "",
+             "Through train.py (`python -m bench.data_scale`, the embedded tiny model, the real `deepspeed` launcher, "
+             "gloo ranks): **in-memory** is the commit before the cache (every token in Python lists, what each rank "
+             "did on every start), one process, its address space capped; **prepare** is `train.py --prepare-data` "
+             "(one process, its tokenizing workers); **cold** a 1-step run on an empty cache (one rank prepares, the "
+             "others wait); **warm** the same run with the cache there. *First step* is launch to the first step's "
+             "metrics row; *peak RSS* is per rank (the largest), or of the one process.", ""]
+    for run in runs:
+        lines += [f"### {run['tokenizer'].split('/')[-1]} tokenizer ({run['bytes_per_token']} bytes a token), "
+                  f"max_seq_len {run['max_seq_len']:,} — {run['machine']}, {run['date']} (`bench/results/{run['file']}`)",
+                  "", f"`{run['command']}`", "",
+                  "| tokens | corpus | what | ranks | seconds | first step (s) | tokens/s | peak RSS (GiB) | note |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in run["rows"]:
+            secs = r.get("wall_s", r.get("s"))
+            rss = r.get("peak_host_rss_gib_per_rank", r.get("peak_rss_gib", r.get("peak_rss_gib_parent")))
+            what = r["kind"] + (f" ({r['code']})" if r.get("code") else "")
+            note = r.get("status", "") if r.get("status") not in (None, "ok") else ("" if not r.get("rc") else
+                                                                                     f"rc {r['rc']}")
+            lines.append(f"| {r['target_tokens'] / 1e6:g}M | {r['bytes'] / 1e6:,.0f} MB, "
+                         f"{r['documents']:,} docs | {what} | {r.get('ranks', 1)} | {fmt(secs, 1)} | "
+                         f"{fmt(r.get('first_step_s'), 1)} | "
+                         f"{'%.2fM' % (r['tokens_per_s'] / 1e6) if r.get('tokens_per_s') else '—'} | "
+                         f"{fmt(rss, 2)} | {note} |")
+        lines.append("")
+    lines += [DATA_END, ""]
+    return "\n".join(lines)
 
 
 def generate_document(existing: str | None, results_dir: Path) -> str:
     """RESULTS.md as the JSON files in `results_dir` generate it from `existing`."""
     doc = update_document(existing, render(load_results(results_dir)))
-    return update_trl_region(doc, render_trl(load_trl_results(results_dir)))
+    doc = update_region(doc, render_trl(load_trl_results(results_dir)))
+    after = TRL_END if TRL_END in doc else END
+    return update_region(doc, render_data_scale(load_data_scale(results_dir)), DATA_BEGIN, DATA_END, after)
 
 
 def update_document(existing: str | None, generated: str) -> str:

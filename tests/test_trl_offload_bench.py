@@ -43,10 +43,10 @@ def test_tiny_fork_run_is_recorded_and_rendered(tmp_path):
     text = report.render_trl(report.load_trl_results(tmp_path))
     assert "## TRL SFTTrainer: upstream save_on_cpu vs fork offloader" in text
     assert f"| 512 | {report.DASH} | {report.DASH} | {rows[512]['step_time_s']:.2f} | {report.DASH} |" in text
-    doc = report.update_trl_region("# R\n\n" + report.BEGIN + "\nx\n" + report.END + "\n\ntail\n", text)
+    doc = report.update_region("# R\n\n" + report.BEGIN + "\nx\n" + report.END + "\n\ntail\n", text)
     assert doc.index(report.END) < doc.index(report.TRL_BEGIN) < doc.index("tail")
-    assert report.update_trl_region(doc, text) == doc
-    assert report.update_trl_region(doc, "") == "# R\n\n" + report.BEGIN + "\nx\n" + report.END + "\n\ntail\n"
+    assert report.update_region(doc, text) == doc
+    assert report.update_region(doc, "") == "# R\n\n" + report.BEGIN + "\nx\n" + report.END + "\n\ntail\n"
 
 
 def test_results_md_trl_region_is_generated_from_the_committed_json():
