@@ -149,8 +149,31 @@ def render_run(run: dict) -> list[str]:
                        f"{r['tflops_per_gpu']:.1f} | {fmt(100 * r['mfu'] if r.get('mfu') else None, 1, '%')} | "
                        f"{mem} | {settings_cell(r['settings'])} |")
         out.append("")
+        out += host_lines(sub)
         out += phase_lines(sub)
     return out
+
+
+def host_lines(rows: list[dict]) -> list[str]:
+    """Host memory per rank against the plan, for rows that recorded it (bench rows since 2026-12-06): the peak RSS
+    over the worker's life (engine build included) and the pinned bytes torch's host allocator held after the steps."""
+    rows = [r for r in rows if r.get("status") == "ok" and r.get("peak_host_rss_gib") is not None]
+    if not rows:
+        return []
+    out = ["Host memory per rank: peak RSS (the worker's whole life) and pinned (torch's host allocator, after the "
+           "steps), against the plan.", "",
+           "| Technique | Length | peak RSS GiB | plan GiB (error) | pinned GiB | plan pinned GiB (error) |",
+           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+
+    def vs(measured, planned):
+        if measured is None or planned is None:
+            return f"{fmt(measured)} | {fmt(planned)}"
+        return f"{measured:.2f} | {planned:.2f} ({planned / measured - 1:+.1%})"
+
+    for r in sorted(rows, key=lambda r: (r["seq_len"], r["technique"])):
+        out.append(f"| {r['technique']} | {fmt_len(r['seq_len'])} | {vs(r['peak_host_rss_gib'], r.get('predicted_host_gib'))}"
+                   f" | {vs(r.get('pinned_host_gib'), r.get('predicted_pinned_gib'))} |")
+    return out + [""]
 
 
 def grad_accum(run: dict) -> int:
