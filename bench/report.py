@@ -27,7 +27,10 @@ DATA_BEGIN = "<!-- BEGIN GENERATED: data_scale (python -m bench.report; edit ben
 DATA_END = "<!-- END GENERATED: data_scale -->"
 TRL_VARIANTS = ("plain", "upstream", "fork")
 DASH = "—"
-BASELINE = "upstream_best"  # what the ratio column compares with: the best stack without this project
+# What the ratio column compares with: the strongest stock stack (transformers + DeepSpeed + Liger, no fork feature;
+# bench/techniques.py) where the run has it, else upstream_best (stock SDPA + upstream offload, the weaker stock stack
+# every earlier run compared with).
+BASELINES = ("stock_best", "upstream_best")
 PLAN_TOLERANCE = (0.10, 1.0)  # the preflight's target: within 10% or 1 GiB of the measured peak
 DOCS = {"1": "one document per row", "stdlib": "packed rows of Python-stdlib document lengths (Llama-3 tokenizer)"}
 
@@ -75,11 +78,20 @@ def plan_ok(row: dict) -> bool:
     return abs(err) <= max(PLAN_TOLERANCE[0] * row["peak_gpu_gib"], PLAN_TOLERANCE[1])
 
 
+def baseline(rows: list[dict]) -> str:
+    """The technique these rows' ratios are taken against: stock_best where any of them ran it, else upstream_best
+    (decided per table, so a length where stock_best failed shows no ratio rather than one against another stack)."""
+    ran = {r["technique"] for r in rows}
+    return next((b for b in BASELINES if b in ran), BASELINES[-1])
+
+
 def ratio(rows: list[dict], row: dict):
-    """upstream_best's step time over this row's, same length and row shape (> 1: faster than upstream)."""
-    base = [r for r in rows if r["technique"] == BASELINE and r["seq_len"] == row["seq_len"]
+    """The baseline's step time over this row's, same length and row shape (> 1: faster than the baseline), from the
+    raw step times; `rows` are the row's table (they decide the baseline)."""
+    name = baseline(rows)
+    base = [r for r in rows if r["technique"] == name and r["seq_len"] == row["seq_len"]
             and str(r["docs"]) == str(row["docs"]) and r["status"] == "ok"]
-    if not base or row["status"] != "ok" or row["technique"] == BASELINE:
+    if not base or row["status"] != "ok" or row["technique"] == name:
         return None
     return base[0]["step_time_s"] / row["step_time_s"]
 
@@ -127,8 +139,8 @@ def render_run(run: dict) -> list[str]:
     for docs in sorted({str(r["docs"]) for r in rows}):
         sub = [r for r in rows if str(r["docs"]) == docs]
         out += [f"**{DOCS.get(docs, f'{docs} equal documents packed per row')}**", "",
-                "| Technique | Length | docs | s/step | × upstream_best | tokens/s/GPU | TFLOP/s/GPU | MFU (strict) "
-                "| Peak GiB | Plan GiB (error) | Resolved |",
+                f"| Technique | Length | docs | s/step | × {baseline(sub)} | tokens/s/GPU | TFLOP/s/GPU | "
+                "MFU (strict) | Peak GiB | Plan GiB (error) | Resolved |",
                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         for r in sorted(sub, key=lambda r: (r["seq_len"], r["technique"])):
             if r["status"] != "ok":
@@ -212,7 +224,9 @@ def render(runs: list[dict]) -> str:
              "token ids of the stated document lengths. Strict MFU counts causal attention as S²/2 per document and "
              "no recompute (`longctx/flops.py`); peak 989 TFLOP/s bf16 for H100/H200 SXM. *Plan* is the memory "
              "planner's predicted peak for the same resolved settings (what the preflight compares with the card). "
-             "*× upstream_best* is upstream_best's step time divided by the row's, measured in the same run.", ""]
+             "*× upstream_best* is upstream_best's step time divided by the row's, measured in the same run; in "
+             "runs that have `stock_best` (the strongest stack of stock transformers + DeepSpeed + Liger, "
+             "`bench/techniques.py`) the column is *× stock_best*, the same ratio against it.", ""]
     if not runs:
         lines += ["No results yet.", ""]
     for run in runs:
@@ -392,8 +406,8 @@ def plot(runs: list[dict], plots_dir: Path) -> list[Path]:
     fig, (ax, ax_mfu) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, (tech, (synced, pts)) in enumerate(sorted(latest_series(runs).items())):
         label = tech + (" (phases synced)" if synced else "")
-        # the question the plot answers is the default against upstream's best: those two bold, the rest thin
-        main = {"longctx": "tab:blue", "upstream_best": "tab:red"}.get(tech)
+        # the question the plot answers is the default against the stock stacks: those bold, the rest thin
+        main = {"longctx": "tab:blue", "upstream_best": "tab:red", "stock_best": "tab:green"}.get(tech)
         style = dict(marker="os^vD<>ph*"[i % 10], linestyle=("-", "--", ":")[i // 10 % 3], label=label,
                      color=main or plt.get_cmap("tab20")((2 * i + 1) % 20),  # the pale half of tab20
                      linewidth=2.4 if main else 1.0, alpha=1.0 if main else 0.7, zorder=3 if main else 2)

@@ -62,6 +62,14 @@ PROFILES: dict[str, dict] = {
     # best; a length the preflight refuses or that runs out of memory is recorded as such
     "1xgpu-8b-8L-long": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="192K,256K,384K",
                              runs="longctx:1,upstream_best:1"),
+    # the default against the strongest stock stack (stock_best: transformers' flash_attention_4 or SDPA kept by
+    # selective checkpointing, checkpoints placed by the plan; bench/techniques.py) and upstream_best (upstream_sdpa);
+    # longer than one 10-minute call (256K rows of three stacks): start it detached and poll
+    "1xgpu-8b-8L-stock": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K,256K",
+                              runs="longctx:1,stock_best:1,upstream_best:1"),
+    # the two stock candidates stock_best picks between, each at every length: whether its pick is the faster
+    "1xgpu-8b-8L-stock-candidates": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
+                                         runs="stock_fa4:1,stock_sdpa_keep:1"),
     # where parameters live, and tiled MLP, side by side on one GPU
     "1xgpu-8b-8L-placement": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
                                   runs="params_cpu:1,params_gpu:1,tiled_mlp:1"),

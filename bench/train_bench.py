@@ -159,6 +159,7 @@ class Worker:
         config = make_config(a.shape, layers=a.layers)
         if a.shape == "tiny-llama":
             config.vocab_size = 2048  # the embedded tokenizer's size (train.py checks the model can hold it)
+        self.model_config = config
         self.model_file = self.tmp / "model.json"
         self.model_file.write_text(json.dumps(config.to_dict()))
         self.ds_file = self.tmp / "ds_config.json"
@@ -179,6 +180,7 @@ class Worker:
         self.facts = facts
         self.trainer = None
         self.key = None
+        self.picked: dict[int, tuple[str, ...]] = {}
         self.write({"kind": "meta", "run_id": a.run_id, "technique": self.tech.name, "technique_desc": self.tech.desc,
                     "device": facts.name, "n_gpus": self.world, "gpu_total_gib": (facts.gpu_mem or 0) / GiB or None,
                     "mem_cap_gib": a.mem_cap_gib, "versions": versions(), "shape": a.shape, "layers": config.num_hidden_layers,
@@ -190,15 +192,25 @@ class Worker:
             self.out.write(json.dumps(row, default=str) + "\n")
             self.out.flush()
 
-    def config(self, length: int):
-        from longctx import config as config_mod
-
-        flags = [f.format(world=self.world) for f in self.tech.flags + self.tech.world_flags]
-        argv = ["--model", str(self.model_file), "--deepspeed", str(self.ds_file), "--max-seq-len", str(length),
+    def argv(self, length: int, flags: tuple[str, ...]) -> list[str]:
+        flags = [f.format(world=self.world) for f in flags + self.tech.world_flags]
+        return ["--model", str(self.model_file), "--deepspeed", str(self.ds_file), "--max-seq-len", str(length),
                 "--output-dir", str(self.tmp / "run"), "--overwrite", "--max-steps", "1000", "--eval-fraction", "0",
                 "--no-save-final-model", "--no-preflight", "--lr", "1e-5", "--warmup-steps", "0",
                 "--lr-scheduler", "constant", "--seed", str(self.a.seed), "--grad-accum", str(self.a.grad_accum),
                 *flags, *self.a.extra]
+
+    def flags(self, length: int) -> tuple[str, ...]:
+        """The technique's train.py flags at this length (a stock stack's pick: bench/techniques.py, flags_at)."""
+        if length not in self.picked:
+            self.picked[length] = T.flags_at(self.tech, length, lambda f: T.plan_fits(
+                self.argv(length, f), self.facts, self.model_config, self.world))
+        return self.picked[length]
+
+    def config(self, length: int):
+        from longctx import config as config_mod
+
+        argv = self.argv(length, self.flags(length))
         if self.a.docs != "1" and "--no-packing" in argv:
             raise ValueError(f"{self.tech.name} trains one document per row (--no-packing): use --docs 1")
         return config_mod.parse(argv)
@@ -295,7 +307,7 @@ class Worker:
                 "predicted_host_gib": planned.host_per_rank / GiB, "predicted_pinned_gib": planned.pinned / GiB,
                 "memory_at_peak": at_peak,
                 "plan_setup": dataclasses.asdict(setup),  # what the planner was asked (tests/test_plan_calibration.py)
-                "losses": losses, "built": built, "build_s": round(init_s, 1),
+                "flags": list(self.flags(length)), "losses": losses, "built": built, "build_s": round(init_s, 1),
                 "settings": {k: v for k, v in s.to_dict().items() if k != "ds_config"}}
 
     def run(self) -> int:

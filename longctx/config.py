@@ -41,13 +41,16 @@ class Config:
                     "config .json file (random initialization). Default: the embedded tiny GQA Llama.", "model")
     tokenizer: str = _f("", "Tokenizer directory. Default: the model directory if it has a tokenizer, else the "
                         "tokenizer shipped in longctx/default_data/tokenizer.", "model")
-    attn_implementation: Literal["auto", "fa4", "sdpa_per_doc", "varlen", "flash_attention_2", "sdpa", "eager"] = _f(
+    attn_implementation: Literal["auto", "fa4", "sdpa_per_doc", "varlen", "flash_attention_2", "flash_attention_4",
+                                 "sdpa", "eager"] = _f(
         "auto", "Attention kernel. auto = fa4 where flash-attn-4 is installed on an sm90 GPU in bf16/fp16 (its "
         "step measured faster there; not measured on sm100+), else sdpa_per_doc. fa4: flash-attention-4's varlen "
         "kernels (pip install 'flash-attn-4[cu13]==4.0.0b36'; sm90+). sdpa_per_doc: causal SDPA run per document "
         "of a packed row (cuDNN first on GPUs; no S x S mask, so packing works at any length). varlen: torch's "
-        "varlen_attn (sm80+). flash_attention_2: the flash-attn package. sdpa / eager: upstream's (packing needs a "
-        "dense mask, refused beyond --dense-mask-max-len).", "model")
+        "varlen_attn (sm80+). flash_attention_2: the flash-attn package. flash_attention_4: transformers' own "
+        "implementation over the same flash-attn-4 package (its autograd Function, as stock transformers runs it: "
+        "no --keep-attention, which cannot see its kernels). sdpa / eager: upstream's (packing needs a dense mask, "
+        "refused beyond --dense-mask-max-len).", "model")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = _f(
         "auto", "auto: bf16 on sm80+, fp16 with dynamic loss scaling on sm70, fp32 on CPU.", "model")
     liger: Literal["auto", "on", "off"] = _f(

@@ -12,7 +12,8 @@ What it decides, and from what:
   attention      fa4 (flash-attention-4's varlen kernels) where flash-attn-4 is installed on an sm90 GPU (the
                  architecture measured) in half precision (its step measured faster, docs/RESULTS.md); else
                  sdpa_per_doc wherever SDPA runs (every CUDA GPU and CPU): causal SDPA per document of a packed row,
-                 cuDNN first on GPUs; no S x S mask either way
+                 cuDNN first on GPUs; no S x S mask either way. Named, transformers' own: flash_attention_2,
+                 flash_attention_4 (stock's flash-attn-4 path: attention is never kept with it), sdpa, eager
   liger          on when liger-kernel is installed and a GPU is used
   checkpointing  none | plain | offload (fork's offloader or upstream's save_on_cpu), reentrant, offloaded layers
   ZeRO placement ds_config offload_param.device "auto": parameters stay on the GPU where the plan fits them,
@@ -39,6 +40,12 @@ from .errors import LongctxError
 SDPA_PER_DOC = "longctx_sdpa"   # longctx.attention.sdpa_per_doc_forward
 VARLEN = "longctx_varlen"       # longctx.attention.varlen_attention_forward
 FA4 = "longctx_fa4"             # longctx.attention.fa4_attention_forward (flash-attn-4's kernels, longctx.fa4)
+# transformers' own flash-attention-4 (stock): flash-attn-4's autograd Function, whose kernels are launched outside
+# torch's dispatcher, so neither selective checkpointing nor the replay can keep its outputs (longctx.fa4's docstring)
+HF_FA4 = "flash_attention_4"
+HF_FA4_KEEP = (f"transformers' {HF_FA4} runs flash-attn-4's kernels outside torch's dispatcher, where selective "
+               "checkpointing and the replay cannot see them: attention would be recomputed anyway, with the "
+               "dispatch mode's per-op cost on top")
 
 
 @dataclass(frozen=True)
@@ -147,7 +154,8 @@ FA4_MISSING = (f"; flash-attn-4 would be auto here (with a CUDA 13 torch: pip in
 class Resolved:
     """The settings of one run, every "auto" decided. `why` says, per setting, what decided it."""
     precision: str
-    attention: str                   # the user's name: fa4 | sdpa_per_doc | varlen | flash_attention_2 | sdpa | eager
+    attention: str                   # the user's name: fa4 | sdpa_per_doc | varlen | flash_attention_2 |
+                                     # flash_attention_4 (transformers') | sdpa | eager
     attn_impl: str                   # the name given to transformers
     attn_varlen_kwargs: bool         # the collator's cu_seq_lens / max_length go to the model forward
     liger: bool
@@ -310,6 +318,20 @@ def resolve_attention(requested: str, facts: Facts, *, precision: str, packing: 
                                f"(device: {facts.name}, precision: {precision})")
         return AttentionChoice("flash_attention_2", "flash_attention_2", True,
                                "flash-attn varlen (packed documents via cu_seqlens)")
+    if requested == HF_FA4:
+        # transformers' own registration (stock 5.23: ALL_ATTENTION_FUNCTIONS and the mask interface), importing
+        # flash_attn.cute's functions; the same package, sm90+ and half-precision needs as fa4
+        if not facts.fa4:
+            raise LongctxError(f"--attn-implementation {HF_FA4} is unavailable: flash-attn-4 is not installed (pip "
+                               f"install '{gpu_extras.FA4}' for a CUDA 13 torch)")
+        if not facts.sm90 or not half:
+            raise LongctxError(f"--attn-implementation {HF_FA4} needs a CUDA GPU of sm90+ and bf16/fp16 (device: "
+                               f"{facts.name}, precision: {precision})")
+        if not fa4_head_dim_ok(head_dim, facts.capability):
+            raise LongctxError(f"--attn-implementation {HF_FA4}: head_dim {head_dim} is not among flash-attention-4's "
+                               f"sizes on {facts.name}")
+        return AttentionChoice(HF_FA4, HF_FA4, True, f"transformers' flash_attention_4 (flash-attn-4 {facts.fa4}'s "
+                               "autograd Function; packed via cu_seqlens, transformers' padding-free path)")
     if requested == "varlen":
         if not facts.varlen_attn:
             raise LongctxError("--attn-implementation varlen is unavailable: this torch has no "
@@ -446,8 +468,14 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
     # Selective checkpointing (longctx.selective): requested, or (auto) wherever the plan fits the kept outputs.
     if mode == "none":
         keep, why["keep_attention"] = False, "no checkpointing: nothing is recomputed"
+    elif cfg.keep_attention and attn.name == HF_FA4:
+        raise LongctxError(f"--keep-attention with --attn-implementation {HF_FA4}: {HF_FA4_KEEP}. Use "
+                           f"--no-keep-attention with it, or fa4 (longctx's ops over the same kernels, which can be "
+                           "kept)")
     elif cfg.keep_attention is not None:
         keep, why["keep_attention"] = bool(cfg.keep_attention), "requested"
+    elif attn.name == HF_FA4:
+        keep, why["keep_attention"] = False, f"auto: off ({HF_FA4_KEEP})"
     elif hw is None:
         keep, why["keep_attention"] = False, "auto: off (no GPU memory to plan against)"
     elif cfg.max_seq_len / math.sqrt(sp) < KEEP_ATTENTION_MIN_TOKENS:

@@ -113,6 +113,37 @@ def test_report_renders_the_run(smoke, tmp_path):
     assert "kept" in doc and "tail" in doc and "old" not in doc
 
 
+def test_ratios_are_against_stock_best_where_the_run_has_it():
+    """The strongest stock stack is the denominator of a table that has it, from the raw step times; a table without
+    it keeps upstream_best's; a length where stock_best did not run shows no ratio rather than one against another."""
+    from bench import report
+
+    settings = {"attention": "sdpa", "checkpointing": "plain", "offload_impl": "fork", "liger": True,
+                "offload_params": True, "tiled_mlp": False}
+
+    def row(tech, n, s, docs="1", status="ok"):
+        return {"technique": tech, "seq_len": n, "docs": docs, "status": status, "step_time_s": s, "n_docs": 1,
+                "tokens_per_s": n / s if s else None, "tflops_per_gpu": 1.0, "mfu": None, "peak_gpu_gib": None,
+                "predicted_peak_gib": 1.0, "settings": settings}
+
+    rows = [row("longctx", 16384, 1.9), row("stock_best", 16384, 2.05), row("upstream_best", 16384, 2.13),
+            row("longctx", 65536, 4.6), row("stock_best", 65536, None, status="oom"), row("upstream_best", 65536, 5.4),
+            row("longctx", 16384, 3.0, docs="stdlib"), row("upstream_best", 16384, 3.3, docs="stdlib")]
+    one = [r for r in rows if r["docs"] == "1"]
+    assert report.baseline(one) == "stock_best" and report.baseline(rows[6:]) == "upstream_best"
+    assert report.ratio(one, one[0]) == 2.05 / 1.9  # the raw times, not the table's rounded ones
+    assert report.ratio(one, one[2]) == 2.05 / 2.13  # upstream_best against the stronger stock stack
+    assert report.ratio(one, one[1]) is None and report.ratio(one, one[3]) is None  # no stock_best row that is ok
+    assert report.ratio(rows[6:], rows[6]) == 3.3 / 3.0
+    run = {"shape": "llama3.1-8b", "layers": 8, "n_gpus": 1, "device": "H100", "run_id": "r", "date": "2026-12-06",
+           "rows": rows}
+    lines = report.render_run(run)
+    headers = [x for x in lines if x.startswith("| Technique | Length | docs |")]
+    assert ["× stock_best" in headers[0], "× upstream_best" in headers[1]] == [True, True]
+    assert next(x for x in lines if x.startswith("| longctx | 16K | 1 |")).split(" | ")[4] == f"{2.05 / 1.9:.3f}"
+    assert next(x for x in lines if x.startswith("| longctx | 64K | 1 |")).split(" | ")[4] == report.DASH
+
+
 def test_results_md_is_generated_from_the_committed_json():
     from bench import report
 
