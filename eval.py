@@ -3,10 +3,11 @@
 
     python eval.py --model runs/default/final_model                      # passkey, multi-needle, perplexity
     python eval.py --model DIR --lengths 8192,32768,65536 --samples 20 --longbench-data qa.jsonl
+    python eval.py --model DIR --tasks citation --citation-data data/citation     # cite-the-source QA per length
 
 Writes <output-dir>/eval.json (every number, rewritten after each task) and PNGs: passkey_heatmap.png,
 multi_needle_heatmap.png (accuracy per context length x needle depth), ppl_by_position.png.
-Where things live: longctx/evaluation/ (needle.py prompts, perplexity.py, longbench.py, corpus.py,
+Where things live: longctx/evaluation/ (needle.py prompts, perplexity.py, longbench.py, citation.py, corpus.py,
 generate.py model loading + decoding, plot.py, runner.py the config and the run).
 """
 

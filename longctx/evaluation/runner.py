@@ -7,6 +7,8 @@ Tasks (--tasks, comma-separated; default all that have their input):
   ppl           NLL / perplexity by token position on --ppl-data (default: Python stdlib sources)
                                                                           -> ppl_by_position.png
   longbench     exact match and token F1 on --longbench-data (skipped when not given)
+  citation      answer and citation accuracy per context length on --citation-data (citation.py's eval files;
+                skipped when not given)
 
 eval.json is rewritten after every task, so a stopped run keeps what it finished.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from ..errors import LongctxError
 
-TASKS = ("passkey", "multi_needle", "ppl", "longbench")
+TASKS = ("passkey", "multi_needle", "ppl", "longbench", "citation")
 
 
 @dataclass
@@ -50,6 +52,9 @@ class EvalConfig:
     longbench_template: str = ""
     longbench_max_len: int = 0
     longbench_max_new_tokens: int = 32
+    citation_data: str = ""
+    citation_max_new_tokens: int = 128
+    citation_samples: int = 0
     precision: str = "auto"
     attn_implementation: str = "auto"
 
@@ -104,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--longbench-max-new-tokens", type=int, default=d.longbench_max_new_tokens, help="Tokens generated per question.")
     a("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=d.precision,
       help="auto: bf16 on sm80+, fp16 on older GPUs, fp32 on CPU.")
+    a("--citation-data", default="", help="Citation QA: a directory of eval_<len>.jsonl (python -m "
+      "longctx.evaluation.citation) or one such file.")
+    a("--citation-max-new-tokens", type=int, default=d.citation_max_new_tokens, help="Tokens generated per "
+      "citation question.")
+    a("--citation-samples", type=int, default=d.citation_samples, help="Citation questions per context length "
+      "(the first N; 0: all).")
     a("--attn-implementation", choices=["auto", "sdpa", "flash_attention_2", "eager"], default=d.attn_implementation,
       help="auto: flash_attention_2 if installed, else SDPA (its FlashAttention kernel on sm80+).")
     return p
@@ -130,9 +141,12 @@ def validate(cfg: EvalConfig) -> None:
         problems.append(f"--samples must be >= 1, got {cfg.samples}")
     if "multi_needle" in cfg.tasks and cfg.needles < 2:
         problems.append(f"--needles must be >= 2 for multi_needle, got {cfg.needles}")
-    for name in ("max_new_tokens", "ppl_docs", "logits_chunk", "longbench_max_new_tokens"):
+    for name in ("max_new_tokens", "ppl_docs", "logits_chunk", "longbench_max_new_tokens",
+                 "citation_max_new_tokens"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.citation_samples < 0:
+        problems.append(f"--citation-samples must be >= 0, got {cfg.citation_samples}")
     if cfg.ppl_seq_len < 2:
         problems.append(f"--ppl-seq-len must be >= 2, got {cfg.ppl_seq_len}")
     if problems:
@@ -140,9 +154,9 @@ def validate(cfg: EvalConfig) -> None:
 
 
 def check_inputs(cfg: EvalConfig):
-    """Everything that can be wrong with the inputs, before the model is loaded. Returns the tokenizer,
-    the filler, the LongBench samples (or None) and the model's config.json."""
-    from . import corpus, generate, longbench, needle, perplexity
+    """Everything that can be wrong with the inputs, before the model is loaded. Returns the tokenizer, its
+    path, the filler, the LongBench samples (or None) and the citation records by length (or None)."""
+    from . import citation, corpus, generate, longbench, needle, perplexity
 
     model_cfg = generate.check_model_dir(cfg.model)
     tok, tok_path = generate.load_tokenizer(cfg.model, cfg.tokenizer)
@@ -157,12 +171,19 @@ def check_inputs(cfg: EvalConfig):
     if "longbench" in cfg.tasks and cfg.longbench_data:
         longbench.check_template(cfg.longbench_template)
         samples = longbench.read(cfg.longbench_data)
+    cites = None
+    if "citation" in cfg.tasks and cfg.citation_data:
+        if not getattr(tok, "chat_template", None):
+            raise LongctxError(f"--citation-data: the tokenizer ({tok_path}) has no chat template")
+        cites = citation.read(cfg.citation_data)
+        if cfg.citation_samples:
+            cites = {L: rows[:cfg.citation_samples] for L, rows in cites.items()}
     limit = model_cfg.get("max_position_embeddings")
-    longest = max([*cfg.lengths, cfg.ppl_seq_len if "ppl" in cfg.tasks else 0])
+    longest = max([*cfg.lengths, cfg.ppl_seq_len if "ppl" in cfg.tasks else 0, *(cites or {})])
     if limit and longest > limit:
         print(f"note: lengths up to {longest:,} exceed the model's max_position_embeddings {limit:,}: "
               "those cells measure extrapolation", flush=True)
-    return tok, tok_path, filler, samples
+    return tok, tok_path, filler, samples, cites
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,6 +259,30 @@ def qa(model, tok, cfg: EvalConfig, samples) -> dict:
     return res
 
 
+def cite(model, tok, cfg: EvalConfig, records: dict[int, list[dict]]) -> dict:
+    from . import citation, generate
+
+    stop = citation.stop_ids(tok) or None
+    by_length, rows = {}, []
+    for L, recs in records.items():
+        outs, n_prompt = [], 0
+        for r in recs:
+            ids = citation.prompt_ids(tok, r)
+            n_prompt += len(ids)
+            outs.append(tok.decode(generate.greedy(model, ids, cfg.citation_max_new_tokens, stop),
+                                   skip_special_tokens=True))
+        s = citation.score_all(outs, recs)
+        by_length[str(L)] = {"n": s["n"], "answer": s["answer"], "citation": s["citation"], "both": s["both"],
+                             "prompt_tokens_mean": n_prompt / max(1, len(recs))}
+        rows += [{"id": r["id"], "length": L, "name": r["name"], "gold": r["messages"][-1]["content"],
+                  "output": out, **sc} for r, out, sc in zip(recs, outs, s["rows"])]
+        print(f"  citation {L:>7,} tokens: {s['n']} questions, answer {s['answer']:.0%}, "
+              f"citation {s['citation']:.0%}, both {s['both']:.0%}", flush=True)
+    n = max(1, len(rows))
+    return {"data": cfg.citation_data, "lengths": list(records), "by_length": by_length,
+            **{k: sum(r[k] for r in rows) / n for k in ("answer", "citation", "both")}, "samples": rows}
+
+
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
@@ -252,11 +297,13 @@ def _json_safe(x):
     return x
 
 
-def run_task(task: str, model, tok, cfg: EvalConfig, filler, lb_samples) -> dict:
+def run_task(task: str, model, tok, cfg: EvalConfig, filler, lb_samples, cites=None) -> dict:
     if task in ("passkey", "multi_needle"):
         return retrieval(model, tok, cfg, filler, task=task, n_needles=1 if task == "passkey" else cfg.needles)
     if task == "ppl":
         return ppl(model, tok, cfg)
+    if task == "citation":
+        return cite(model, tok, cfg, cites)
     return qa(model, tok, cfg, lb_samples)
 
 
@@ -273,7 +320,7 @@ def run(cfg: EvalConfig) -> dict:
     from .. import resolve
     from . import generate, plot
 
-    tok, tok_path, filler, lb_samples = check_inputs(cfg)
+    tok, tok_path, filler, lb_samples, cites = check_inputs(cfg)
     device = resolve.Facts.detect()
     precision, _ = resolve.resolve_precision(cfg.precision, device)
     attn = generate.choose_attention(cfg.attn_implementation, device, precision)
@@ -306,11 +353,11 @@ def run(cfg: EvalConfig) -> dict:
         plots = False
         print("note: matplotlib is not installed: no PNGs (eval.json has every number)", flush=True)
     for task in cfg.tasks:
-        if task == "longbench" and lb_samples is None:
+        if (task == "longbench" and lb_samples is None) or (task == "citation" and cites is None):
             continue
         t0 = time.perf_counter()
         with generate.fused_attention_only(dev) if fused else contextlib.nullcontext():
-            res = run_task(task, model, tok, cfg, filler, lb_samples)
+            res = run_task(task, model, tok, cfg, filler, lb_samples, cites)
         if not plots:
             pass
         elif task in ("passkey", "multi_needle"):

@@ -7,10 +7,11 @@
 
 Phases, each timed; OUT/results.json is rewritten after every one, so a failure keeps what came before:
   convert   longctx.models.from_gguf: the native model (8K) and the 32K config from one read of the GGUF
-  data      longctx.models.long_text_data, capped at what training consumes (+10%) and what eval reads
+  data      longctx.models.long_text_data, capped at what training consumes (+10%) and what eval reads; with
+            --citation-eval N also longctx.evaluation.citation's held-out questions (N per length)
   before    eval.py's runner (in this process) on the native and on the extended model, untrained: passkey and
             multi-needle over --lengths x --depths, NLL by position on held-out --target-len windows, NLL on
-            held-out --short-len windows
+            held-out --short-len windows; with --citation-eval, the citation task at --target-len/4, /2 and x1
   train     deepspeed --num_gpus 1 train.py --config recipes/smollm2_32k/train_h200.yaml (+ the flags below)
   after     the same evaluation of the trained model
   figures   (if matplotlib is installed) the PNGs of recipes/smollm2_32k/report.py into OUT
@@ -56,6 +57,8 @@ def parse(argv=None) -> argparse.Namespace:
     a("--max-train-minutes", type=float, default=-1, help="default: train_h200.yaml's")
     a("--train-args", default="", help="more train.py flags, space-separated")
     a("--skip-native", action="store_true", help="no before-eval of the native 8K model")
+    a("--citation-eval", type=int, default=0, help="held-out cite-the-source questions per length at --target-len "
+      "/4, /2 and x1, evaluated before and after (0: none; training does not see the task's train.jsonl)")
     return p.parse_args(argv)
 
 
@@ -120,7 +123,8 @@ def environment() -> dict:
 
 
 def evaluate(model: Path, work: Path, tag: str, args, lengths: list[int]) -> dict:
-    """eval.py's two runs on one model: the long grid + NLL by position, then short-text NLL."""
+    """eval.py's two runs on one model: the long grid + NLL by position, then short-text NLL (and a third, the
+    citation task, with --citation-eval)."""
     import torch
 
     from longctx.evaluation import runner
@@ -134,13 +138,19 @@ def evaluate(model: Path, work: Path, tag: str, args, lengths: list[int]) -> dic
     short_cfg = runner.EvalConfig(model=str(model), output_dir=str(work / f"eval-short-{tag}"), tasks=["ppl"],
                                   lengths=[args.short_len], ppl_data=texts, ppl_seq_len=args.short_len,
                                   ppl_docs=args.short_docs)
+    cfgs = [("long", long_cfg), ("short", short_cfg)]
+    if args.citation_eval:
+        cite_cfg = runner.EvalConfig(model=str(model), output_dir=str(work / f"eval-citation-{tag}"),
+                                     tasks=["citation"], lengths=citation_lengths(args.target_len),
+                                     citation_data=str(work / "citation"))
+        cfgs.append(("citation", cite_cfg))
     out = {}
-    for cfg in (long_cfg, short_cfg):
+    for kind, cfg in cfgs:
         runner.validate(cfg)
         t = time.monotonic()
         res = runner.run(cfg)
-        out["short" if cfg is short_cfg else "long"] = res
-        print(f"  eval {tag} ({'short' if cfg is short_cfg else 'long'}): {time.monotonic() - t:.1f} s", flush=True)
+        out[kind] = res
+        print(f"  eval {tag} ({kind}): {time.monotonic() - t:.1f} s", flush=True)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     res = {"model": str(model), "passkey": out["long"].get("passkey"), "multi_needle": out["long"].get("multi_needle"),
@@ -148,10 +158,29 @@ def evaluate(model: Path, work: Path, tag: str, args, lengths: list[int]) -> dic
            "seconds": {**out["long"]["seconds"], "ppl_short": out["short"]["seconds"].get("ppl")},
            "device": out["long"]["device"], "precision": out["long"]["precision"],
            "attention": out["long"]["attention"]}
+    if "citation" in out:
+        res["citation"] = out["citation"].get("citation")
+        res["seconds"]["citation"] = out["citation"]["seconds"].get("citation")
     for k in ("passkey", "multi_needle"):
         if res[k]:
             res[k] = {**res[k], "examples": res[k]["examples"][:4]}
     return res
+
+
+def citation_lengths(target_len: int) -> list[int]:
+    return [target_len // 4, target_len // 2, target_len]
+
+
+def citation_data(tokenizer: Path, work: Path, args) -> dict:
+    """Held-out questions only (the modules long_text_data's --eval-share 0.1 holds out too); stats.json's content."""
+    from longctx.evaluation import citation
+
+    rc = citation.main(["--tokenizer", str(tokenizer), "--out", str(work / "citation"), "--n-train", "0",
+                        "--n-eval", str(args.citation_eval), "--eval-share", "0.1",
+                        "--eval-lengths", ",".join(map(str, citation_lengths(args.target_len)))])
+    if rc:
+        raise RuntimeError(f"citation exited {rc}")
+    return json.loads((work / "citation" / "stats.json").read_text())
 
 
 def train(work: Path, args) -> dict:
@@ -211,6 +240,8 @@ def main(argv=None) -> int:
         if rc:
             raise RuntimeError(f"long_text_data exited {rc}")
         R.data["data"] = json.loads((work / "data" / "stats.json").read_text())
+        if args.citation_eval:
+            R.data["citation_data"] = citation_data(ext, work, args)
 
     def before():
         if not args.skip_native:
