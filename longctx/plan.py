@@ -620,7 +620,7 @@ def plan(setup: Setup) -> Plan:
         reused = n - round(ck / pinned_block(U))
         host.append(Item("offloaded checkpoints", ck, f"{n} layers, {reused} in cached blocks" if reused else
                          f"{n} layers x {T:,} tokens"))
-    if setup.data_bytes:
+    if setup.data_bytes >= 0.005 * GiB:  # shown from 0.01 GiB on: the embedded data's few KB would print as 0.00
         host.append(Item("data (document index and rows; tokens memory-mapped)", setup.data_bytes))
     return Plan(setup, persistent, phases, host, cache.pinned, working_set_untiled=untiled,
                 working_set_tiled=ws_units * U if setup.tiled_mlp_shards > 1 else None)
@@ -984,6 +984,7 @@ def _read_model_config(path: str) -> dict:
 def cli_plan(cfg, optional: tuple[str, ...] = ()) -> str:
     """`train.py --plan`: the plan of the run `cfg` describes, resolved as train.py resolves it, on the hardware
     named by --gpus/--gpu-mem/--host-mem (default: this machine). Reads only JSON: no model, no GPU needed."""
+    import dataclasses
     import os
     from pathlib import Path
 
@@ -1002,14 +1003,17 @@ def cli_plan(cfg, optional: tuple[str, ...] = ()) -> str:
         raise LongctxError("--plan: no GPU here; name the target with --gpus N --gpu-mem SIZE (e.g. --gpu-mem 16GiB)")
     mc = _read_model_config(cfg.model)
     settings = resolve_mod.resolve(cfg, facts, mc, world=facts.gpus)
-    setup = setup_from_resolved(settings, cfg, mc)
+    from .data import estimate_resident_bytes
+
+    data_bytes = estimate_resident_bytes(cfg.data)  # per rank; the tokens stay memory-mapped
+    setup = dataclasses.replace(setup_from_resolved(settings, cfg, mc), data_bytes=data_bytes)
     hw = Hardware(gpus=facts.gpus, gpu_mem=int(facts.gpu_mem), host_mem=int(facts.host_mem or 0),
                   name="" if facts.assumed else facts.name)
-    import dataclasses
 
     def setup_at(n: int) -> Setup:  # train.py's resolution at another --max-seq-len
         c = dataclasses.replace(cfg, max_seq_len=n)
-        return setup_from_resolved(resolve_mod.resolve(c, facts, mc, world=facts.gpus), c, mc)
+        return dataclasses.replace(setup_from_resolved(resolve_mod.resolve(c, facts, mc, world=facts.gpus), c, mc),
+                                   data_bytes=data_bytes)
 
     text = format_plan(setup, hw, model_name=Path(cfg.model).stem if Path(cfg.model).is_file() else cfg.model,
                        optional=optional, setup_at=setup_at)
