@@ -168,6 +168,12 @@ class Source:
     def num_rows(self) -> int:
         return len(self.table)
 
+    @property
+    def arrow(self):
+        """The pyarrow Table behind the dataset (memory-mapped or in memory)."""
+        data = self.table.data
+        return data.table if hasattr(data, "table") else data
+
     def where(self, i: int) -> str:
         return f"{self.name}:{self.lines[i]}" if self.lines is not None else f"{self.name}:row{i}"
 
@@ -187,7 +193,7 @@ class Source:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        arrow = self.table.data.table if hasattr(self.table.data, "table") else self.table.data
+        arrow = self.arrow
         clean = not self.sharegpt and all(arrow.column(k).null_count == 0 for k in FORMATS[self.fmt])
         if clean and self.fmt == "messages":
             col = arrow.column("messages")
@@ -689,9 +695,8 @@ def load_docs(paths: Sequence[str], tok, max_seq_len: int, truncation: str, ledg
 
 def tokenize_records(tok, records: list[dict], where: Sequence[str], fmt: str, name: str, max_seq_len: int,
                      truncation: str, sft_truncation: str, ledger: Ledger) -> list[Doc]:
-    """Tokenize, truncate and label one batch of a file's records (of format `fmt`); count them in the ledger
-    under `name`. Documents left without a target are counted and dropped."""
-    validate_records(records, where, fmt)
+    """Tokenize, truncate and label one batch of a file's records (of format `fmt`, checked by Source.check first);
+    count them in the ledger under `name`. Documents left without a target are counted and dropped."""
     fit = max_seq_len if truncation == "truncate" and sft_truncation == "context" else None
     flags: list[dict[str, int]] = [{} for _ in records]
     if fmt == "text":

@@ -245,8 +245,7 @@ def _slices(source: data_mod.Source) -> list[tuple[int, int]]:
     cols = [c for c in ("text", "prompt", "response") if c in source.table.column_names]
     if not cols:
         return [(a, min(n, a + TASK_RECORDS)) for a in range(0, n, TASK_RECORDS)]
-    arrow = source.table.data.table if hasattr(source.table.data, "table") else source.table.data
-    sizes = sum(pc.binary_length(arrow.column(c)).to_numpy(zero_copy_only=False) for c in cols)
+    sizes = sum(pc.binary_length(source.arrow.column(c)).to_numpy(zero_copy_only=False) for c in cols)
     out, a, acc = [], 0, 0
     for i, size in enumerate(sizes):
         acc += int(size)

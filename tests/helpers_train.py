@@ -96,6 +96,17 @@ def tiny_config(**overrides) -> dict:
     return cfg
 
 
+def tiny_model_weights(layers: int, seed: int = 0):
+    """(config, fp32 state dict) of a randomly initialised tiny Llama: the same weights for every run of a test."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = tiny_config(num_hidden_layers=layers)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    torch.manual_seed(seed)
+    return config, AutoModelForCausalLM.from_config(config, dtype=torch.float32).state_dict()
+
+
 def tiny_config_file(d: Path, **overrides) -> str:
     d.mkdir(parents=True, exist_ok=True)
     p = d / "tiny_config.json"

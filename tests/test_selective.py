@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers_train import attention_calls, tiny_config
+from helpers_train import attention_calls, tiny_config, tiny_model_weights
 from longctx import attention, attention_replay, modeling, selective
 from longctx.resolve import SDPA_PER_DOC
 
@@ -22,12 +22,7 @@ LAYERS = 2
 
 @pytest.fixture(scope="module")
 def weights():
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = tiny_config(num_hidden_layers=LAYERS)
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    torch.manual_seed(0)
-    return config, AutoModelForCausalLM.from_config(config, dtype=torch.float32).state_dict()
+    return tiny_model_weights(LAYERS)
 
 
 def build(weights, ckpt: SimpleNamespace | None, tiled_mlp: bool = False):

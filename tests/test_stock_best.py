@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bench import techniques as T
-from helpers_train import REPO, attention_calls, tiny_config
+from helpers_train import REPO, attention_calls, tiny_config, tiny_model_weights
 from longctx import config, modeling, resolve
 from longctx.errors import LongctxError
 
@@ -139,12 +139,7 @@ ROWS, SEQ = 2, 48  # one document per row, as the stock SDPA stacks train (--no-
 
 @pytest.fixture(scope="module")
 def weights():
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = tiny_config(num_hidden_layers=LAYERS)
-    cfg_obj = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    torch.manual_seed(0)
-    return cfg_obj, AutoModelForCausalLM.from_config(cfg_obj, dtype=torch.float32).state_dict()
+    return tiny_model_weights(LAYERS)
 
 
 def run(weights, ckpt):
