@@ -371,6 +371,19 @@ def resolve_checkpointing(cfg, facts: Facts, layers: int) -> tuple[str, str, int
     return "offload", impl, n, f"{impl} offloader, {n}/{layers} layers in host RAM"
 
 
+def checkpoints_in_host(host_bytes, layers: int, usable: float) -> tuple[int, str]:
+    """The number of layers whose checkpoints go to host RAM, given `host_bytes(n)` (the plan's host total with n of
+    them there): all where they fit, else the most that fit, with a note saying so ("" for all). Where not even the
+    states fit with none there, all stay requested: the preflight refuses that run and names the knobs."""
+    if host_bytes(layers) <= usable:
+        return layers, ""
+    fit = next((n for n in range(layers - 1, -1, -1) if host_bytes(n) <= usable), None)
+    if fit is None:
+        return layers, ""
+    return fit, (f"auto: all {layers} would need {host_bytes(layers) / 2**30:.1f} GiB of host RAM, "
+                 f"{usable / 2**30:.1f} usable; the other {layers - fit} stay on the GPU")
+
+
 def _offload_param_requested(ds_raw: dict) -> Optional[str]:
     off = (ds_raw.get("zero_optimization") or {}).get("offload_param")
     if not isinstance(off, dict):
@@ -425,6 +438,14 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
             attention=plan_mod.attention_kind(attn.name, cfg.packing), sp=sp, tiled_mlp_shards=shards,
             tied_embeddings=bool(_get(model_config, "tie_word_embeddings", False)))
 
+    def setup_at_offloaded(ds: dict, n: int) -> "plan_mod.Setup":
+        nonlocal n_off
+        saved, n_off = n_off, n
+        try:
+            return setup(ds, 1)
+        finally:
+            n_off = saved
+
     shards_if_tiled = plan_mod.tiled_mlp_shards(math.ceil(cfg.max_seq_len / sp) * cfg.micro_batch_size, shape.hidden)
     hw = plan_mod.Hardware(gpus=facts.gpus, gpu_mem=facts.gpu_mem, host_mem=facts.host_mem or 0) \
         if facts.gpu_mem else None
@@ -452,6 +473,15 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
               for sec in ("offload_param", "offload_optimizer")}
     if requested_params != "auto":
         why["offload_params"] = f"ds_config: offload_param.device {requested_params or 'none'}"
+
+    # How many layers' checkpoints go to host RAM (--num-offloaded-layers unset): all of them where the host holds
+    # them, else as many as it holds, the others kept on the GPU (whether those fit the GPU is decided below, by
+    # tiled MLP and the preflight, as for any other GPU bytes).
+    if mode == "offload" and cfg.num_offloaded_layers is None and hw is not None and hw.host_mem:
+        n_off, note = checkpoints_in_host(lambda n: plan_mod.plan(setup_at_offloaded(ds, n)).host_total(hw.gpus),
+                                          shape.layers, hw.host_usable)
+        if note:
+            why["checkpointing"] = f"{impl} offloader, {n_off}/{shape.layers} layers in host RAM ({note})"
 
     # Tiled MLP: requested, or (auto) only when the untiled step does not fit the GPU.
     if cfg.tiled_mlp is not None:

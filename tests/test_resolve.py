@@ -166,3 +166,24 @@ def test_attention_is_kept_only_where_the_plan_fits_it():
                     "sdpa", "--no-packing").keep_attention
     with pytest.raises(ValueError, match="needs non-reentrant"):
         plan.setup_from_resolved(dataclasses.replace(selective, reentrant=True), cfg, L8B_8L)
+
+
+def test_checkpoints_the_host_cannot_hold_stay_on_the_gpu():
+    """--offload-gradient-checkpointing with --num-offloaded-layers unset: every layer's checkpoint goes to host RAM
+    where the plan fits them there, else the most that fit (the 3B shape at 256K on a 125 GiB host), and the plan
+    of the resolved run then fits the host; an explicit --num-offloaded-layers stands."""
+    from bench.shapes import make_config
+
+    m3b = make_config("llama3.2-3b").to_dict()
+    h100 = dataclasses.replace(H200, name="NVIDIA H100", gpu_mem=80 * GiB)
+    hw = plan.Hardware(gpus=1, gpu_mem=80 * GiB, host_mem=125 * GiB)
+    flags = ("--max-seq-len", "262144", "--offload-gradient-checkpointing")
+    s = settings(h100, *flags, model=m3b)
+    setup = plan.setup_from_resolved(s, config.parse(list(flags)), m3b)
+    assert 0 < s.num_offloaded_layers < 28 and "stay on the GPU" in s.why["checkpointing"]
+    assert plan.check_fit(plan.plan(setup), hw).host_ok
+    more = dataclasses.replace(setup, num_offloaded_layers=s.num_offloaded_layers + 1)
+    assert not plan.check_fit(plan.plan(more), hw).host_ok  # the most that fit, not fewer
+    big = settings(dataclasses.replace(h100, host_mem=512 * GiB), *flags, model=m3b)
+    assert big.num_offloaded_layers == 28
+    assert settings(h100, *flags, "--num-offloaded-layers", "28", model=m3b).num_offloaded_layers == 28
