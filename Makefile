@@ -17,7 +17,7 @@ PATCH_INPUTS := patches/UPSTREAM patches/series $(wildcard patches/*.patch) patc
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .DEFAULT_GOAL := help
-.PHONY: help venv apply-patches export-patches check-patches upstream-checks install-fork test test-fast run bench \
+.PHONY: help venv apply-patches export-patches check-patches upstream-checks install-fork test test-fast test-gpu run bench \
         report wheelhouse clean-fork clean
 
 help:
@@ -81,6 +81,11 @@ test: $(VENV)/.fork
 
 test-fast: $(VENV)/.fork
 	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS) tests
+
+# The GPU tests only, with a record of the run (device, versions, commit, each test's outcome) kept in the tree:
+# docs/gpu-test-runs/DATE_DEVICE.json (tests/conftest.py --record)
+test-gpu: $(VENV)/.fork
+	$(PY) -m pytest -q -ra -m gpu --record docs/gpu-test-runs/$$(date -u +%Y-%m-%d)_$$($(PY) -c "import torch; print(torch.cuda.get_device_name().split()[1].lower() if torch.cuda.is_available() else 'cpu')").json $(PYTEST_ARGS) tests
 
 run: $(VENV)/.fork
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed train.py --deepspeed ds_configs/zero3_offload.json $(RUN_ARGS)

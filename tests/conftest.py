@@ -8,6 +8,62 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_addoption(parser):
+    parser.addoption("--record", metavar="PATH",
+                     help="write this session's outcome per test, with the device, versions and commit, as JSON: the "
+                          "record of a GPU test run that docs/gpu-test-runs/ keeps (make test-gpu)")
+
+
+_OUTCOMES: dict[str, dict] = {}
+
+
+def pytest_runtest_logreport(report):
+    entry = _OUTCOMES.setdefault(report.nodeid, {"outcome": "passed", "seconds": 0.0})
+    entry["seconds"] = round(entry["seconds"] + report.duration, 2)
+    if report.failed or report.skipped:  # in any phase: setup, call or teardown
+        entry["outcome"] = "failed" if report.failed else "skipped"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr or "")
+        entry["reason"] = reason.strip().splitlines()[-1][:300] if reason.strip() else ""
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = session.config.getoption("--record", default=None)
+    if not path:
+        return
+    import datetime
+    import importlib.metadata
+    import json
+    import platform
+    import subprocess
+
+    import torch
+
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    commit = os.environ.get("LONGCTX_GIT_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                    timeout=30).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    record = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "commit": commit, "args": session.config.invocation_params.args, "exit_status": int(exitstatus),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                     **{n: version(n) for n in ("transformers", "deepspeed", "liger-kernel", "flash-attn-4")}},
+        "counts": {o: sum(e["outcome"] == o for e in _OUTCOMES.values()) for o in ("passed", "failed", "skipped")},
+        "tests": dict(sorted(_OUTCOMES.items())),
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=1) + "\n")
+
+
 def pytest_configure(config):
     # CPU Adam is built in this environment's own extensions directory, as by `make` and train.py (in-process
     # tests and every launched run inherit it), never in the directory all environments share
