@@ -83,9 +83,9 @@ test-fast: $(VENV)/.fork
 	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS) tests
 
 # The GPU tests only, with a record of the run (device, versions, commit, each test's outcome) kept in the tree:
-# docs/gpu-test-runs/DATE_DEVICE.json (tests/conftest.py --record)
+# bench/results/gpu-tests/DATE_DEVICE.json (tests/conftest.py --record)
 test-gpu: $(VENV)/.fork
-	$(PY) -m pytest -q -ra -m gpu --record docs/gpu-test-runs/$$(date -u +%Y-%m-%d)_$$($(PY) -c "import torch; print(torch.cuda.get_device_name().split()[1].lower() if torch.cuda.is_available() else 'cpu')").json $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -ra -m gpu --record bench/results/gpu-tests/$$(date -u +%Y-%m-%d)_$$($(PY) -c "import torch; print(torch.cuda.get_device_name().split()[1].lower() if torch.cuda.is_available() else 'cpu')").json $(PYTEST_ARGS) tests
 
 run: $(VENV)/.fork
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed train.py --deepspeed ds_configs/zero3_offload.json $(RUN_ARGS)

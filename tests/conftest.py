@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def pytest_addoption(parser):
     parser.addoption("--record", metavar="PATH",
                      help="write this session's outcome per test, with the device, versions and commit, as JSON: the "
-                          "record of a GPU test run that docs/gpu-test-runs/ keeps (make test-gpu)")
+                          "record of a GPU test run that bench/results/gpu-tests/ keeps (make test-gpu)")
 
 
 _OUTCOMES: dict[str, dict] = {}
