@@ -8,16 +8,16 @@ import json
 import torch
 from transformers import AutoConfig
 
-from helpers_train import tiny_config
+from helpers_train import (assert_same_loss_and_grads, loss_and_grads, tiny_config, tiny_lm_fp64,
+                           token_batch)
 from longctx import config, modeling, resolve, sequence_parallel, tiled_mlp
 from longctx.modeling import CausalLMWithLoss
-from test_sp_tiling import assert_same, batch, loss_and_grads, tiny_lm
 
 
 def test_tiled_mlp_gives_untiled_gradients():
-    lm = tiny_lm()
+    lm = tiny_lm_fp64()
     model = CausalLMWithLoss(lm)
-    ids, pos, labels = batch()
+    ids, pos, labels = token_batch()
     plain = loss_and_grads(model, ids, pos, labels)
     assert tiled_mlp.enable(lm, shards=4) == 2
     calls = []
@@ -30,7 +30,7 @@ def test_tiled_mlp_gives_untiled_gradients():
     finally:
         ulysses_sp.TiledMLP.apply = orig
     assert calls == [4, 4]  # every decoder MLP went through DeepSpeed's TiledMLP, 4 chunks
-    assert_same(tiled, plain)
+    assert_same_loss_and_grads(tiled, plain)
     tiled_mlp.disable(lm)
     assert "forward" not in vars(lm.model.layers[0].mlp)
 
@@ -44,11 +44,11 @@ def test_shard_count_is_lowered_only_where_torch_chunk_would_cut_fewer_pieces():
     assert tiled_mlp.shards_for(torch.empty(1, 9, 8), 4) == 3  # torch.chunk cuts 9 into 3 pieces of 3, not 4
     assert tiled_mlp.shards_for(torch.empty(1, 3, 8), 8) == 3
     assert tiled_mlp.shards_for(torch.empty(2, 3, 8), 4) == 3  # backward cuts the 6 flattened tokens: 3 pieces of 2
-    lm = tiny_lm()
-    ids, pos, labels = batch(S=9)
+    lm = tiny_lm_fp64()
+    ids, pos, labels = token_batch(S=9)
     plain = loss_and_grads(CausalLMWithLoss(lm), ids, pos, labels)
     tiled_mlp.enable(lm, shards=4)
-    assert_same(loss_and_grads(CausalLMWithLoss(lm), ids, pos, labels), plain)
+    assert_same_loss_and_grads(loss_and_grads(CausalLMWithLoss(lm), ids, pos, labels), plain)
 
 
 def test_the_built_model_runs_the_resolved_shard_count(tmp_path):
