@@ -12,7 +12,7 @@ DeepSpeed engine -> the loop (eval, metrics, checkpoints) -> the consolidated Hu
 
 Where things live: longctx/config.py (arguments), resolve.py (every "auto", decided once: resolved.json),
 trainer.py (the loop), data.py (formats, packing, batch plan, ledger), attention.py (kernels), modeling.py
-(model, Liger, checkpointing, loss), sequence_parallel.py (Ulysses, tiled MLP), dsconfig.py (ds_config),
+(model, Liger, checkpointing, loss), sequence_parallel.py (Ulysses), tiled_mlp.py (MLP in chunks), dsconfig.py (ds_config),
 checkpoint.py (atomic save / exact resume), metrics.py (metrics.jsonl, progress), runs.py (run dir),
 plan.py + preflight.py (memory plan), lora.py + s2attn.py (LongLoRA mode).
 """

@@ -225,7 +225,7 @@ def build_model(cfg, model_config, kind: str, settings, layout):
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from . import attention, attention_replay, s2attn, sequence_parallel as sp_mod
+    from . import attention, attention_replay, s2attn, sequence_parallel as sp_mod, tiled_mlp
 
     ds_config = settings.ds_config
     zero3 = settings.zero_stage == 3
@@ -249,7 +249,7 @@ def build_model(cfg, model_config, kind: str, settings, layout):
             raise LongctxError("Liger kernels were requested but not applied: " + "; ".join(problems))
     enable_checkpointing(lm, settings)
     if settings.tiled_mlp:  # after Liger: the MLP forward in place (Liger's SwiGLU) is what runs per chunk
-        sp_mod.enable_tiled_mlp(lm)
+        tiled_mlp.enable(lm, settings.tiled_mlp_shards)
     model = CausalLMWithLoss(lm, fused_ce=settings.liger, labels_shifted=layout.size > 1,
                              tiled_loss=settings.tiled_loss)
     if zero3:

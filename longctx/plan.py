@@ -271,8 +271,8 @@ def total_params(s: ModelShape, *, lm_head: bool = True, tied: bool = False) -> 
 
 
 def tiled_mlp_shards(tokens: int, hidden: int) -> int:
-    """Chunks tiled MLP splits a rank's tokens into: ceil(tokens / hidden) (what longctx.sequence_parallel's
-    agreed_shards runs), at least 2. The one rule for resolve's plan, the knob and the plan's preview."""
+    """Chunks tiled MLP splits a rank's tokens into: ceil(tokens / hidden), at least 2 (resolve hands it to
+    longctx.tiled_mlp). The one rule for resolve's plan, the knob and the plan's preview."""
     return max(2, math.ceil(tokens / hidden))
 
 

@@ -165,7 +165,7 @@ class Resolved:
     num_offloaded_layers: int        # layers whose checkpoints live in host RAM
     keep_attention: bool             # attention outputs kept through the recompute (by keep_attention_by)
     tiled_mlp: bool
-    tiled_mlp_shards: int            # ceil(tokens per rank / hidden) when tiled (planned; agreed at run time)
+    tiled_mlp_shards: int            # ceil(tokens per rank / hidden) when tiled: the count the model runs
     tiled_loss: bool
     sequence_parallel: int
     offload_params: bool

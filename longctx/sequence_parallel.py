@@ -1,4 +1,4 @@
-"""Sequence parallelism (DeepSpeed Ulysses, from Arctic Long Sequence Training) plus tiled MLP and tiled loss.
+"""Sequence parallelism (DeepSpeed Ulysses, from Arctic Long Sequence Training) and the tiled loss it relies on.
 
 With --sequence-parallel N, the ranks form groups of N consecutive ranks; the N ranks of a group train on
 the same rows, each holding a 1/N slice of the sequence. Everything outside attention is per token, so a
@@ -27,10 +27,7 @@ What this module adds around DeepSpeed's pieces, and why:
   weighted by token counts (not a mean of per-rank means), and gradients from other ranks' tokens come back
   through the all-to-all's backward. DeepSpeed reduces gradients over all ranks and divides by
   world / N, so the per-micro-batch scale uses the data-parallel world size (`Layout.loss_scale`).
-* Tiled MLP: DeepSpeed's `TiledMLP` runs a decoder MLP over ceil(seq / hidden) chunks of the sequence and
-  recomputes each chunk in backward, so the [seq x intermediate] activations exist one chunk at a time.
-  The chunk count is agreed across all ranks (all-reduce max): under ZeRO-3 every chunk gathers the MLP
-  weights collectively, so ranks must make the same number of calls.
+* Tiled MLP (chunks of the sequence through DeepSpeed's TiledMLP) lives in longctx.tiled_mlp.
 * Tiled loss: the LM head + cross-entropy run chunk by chunk without a [tokens x vocab] logits tensor; this
   is modeling.LinearCrossEntropySum (or Liger's fused kernel). DeepSpeed's `TiledFusedLogitsLoss` is not
   used: it accumulates lm_head.weight's gradient inside forward with an implied upstream gradient of 1, so
@@ -40,8 +37,6 @@ What this module adds around DeepSpeed's pieces, and why:
 
 from __future__ import annotations
 
-import math
-import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,62 +234,4 @@ def register_ulysses(lm, core_impl: str, sp: int, micro_batch_size: int):
         micro_batch_size=micro_batch_size, seq_length_is_variable=True)
 
 
-# --------------------------------------------------------------------------------------------
-# Tiled MLP
-# --------------------------------------------------------------------------------------------
-
-def agreed_shards(seq_len: int, hidden: int, device: torch.device) -> int:
-    """ceil(seq / hidden), the maximum over all ranks (ZeRO-3 gathers per chunk, collectively)."""
-    n = max(1, math.ceil(seq_len / hidden))
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        t = torch.tensor([n], dtype=torch.int64, device=device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        n = int(t.item())
-    return n
-
-
-def _inner_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return self._longctx_inner_forward(x)
-
-
-def _tiled_forward(self, x: torch.Tensor) -> torch.Tensor:
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
-
-    shards = self._longctx_shards or agreed_shards(x.shape[-2], x.shape[-1], x.device)
-    return TiledMLP.apply(_inner_forward, self, x, shards, list(self.parameters()))
-
-
-def decoder_mlps(lm) -> list[torch.nn.Module]:
-    base = getattr(lm, getattr(lm, "base_model_prefix", "model"), lm)
-    return [layer.mlp for layer in base.layers]
-
-
-def _is_tiled(mlp) -> bool:
-    return getattr(vars(mlp).get("forward"), "__func__", None) is _tiled_forward
-
-
-def enable_tiled_mlp(lm, shards: int | None = None) -> int:
-    """Run every decoder MLP through DeepSpeed's TiledMLP. The forward in place (the class's, or an instance
-    patch such as Liger's SwiGLU applied to a live model) is what runs per chunk. `shards` fixes the count
-    (tests); None agrees on ceil(seq / hidden) at every call."""
-    mlps = decoder_mlps(lm)
-    for mlp in mlps:
-        mlp._longctx_shards = shards
-        if not _is_tiled(mlp):
-            mlp._longctx_inner_forward = mlp.forward
-            mlp.forward = types.MethodType(_tiled_forward, mlp)
-    return len(mlps)
-
-
-def disable_tiled_mlp(lm) -> None:
-    for mlp in decoder_mlps(lm):
-        if _is_tiled(mlp):
-            inner = mlp._longctx_inner_forward
-            del mlp.forward
-            if getattr(inner, "__func__", None) is not type(mlp).forward:
-                mlp.forward = inner  # an instance patch that was there before
-            del mlp._longctx_inner_forward
-
-
-__all__ = ["Layout", "check", "core_attention", "enable_tiled_mlp", "register_ulysses", "shard_batch"]
+__all__ = ["Layout", "check", "core_attention", "register_ulysses", "shard_batch"]

@@ -1,4 +1,5 @@
-"""Shared test setup: the `gpu` marker, and a check that the transformers under test is our fork."""
+"""Shared test setup: the `gpu` marker, a check that the transformers under test is our fork, and the fixtures
+many modules use (`tok`, `smollm2_dir`); plain helpers live in helpers_train.py."""
 
 import os
 from pathlib import Path
@@ -127,6 +128,14 @@ def _remove_leaked_deepspeed_shm():
     if shm.is_dir():
         for path in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
             path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The embedded tokenizer, as train.py loads it by default; one per test module."""
+    from helpers_train import tokenizer
+
+    return tokenizer()
 
 
 @pytest.fixture(scope="session")

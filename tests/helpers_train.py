@@ -96,15 +96,25 @@ def tiny_config(**overrides) -> dict:
     return cfg
 
 
-def tiny_model_weights(layers: int, seed: int = 0):
-    """(config, fp32 state dict) of a randomly initialised tiny Llama: the same weights for every run of a test."""
+def tiny_lm(*, seed: int = 0, dtype=None, attn_implementation: str | None = None, **overrides):
+    """The tests' one tiny-model builder: a Llama of tiny_config(**overrides) with fixed random weights (fp32 unless
+    `dtype` says otherwise)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = tiny_config(num_hidden_layers=layers)
+    cfg = tiny_config(**overrides)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     torch.manual_seed(seed)
-    return config, AutoModelForCausalLM.from_config(config, dtype=torch.float32).state_dict()
+    impl = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32, **impl)
+
+
+def tiny_model_weights(layers: int, seed: int = 0):
+    """(config, fp32 state dict) of a randomly initialised tiny Llama: the same weights for every run of a test."""
+    from transformers import AutoConfig
+
+    cfg = tiny_config(num_hidden_layers=layers)
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg), tiny_lm(seed=seed, num_hidden_layers=layers).state_dict()
 
 
 def tiny_config_file(d: Path, **overrides) -> str:
@@ -116,16 +126,52 @@ def tiny_config_file(d: Path, **overrides) -> str:
 
 def tiny_model_dir(d: Path, seed: int = 0, **overrides) -> str:
     """A tiny Llama with fixed random weights saved as a HF directory (fp32) plus the tokenizer."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    cfg = tiny_config(**overrides)
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(str(d), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(TOKENIZER)).save_pretrained(str(d))
+    tiny_lm(seed=seed, **overrides).save_pretrained(str(d), safe_serialization=True)
+    tokenizer().save_pretrained(str(d))
     return str(d)
+
+
+# In-process gradient checks (tiled MLP, tiled loss): a smaller vocabulary, fp64, so "equal" means equal to round-off.
+GRAD_CHECK_CONFIG = dict(vocab_size=256, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                         max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0)
+
+
+def tiny_lm_fp64(**overrides):
+    import torch
+
+    lm = tiny_lm(dtype=torch.float64, attn_implementation="sdpa", **{**GRAD_CHECK_CONFIG, **overrides})
+    lm.config.use_cache = False
+    return lm
+
+
+def token_batch(B: int = 2, S: int = 45, seed: int = 1):
+    """(input_ids, position_ids, labels) of random tokens for tiny_lm_fp64, some of them without a target."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, GRAD_CHECK_CONFIG["vocab_size"], (B, S), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[0, 20:25] = -100
+    return ids, torch.arange(S).expand(B, S), labels
+
+
+def loss_and_grads(model, ids, pos, labels):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, position_ids=pos, labels=labels)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def assert_same_loss_and_grads(a, b, tol=1e-10):
+    """Loss within tol, every gradient within tol of its largest element."""
+    import torch
+
+    (la, ga), (lb, gb) = a, b
+    torch.testing.assert_close(la, lb, rtol=tol, atol=0)
+    for k in ga:
+        err, scale = (ga[k] - gb[k]).abs().max().item(), gb[k].abs().max().item()
+        assert err <= tol * scale, f"{k}: {err:.3g} vs max |grad| {scale:.3g}"
 
 
 def free_port() -> int:
@@ -134,11 +180,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def deepspeed_cmd(script: str, args: list[str], nproc: int = 2) -> list[str]:
+    """The deepspeed launcher over `script` (relative to the repository) on `nproc` CPU ranks, on a free port."""
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    return [deepspeed, "--num_gpus", str(nproc), "--master_port", str(free_port()), script, *args]
+
+
 def launcher_cmd(args: list[str], nproc: int = 2, env: dict | None = None) -> list[str]:
     """The deepspeed launcher over train.py, or over tests/fault_train.py when `env` asks for an injected fault."""
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
     script = "tests/fault_train.py" if any(k.startswith("LONGCTX_TEST_") for k in (env or {})) else "train.py"
-    return [deepspeed, "--num_gpus", str(nproc), "--master_port", str(free_port()), script, *args]
+    return deepspeed_cmd(script, args, nproc)
 
 
 def _env(extra: dict | None) -> dict:

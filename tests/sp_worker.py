@@ -87,7 +87,7 @@ def main():
 
     from longctx import attention, data as data_mod, resolve
     from longctx.modeling import CausalLMWithLoss
-    from longctx import sequence_parallel as sp_mod
+    from longctx import sequence_parallel as sp_mod, tiled_mlp
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -139,11 +139,11 @@ def main():
     for name, c in cases.items():
         doc_ids = [d for row in c["rows"] for d in row]
         ref_loss, ref_grads, n = reference(lm_ref, docs, doc_ids)
-        for variant, (tiled_mlp, tiled_loss) in {"plain": (False, True), "tiled_mlp+full_logits": (True, False)}.items():
-            if tiled_mlp:
-                sp_mod.enable_tiled_mlp(lm, shards=3)
+        for variant, (mlp_tiled, tiled_loss) in {"plain": (False, True), "tiled_mlp+full_logits": (True, False)}.items():
+            if mlp_tiled:
+                tiled_mlp.enable(lm, shards=3)
             else:
-                sp_mod.disable_tiled_mlp(lm)
+                tiled_mlp.disable(lm)
             model.tiled_loss = tiled_loss
             batch = layout.collate(docs, c["rows"], pad_id=0, packing=c["packing"], max_seq_len=c["max_seq_len"],
                                    flatten=flatten)

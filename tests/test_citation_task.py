@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers_train import TOKENIZER, target_text, tokenizer
+from helpers_train import TOKENIZER, target_text
 from longctx import data as data_mod
 from longctx.evaluation import citation as cit
 from longctx.models import long_text_data as ltd
@@ -33,11 +33,6 @@ FILES = [  # (path, held out at SHARE): small real modules, so that a 2K context
     "turtledemo/yinyang.py", "turtledemo/chaos.py", "turtledemo/paint.py", "turtledemo/tree.py",
     "importlib/metadata/_collections.py", "importlib/metadata/_meta.py", "email/encoders.py", "wsgiref/types.py",
     "token.py"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,10 @@ from __future__ import annotations
 from functools import partial
 
 import numpy as np
-import pytest
 
-from helpers_train import chat_rows, load_rows, target_text, text_rows, tokenizer
+from helpers_train import chat_rows, load_rows, target_text, text_rows
 from longctx import data as data_mod
 from longctx.data import IGNORE
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tokenizer()
 
 
 load = partial(load_rows, truncation="error")  # a document over max_len stops the load unless a test says otherwise

@@ -5,14 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from helpers_train import WORDS, load_rows, target_text, text_rows, tokenizer, write_jsonl
+from helpers_train import WORDS, load_rows, target_text, text_rows, write_jsonl
 from longctx import data as data_mod
 from longctx.errors import LongctxError
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tokenizer()
 
 
 def text(tok, doc) -> str:

@@ -12,14 +12,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from helpers_train import REPO, chat_rows, pr_rows, small_dataset, text_rows, tokenizer, write_jsonl
+from helpers_train import REPO, chat_rows, pr_rows, small_dataset, text_rows, write_jsonl
 from longctx import data as data_mod, datastore
 from longctx.errors import LongctxError
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tokenizer()
 
 
 def cfg_for(paths, cache, **kw) -> SimpleNamespace:

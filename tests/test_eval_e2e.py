@@ -8,23 +8,14 @@ import sys
 
 import pytest
 
-from helpers_train import REPO, TOKENIZER, tiny_config
+from helpers_train import REPO, tiny_model_dir
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    cfg = tiny_config()
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(str(d))
-    AutoTokenizer.from_pretrained(str(TOKENIZER)).save_pretrained(str(d))
-    return d
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture()

@@ -10,16 +10,8 @@ import random
 
 import pytest
 
-from helpers_train import TOKENIZER
 from longctx.errors import LongctxError
 from longctx.evaluation import needle
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(TOKENIZER))
 
 
 @pytest.fixture(scope="module")

@@ -9,32 +9,11 @@ import logging
 
 import pytest
 import torch
-from transformers import (
-    GemmaConfig,
-    GemmaForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Phi3Config,
-    Phi3ForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
 from transformers import modeling_utils
 
-TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256)
-FAMILIES = {
-    "llama": (LlamaConfig, LlamaForCausalLM, {}),
-    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 8}),
-    "gemma": (GemmaConfig, GemmaForCausalLM, {"head_dim": 8}),
-    "phi3": (Phi3Config, Phi3ForCausalLM, {"pad_token_id": 0}),
-}
+from fork_tools import FAMILIES as TOOL_FAMILIES, MORE_FAMILIES, TINY, tiny_model
+
+FAMILIES = {**TOOL_FAMILIES, **MORE_FAMILIES}
 MODES = {
     "none": lambda m: None,
     "plain_reentrant": lambda m: m.activation_checkpointing_enable({"use_reentrant": True}),
@@ -53,14 +32,6 @@ MODES = {
     "offload_true_every_second": lambda m: m.activation_checkpointing_enable(offload=True, every_n_layers=2),
     "upstream_offload": lambda m: m.activation_checkpointing_enable(offload="save_on_cpu"),
 }
-
-
-def tiny_model(family: str, dtype=torch.float32, **overrides):
-    config_cls, model_cls, extra = FAMILIES[family]
-    config = config_cls(**{**TINY, **extra, **overrides})
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    return model_cls(config).to(dtype)
 
 
 def train_step(model, mode: str, input_ids, seed: int = 1, autocast_dtype=None):

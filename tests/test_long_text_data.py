@@ -17,17 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers_train import TOKENIZER
 from longctx.models import long_text_data as ltd
 
 TARGET = 4096
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(TOKENIZER))
 
 
 @pytest.fixture(scope="module")

@@ -38,9 +38,9 @@ def build(weights, ckpt: SimpleNamespace | None, tiled_mlp: bool = False):
     if ckpt is not None:
         modeling.enable_checkpointing(lm, ckpt)
     if tiled_mlp:  # DeepSpeed's TiledMLP (its own recompute) inside the selectively checkpointed layer
-        from longctx import sequence_parallel
+        from longctx import tiled_mlp
 
-        sequence_parallel.enable_tiled_mlp(lm, shards=3)
+        tiled_mlp.enable(lm, shards=3)
     return lm
 
 

@@ -4,23 +4,18 @@ attention (SDPA per document) under ZeRO-3, the fork's offloaded checkpointing, 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from helpers_train import REPO, _env, free_port
+from helpers_train import deepspeed_cmd, run_launcher
 
 pytestmark = pytest.mark.slow
 
 
 def test_bench_sp_technique(tmp_path):
     out = tmp_path / "rows.jsonl"
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    p = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "bench/train_bench.py",
-                        "--technique", "sp", "--shape", "tiny-llama", "--lengths", "256,512", "--docs", "3",
-                        "--out", str(out)], cwd=REPO, env=_env(None), capture_output=True, text=True, timeout=300)
+    p = run_launcher(deepspeed_cmd("bench/train_bench.py", ["--technique", "sp", "--shape", "tiny-llama", "--lengths",
+                                                            "256,512", "--docs", "3", "--out", str(out)]), timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     got = {r["seq_len"]: r for r in rows if r["kind"] == "row"}

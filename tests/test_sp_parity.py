@@ -10,23 +10,18 @@ logits.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers_train import REPO, _env, free_port
+from helpers_train import deepspeed_cmd, run_launcher
 
 pytestmark = pytest.mark.slow
 
 
 def run_worker(core: str, out: Path) -> dict:
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    p = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(free_port()), "tests/sp_worker.py",
-                        "--core", core, "--out", str(out)], cwd=REPO, env=_env(None), capture_output=True,
-                       text=True, timeout=300)
+    p = run_launcher(deepspeed_cmd("tests/sp_worker.py", ["--core", core, "--out", str(out)]), timeout=300)
     assert p.returncode == 0, f"sp_worker failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return torch.load(out / "result.pt")
 

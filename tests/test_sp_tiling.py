@@ -1,4 +1,4 @@
-"""Tiled MLP and tiled loss give the untiled gradients; SP checks, batch slicing and the auto rule (one process)."""
+"""The tiled loss gives the full-logits gradients; SP checks and batch slicing (one process)."""
 
 from __future__ import annotations
 
@@ -6,90 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import helpers_train  # noqa: F401  (puts the repo on sys.path)
+from helpers_train import (GRAD_CHECK_CONFIG, assert_same_loss_and_grads, loss_and_grads, tiny_lm_fp64,
+                           token_batch)
 from longctx import sequence_parallel as sp
 from longctx.errors import LongctxError
 from longctx import modeling
 from longctx.modeling import CausalLMWithLoss
 
-CONFIG = dict(vocab_size=256, hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0)
-
-
-def tiny_lm(**overrides):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model("llama", **{**CONFIG, **overrides})
-    lm = AutoModelForCausalLM.from_config(cfg, dtype=torch.float64, attn_implementation="sdpa")
-    lm.config.use_cache = False
-    return lm
-
-
-def batch(B=2, S=45, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, CONFIG["vocab_size"], (B, S), generator=g)
-    labels = ids.clone()
-    labels[:, :5] = -100
-    labels[0, 20:25] = -100
-    return ids, torch.arange(S).expand(B, S), labels
-
-
-def loss_and_grads(model, ids, pos, labels):
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, position_ids=pos, labels=labels)
-    loss.backward()
-    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
-
-
-def assert_same(a, b, tol=1e-10):
-    (la, ga), (lb, gb) = a, b
-    torch.testing.assert_close(la, lb, rtol=tol, atol=0)
-    for k in ga:
-        err, scale = (ga[k] - gb[k]).abs().max().item(), gb[k].abs().max().item()
-        assert err <= tol * scale, f"{k}: {err:.3g} vs max |grad| {scale:.3g}"
-
-
-def test_tiled_mlp_gives_untiled_gradients():
-    lm = tiny_lm()
-    model = CausalLMWithLoss(lm)
-    ids, pos, labels = batch()
-    plain = loss_and_grads(model, ids, pos, labels)
-    assert sp.enable_tiled_mlp(lm, shards=4) == 2
-    calls = []
-    from deepspeed.runtime.sequence_parallel import ulysses_sp
-
-    orig = ulysses_sp.TiledMLP.apply
-    ulysses_sp.TiledMLP.apply = lambda *a: calls.append(a[3]) or orig(*a)
-    try:
-        tiled = loss_and_grads(model, ids, pos, labels)
-    finally:
-        ulysses_sp.TiledMLP.apply = orig
-    assert calls == [4, 4]  # every decoder MLP went through DeepSpeed's TiledMLP, 4 chunks
-    assert_same(tiled, plain)
-    sp.disable_tiled_mlp(lm)
-    assert "forward" not in vars(lm.model.layers[0].mlp)
-
-
-def test_tiled_mlp_default_shards_are_ceil_seq_over_hidden():
-    assert sp.agreed_shards(45, 32, torch.device("cpu")) == 2
-    assert sp.agreed_shards(64, 32, torch.device("cpu")) == 2
-    assert sp.agreed_shards(65, 32, torch.device("cpu")) == 3
-    lm = tiny_lm()
-    sp.enable_tiled_mlp(lm)
-    ids, pos, labels = batch(S=100)
-    plain_lm = tiny_lm()
-    assert_same(loss_and_grads(CausalLMWithLoss(lm), ids, pos, labels),
-                loss_and_grads(CausalLMWithLoss(plain_lm), ids, pos, labels))
-
-
 def test_tiled_loss_gives_full_logits_gradients(monkeypatch):
     monkeypatch.setattr(modeling, "HEAD_CHUNK_TOKENS", 7)  # several chunks over the 2 x 44 targets
-    lm = tiny_lm()
-    ids, pos, labels = batch()
+    lm = tiny_lm_fp64()
+    ids, pos, labels = token_batch()
     tiled = loss_and_grads(CausalLMWithLoss(lm, tiled_loss=True), ids, pos, labels)
     full = loss_and_grads(CausalLMWithLoss(lm, tiled_loss=False), ids, pos, labels)
-    assert_same(tiled, full)
+    assert_same_loss_and_grads(tiled, full)
     # and both are the Hugging Face loss (a mean, computed in fp32) times the number of targets
     n = int((labels[:, 1:] != -100).sum())
     hf = lm(input_ids=ids, labels=labels).loss.detach().double()
@@ -97,12 +27,12 @@ def test_tiled_loss_gives_full_logits_gradients(monkeypatch):
 
 
 def test_preshifted_labels_equal_hf_shift():
-    lm = tiny_lm()
-    ids, pos, labels = batch()
+    lm = tiny_lm_fp64()
+    ids, pos, labels = token_batch()
     shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
     a = loss_and_grads(CausalLMWithLoss(lm, labels_shifted=True), ids, pos, shifted)
     b = loss_and_grads(CausalLMWithLoss(lm, labels_shifted=False), ids, pos, labels)
-    assert_same(a, b)
+    assert_same_loss_and_grads(a, b)
 
 
 def test_deepspeed_tiled_fused_logits_loss_drops_the_upstream_gradient_for_the_weight():
@@ -151,7 +81,7 @@ def test_shard_batch_pads_shifts_and_slices():
 def test_check_refuses_heads_not_divisible_by_sp():
     from transformers import AutoConfig
 
-    cfg = AutoConfig.for_model("llama", **{**CONFIG, "num_attention_heads": 6, "num_key_value_heads": 2,
+    cfg = AutoConfig.for_model("llama", **{**GRAD_CHECK_CONFIG, "num_attention_heads": 6, "num_key_value_heads": 2,
                                            "hidden_size": 48})
     with pytest.raises(LongctxError, match="6 query heads are not divisible by --sequence-parallel 4"):
         sp.check(4, 4, cfg)

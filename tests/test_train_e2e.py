@@ -43,7 +43,10 @@ def _train(tmp, name, data_files, model_cfg, ds, steps=8, extra=()):
 
 @pytest.fixture(scope="module")
 def offload_run(tmp_path_factory, data_files, model_cfg):
-    return _train(tmp_path_factory.mktemp("runs"), "zero3_offload", data_files, model_cfg, "zero3_offload")
+    """The ZeRO-3 + CPU offload run the record, reload, progress and summary tests all read (one launch): a cosine
+    schedule and a held-out split, so the summary has an lr curve and a final eval loss to report."""
+    return _train(tmp_path_factory.mktemp("runs"), "zero3_offload", data_files, model_cfg, "zero3_offload",
+                  extra=["--lr-scheduler", "cosine", "--eval-fraction", "0.1"])
 
 
 def _assert_learns(out):
@@ -133,20 +136,19 @@ def test_progress_is_plain_lines_in_a_pipe(offload_run):
     assert "\r" not in proc.stdout + proc.stderr  # no carriage-return bar when the output is not a terminal
 
 
-def test_run_ends_with_a_summary_the_lr_used_and_an_inference_ready_model(tmp_path, data_files, model_cfg):
+def test_run_ends_with_a_summary_the_lr_used_and_an_inference_ready_model(offload_run):
     """Needs the training loop's calls from the wiring list of issue #20: metrics.lr_in_use before the step,
     modeling.restore_inference_settings before the final save, metrics.summary at the end."""
     import math
 
-    out, proc = _train(tmp_path, "summary", data_files, model_cfg, "zero3_offload", steps=4,
-                       extra=["--lr-scheduler", "cosine", "--eval-fraction", "0.1"])
+    out, proc = offload_run
     lrs = [r["lr"] for r in read_jsonl(out / "metrics.jsonl")]
     peak = 3e-3  # fast_args: --lr 3e-3 --warmup-steps 0
-    assert lrs == pytest.approx([peak * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)], rel=1e-12)
+    assert lrs == pytest.approx([peak * 0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)], rel=1e-12)
     assert lrs[0] == peak and lrs[-1] > 0
     assert json.loads((out / "final_model" / "config.json").read_text())["use_cache"] is True
-    assert "run finished: steps 4 of 4" in proc.stdout and "final eval loss" in proc.stdout
+    assert "run finished: steps 8 of 8" in proc.stdout and "final eval loss" in proc.stdout
     assert f"final model  {out / 'final_model'}" in proc.stdout
-    assert f"checkpoint   {out / 'checkpoints' / 'step-00000004'}" in proc.stdout
+    assert f"checkpoint   {out / 'checkpoints' / 'step-00000008'}" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["final_train_loss"] == read_jsonl(out / "metrics.jsonl")[-1]["loss"]
+    assert summary["steps"] == 8 and summary["final_train_loss"] == read_jsonl(out / "metrics.jsonl")[-1]["loss"]

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers_train import (TOKENIZER, chat_rows, fast_args, pr_rows, read_jsonl, reference_step, run_train,
+from helpers_train import (chat_rows, fast_args, pr_rows, read_jsonl, reference_step, run_train,
                            text_rows, tiny_config, tiny_model_dir, write_jsonl)
 from longctx import attention, data as data_mod, resolve
 from longctx.modeling import CausalLMWithLoss, LinearCrossEntropySum
@@ -54,13 +54,6 @@ def varlen_torch211(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, retu
 
 
 # ---- fixtures -------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(TOKENIZER))
-
 
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory, tok):
