@@ -9,8 +9,8 @@ refused with the reason. A checkpoint written by another layout is loaded throug
 (universal.py; ZeRO-3 only).
 
 Kept, each refused by name unless --resume-allow-change names it: the model (its path and shape), the tokenizer
-(its path and everything that decides token ids), the data (the files and their bytes: the file part of the
-prepared-data key, datastore.files_digest), max_seq_len and the global batch. An allowed change continues from the
+(everything that decides token ids), the data (the files' names and bytes, wherever they now are: the file part
+of the prepared-data key, datastore.files_digest), max_seq_len and the global batch. An allowed change continues from the
 checkpoint's step on the new setting's batch plan; the ledger then says the sample ids are not the uninterrupted
 run's.
 """
@@ -34,11 +34,11 @@ def identity(cfg, tok, model_config) -> dict:
     """What run.json records of the model, tokenizer and data, for the next resume to compare."""
     from . import data as data_mod, datastore
 
-    paths, _ = data_mod.parse_data_spec(cfg.data)
+    paths, weights = data_mod.parse_data_spec(cfg.data)
     paths = [p for p in paths if Path(p).exists()]  # a missing file is refused by data.build, with its message
     return {"model": {k: getattr(model_config, k, None) for k in MODEL_SHAPE},
             "tokenizer": datastore.tokenizer_fingerprint(tok),
-            "data": datastore.files_digest(paths, datastore.cache_root(cfg.data_cache))}
+            "data": datastore.files_digest(paths, datastore.cache_root(cfg.data_cache)), "data_weights": weights}
 
 
 def check_identity(cfg, record: dict, ident: dict) -> list[str]:
@@ -57,16 +57,27 @@ def check_identity(cfg, record: dict, ident: dict) -> list[str]:
         if changed:
             found.setdefault("model", []).append("shape: " + ", ".join(f"{k} {a!r} -> {b!r}"
                                                                        for k, (a, b) in changed.items()))
-    differs("tokenizer", "--tokenizer", old_cfg.get("tokenizer"), new_cfg["tokenizer"])
-    if "tokenizer" in old_id and old_id["tokenizer"] != ident["tokenizer"]:
-        found.setdefault("tokenizer", []).append("its token ids differ (vocabulary, merges, specials or chat "
-                                                 "template)")
-    differs("data", "--data", old_cfg.get("data"), new_cfg["data"])
-    if "data" in old_id and "data" not in found:
-        was = dict(map(tuple, old_id["data"]))
-        edited = [name for name, digest in ident["data"] if was.get(name) != digest]
-        if edited:
-            found.setdefault("data", []).append(f"contents changed: {', '.join(edited)}")
+    # the tokenizer and the data by what they are where run.json recorded it (a moved copy is the same data), else
+    # by their paths
+    if "tokenizer" in old_id:
+        if old_id["tokenizer"] != ident["tokenizer"]:
+            found["tokenizer"] = [f"--tokenizer {new_cfg['tokenizer'] or '(default)'}: its token ids differ "
+                                  "(vocabulary, merges, special tokens or chat template)"]
+    else:
+        differs("tokenizer", "--tokenizer", old_cfg.get("tokenizer"), new_cfg["tokenizer"])
+    if "data" in old_id:
+        was, now = [n for n, _ in old_id["data"]], [n for n, _ in ident["data"]]
+        if was != now:
+            found["data"] = [f"files {was} -> {now}"]
+        else:
+            edited = [n for (n, a), (_, b) in zip(old_id["data"], ident["data"]) if a != b]
+            if edited:
+                found["data"] = [f"contents changed: {', '.join(edited)}"]
+        if old_id.get("data_weights") != ident["data_weights"]:
+            found.setdefault("data", []).append(f"sampling weights {old_id.get('data_weights')} -> "
+                                                f"{ident['data_weights']}")
+    else:
+        differs("data", "--data", old_cfg.get("data"), new_cfg["data"])
     differs("max_seq_len", "--max-seq-len", old_cfg.get("max_seq_len"), new_cfg["max_seq_len"])
 
     allowed = set(cfg.resume_allow_change)
