@@ -9,10 +9,10 @@ refused with the reason. A checkpoint written by another layout is loaded throug
 (universal.py; ZeRO-3 only).
 
 Kept, each refused by name unless --resume-allow-change names it: the model (its path and shape), the tokenizer
-(everything that decides token ids), the data (the files' names and bytes, wherever they now are: the file part
-of the prepared-data key, datastore.files_digest), max_seq_len and the global batch. An allowed change continues from the
-checkpoint's step on the new setting's batch plan; the ledger then says the sample ids are not the uninterrupted
-run's.
+(everything that decides token ids), the data (the files' names and bytes, wherever they now are: the file part of
+the prepared-data key, datastore.files_digest; the sampling weights), max_seq_len and the global batch. An allowed
+change continues from the checkpoint's step on the new setting's batch plan; the ledger then says the sample ids
+are not the uninterrupted run's.
 """
 
 from __future__ import annotations
