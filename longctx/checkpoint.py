@@ -6,6 +6,9 @@ Layout:  <output_dir>/checkpoints/step-00000010/
              trainer_state.json        step, epoch, samples seen, ... (also in DeepSpeed's client state)
              COMPLETE                  written last, by rank 0, after every rank has finished saving
 
+step-NNNNNNNN.universal/ beside a checkpoint is its world-size-free form, made when a run resumes on another
+number of ranks (universal.py); it is pruned with its original.
+
 A directory without COMPLETE is a save that was interrupted: it is never resumed from, never counts
 toward --keep-last, and is deleted by the next save. "latest" is the newest directory with COMPLETE.
 
@@ -179,6 +182,11 @@ def prune(output_dir: Path, keep_last: int) -> None:
     for s, p, ok in ckpts:
         if (ok and s not in keep) or (not ok and s < newest):
             shutil.rmtree(p, ignore_errors=True)
+    # a universal form (universal.py) goes with its original; an interrupted conversion (.tmp) goes at once
+    for p in root(output_dir).glob("step-*.universal*"):
+        base = p.with_name(p.name.split(".", 1)[0])
+        if p.name.endswith(".tmp") or not is_complete(base):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
@@ -195,13 +203,20 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     return p
 
 
-def load(engine, path: Path, rank: int) -> dict:
-    load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+def load(engine, path: Path, rank: int, *, universal: Path | None = None) -> dict:
+    """Load checkpoint `path` into the engine; with `universal` (its world-size-free form, universal.py; the engine
+    built with checkpoint.load_universal) a checkpoint of another number of ranks. Each rank takes the RNG state of
+    its own rank, or, on a rank the checkpoint did not have, that of rank (rank mod its ranks)."""
+    source = path.parent if universal is None else Path(universal)
+    load_path, client_state = engine.load_checkpoint(str(source), tag=path.name, load_optimizer_states=True,
                                                      load_lr_scheduler_states=True)
     if load_path is None:
         raise LongctxError(f"DeepSpeed could not load the checkpoint {path}")
     restore_cpu_adam_bias_correction(engine.optimizer)
     rng_file = path / f"rng_state_rank{rank}.pt"
+    if universal is not None and not rng_file.exists():
+        written = len(list(path.glob("rng_state_rank*.pt")))
+        rng_file = path / f"rng_state_rank{rank % max(1, written)}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state or {}

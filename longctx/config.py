@@ -24,6 +24,7 @@ from .errors import LongctxError
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "default_data"
 DEFAULT_MODEL = str(DEFAULT_DATA_DIR / "tiny_llama.json")
 DEFAULT_TOKENIZER = str(DEFAULT_DATA_DIR / "tokenizer")
+RESUME_CHANGES = ("model", "tokenizer", "data", "max_seq_len", "global_batch")  # longctx/resume.py
 DEFAULT_DATA = [str(DEFAULT_DATA_DIR / n) for n in ("text.jsonl", "chat.jsonl", "prompt_response.jsonl")]
 
 
@@ -167,6 +168,11 @@ class Config:
     keep_last: int = _f(2, "Complete checkpoints to keep (older ones are deleted).", "output")
     resume: str = _f("", "'auto': continue from the newest complete checkpoint in --output-dir (or start if "
                      "there is none); or a checkpoint directory.", "output")
+    resume_allow_change: list[str] = _f([], "With --resume: continue although these changed since the run "
+                                        "started (each is refused by name otherwise): model, tokenizer, data, "
+                                        "max_seq_len, global_batch. The number of ranks and --sequence-parallel may "
+                                        "change freely (ZeRO-3): grad accumulation is re-derived to keep the global "
+                                        "batch.", "output")
     overwrite: bool = _f(False, "Replace a previous run in --output-dir.", "output")
     log_interval: int = _f(1, "Write a metrics.jsonl row every N steps.", "output")
     save_final_model: bool = _f(True, "At the end, write a consolidated Hugging Face model + tokenizer to "
@@ -353,6 +359,11 @@ def validate(cfg: Config) -> None:
         problems.append(f"--keep-last must be >= 1, got {cfg.keep_last}")
     if not cfg.data:
         problems.append("--data: give at least one training file")
+    unknown = [c for c in cfg.resume_allow_change if c not in RESUME_CHANGES]
+    if unknown:
+        problems.append(f"--resume-allow-change {' '.join(unknown)}: not one of {', '.join(RESUME_CHANGES)}")
+    if cfg.resume_allow_change and not cfg.resume:
+        problems.append("--resume-allow-change needs --resume")
     if cfg.resume and cfg.overwrite:
         problems.append("--resume and --overwrite contradict each other; pick one")
     if cfg.num_offloaded_layers is not None and not cfg.offload_gradient_checkpointing:

@@ -109,8 +109,14 @@ def _code_version() -> str:
     return h.hexdigest()
 
 
+def files_digest(paths: Sequence[str], root: Path) -> list[list[str]]:
+    """[name, sha256 of the bytes] of each file: the part of the key that identifies the data itself (a resume
+    compares it, longctx/resume.py)."""
+    return [[Path(p).name, _file_digest(Path(p), root)] for p in paths]
+
+
 def cache_key(paths: Sequence[str], tok, options: Options, root: Path) -> str:
-    what = {"files": [[Path(p).name, _file_digest(Path(p), root)] for p in paths],
+    what = {"files": files_digest(paths, root),
             "tokenizer": tokenizer_fingerprint(tok), "options": options.__dict__, "code": _code_version()}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 

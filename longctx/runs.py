@@ -30,10 +30,10 @@ from .errors import LongctxError
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_FILE = "run.json"
-# Settings that decide which tokens each step sees: they must not change when resuming.
-RESUME_KEYS = ("model", "tokenizer", "data", "eval_data", "eval_fraction", "max_seq_len", "packing",
-               "group_by_length", "truncation", "micro_batch_size", "grad_accum", "seed", "sequence_parallel",
-               "sft_truncation")
+# Settings that decide which tokens each step sees: they must not change when resuming. The model, tokenizer, data,
+# max_seq_len and the global batch are checked by name, with an override, in resume.py; the number of ranks, the
+# sequence-parallel degree and how the global batch is split into micro-batches may change (resume.py).
+RESUME_KEYS = ("eval_data", "eval_fraction", "packing", "group_by_length", "truncation", "seed", "sft_truncation")
 # What a run recorded before a key existed behaved as (sft_truncation: SFT rows were cut at the end).
 RESUME_KEYS_BEFORE = {"sft_truncation": "end"}
 RUN_CONTENT = ("run.json", "config.yaml", "ledger.json", "metrics.jsonl", "samples.jsonl", "checkpoints",
@@ -117,13 +117,11 @@ def check_output_dir(cfg) -> str:
                        "--overwrite to replace it.")
 
 
-def check_resume_compatible(cfg, world_size: int) -> None:
+def check_resume_compatible(cfg) -> None:
     prev = read_run_record(Path(cfg.output_dir))
     old, new = prev.get("config", {}), cfg.to_dict()
     old = {**RESUME_KEYS_BEFORE, **old}
     diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in RESUME_KEYS if old.get(k) != new.get(k)]
-    if prev.get("world_size") != world_size:
-        diffs.append(f"world size: {prev.get('world_size')} -> {world_size}")
     if diffs:
         raise LongctxError("cannot resume: settings that decide the data order changed since the run started:\n  "
                            + "\n  ".join(diffs))

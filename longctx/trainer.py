@@ -44,6 +44,9 @@ class Callback:
     def on_checkpoint_written(self, trainer: "Trainer", step: int, path: Path) -> None:
         """A checkpoint's files are written, before it is marked complete."""
 
+    def on_universal_written(self, trainer: "Trainer", path: Path) -> None:
+        """Rank 0: a checkpoint's universal form is written in `path` (its .tmp), before it is renamed into place."""
+
     def on_step_end(self, trainer: "Trainer", step: int, row: Optional[dict]) -> None:
         """After optimizer step `step` (1-based), its checkpoint included."""
 
@@ -97,7 +100,7 @@ class Trainer:
     def prepare(self) -> "Trainer":
         import torch
 
-        from . import data as data_mod, modeling, resolve, runs, sequence_parallel
+        from . import data as data_mod, modeling, resolve, resume, runs, sequence_parallel
 
         cfg = self.cfg
         quiet_libraries()
@@ -111,20 +114,32 @@ class Trainer:
         self.tok, self.tok_path = modeling.load_tokenizer(cfg)
         self.model_config, self.kind = modeling.load_model_config(cfg, self.tok)
         sequence_parallel.check(cfg.sequence_parallel, self.world, self.model_config)
+        self.identity = resume.identity(cfg, self.tok, self.model_config) if self.data is None else {}
+        self.resume_from, self.resume_plan = None, None
+        if cfg.resume:  # before anything is loaded: what must stay the same, and the global batch kept
+            from . import checkpoint
+
+            record, allowed = {}, []
+            if self.mode == "resume":
+                record = runs.read_run_record(Path(cfg.output_dir))
+                runs.check_resume_compatible(cfg)
+                allowed = resume.check_identity(cfg, record, self.identity)
+            self.resume_from = checkpoint.resolve_resume(cfg.resume, cfg.output_dir)
+            if self.resume_from is not None:
+                if not record and (self.resume_from.parent.parent / runs.RUN_FILE).is_file():
+                    record = runs.read_run_record(self.resume_from.parent.parent)
+                cfg, self.resume_plan = resume.keep_global_batch(cfg, self.resume_from, record, self.world,
+                                                                 allowed)
+                self.cfg = cfg
         self.settings = resolve.resolve(cfg, self.facts, self.model_config, self.world)
+        if self.resume_plan is not None:
+            resume.check_stage(self.resume_plan, self.settings.ds_config)
         if self.settings.checkpointing == "offload" and self.settings.offload_impl == "fork":
             modeling.check_offload_supported(self.model_config)
         self.layout = sequence_parallel.Layout.for_run(cfg.sequence_parallel, self.rank, self.world,
                                                        cfg.micro_batch_size, self.settings.ds_config)
         if self.data is None:
             self.data = data_mod.build(cfg, self.tok, self.layout.dp_world, say=self.say, announce=announce(self.rank))
-        self.resume_from = None
-        if cfg.resume:
-            from . import checkpoint
-
-            if self.mode == "resume":
-                runs.check_resume_compatible(cfg, self.world)
-            self.resume_from = checkpoint.resolve_resume(cfg.resume, cfg.output_dir)
         plan = self.data.plan
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * plan.steps_per_epoch))
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
@@ -144,6 +159,9 @@ class Trainer:
                   self.data.ledger.format(),
                   f"steps: {self.total_steps} ({self.data.plan.steps_per_epoch} per epoch)"
                   + (f"; resuming from {self.resume_from}" if self.resume_from else "")]
+        if self.resume_plan is not None:
+            lines.append(self.resume_plan.describe())
+            lines.append("resume: " + self.resume_plan.ledger_entry()["sample_ids"])
         return "\n".join(lines)
 
     # ---- 2. distributed, preflight, run directory ----------------------------------------------------------
@@ -151,7 +169,7 @@ class Trainer:
         import deepspeed
         import torch
 
-        from . import checkpoint, opbuild, plan as plan_mod, preflight, resolve, runs
+        from . import checkpoint, opbuild, plan as plan_mod, preflight, resolve, resume, runs
 
         cfg = self.cfg
         if not torch.distributed.is_initialized():
@@ -176,10 +194,13 @@ class Trainer:
             runs.create(cfg, self.mode, {"world_size": self.world, "device": self.facts.name,
                                          "precision": s.precision, "attention": s.attention, "liger": s.liger,
                                          "lr": s.lr, "ds_config": s.ds_config, "total_steps": self.total_steps,
-                                         "model_kind": self.kind})
+                                         "model_kind": self.kind, "identity": self.identity})
             out = Path(cfg.output_dir)
             resolve.write(s, out / "resolved.json")
-            (out / "ledger.json").write_text(json.dumps(self.data.ledger.to_dict(), indent=2))
+            previous = json.loads((out / "ledger.json").read_text()) if self.mode == "resume" and \
+                (out / "ledger.json").is_file() else None
+            (out / "ledger.json").write_text(json.dumps(
+                resume.ledger_with_resume(self.data.ledger.to_dict(), previous, self.resume_plan), indent=2))
         torch.distributed.barrier()
         return self
 
@@ -188,16 +209,23 @@ class Trainer:
         import deepspeed
         from transformers import get_scheduler
 
-        from . import checkpoint, dsconfig, lora, modeling
+        from . import checkpoint, dsconfig, lora, modeling, universal
 
         cfg = self.cfg
+        ds_config = self.settings.ds_config
+        if self.resume_plan is not None and self.resume_plan.reshard:  # another layout: its universal form
+            cbs = self.callbacks
+            self.resume_plan.universal = universal.ensure(
+                self.resume_from, rank=self.rank, barrier=self.barrier, say=self.say,
+                on_written=lambda tmp: [cb.on_universal_written(self, tmp) for cb in cbs])
+            ds_config = universal.ds_config_for_load(ds_config)
         model, mpu = modeling.build_model(cfg, self.model_config, self.kind, self.settings, self.layout)
         model = lora.apply(model, cfg, self.say)  # --lora: adapters + trainable embeddings/norms, the rest frozen
         warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(cfg.warmup_ratio * self.total_steps)
         sched_kwargs = {"min_lr_rate": 0.1} if cfg.lr_scheduler == "cosine_with_min_lr" else None
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=self.settings.ds_config, mpu=mpu,
+            config=ds_config, mpu=mpu,
             lr_scheduler=lambda opt: get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=warmup,
                                                    num_training_steps=self.total_steps,
                                                    scheduler_specific_kwargs=sched_kwargs))
@@ -206,7 +234,8 @@ class Trainer:
         self.guard = DivergenceGuard(self.settings.precision, self.settings.ds_config, cfg.fp16_collapse_patience,
                                      self.engine)
         if self.resume_from is not None:
-            self.load_state_dict(checkpoint.load(self.engine, self.resume_from, self.rank))
+            universal_form = self.resume_plan.universal if self.resume_plan is not None else None
+            self.load_state_dict(checkpoint.load(self.engine, self.resume_from, self.rank, universal=universal_form))
             self.say(f"resumed at step {self.step} from {self.resume_from}")
         for cb in self.callbacks:
             cb.on_built(self)
@@ -228,7 +257,9 @@ class Trainer:
         per_epoch = self.data.plan.steps_per_epoch
         epoch = (self.step - 1) // per_epoch if self.step else 0
         return {"step": self.step, "epoch": epoch, "step_in_epoch": self.step - epoch * per_epoch,
-                "world_size": self.world, "skipped_steps": self.guard.skipped}
+                "world_size": self.world, "sequence_parallel": self.layout.size,
+                "micro_batch_size": self.cfg.micro_batch_size, "grad_accum": self.cfg.grad_accum,
+                "skipped_steps": self.guard.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state.get("step", 0))

@@ -5,6 +5,8 @@
     LONGCTX_TEST_PAUSE_AFTER_STEP=k every rank parks after step k (its checkpoint saved), so a test can kill -9
     LONGCTX_TEST_PAUSE_IN_SAVE=k    every rank parks inside the save of step k, before it is marked complete
     LONGCTX_TEST_OOM_AT_STEP=k      the last rank raises torch.OutOfMemoryError (CUDA's) after the forward of step k
+    LONGCTX_TEST_PAUSE_IN_CONVERSION=1  rank 0 parks when a checkpoint's universal form is written, before its
+                                    rename into place (the other ranks wait for it in a barrier)
 A parked run first writes the marker <output-dir>.PAUSED_<where> beside its run directory.
 """
 
@@ -33,6 +35,7 @@ class Faults(Callback):
         self.after = env.get("LONGCTX_TEST_PAUSE_AFTER_STEP", "")
         self.in_save = env.get("LONGCTX_TEST_PAUSE_IN_SAVE", "")
         self.oom = env.get("LONGCTX_TEST_OOM_AT_STEP", "")
+        self.in_conversion = env.get("LONGCTX_TEST_PAUSE_IN_CONVERSION", "")
 
     def on_loss(self, trainer, step, micro, loss):
         if self.oom == str(step) and trainer.rank == trainer.world - 1:
@@ -47,6 +50,10 @@ class Faults(Callback):
     def on_checkpoint_written(self, trainer, step, path):
         if self.in_save == str(step):
             _park(trainer, "IN_SAVE", step)
+
+    def on_universal_written(self, trainer, path):
+        if self.in_conversion:
+            _park(trainer, "IN_CONVERSION", trainer.resume_plan.step)
 
     def on_step_end(self, trainer, step, row):
         if self.after == str(step):

@@ -204,8 +204,8 @@ def test_context_is_the_default_and_end_the_old_behaviour(tmp_path):
     old = {k: v for k, v in cfg.to_dict().items() if k != "sft_truncation"}
     (tmp_path / "run.json").write_text(json.dumps({"config": old, "world_size": 1}))
     with pytest.raises(LongctxError, match="sft_truncation: 'end' -> 'context'"):
-        runs.check_resume_compatible(cfg, 1)
-    runs.check_resume_compatible(config.parse(["--output-dir", str(tmp_path), "--sft-truncation", "end"]), 1)
+        runs.check_resume_compatible(cfg)
+    runs.check_resume_compatible(config.parse(["--output-dir", str(tmp_path), "--sft-truncation", "end"]))
 
 
 @pytest.mark.slow
