@@ -44,14 +44,16 @@ from __future__ import annotations
 
 import torch
 
+from .plan import gpu_sub_group_count
+
 TWIN_FLOW_STATE = "longctx_twin_flow_state"  # checkpoint key: {sub-group id: the backup AdamW's state of it}
 HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "amsgrad")
 
 
 def gpu_sub_groups(ratio: float, n: int) -> range:
-    """The sub-groups whose optimizer states stay on the accelerator: DeepSpeed's rule (stage3.py
-    _create_fp32_partitions: sub-group i goes to the CPU when i >= int((1 - ratio) * n)), the first ones."""
-    return range(int((1 - ratio) * n))
+    """The sub-groups whose optimizer states stay on the accelerator: the first ones, by DeepSpeed's rule
+    (longctx.plan.gpu_sub_group_count, which the memory plan and `auto` use too)."""
+    return range(gpu_sub_group_count(ratio, n))
 
 
 def release_pinned_cache() -> bool:
