@@ -11,6 +11,11 @@
   offload_*.pin_memory            <- true on CUDA, false on CPU
   offload_param.device            <- "cpu" or "none", as longctx.resolve decides (parameters kept on the GPU
                                      where the memory plan fits them)
+  offload_optimizer.ratio         <- the CPU share of the optimizer's sub-groups, as longctx.resolve decides from
+                                     the memory plan (0: every state on the GPU, the offload_optimizer section
+                                     dropped; between: Twin-Flow, longctx.twin_flow; 1: all on the CPU)
+  zero_optimization.sub_group_size <- SUB_GROUP_SIZE where the optimizer states are split (the granularity of the
+                                     split), else DeepSpeed's 1e9
   optimizer.params.torch_adam     <- true unless the optimizer is offloaded (CPU Adam) or it is set
 A value that is not "auto" must agree with the argument it mirrors, otherwise this is an error.
 The LR schedule belongs to train.py (--lr-scheduler): a "scheduler" section is refused.
@@ -41,6 +46,13 @@ REFUSED_TOP = {
                                 "--offload-gradient-checkpointing)",
 }
 OPTIMIZER_TYPES = {"adamw", "adam"}
+# ZeRO-3 optimizer sub-group ("auto") where the optimizer states are split between GPU and CPU, in elements of a
+# rank's partitions: about one Llama-3.1-8B decoder layer (218M parameters), so the split moves in steps of ~3.4 GiB
+# of GPU memory (16 B per element) instead of ~15 GiB with DeepSpeed's 1e9 (~9 sub-groups per rank for 8B). The cost,
+# power-of-two rounding of each CPU sub-group's pinned fp32 gradient buffer, is counted by longctx.plan. Without a
+# split the size stays DeepSpeed's 1e9, as measured so far.
+SUB_GROUP_SIZE = 200_000_000
+UNSPLIT_SUB_GROUP_SIZE = 1_000_000_000
 OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode", "fp32_optimizer_states"}
 
 
@@ -71,7 +83,7 @@ def _is_auto(v: Any) -> bool:
 
 
 def build(path: str, cfg, *, world_size: int, precision: str, lr: float, hidden_size: int,
-          on_cuda: bool, offload_params: bool | None = None) -> dict:
+          on_cuda: bool, offload_params: bool | None = None, optimizer_ratio: float | None = None) -> dict:
     """Return the DeepSpeed config dict to pass to deepspeed.initialize, fully resolved."""
     raw = load(path)
     ds = copy.deepcopy(raw)
@@ -153,6 +165,22 @@ def build(path: str, cfg, *, world_size: int, precision: str, lr: float, hidden_
             off_param["device"] = "cpu"
         else:
             del zero["offload_param"]
+    off_opt = zero.get("offload_optimizer")
+    if isinstance(off_opt, dict) and _is_auto(off_opt.get("ratio")):
+        if off_opt.get("device", "none") in ("none", None):  # nothing offloaded: nothing to split
+            del off_opt["ratio"]
+        elif optimizer_ratio is None:
+            raise LongctxError(f"{where}: zero_optimization.offload_optimizer.ratio is \"auto\", which "
+                               "longctx.resolve decides; call dsconfig.build with optimizer_ratio")
+        elif optimizer_ratio == 0.0:  # every state on the GPU: DeepSpeed's own ZeRO-3 step, no offload path
+            del zero["offload_optimizer"]
+        else:
+            off_opt["ratio"] = float(optimizer_ratio)
+    if _is_auto(zero.get("sub_group_size")):
+        off_opt = zero.get("offload_optimizer")
+        split = isinstance(off_opt, dict) and isinstance(off_opt.get("ratio", 1.0), (int, float)) and \
+            0 < off_opt.get("ratio", 1.0) < 1
+        zero["sub_group_size"] = SUB_GROUP_SIZE if split else UNSPLIT_SUB_GROUP_SIZE
     offload_opt = False
     for sec in ("offload_optimizer", "offload_param"):
         off = zero.get(sec)

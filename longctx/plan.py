@@ -37,12 +37,16 @@ How host RAM is formed (per rank; host_state_items). ZeRO-3 with CPU offload in 
 parameters over W ranks (each parameter's partition padded to a multiple of W):
     bf16 params, per parameter   a P/W   pinned: zero.Init pins each partition, DeepSpeed frees it into torch's cache
     bf16 params (flat)           a P/W   pinned, whatever offload_param.pin_memory says
-    fp32 master                  4 P/W   pageable, one flat tensor per optimizer sub-group (sub_group_size)
-    fp32 grads                   4 P/W   pinned, one flat tensor per sub-group
+    fp32 master                  4 C/W   pageable, one flat tensor per optimizer sub-group (sub_group_size)
+    fp32 grads                   4 C/W   pinned, one flat tensor per sub-group
     bf16 grad partitions         a P/W   pinned (the gradient-accumulation dtype: the model's by default)
-    Adam m, v                    8 P/W   pageable, from the first optimizer step on
-Every pinned buffer goes through torch's caching host allocator: rounded up to a power of two, and never given back,
-so a freed block waits for the next request of its size (PinnedCache); the offloaded checkpoints draw on it too.
+    Adam m, v                    8 C/W   pageable, from the first optimizer step on
+where C is the part of P whose optimizer sub-groups are on the CPU: all of it unless offload_optimizer.ratio keeps
+the first sub-groups on the GPU (Twin-Flow, longctx.twin_flow), whose fp32 master, fp32 gradient and Adam moments
+(16 B per element) are then GPU memory for the whole run.
+Every pinned buffer goes through torch's caching host allocator: rounded up to a power of two, and not given back
+unless emptied, so a freed block waits for the next request of its size (PinnedCache); the offloaded checkpoints draw
+on it too. train.py's ZeRO-3 optimizer empties it once built (longctx.twin_flow, Setup.pinned_cache_released).
 Checked against the one host measurement (Llama-3.2-3B shape, one H100, commits 9e6909e, ac2ce74): pinned to the
 hundredth of a GiB, RSS within HOST_PROCESS_BYTES (tests/test_plan_calibration.py).
 
@@ -145,6 +149,8 @@ class Setup:
     prefetch_bucket_size: int = 0        # elements; 0: 0.9 hidden^2
     overlap_comm: bool = True
     sub_group_size: int = 1_000_000_000  # ZeRO-3 elements per optimizer sub-group (DeepSpeed's default, our configs')
+    optimizer_ratio: float = 1.0         # offload_optimizer.ratio: the CPU share of the sub-groups (the rest: GPU)
+    pinned_cache_released: bool = False  # torch's cached pinned blocks emptied after init (train.py's ZeRO-3)
     grad_accum_dtype: Optional[str] = None  # ds_config data_types.grad_accum_dtype; None: the precision (DeepSpeed's)
     data_bytes: int = 0                  # the training data's resident part per rank (longctx.data.DataBundle)
 
@@ -162,6 +168,8 @@ class Setup:
                                      ("grad_accum_dtype", self.grad_accum_dtype, (None,) + tuple(PRECISIONS))):
             if value not in allowed:
                 problems.append(f"{name}={value!r} not in {allowed}")
+        if not 0.0 <= self.optimizer_ratio <= 1.0:
+            problems.append(f"optimizer_ratio {self.optimizer_ratio} not in [0, 1]")
         if self.offload_params and self.zero_stage != 3:
             problems.append("offload_params needs ZeRO stage 3")
         if self.keep_attention and self.checkpointing == "none":
@@ -224,6 +232,7 @@ class Plan:
     pinned: float                           # per rank, bytes (part of host)
     working_set_untiled: float = 0.0
     working_set_tiled: Optional[float] = None
+    host_at_init: float = 0.0               # per rank, before the pinned cache is emptied (0: never emptied)
 
     @property
     def phase_totals(self) -> dict[str, float]:
@@ -240,8 +249,14 @@ class Plan:
         return sum(i.bytes for i in self.persistent) + max(self.phase_totals.values())
 
     @property
-    def host_per_rank(self) -> float:
+    def host_steady(self) -> float:
         return sum(i.bytes for i in self.host)
+
+    @property
+    def host_per_rank(self) -> float:
+        """The host peak: training, or the end of the optimizer's init where the emptied pinned cache was larger
+        than what training adds (most optimizer states on the GPU)."""
+        return max(self.host_steady, self.host_at_init)
 
     def host_total(self, ranks: int) -> float:
         return ranks * self.host_per_rank
@@ -365,6 +380,7 @@ class PinnedCache:
     def __init__(self):
         self.free: dict[float, int] = {}
         self.pinned = 0.0
+        self.at_init = 0.0  # host bytes of the states just before the cache is emptied (0: it is not)
 
     def take(self, nbytes: float) -> float:
         """Pin `nbytes`; returns the bytes newly pinned (0 when a cached block is reused)."""
@@ -378,6 +394,12 @@ class PinnedCache:
     def give_back(self, nbytes: float) -> None:
         block = pinned_block(nbytes)
         self.free[block] = self.free.get(block, 0) + 1
+
+    def empty(self) -> float:
+        """torch._C._host_emptyCache: the free blocks go back to the OS. Returns their bytes."""
+        freed = sum(block * n for block, n in self.free.items())
+        self.free, self.pinned = {}, self.pinned - freed
+        return freed
 
 
 def parameter_sizes(s: ModelShape, *, lm_head: bool = True, tied: bool = False) -> list[int]:
@@ -405,6 +427,38 @@ def sub_groups(partitions: list[int], sub_group_size: int) -> list[int]:
     return out
 
 
+def gpu_sub_group_count(ratio: float, n: int) -> int:
+    """How many of n optimizer sub-groups (the first ones) DeepSpeed keeps on the GPU at offload_optimizer.ratio
+    (stage3.py _create_fp32_partitions: sub-group i is on the CPU when i >= int((1 - ratio) * n)). One rule, used
+    by longctx.twin_flow too."""
+    return int((1 - ratio) * n)
+
+
+def ratio_for(k: int, n: int) -> float:
+    """The offload_optimizer.ratio that keeps exactly the first k of n sub-groups on the GPU: the middle of its
+    interval, so float rounding cannot move the cut (rounded to 6 digits for the ds_config)."""
+    if k <= 0:
+        return 1.0
+    if k >= n:
+        return 0.0
+    r = round(1 - (k + 0.5) / n, 6)
+    assert gpu_sub_group_count(r, n) == k, (k, n, r)
+    return r
+
+
+def optimizer_sub_groups(setup: Setup) -> tuple[list[int], list[int]]:
+    """(GPU sub-groups, CPU sub-groups) of one rank's optimizer, elements each (ZeRO-3 with the optimizer offloaded;
+    otherwise ([], []))"""
+    if setup.zero_stage != 3 or not setup.offload_optimizer or setup.optimizer == "none":
+        return [], []
+    sizes = parameter_sizes(setup.shape, lm_head=setup.lm_head, tied=setup.tied_embeddings)
+    groups = sub_groups([math.ceil(n / setup.world) for n in sizes], setup.sub_group_size)
+    k = gpu_sub_group_count(setup.optimizer_ratio, len(groups))
+    return groups[:k], groups[k:]
+
+
+ADAM_ITEM = "Adam m, v (fp32)"
+
 # Parameters of at most this many hidden sizes stay on the GPU from zero.Init on (the norms): ds_config
 # stage3_param_persistence_threshold, which longctx.dsconfig resolves from "auto" to 10 x hidden.
 PERSISTENT_HIDDENS = 10
@@ -420,7 +474,14 @@ def host_state_items(setup: Setup) -> tuple[list[Item], PinnedCache]:
     largest sub-group each; 2 B/param for the gradient partitions)."""
     cache = PinnedCache()
     if setup.zero_stage == 3:
-        return _zero3_host_items(setup, cache), cache
+        items = _zero3_host_items(setup, cache)
+        if setup.pinned_cache_released and setup.optimizer != "none":  # longctx.twin_flow.release_pinned_cache
+            # what the host holds just before: everything but Adam's moments (created by the first step)
+            cache.at_init = sum(i.bytes for i in items if i.name != ADAM_ITEM)
+            freed = cache.empty()
+            if freed:
+                items.append(Item("pinned cache emptied once built", -freed, "dropped per-parameter and staging blocks"))
+        return items, cache
     if setup.offload_optimizer and setup.optimizer != "none":
         return _zero12_host_items(setup, cache), cache
     return [], cache
@@ -454,20 +515,28 @@ def _zero3_host_items(setup: Setup, cache: PinnedCache) -> list[Item]:
                 cache.give_back(b)
     if not (setup.offload_optimizer and stage3_optimizer):
         return items
-    groups = sub_groups([math.ceil(n / W) for n in sizes], setup.sub_group_size)
+    on_gpu, groups = optimizer_sub_groups(setup)
+    C = sum(groups)
+    split = f" of {len(on_gpu) + len(groups)}; the other {len(on_gpu)} on the GPU" if on_gpu else ""
     ga = setup.grad_accum_dtype or dt
-    # stage3.py _create_fp32_partitions: each sub-group's bf16 flat `.to("cpu", fp32).clone()`, pageable
-    items.append(Item("fp32 master (flat per sub-group)", 4 * P))
-    # stage3.py initialize_optimizer_states: each sub-group's fp32 gradient, torch.zeros then pinned
-    items.append(Item("fp32 grads (flat per sub-group" + (", pinned)" if pin else ")"),
-                      sum(cache.take(4 * n) for n in groups) if pin else 4 * P,
-                      f"{len(groups)} sub-group{'s' if len(groups) > 1 else ''}"))
+    # stage3.py _create_fp32_partitions: each CPU sub-group's bf16 flat `.to("cpu", fp32).clone()`, pageable
+    items.append(Item("fp32 master (flat per sub-group)", 4 * C))
+    # stage3.py initialize_optimizer_states: each sub-group's fp32 gradient, torch.zeros then pinned; a GPU
+    # sub-group's pinned buffer is a staging copy, dropped into the cache once on the GPU
+    grads = 0.0
+    for i, n in enumerate(on_gpu + groups):
+        if pin:
+            grads += cache.take(4 * n)
+            if i < len(on_gpu):
+                cache.give_back(4 * n)
+    items.append(Item("fp32 grads (flat per sub-group" + (", pinned)" if pin else ")"), grads if pin else 4 * C,
+                      f"{len(groups)} sub-group{'s' if len(groups) != 1 else ''}{split}"))
     # stage3.py _setup_for_real_optimizer: grad_partitions_flat_buffer, where backward's reduced partitions land
     # (in gradient_accumulation_dtype, the model's unless data_types.grad_accum_dtype), on the CPU and pinned
     items.append(Item(f"{ga} grad partitions (flat" + (", pinned)" if pin else ")"),
                       cache.take(PRECISIONS[ga] * P) if pin else PRECISIONS[ga] * P))
     # ops/adam/cpu_adam.py DeepSpeedCPUAdam.step: exp_avg, exp_avg_sq (torch.zeros_like, fp32) at the first step
-    items.append(Item("Adam m, v (fp32)", 8 * P))
+    items.append(Item(ADAM_ITEM, 8 * C))
     return items
 
 
@@ -503,6 +572,10 @@ def gpu_state_items(setup: Setup) -> list[Item]:
     opt_div = W if z >= 1 else 1
     if not setup.offload_optimizer:
         gpu.append(Item("fp32 master + Adam m, v", 12 * P / opt_div))
+    on_gpu, cpu = optimizer_sub_groups(setup)
+    if on_gpu:
+        gpu.append(Item("Twin-Flow sub-groups: fp32 master, grad, Adam m, v", 16 * sum(on_gpu),
+                        f"{len(on_gpu)} of {len(on_gpu) + len(cpu)} sub-groups, ratio {setup.optimizer_ratio:g}"))
     if z <= 1:
         gpu.append(Item("grads", a * P))
     elif not setup.offload_optimizer:
@@ -630,8 +703,71 @@ def plan(setup: Setup) -> Plan:
                          f"{n} layers x {T:,} tokens"))
     if setup.data_bytes >= 0.005 * GiB:  # shown from 0.01 GiB on: the embedded data's few KB would print as 0.00
         host.append(Item("data (document index and rows; tokens memory-mapped)", setup.data_bytes))
+    at_init = HOST_PROCESS_BYTES + cache.at_init + setup.data_bytes if cache.at_init else 0.0
     return Plan(setup, persistent, phases, host, cache.pinned, working_set_untiled=untiled,
-                working_set_tiled=ws_units * U if setup.tiled_mlp_shards > 1 else None)
+                working_set_tiled=ws_units * U if setup.tiled_mlp_shards > 1 else None, host_at_init=at_init)
+
+
+# ---- where the optimizer states go (offload_optimizer.ratio) -----------------------------------------------
+def split_at(setup: Setup, k: int) -> Setup:
+    """`setup` with the first k optimizer sub-groups' states on the GPU (Twin-Flow) at the split granularity."""
+    from .dsconfig import SUB_GROUP_SIZE
+
+    base = replace(setup, offload_optimizer=True, sub_group_size=SUB_GROUP_SIZE, optimizer_ratio=1.0)
+    _, groups = optimizer_sub_groups(base)
+    return replace(base, optimizer_ratio=ratio_for(k, len(groups)))
+
+
+def largest_gpu_share(setup: Setup, fits) -> Optional[Setup]:
+    """The split with the most sub-groups' states on the GPU for which `fits(setup)` holds (the GPU peak grows with
+    each one), short of all of them; None when not even one fits. Bisects: a few plans, not one per sub-group."""
+    n = len(optimizer_sub_groups(split_at(setup, 0))[1])
+    if n < 2 or not fits(split_at(setup, 1)):
+        return None
+    lo, hi = 1, n - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(split_at(setup, mid)) else (lo, mid - 1)
+    return split_at(setup, lo)
+
+
+def all_states_on_gpu(setup: Setup) -> Setup:
+    """Parameters and every optimizer state on the GPU: ds_configs/zero3.json's placement."""
+    return replace(setup, offload_params=False, offload_optimizer=False, optimizer_ratio=1.0)
+
+
+def all_states_on_cpu(setup: Setup) -> Setup:
+    from .dsconfig import UNSPLIT_SUB_GROUP_SIZE
+
+    split = setup.offload_optimizer and setup.optimizer_ratio < 1
+    return replace(setup, offload_optimizer=True, optimizer_ratio=1.0,
+                   sub_group_size=UNSPLIT_SUB_GROUP_SIZE if split else setup.sub_group_size)
+
+
+def placement_rows(setup: Setup, hw: Hardware) -> list[str]:
+    """`--plan`'s optimizer-state choices at this length: GPU peak and host RAM of each (ZeRO-3 with AdamW)."""
+    if setup.zero_stage != 3 or setup.optimizer == "none":
+        return []
+
+    def gpu_ok(x: Setup) -> bool:
+        return check_fit(plan(x), hw).gpu_ok
+
+    chosen = setup.offload_optimizer and 0 < setup.optimizer_ratio < 1
+    split = setup if chosen else largest_gpu_share(setup, gpu_ok)
+    rows = [("all on the GPU (parameters too: zero3.json's placement)", all_states_on_gpu(setup))]
+    if split is not None:
+        on, off = optimizer_sub_groups(split)
+        rows.append((f"split, ratio {split.optimizer_ratio:g}: {len(on)}/{len(on) + len(off)} sub-groups on the GPU"
+                     + ("" if chosen else " (most that fit)"), split))
+    rows.append(("all on the CPU (ratio 1)", all_states_on_cpu(setup)))
+    out = ["Optimizer states: each placement re-planned at this length (GPU peak per rank, host RAM all ranks)"]
+    for label, x in rows:
+        p, v = plan(x), check_fit(plan(x), hw)
+        now = "  <- this run" if (x.offload_optimizer, x.optimizer_ratio, x.offload_params) == (
+            setup.offload_optimizer, setup.optimizer_ratio, setup.offload_params) else ""
+        out.append(f"  {label[:58]:<58}GPU {p.gpu_peak / GiB:6.1f} {'ok' if v.gpu_ok else 'NO'} | host "
+                   f"{p.host_total(hw.gpus) / GiB:6.1f} {'ok' if v.host_ok else 'NO'}{now}")
+    return out
 
 
 # ---- fit, search, advice ----------------------------------------------------------------------------
@@ -759,9 +895,9 @@ def short_of(setup: Setup, hw: Hardware) -> str:
 
 def host_knob(p: Plan, hw: Hardware, usable: Optional[float] = None) -> str:
     """What lowers host RAM, each re-planned against `usable` bytes for all of `hw`'s ranks (default: hw.host_usable):
-    fewer checkpoints in host RAM, the parameters on the GPU, then more RAM or more ranks to divide the states over.
-    No setting train.py has keeps part of the optimizer states on the GPU (DeepSpeed's offload_optimizer.ratio is
-    not planned), so where the states alone overflow the host, that is what it says."""
+    fewer checkpoints in host RAM, the parameters on the GPU, more optimizer states on the GPU (the smallest
+    offload_optimizer.ratio split that fits the host, with its GPU peak), then more RAM or more ranks to divide the
+    states over."""
     s, ranks = p.setup, hw.gpus
     usable = hw.host_usable if usable is None else usable
 
@@ -787,6 +923,19 @@ def host_knob(p: Plan, hw: Hardware, usable: Optional[float] = None) -> str:
                                          + ("" if plan(alt).gpu_peak <= hw.gpu_usable else " (does not fit)"))
         out.append(f"offload_param none in the ds_config (parameters on the GPU): host {g(host(alt))}"
                    + ("" if host(alt) <= usable else ", still above") + gpu)
+    on_gpu_now = len(optimizer_sub_groups(s)[0])
+    if s.zero_stage == 3 and s.offload_optimizer and s.optimizer != "none":
+        n = len(optimizer_sub_groups(split_at(s, 0))[1])
+        k = next((k for k in range(max(1, on_gpu_now + 1), n) if host(split_at(s, k)) <= usable), None)
+        if k is None and n > 1:
+            out.append(f"even with {n - 1} of {n} optimizer sub-groups' states on the GPU the host needs "
+                       f"{g(host(split_at(s, n - 1)))}")
+        elif k is not None:
+            alt = split_at(s, k)
+            gpu = "" if not hw.gpu_mem else (f", GPU peak {g(plan(alt).gpu_peak)}"
+                                             + ("" if plan(alt).gpu_peak <= hw.gpu_usable else " (does not fit)"))
+            out.append(f"offload_optimizer.ratio {alt.optimizer_ratio:g} in the ds_config ({k} of {n} sub-groups' "
+                       f"optimizer states on the GPU): host {g(host(alt))}{gpu}")
     out.append(f"more host RAM (the plan takes {g(p.host_total(ranks))} of {g(usable)} usable)"
                + (", fewer GPUs per host" if ranks > 1 else "")
                + (" or more hosts (ZeRO-3 divides the states over every rank)" if s.zero_stage == 3 else
@@ -855,12 +1004,17 @@ def format_plan(setup: Setup, hw: Hardware, *, model_name: str = "", optional: t
               "", f"Host RAM, per rank (x{hw.gpus} ranks on the host)"]
     for i in p.host:
         lines.append(f"  {(i.name + (f' ({i.note})' if i.note else ''))[:59]:<60}{gib(i.bytes)}")
+    if p.host_at_init > p.host_steady:
+        lines.append(f"  {'peak at init, before the pinned cache is emptied':<60}{gib(p.host_at_init)}")
     lines += [f"  {'total per rank':<60}{gib(p.host_per_rank)}",
               f"  {f'total, {hw.gpus} ranks (usable {HOST_USABLE:.0%} of {hw.host_mem / GiB:g} GiB)':<60}"
               f"{gib(p.host_total(hw.gpus))}  {'fits' if v.host_ok else 'DOES NOT FIT'}",
               f"  {'pinned host memory, all ranks':<60}{gib(p.pinned * hw.gpus)}"
               + ("" if hw.pinned_limit is None else
                  f"  of {hw.pinned_limit / GiB:.1f} limit: {'fits' if v.pinned_ok else 'DOES NOT FIT'}"), ""]
+    placements = placement_rows(setup, hw)
+    if placements:
+        lines += placements + [""]
     best = max_seq_len_that_fits(setup, hw, setup_at=setup_at)
     lines.append(f"Largest max_seq_len that fits: {best:,} ({fmt_len(best)})" if best else
                  "Largest max_seq_len that fits: none (even 1K does not fit)")
@@ -930,6 +1084,9 @@ def setup_from_settings(*, shape: ModelShape, seq_len: int, micro_batch: int, wo
                  prefetch_bucket_size=int(zero.get("stage3_prefetch_bucket_size") or 0),
                  overlap_comm=bool(zero.get("overlap_comm", stage > 0)),
                  sub_group_size=int(zero.get("sub_group_size", Setup.sub_group_size)),
+                 optimizer_ratio=float((zero.get("offload_optimizer") or {}).get("ratio", 1.0)),
+                 # train.py's ZeRO-3 optimizer (longctx.zero3_optimizer) empties the pinned cache once built
+                 pinned_cache_released=stage == 3 and (offloaded("offload_param") or offloaded("offload_optimizer")),
                  grad_accum_dtype=dtype_name((ds_config.get("data_types") or {}).get("grad_accum_dtype")))
 
 

@@ -209,7 +209,7 @@ class Trainer:
         import deepspeed
         from transformers import get_scheduler
 
-        from . import checkpoint, dsconfig, lora, modeling, universal
+        from . import checkpoint, dsconfig, lora, modeling, universal, zero3_optimizer
 
         cfg = self.cfg
         ds_config = self.settings.ds_config
@@ -223,12 +223,13 @@ class Trainer:
         model = lora.apply(model, cfg, self.say)  # --lora: adapters + trainable embeddings/norms, the rest frozen
         warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(cfg.warmup_ratio * self.total_steps)
         sched_kwargs = {"min_lr_rate": 0.1} if cfg.lr_scheduler == "cosine_with_min_lr" else None
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=ds_config, mpu=mpu,
-            lr_scheduler=lambda opt: get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=warmup,
-                                                   num_training_steps=self.total_steps,
-                                                   scheduler_specific_kwargs=sched_kwargs))
+        with zero3_optimizer.installed():  # DeepSpeed's ZeRO-3 optimizer with our fixes (longctx.twin_flow)
+            self.engine, _, _, self.scheduler = deepspeed.initialize(
+                model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                config=ds_config, mpu=mpu,
+                lr_scheduler=lambda opt: get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=warmup,
+                                                       num_training_steps=self.total_steps,
+                                                       scheduler_specific_kwargs=sched_kwargs))
         self.device = self.engine.device
         self.zero3 = dsconfig.is_zero3(self.settings.ds_config)
         self.guard = DivergenceGuard(self.settings.precision, self.settings.ds_config, cfg.fp16_collapse_patience,

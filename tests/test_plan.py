@@ -224,17 +224,22 @@ def test_sub_groups_and_grad_accum_dtype_come_from_the_ds_config():
     assert setup({}, data_types={"grad_accum_dtype": "torch.bfloat16"}).grad_accum_dtype == "bf16"
 
 
-def test_full_depth_8b_on_one_gpu_is_refused_for_host_ram():
-    """Llama-3.1-8B at 32 layers on one 80 GiB GPU with 125 GiB of host RAM: the GPU fits, the host does not, and
-    the plan says so line by line and names what would change it."""
+def test_full_depth_8b_on_one_gpu_is_refused_for_host_ram(tmp_path):
+    """Llama-3.1-8B at 32 layers on one 80 GiB GPU with 125 GiB of host RAM, every optimizer state on the CPU
+    (offload_optimizer.ratio 1): the GPU fits, the host does not, and the plan says so line by line and names what
+    would change it, a split of the optimizer states among it (what "auto" chooses)."""
+    import json
+
     from helpers_train import REPO
     from longctx import config
     from longctx.plan import cli_plan
 
-    text = cli_plan(config.parse([
-        "--model", str(REPO / "longctx" / "default_data" / "llama3.1-8b.json"),
-        "--deepspeed", str(REPO / "ds_configs" / "zero3_offload.json"), "--max-seq-len", "32768",
-        "--gpus", "1", "--gpu-mem", "80GiB", "--host-mem", "125GiB", "--plan"]))
+    ds = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
+    ds["zero_optimization"]["offload_optimizer"]["ratio"] = 1
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    args = ["--model", str(REPO / "longctx" / "default_data" / "llama3.1-8b.json"), "--max-seq-len", "32768",
+            "--gpus", "1", "--gpu-mem", "80GiB", "--host-mem", "125GiB", "--plan"]
+    text = cli_plan(config.parse(args + ["--deepspeed", str(tmp_path / "ds.json")]))
     lines = text.splitlines()
 
     def row(name: str) -> float:
@@ -247,12 +252,19 @@ def test_full_depth_8b_on_one_gpu_is_refused_for_host_ram():
     assert row("fp32 grads (flat per sub-group, pinned)") == 32.00
     assert row("bf16 grad partitions (flat, pinned)") == 16.00
     assert row("Adam m, v (fp32)") == 59.83
-    assert row("total per rank") == 173.25
+    assert row("pinned cache emptied once built") == -16.50  # zero.Init's per-parameter blocks (longctx.twin_flow)
+    assert row("total per rank") == 156.75
     assert next(x for x in lines if "total, 1 ranks" in x).endswith("DOES NOT FIT")
     assert "Largest max_seq_len that fits: none" in text
     knob = next(x for x in lines if x.startswith("Host memory is the limit: "))
     assert "offload_param none in the ds_config (parameters on the GPU): host 140.7 GiB, still above" in knob
+    assert "offload_optimizer.ratio 0.602941 in the ds_config (13 of 34 sub-groups' optimizer states on the GPU): " \
+           "host 111.6 GiB, GPU peak 63.2 GiB;" in knob
     assert "more host RAM" in knob and "more hosts" in knob
+    # the shipped config's "auto" splits the states: 16 of 34 sub-groups on the GPU, and both sides fit
+    auto = cli_plan(config.parse(args + ["--deepspeed", str(REPO / "ds_configs" / "zero3_offload.json")]))
+    assert "optimizer: auto: split (Twin-Flow, ratio 0.514706): 16 of 34 sub-groups' states on the GPU" in auto
+    assert "of 80: fits" in auto and "Host memory is the limit" not in auto
 
 
 def test_attention_workspace_by_hand():
@@ -336,3 +348,14 @@ def test_fa4_plans_as_the_default_attention():
     assert plan(Setup(LLAMA8B, 131072, attention="dense_mask")).gpu_peak > plan(Setup(LLAMA8B, 131072)).gpu_peak
     assert not any("varlen" in k.flag for k in candidate_knobs(Setup(LLAMA8B, 131072, attention="fa4")))
     assert any("varlen" in k.flag for k in candidate_knobs(Setup(LLAMA8B, 8192, attention="dense_mask")))
+
+
+def test_optimizer_ratio_keeps_exactly_the_sub_groups_deepspeed_keeps():
+    """ratio_for(k, n) is a ratio at which DeepSpeed's rule (stage3.py: sub-group i on the CPU when
+    i >= int((1 - ratio) * n)) keeps exactly the first k sub-groups on the GPU; longctx.twin_flow routes by it."""
+    from longctx.plan import gpu_sub_group_count, ratio_for
+
+    for n in range(1, 120):
+        for k in range(n + 1):
+            assert gpu_sub_group_count(ratio_for(k, n), n) == k, (k, n)
+            assert int((1 - ratio_for(k, n)) * n) == k

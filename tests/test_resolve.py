@@ -19,7 +19,30 @@ A6000 = dataclasses.replace(H200, name="NVIDIA RTX A6000", capability=(8, 6), gp
 GiB = 1 << 30
 
 
+def _optimizer_on_cpu() -> str:
+    """zero3_offload.json with offload_optimizer.ratio 1: every optimizer state on the CPU, the placement under which
+    the parameter rule, tiling and kept attention were measured."""
+    import tempfile
+    from pathlib import Path
+
+    ds = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
+    ds["zero_optimization"]["offload_optimizer"]["ratio"] = 1
+    f = Path(tempfile.mkdtemp(prefix="longctx-test-resolve-")) / "zero3_offload_cpu.json"
+    f.write_text(json.dumps(ds))
+    return str(f)
+
+
+OPTIMIZER_ON_CPU = _optimizer_on_cpu()
+
+
 def settings(facts, *flags, world=1, model=L8B_8L):
+    if "--deepspeed" not in flags:
+        flags = ("--deepspeed", OPTIMIZER_ON_CPU) + flags
+    return resolve.resolve(config.parse(list(flags)), facts, model, world)
+
+
+def auto_settings(facts, *flags, world=1, model=L8B_8L):
+    """With the shipped zero3_offload.json: offload_optimizer.ratio "auto"."""
     return resolve.resolve(config.parse(list(flags)), facts, model, world)
 
 
@@ -55,6 +78,7 @@ def test_params_go_to_cpu_when_they_do_not_fit_and_explicit_placement_stands(tmp
     assert s.offload_params  # the measured rule
     ds = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
     ds["zero_optimization"]["offload_param"]["device"] = "none"
+    ds["zero_optimization"]["offload_optimizer"]["ratio"] = 1
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     s = settings(H200, "--max-seq-len", "8192", "--deepspeed", str(tmp_path / "ds.json"))
     assert not s.offload_params and s.why["offload_params"] == "ds_config: offload_param.device none"
@@ -98,10 +122,10 @@ def test_plan_prints_the_resolution_train_py_uses():
 def test_plan_points_to_zero3_json_where_the_whole_states_fit():
     """Where the optimizer is offloaded but parameters, gradients and Adam states all fit the GPUs, `--plan` says
     what ds_configs/zero3.json would plan to; not where they do not fit, nor where the config already keeps them."""
-    tiny = ["--gpus", "1", "--gpu-mem", "80GiB", "--host-mem", "128GiB", "--plan"]
+    tiny = ["--gpus", "1", "--gpu-mem", "80GiB", "--host-mem", "128GiB", "--plan", "--deepspeed", OPTIMIZER_ON_CPU]
     text = plan.cli_plan(config.parse(tiny))
     assert "The whole model's states fit the GPUs: with --deepspeed ds_configs/zero3.json" in text
-    on_gpu = config.parse(tiny + ["--deepspeed", str(REPO / "ds_configs" / "zero3.json")])
+    on_gpu = config.parse(tiny[:-2] + ["--deepspeed", str(REPO / "ds_configs" / "zero3.json")])
     assert "ds_configs/zero3.json (parameters" not in plan.cli_plan(on_gpu)
     eight_b = ["--model", str(REPO / "longctx" / "default_data" / "llama3.1-8b.json"), "--max-seq-len", "32768"]
     assert "states fit" not in plan.cli_plan(config.parse(eight_b + tiny))  # 128 GB of states on one 80 GiB card
@@ -187,3 +211,78 @@ def test_checkpoints_the_host_cannot_hold_stay_on_the_gpu():
     big = settings(dataclasses.replace(h100, host_mem=512 * GiB), *flags, model=m3b)
     assert big.num_offloaded_layers == 28
     assert settings(h100, *flags, "--num-offloaded-layers", "28", model=m3b).num_offloaded_layers == 28
+
+
+# ---- where the optimizer states go: offload_optimizer.ratio "auto" ------------------------------------------
+L8B = json.loads((REPO / "longctx" / "default_data" / "llama3.1-8b.json").read_text())
+H100 = dataclasses.replace(H200, name="NVIDIA H100", gpu_mem=80 * GiB)
+
+
+def test_optimizer_states_all_on_the_gpu_where_they_fit():
+    """8B shape at 8 layers on an H200 at 16K: parameters, gradients and every Adam state fit beside the step, so
+    auto keeps them all on the GPU (zero3.json's placement): no offload section is left in the ds_config."""
+    s = auto_settings(H200, "--max-seq-len", "16384")
+    assert not s.offload_optimizer and not s.offload_params and s.optimizer_ratio is None
+    zero = s.ds_config["zero_optimization"]
+    assert "offload_optimizer" not in zero and "offload_param" not in zero
+    assert s.ds_config["optimizer"]["params"]["torch_adam"]  # no CPU Adam
+    assert s.why["optimizer"].startswith("auto: every state on the GPU")
+    assert "zero3.json's placement" in s.why["offload_params"]
+    assert "on CPU: nothing" in s.header()[1]
+
+
+@pytest.mark.parametrize("facts,length,gpu_groups", [(H200, 32768, 33), (H200, 65536, 30), (H200, 131072, 23),
+                                                     (H100, 32768, 16), (H100, 65536, 13)])
+def test_optimizer_states_split_by_the_largest_gpu_share_that_fits(facts, length, gpu_groups):
+    """Llama-3.1-8B at full depth on one GPU (issue "Full depth"): all on the GPU does not fit; auto keeps the most
+    sub-groups' states on the GPU that the plan fits, fewer as the step's activations grow. One more would not fit."""
+    s = auto_settings(facts, "--max-seq-len", str(length), model=L8B)
+    assert s.offload_optimizer and s.offload_params and 0 < s.optimizer_ratio < 1
+    zero = s.ds_config["zero_optimization"]
+    assert zero["offload_optimizer"]["ratio"] == s.optimizer_ratio and zero["sub_group_size"] == 200_000_000
+    cfg = config.parse(["--max-seq-len", str(length)])
+    chosen = plan.setup_from_resolved(s, cfg, L8B)
+    on, off = plan.optimizer_sub_groups(chosen)
+    assert (len(on), len(on) + len(off)) == (gpu_groups, 34)
+    hw = plan.Hardware(gpus=1, gpu_mem=facts.gpu_mem, host_mem=facts.host_mem)
+    assert plan.check_fit(plan.plan(chosen), hw).gpu_ok
+    assert not plan.check_fit(plan.plan(plan.split_at(chosen, gpu_groups + 1)), hw).gpu_ok
+    assert f"{gpu_groups} of 34 sub-groups' states on the GPU" in s.why["optimizer"]
+    assert f"optimizer (ratio {s.optimizer_ratio:g}: the rest on the GPU)" in s.header()[1]
+    assert plan.plan(chosen).components()["Twin-Flow sub-groups: fp32 master, grad, Adam m, v"] == 16 * sum(on)
+
+
+def test_optimizer_states_all_on_the_cpu_where_not_one_sub_group_fits():
+    small = dataclasses.replace(H200, gpu_mem=16 * GiB)
+    s = auto_settings(small, "--max-seq-len", "65536", "--offload-gradient-checkpointing", model=L8B)
+    assert s.offload_optimizer and s.optimizer_ratio == 1.0
+    assert s.ds_config["zero_optimization"]["sub_group_size"] == 1_000_000_000  # no split: DeepSpeed's default
+    assert s.why["optimizer"].startswith("auto: all on the CPU")
+    cpu = auto_settings(resolve.Facts(), "--max-seq-len", "512", model=json.loads(
+        (REPO / "longctx" / "default_data" / "tiny_llama.json").read_text()))
+    assert cpu.optimizer_ratio == 1.0 and cpu.why["optimizer"] == "auto: all on the CPU (no GPU to plan against)"
+
+
+def test_an_explicit_optimizer_ratio_wins_and_is_checked(tmp_path):
+    ds = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
+    for ratio in (0.5, 1, 0):
+        ds["zero_optimization"]["offload_optimizer"]["ratio"] = ratio
+        (tmp_path / "ds.json").write_text(json.dumps(ds))
+        s = auto_settings(H200, "--max-seq-len", "16384", "--deepspeed", str(tmp_path / "ds.json"))
+        assert s.offload_optimizer and s.optimizer_ratio == ratio  # even 0: offloaded, every sub-group on the GPU
+        assert s.why["optimizer"].startswith(f"ds_config: offload_optimizer.ratio {ratio:g}")
+    for bad in (1.5, -0.1, "half", True):
+        ds["zero_optimization"]["offload_optimizer"]["ratio"] = bad
+        (tmp_path / "ds.json").write_text(json.dumps(ds))
+        with pytest.raises(LongctxError, match="offload_optimizer.ratio must be"):
+            auto_settings(H200, "--deepspeed", str(tmp_path / "ds.json"))
+
+
+def test_plan_shows_each_optimizer_placement():
+    text = plan.cli_plan(config.parse([
+        "--model", str(REPO / "longctx" / "default_data" / "llama3.1-8b.json"), "--max-seq-len", "65536",
+        "--gpus", "1", "--gpu-mem", "139GiB", "--host-mem", "125GiB", "--plan"]))
+    rows = text.split("Optimizer states: each placement")[1].splitlines()[1:4]
+    assert rows[0].startswith("  all on the GPU") and "NO | host" in rows[0]
+    assert rows[1].startswith("  split, ratio 0.102941: 30/34") and rows[1].endswith("ok  <- this run")
+    assert rows[2].startswith("  all on the CPU") and "host  156.7 NO" in rows[2]

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from helpers_train import fast_args, read_jsonl, run_train, run_until_paused, small_dataset, tiny_model_dir
+from helpers_train import REPO, fast_args, read_jsonl, run_train, run_until_paused, small_dataset, tiny_model_dir
 
 pytestmark = pytest.mark.slow
 STEPS = 8
@@ -83,7 +83,8 @@ def _check_predicted_sizes(out, ds):
     from longctx.flops import ModelShape
     from longctx.plan import Setup
 
-    stage, offload = {"zero2": (2, False), "zero3": (3, False), "zero3_offload": (3, True)}[ds]
+    stage, offload = {"zero2": (2, False), "zero3": (3, False), "zero3_offload": (3, True),
+                      "zero3_twin_flow": (3, True)}[ds]
     s = Setup(ModelShape.from_config(tiny_config()), 128, world=2, zero_stage=stage, offload_params=offload,
               offload_optimizer=offload, precision="fp32")
     ckpt = preflight.dir_bytes(out / "checkpoints" / f"step-{STEPS:08d}")
@@ -98,11 +99,24 @@ def _final_weights(out):
     return load_file(str(out / "final_model" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("ds", ["zero2", "zero3", "zero3_offload"])
+def _twin_flow_config(d) -> str:
+    """zero3_offload.json with half the optimizer's sub-groups (the first ones) updated by the backup torch AdamW
+    (longctx.twin_flow; on CPU its tensors stay on the CPU), sub-groups small enough that the tiny model has 3."""
+    ds = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
+    ds["zero_optimization"]["offload_optimizer"]["ratio"] = 0.5
+    ds["zero_optimization"]["sub_group_size"] = 20000
+    path = d / "zero3_twin_flow.json"
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
+@pytest.mark.parametrize("ds", ["zero2", "zero3", "zero3_offload", "zero3_twin_flow"])
 def test_resume_at_any_step_is_bitwise_exact(tmp_path_factory, ds):
     """One uninterrupted run saving every step; then, for each resume step, a copy of its directory resumed from
     that checkpoint. Losses, grad norms, lr and the final weights must be identical bitwise. CPU Adam (the
-    offload config) is resumed at both RESUME_AT steps, where its arithmetic differs; the others at the first."""
+    offload config) is resumed at both RESUME_AT steps, where its arithmetic differs; the others at the first.
+    zero3_twin_flow splits the optimizer states (offload_optimizer.ratio 0.5): the resume must bring back the
+    backup AdamW's moments too (longctx.twin_flow)."""
     import shutil
 
     import torch
@@ -113,13 +127,17 @@ def test_resume_at_any_step_is_bitwise_exact(tmp_path_factory, ds):
     extra = ["--grad-accum", "2", "--save-interval", "1", "--keep-last", str(STEPS), "--lr-scheduler", "cosine",
              "--warmup-steps", "2"]
 
+    ds_file = _twin_flow_config(d) if ds == "zero3_twin_flow" else f"ds_configs/{ds}.json"
+
     def args(out, more=()):
         a = fast_args(out, data, model, steps=STEPS, extra=extra + list(more))
-        a[1] = f"ds_configs/{ds}.json"
+        a[1] = ds_file
         return a
 
     ref = d / "uninterrupted"
-    run_train(args(ref))
+    p = run_train(args(ref))
+    if ds == "zero3_twin_flow":
+        assert "optimizer (ratio 0.5: the rest on the GPU)" in p.stdout
     ref_weights = _final_weights(ref)
     _check_predicted_sizes(ref, ds)
     for at in RESUME_AT if ds == "zero3_offload" else RESUME_AT[:1]:
