@@ -144,6 +144,8 @@ def build(path: str, cfg, *, world_size: int, precision: str, lr: float, hidden_
         zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
     if _is_auto(zero.get("stage3_param_persistence_threshold")):
         zero["stage3_param_persistence_threshold"] = 10 * hidden_size
+    if _is_auto(zero.get("sub_group_size")):  # DeepSpeed's default; one layer with the overlapped step (resolve)
+        zero["sub_group_size"] = 1_000_000_000
     off_param = zero.get("offload_param")
     if isinstance(off_param, dict) and _is_auto(off_param.get("device")):
         if offload_params is None:
