@@ -49,11 +49,11 @@ class CpuAdamKernel:
     """Stands in for DeepSpeedCPUAdam.ds_opt_adam (the loaded op): adam_update runs the same kernel without holding
     the GIL, with the hyperparameters pinned for the update in progress; everything else goes to the op."""
 
-    def __init__(self, op):
+    def __init__(self, op, *, entry_point: bool = True):
         self.op = op
         self.pinned: Optional[dict] = None
         self.mode, self._fn = "sliced", None
-        fn = self._entry_point(op)
+        fn = self._entry_point(op) if entry_point else None
         if fn is not None and self._same_bits(op, fn):
             self.mode, self._fn = "ctypes", fn
 

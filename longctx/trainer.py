@@ -74,8 +74,9 @@ class PhaseClock:
             torch.cuda.synchronize(self.device)
 
     def add(self, name: str, seconds: float) -> None:
-        """Add `seconds` measured elsewhere (within a phase) under `name`."""
-        if self.phases is not None and seconds > 0:
+        """Add `seconds` measured elsewhere (within a phase) under `name` (every rank gets the key: the benchmark
+        reduces the phases over ranks)."""
+        if self.phases is not None:
             self.phases[name] = self.phases.get(name, 0.0) + seconds
 
     def lap(self, name: str) -> None:
