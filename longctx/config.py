@@ -139,6 +139,10 @@ class Config:
     adam_beta2: float = _f(0.95, "AdamW beta2.", "training")
     adam_eps: float = _f(1e-8, "AdamW epsilon.", "training")
     max_grad_norm: float = _f(1.0, "Gradient clipping (DeepSpeed gradient_clipping); 0 disables.", "training")
+    overlap_optimizer_step: Literal["auto", "on", "off"] = _f(
+        "auto", "Update the optimizer's CPU sub-groups in the background, in the order the next forward needs them; "
+        "each module's forward waits for its own (bitwise the same step). auto: on with ZeRO-3 and the optimizer "
+        "offloaded to CPU.", "training")
     seed: int = _f(42, "Seed for initialization, data order and the eval split.", "training")
     eval_interval: int = _f(0, "Evaluate every N steps (0: only at the end).", "training")
     fp16_collapse_patience: int = _f(3, "fp16: stop after this many consecutive overflowing steps at the "

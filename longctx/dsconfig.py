@@ -14,7 +14,7 @@
   offload_optimizer.ratio         <- the CPU share of the optimizer's sub-groups, as longctx.resolve decides from
                                      the memory plan (0: every state on the GPU, the offload_optimizer section
                                      dropped; between: Twin-Flow, longctx.twin_flow; 1: all on the CPU)
-  zero_optimization.sub_group_size <- SUB_GROUP_SIZE where the optimizer states are split (the granularity of the
+  zero_optimization.sub_group_size <- one layer's partition where the optimizer states are split (the granularity of the
                                      split), else DeepSpeed's 1e9
   optimizer.params.torch_adam     <- true unless the optimizer is offloaded (CPU Adam) or it is set
 A value that is not "auto" must agree with the argument it mirrors, otherwise this is an error.
@@ -46,12 +46,10 @@ REFUSED_TOP = {
                                 "--offload-gradient-checkpointing)",
 }
 OPTIMIZER_TYPES = {"adamw", "adam"}
-# ZeRO-3 optimizer sub-group ("auto") where the optimizer states are split between GPU and CPU, in elements of a
-# rank's partitions: about one Llama-3.1-8B decoder layer (218M parameters), so the split moves in steps of ~3.4 GiB
-# of GPU memory (16 B per element) instead of ~15 GiB with DeepSpeed's 1e9 (~9 sub-groups per rank for 8B). The cost,
-# power-of-two rounding of each CPU sub-group's pinned fp32 gradient buffer, is counted by longctx.plan. Without a
-# split the size stays DeepSpeed's 1e9, as measured so far.
-SUB_GROUP_SIZE = 200_000_000
+# ZeRO-3 optimizer sub-group ("auto") where neither the states are split nor the step overlapped: DeepSpeed's default,
+# as measured so far. Split or overlapped, it is one decoder layer's partition (longctx.plan.layer_sub_group_size),
+# which longctx.resolve passes in: the split moves in steps of one layer's states (~3.4 GiB for 8B), and a module of
+# the next forward waits for about its own layer's update.
 UNSPLIT_SUB_GROUP_SIZE = 1_000_000_000
 OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode", "fp32_optimizer_states"}
 
@@ -83,7 +81,8 @@ def _is_auto(v: Any) -> bool:
 
 
 def build(path: str, cfg, *, world_size: int, precision: str, lr: float, hidden_size: int,
-          on_cuda: bool, offload_params: bool | None = None, optimizer_ratio: float | None = None) -> dict:
+          on_cuda: bool, offload_params: bool | None = None, optimizer_ratio: float | None = None,
+          layer_sub_group_size: int | None = None) -> dict:
     """Return the DeepSpeed config dict to pass to deepspeed.initialize, fully resolved."""
     raw = load(path)
     ds = copy.deepcopy(raw)
@@ -180,7 +179,10 @@ def build(path: str, cfg, *, world_size: int, precision: str, lr: float, hidden_
         off_opt = zero.get("offload_optimizer")
         split = isinstance(off_opt, dict) and isinstance(off_opt.get("ratio", 1.0), (int, float)) and \
             0 < off_opt.get("ratio", 1.0) < 1
-        zero["sub_group_size"] = SUB_GROUP_SIZE if split else UNSPLIT_SUB_GROUP_SIZE
+        if split and layer_sub_group_size is None:
+            raise LongctxError(f"{where}: zero_optimization.sub_group_size is \"auto\" with the optimizer states split; "
+                               "call dsconfig.build with layer_sub_group_size")
+        zero["sub_group_size"] = layer_sub_group_size if split else UNSPLIT_SUB_GROUP_SIZE
     offload_opt = False
     for sec in ("offload_optimizer", "offload_param"):
         off = zero.get(sec)

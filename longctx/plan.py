@@ -709,11 +709,16 @@ def plan(setup: Setup) -> Plan:
 
 
 # ---- where the optimizer states go (offload_optimizer.ratio) -----------------------------------------------
+def layer_sub_group_size(shape: ModelShape, dp_world: int) -> int:
+    """The ZeRO-3 optimizer sub-group ("auto") where the states are split (Twin-Flow) or the step overlapped: one
+    decoder layer's partition, so a split moves one layer's states and a module waits for about its own layer."""
+    return max(1, math.ceil(layer_params(shape) / max(1, dp_world)))
+
+
 def split_at(setup: Setup, k: int) -> Setup:
     """`setup` with the first k optimizer sub-groups' states on the GPU (Twin-Flow) at the split granularity."""
-    from .dsconfig import SUB_GROUP_SIZE
-
-    base = replace(setup, offload_optimizer=True, sub_group_size=SUB_GROUP_SIZE, optimizer_ratio=1.0)
+    granularity = layer_sub_group_size(setup.shape, setup.world // max(1, setup.sp))
+    base = replace(setup, offload_optimizer=True, sub_group_size=granularity, optimizer_ratio=1.0)
     _, groups = optimizer_sub_groups(base)
     return replace(base, optimizer_ratio=ratio_for(k, len(groups)))
 

@@ -23,6 +23,8 @@ What it decides, and from what:
                  of the optimizer's sub-groups that fits (Twin-Flow, longctx.twin_flow); else all on the CPU
   tiled MLP      only when the memory plan says the untiled step does not fit the GPU (auto); a size rule no more
   tiled loss     chunked LM head + CE (no tokens x vocab logits) unless --no-tiled-loss
+  overlapped step  the CPU optimizer sub-groups updated while the next forward runs (longctx.overlap_step): on
+                 where ZeRO-3 has the optimizer offloaded to CPU; sub-groups of about one layer then (auto)
   the ds_config  longctx.dsconfig fills every "auto" from the above
 """
 
@@ -179,6 +181,7 @@ class Resolved:
     ds_config: dict = field(repr=False)
     s2_group: Optional[int] = None   # --s2-attn: LongLoRA's shifted sparse attention over attn_impl, in training
     keep_attention_by: str = "selective"  # selective | replay (how keep_attention keeps it)
+    overlap_step: bool = False       # CPU optimizer sub-groups updated during the next forward (longctx.overlap_step)
     why: dict = field(default_factory=dict)
     optimizer_ratio: Optional[float] = None  # offload_optimizer.ratio (CPU share of the sub-groups) when offloaded
 
@@ -212,7 +215,8 @@ class Resolved:
                 f"checkpointing {ck}{' (reentrant)' if self.reentrant and self.checkpointing != 'none' else ''}",
                 f"ZeRO-{self.zero_stage}, on CPU: {where} | tiled MLP "
                 f"{f'on ({self.tiled_mlp_shards} shards)' if self.tiled_mlp else 'off'} | tiled loss "
-                f"{'on' if self.tiled_loss else 'off'} | sequence parallel {self.sequence_parallel}"] + \
+                f"{'on' if self.tiled_loss else 'off'} | sequence parallel {self.sequence_parallel} | optimizer step "
+                f"{'overlapped with the next forward' if self.overlap_step else 'not overlapped'}"] + \
             [f"  {k}: {v}" for k, v in self.why.items()]
 
 
@@ -440,7 +444,8 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
     def build(offload_params: Optional[bool], ratio: Optional[float] = 1.0) -> dict:
         ds = dsconfig.build(cfg.deepspeed, cfg, world_size=dp_world, precision=precision, lr=lr,
                             hidden_size=shape.hidden, on_cuda=facts.cuda, offload_params=offload_params,
-                            optimizer_ratio=ratio)
+                            optimizer_ratio=ratio,
+                            layer_sub_group_size=plan_mod.layer_sub_group_size(shape, dp_world))
         if sp > 1:
             ds["sequence_parallel_size"] = sp
         return ds
@@ -538,6 +543,8 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
     if requested_params != "auto":
         why["offload_params"] = f"ds_config: offload_param.device {requested_params or 'none'}"
 
+    overlap, why["overlap_step"] = resolve_overlap_step(cfg.overlap_optimizer_step, ds, raw, shape, dp_world)
+
     # How many layers' checkpoints go to host RAM (--num-offloaded-layers unset): all of them where the host holds
     # them, else as many as it holds, the others kept on the GPU (whether those fit the GPU is decided below, by
     # tiled MLP and the preflight, as for any other GPU bytes).
@@ -599,9 +606,35 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
                     keep_attention_by=keep_by, tiled_mlp=tiled, tiled_mlp_shards=shards,
                     tiled_loss=cfg.tiled_loss, sequence_parallel=sp, offload_params=on_cpu["offload_param"],
                     offload_optimizer=on_cpu["offload_optimizer"], zero_stage=stage, lr=lr, world=world,
-                    ds_config=ds, why=why, s2_group=s2_group,
+                    ds_config=ds, why=why, s2_group=s2_group, overlap_step=overlap,
                     optimizer_ratio=(float(zero["offload_optimizer"].get("ratio", 1.0))
                                      if on_cpu["offload_optimizer"] else None))
+
+
+def resolve_overlap_step(requested: str, ds: dict, raw: dict, shape, dp_world: int) -> tuple[bool, str]:
+    """On where ZeRO-3 updates the optimizer on the CPU (DeepSpeed's CPU Adam): the update then overlaps the next
+    forward, bitwise the same step (longctx/overlap_step.py). A sub_group_size of "auto" becomes one decoder layer's
+    partition, so that a module waits for about its own layer's update; DeepSpeed's default (1e9) otherwise."""
+    from . import opbuild
+    from .plan import layer_sub_group_size
+
+    zero = ds.get("zero_optimization", {}) or {}
+    off = zero.get("offload_optimizer") if isinstance(zero.get("offload_optimizer"), dict) else {}
+    blockers = [why for bad, why in ((int(zero.get("stage", 0) or 0) != 3, "it needs ZeRO-3"),
+                                     ((off or {}).get("device") != "cpu", "it needs offload_optimizer.device cpu"),
+                                     (not opbuild.needs_cpu_adam(ds), "it needs DeepSpeed's CPU Adam"))
+                if bad]
+    if requested == "on" and blockers:
+        raise LongctxError("--overlap-optimizer-step on: " + "; ".join(blockers) + " (ds_config)")
+    on = requested == "on" or (requested == "auto" and not blockers)
+    note = "requested" if requested != "auto" else (
+        "auto: on (ZeRO-3, optimizer on CPU: its update runs during the next forward)" if on
+        else f"auto: off ({blockers[0]})")
+    raw_zero = raw.get("zero_optimization", {}) or {}
+    if on and "sub_group_size" in zero and str(raw_zero.get("sub_group_size")).lower() == "auto":
+        zero["sub_group_size"] = layer_sub_group_size(shape, dp_world)
+        note += f"; sub_group_size auto: one layer's partition ({zero['sub_group_size']:,} elements)"
+    return on, note
 
 
 # Selective checkpointing pays where attention's recompute is large. Its cost is per op, not per token: torch's

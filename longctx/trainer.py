@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import overlap_step
 from .errors import GpuOutOfMemory, TrainingDiverged
 
 
@@ -74,6 +75,12 @@ class PhaseClock:
 
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def add(self, name: str, seconds: float) -> None:
+        """Add `seconds` measured elsewhere (within a phase) under `name` (every rank gets the key: the benchmark
+        reduces the phases over ranks)."""
+        if self.phases is not None:
+            self.phases[name] = self.phases.get(name, 0.0) + seconds
 
     def lap(self, name: str) -> None:
         if self.phases is None:
@@ -209,9 +216,10 @@ class Trainer:
         import deepspeed
         from transformers import get_scheduler
 
-        from . import checkpoint, dsconfig, lora, modeling, universal, zero3_optimizer
+        from . import checkpoint, dsconfig, lora, modeling, universal
 
         cfg = self.cfg
+        self.zero3 = dsconfig.is_zero3(self.settings.ds_config)
         ds_config = self.settings.ds_config
         if self.resume_plan is not None and self.resume_plan.reshard:  # another layout: its universal form
             cbs = self.callbacks
@@ -223,7 +231,7 @@ class Trainer:
         model = lora.apply(model, cfg, self.say)  # --lora: adapters + trainable embeddings/norms, the rest frozen
         warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(cfg.warmup_ratio * self.total_steps)
         sched_kwargs = {"min_lr_rate": 0.1} if cfg.lr_scheduler == "cosine_with_min_lr" else None
-        with zero3_optimizer.installed():  # DeepSpeed's ZeRO-3 optimizer with our fixes (longctx.twin_flow)
+        with zero3_optimizer_installed(self.zero3):  # longctx.zero3_optimizer.LongctxZeroStage3
             self.engine, _, _, self.scheduler = deepspeed.initialize(
                 model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                 config=ds_config, mpu=mpu,
@@ -231,13 +239,16 @@ class Trainer:
                                                        num_training_steps=self.total_steps,
                                                        scheduler_specific_kwargs=sched_kwargs))
         self.device = self.engine.device
-        self.zero3 = dsconfig.is_zero3(self.settings.ds_config)
         self.guard = DivergenceGuard(self.settings.precision, self.settings.ds_config, cfg.fp16_collapse_patience,
                                      self.engine)
         if self.resume_from is not None:
             universal_form = self.resume_plan.universal if self.resume_plan is not None else None
             self.load_state_dict(checkpoint.load(self.engine, self.resume_from, self.rank, universal=universal_form))
             self.say(f"resumed at step {self.step} from {self.resume_from}")
+        if self.settings.overlap_step:
+            how = self.engine.optimizer.enable_overlap(self.engine.module)
+            self.say(f"optimizer step: CPU sub-groups updated during the next forward (CPU Adam called {how}, "
+                     "off the GIL)")
         for cb in self.callbacks:
             cb.on_built(self)
         return self
@@ -275,6 +286,7 @@ class Trainer:
                 cb.on_checkpoint_written(self, self.step, path)
 
         self.activity = f"saving the checkpoint of step {self.step}"
+        overlap_step.finish(self.engine)
         return checkpoint.save(self.engine, self.cfg.output_dir, self.step, self.state_dict(), self.cfg.keep_last,
                                rank=self.rank, barrier=self.barrier, on_written=written)
 
@@ -302,7 +314,9 @@ class Trainer:
 
         With `phases` (a dict), the seconds spent in forward, backward and DeepSpeed's step (the optimizer, at the
         last micro-batch) are added to it under those names. The device is synchronized at each boundary, which
-        serializes what would overlap: a benchmark's breakdown, not for training."""
+        serializes what would overlap: a benchmark's breakdown, not for training. With the overlapped optimizer
+        step, the seconds the forward and the backward waited for the previous update are added under
+        "forward: waited for the optimizer" and "backward: waited for the optimizer" (inside those phases)."""
         import torch
 
         step = self.step + 1 if step is None else step
@@ -313,13 +327,17 @@ class Trainer:
             of = (f"micro-batch {m + 1} of {len(micro_batches)}, {batch['input_ids'].numel():,} tokens, "
                   f"step {step} of {self.total_steps}")
             self.activity = f"in the forward of {of}"
+            w0 = overlap_step.waited_s(self.engine)
             loss = self.forward(batch)
             clock.lap("forward")
+            w1 = overlap_step.waited_s(self.engine)
+            clock.add("forward: waited for the optimizer", w1 - w0)
             for cb in self.callbacks:
                 loss = cb.on_loss(self, step, m, loss)
             self.activity = f"in the backward of {of}"
             self.engine.backward(loss * scale)
             clock.lap("backward")
+            clock.add("backward: waited for the optimizer", overlap_step.waited_s(self.engine) - w1)
             self.activity = f"in DeepSpeed's step after {of}"
             self.engine.step()
             clock.lap("step")
@@ -340,6 +358,7 @@ class Trainer:
         per = world * mb
         tot = torch.zeros(2, dtype=torch.float64)
         self.activity = f"evaluating after step {self.step}"
+        overlap_step.finish(self.engine)
         self.engine.eval()
         with torch.no_grad():
             for b in range(min(math.ceil(len(rows) / per), max_batches or math.inf)):
@@ -413,6 +432,7 @@ class Trainer:
                 cb.on_step_end(self, self.step, row)
             if last:
                 break
+        overlap_step.finish(self.engine)
         metrics.close()
 
     # ---- 5. the consolidated Hugging Face model ---------------------------------------------------------------
@@ -423,6 +443,7 @@ class Trainer:
         if not cfg.save_final_model:
             return []
         self.activity = "saving the final model"
+        overlap_step.finish(self.engine)
         if cfg.lora:  # <output-dir>/adapter (+ final_model with --merge)
             paths = lora.save_final(self.engine, self.tok, cfg, self.rank, self.zero3, self.barrier)
         else:
@@ -458,6 +479,17 @@ class Trainer:
             peak_allocated=torch.cuda.max_memory_allocated() if cuda else None,
             card_bytes=torch.cuda.mem_get_info()[1] if cuda else None, host_mem=psutil.virtual_memory().total,
             checkpoint=str(done) if done else None))
+
+
+def zero3_optimizer_installed(zero3: bool):
+    """longctx's ZeRO-3 optimizer (longctx.zero3_optimizer) in place for deepspeed.initialize, with ZeRO-3."""
+    import contextlib
+
+    if not zero3:
+        return contextlib.nullcontext()
+    from . import zero3_optimizer
+
+    return zero3_optimizer.installed()
 
 
 def announce(rank: int):

@@ -7,11 +7,16 @@
     LONGCTX_TEST_OOM_AT_STEP=k      the last rank raises torch.OutOfMemoryError (CUDA's) after the forward of step k
     LONGCTX_TEST_PAUSE_IN_CONVERSION=1  rank 0 parks when a checkpoint's universal form is written, before its
                                     rename into place (the other ranks wait for it in a barrier)
+    LONGCTX_TEST_OVERLAP_RECORD=f   with the overlapped optimizer step: each update's last sub-group (in forward
+                                    order) waits until the next forward enters decoder layer 0 (or the main thread
+                                    waits for the whole update); rank 0 writes what it saw to f (JSON lines)
 A parked run first writes the marker <output-dir>.PAUSED_<where> beside its run directory.
 """
 
+import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -60,5 +65,55 @@ class Faults(Callback):
             _park(trainer, "AFTER_STEP", step)
 
 
+class OverlapRecorder(Callback):
+    """Shows that the next forward runs while the update is still running: the last sub-group's update (in forward
+    order) is held until decoder layer 0's forward has begun, and that forward records which sub-groups were still
+    being updated when it began. A step that waited for the whole update first lets it go on (recorded too); the
+    timeout only bounds a broken run."""
+
+    def __init__(self, path: str):
+        self.path, self.rows, self.update = path, [], 0
+        self.began, self.finish_wait = threading.Event(), threading.Event()
+
+    def on_built(self, trainer):
+        self.opt, self.rank = trainer.engine.optimizer, trainer.rank
+        self.opt.overlap_observer = self
+        trainer.engine.module.lm.model.layers[0].register_forward_pre_hook(self._layer0_forward)
+
+    def _layer0_forward(self, module, args):
+        if self.update and not self.began.is_set():
+            self.rows.append({"update": self.update, "event": "layer 0 forward began",
+                              "pending": sorted(self.opt.pending_sub_groups())})
+            self.began.set()
+
+    # the observer (longctx.overlap_step.OverlapObserver)
+    def launched(self, optimizer):
+        self.update += 1
+        self.began.clear()
+        self.finish_wait.clear()
+        self.last = optimizer.forward_order()[-1]
+
+    def before_update(self, optimizer, sub_group):
+        if sub_group == self.last:
+            t = time.monotonic()
+            while not (self.began.is_set() or self.finish_wait.is_set()) and time.monotonic() - t < 120:
+                self.began.wait(0.05)
+            self.rows.append({"update": self.update, "event": "last sub-group update starts", "sub_group": sub_group,
+                              "after_layer0_forward": self.began.is_set()})
+
+    def finishing(self, optimizer):
+        self.finish_wait.set()
+
+    def on_step_end(self, trainer, step, row):
+        if self.rank == 0:
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.rows)
+
+
+def callbacks(env) -> list:
+    extra = [OverlapRecorder(env["LONGCTX_TEST_OVERLAP_RECORD"])] if env.get("LONGCTX_TEST_OVERLAP_RECORD") else []
+    return [Faults(env)] + extra
+
+
 if __name__ == "__main__":
-    train.exit_now(train.main(sys.argv[1:], callbacks=[Faults(os.environ)]))
+    train.exit_now(train.main(sys.argv[1:], callbacks=callbacks(os.environ)))

@@ -41,7 +41,8 @@ def test_help_lists_every_group():
 
 def ds(path, cfg, world=2, precision="bf16", on_cuda=True, offload_params=True, optimizer_ratio=1.0):
     return dsconfig.build(path, cfg, world_size=world, precision=precision, lr=2e-5, hidden_size=4096,
-                          on_cuda=on_cuda, offload_params=offload_params, optimizer_ratio=optimizer_ratio)
+                          on_cuda=on_cuda, offload_params=offload_params, optimizer_ratio=optimizer_ratio,
+                          layer_sub_group_size=12345)
 
 
 @pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
@@ -64,7 +65,7 @@ def test_shipped_configs_resolve(name):
         opt = d["zero_optimization"]
         assert opt["offload_optimizer"]["ratio"] == 1.0 and opt["sub_group_size"] == dsconfig.UNSPLIT_SUB_GROUP_SIZE
         split = ds(str(REPO / "ds_configs" / f"{name}.json"), cfg, optimizer_ratio=0.25)["zero_optimization"]
-        assert split["offload_optimizer"]["ratio"] == 0.25 and split["sub_group_size"] == dsconfig.SUB_GROUP_SIZE
+        assert split["offload_optimizer"]["ratio"] == 0.25 and split["sub_group_size"] == 12345
         gpu = ds(str(REPO / "ds_configs" / f"{name}.json"), cfg, optimizer_ratio=0.0)
         assert "offload_optimizer" not in gpu["zero_optimization"] and gpu["optimizer"]["params"]["torch_adam"]
         with pytest.raises(LongctxError, match="offload_optimizer.ratio is \"auto\""):
