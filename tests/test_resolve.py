@@ -239,7 +239,7 @@ def test_optimizer_states_split_by_the_largest_gpu_share_that_fits(facts, length
     s = auto_settings(facts, "--max-seq-len", str(length), model=L8B)
     assert s.offload_optimizer and s.offload_params and 0 < s.optimizer_ratio < 1
     zero = s.ds_config["zero_optimization"]
-    assert zero["offload_optimizer"]["ratio"] == s.optimizer_ratio and zero["sub_group_size"] == 200_000_000
+    assert zero["offload_optimizer"]["ratio"] == s.optimizer_ratio and zero["sub_group_size"] == plan.layer_sub_group_size(plan.ModelShape.from_config(L8B), 1)
     cfg = config.parse(["--max-seq-len", str(length)])
     chosen = plan.setup_from_resolved(s, cfg, L8B)
     on, off = plan.optimizer_sub_groups(chosen)
@@ -256,7 +256,11 @@ def test_optimizer_states_all_on_the_cpu_where_not_one_sub_group_fits():
     small = dataclasses.replace(H200, gpu_mem=16 * GiB)
     s = auto_settings(small, "--max-seq-len", "65536", "--offload-gradient-checkpointing", model=L8B)
     assert s.offload_optimizer and s.optimizer_ratio == 1.0
-    assert s.ds_config["zero_optimization"]["sub_group_size"] == 1_000_000_000  # no split: DeepSpeed's default
+    # no split; the overlapped step (auto: on here) takes one layer's sub-groups, without it DeepSpeed's default
+    assert s.overlap_step and s.ds_config["zero_optimization"]["sub_group_size"] == 218_112_000
+    off = auto_settings(small, "--max-seq-len", "65536", "--offload-gradient-checkpointing",
+                        "--overlap-optimizer-step", "off", model=L8B)
+    assert off.ds_config["zero_optimization"]["sub_group_size"] == 1_000_000_000
     assert s.why["optimizer"].startswith("auto: all on the CPU")
     cpu = auto_settings(resolve.Facts(), "--max-seq-len", "512", model=json.loads(
         (REPO / "longctx" / "default_data" / "tiny_llama.json").read_text()))
