@@ -19,7 +19,8 @@ from longctx.errors import LongctxError
 def resolved(name: str) -> dict:
     return dsconfig.build(str(REPO / "ds_configs" / f"{name}.json"), config.parse([]), world_size=2,
                           precision="fp32", lr=1e-3, hidden_size=64, on_cuda=False,
-                          offload_params=False)  # what longctx.resolve decides on CPU
+                          offload_params=False, optimizer_ratio=1.0,  # what longctx.resolve decides on CPU
+                          layer_sub_group_size=1000)
 
 
 def test_extensions_dir_is_per_environment_unless_set(tmp_path):
