@@ -103,12 +103,13 @@ class TwinFlowMixin:
         if not (load_optimizer_states and self.offload_optimizer):
             return
         saved = state_dict.get(TWIN_FLOW_STATE) or {}
-        cpu_state, backup_state = self.optimizer.state, self.backup_optimizer.state
+        cpu_state = self.optimizer.state
+        # DeepSpeed builds backup_optimizer only where ratio < 1: a run with every state on the CPU has none
         for i, flat in enumerate(self.fp32_partitioned_groups_flat):
             if i in self.twin_flow_gpu:  # from the saved backup state, or from CPU Adam's if it was a CPU one then
                 st = saved.get(i) or cpu_state.pop(flat, None)
                 if st:
-                    backup_state[flat] = as_torch_adam_state(st, flat.device)
+                    self.backup_optimizer.state[flat] = as_torch_adam_state(st, flat.device)
             elif i in saved:  # a GPU sub-group then, a CPU one now
                 cpu_state[flat] = as_cpu_adam_state(saved[i])
 

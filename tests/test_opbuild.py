@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -146,7 +147,13 @@ def test_run_launcher_kills_the_whole_process_group_on_timeout(tmp_path):
             f"open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(300)")
     with pytest.raises(AssertionError, match="timed out after 15 s"):
         run_launcher([sys.executable, "-c", code], timeout=15)
+    assert pid_file.exists(), "the child did not start within the timeout (machine overloaded?)"
     child = int(pid_file.read_text())
+    # SIGKILL is delivered at once, but the exit completes asynchronously: its pipes close a moment before its
+    # /proc state turns to zombie. Wait for the exit, never for longer than 30 s.
+    deadline = time.monotonic() + 30
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not alive(child), "the launcher's child survived the timeout"
 
 
