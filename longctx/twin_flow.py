@@ -19,6 +19,13 @@ Adam. In 0.19.8 (runtime/zero/stage3.py):
      rounding), where only a later request of the same rounded size can reuse them. Here the cache is emptied once
      the optimizer is built (torch._C._host_emptyCache: it frees the cached blocks no tensor uses and no pending
      copy waits on; live pinned tensors are untouched). longctx.plan models this (Setup.pinned_cache_released).
+  4. speed: after a GPU sub-group's update, `_reassign_or_swap_out_partitioned_parameters` copies its fp32 master
+     (GPU) into the 16-bit parameter partition, which lives in pinned host memory when the parameters are offloaded.
+     torch's copy_ across devices and dtypes does that through a fresh pageable fp32 host tensor, then converts on
+     the CPU: 4 B per element over a pageable copy, a page fault per page, and a CPU pass, for half the model. Here
+     the rounding to 16 bits happens on the GPU (round-to-nearest-even, as the CPU's) and 2 B per element go by one
+     pinned copy. (Suspected cause of DeepSpeed's step taking 11.2 s of a 28.8 s step at 64K with 8B at full depth
+     on one H100, 2026-12-06; to be confirmed by the next GPU run.)
 And which optimizer updates a sub-group is decided upstream by its device's name (subgroup_to_device[i] != 'cpu'),
 so on the CPU accelerator every sub-group goes to CPU Adam and the backup path never runs. Here the routing is by
 index with DeepSpeed's own rule (gpu_sub_groups), the same on every accelerator: on CPU the "GPU" sub-groups are
@@ -36,7 +43,9 @@ Upstream issue to file (deepspeedai/DeepSpeed):
          (c) The routing `subgroup_to_device[i] == 'cpu'` cannot be exercised on the CPU accelerator.
          (d) Pinned staging buffers (the GPU sub-groups' gradient buffers in initialize_optimizer_states, zero.Init's
          per-parameter partitions) stay in torch's CachingHostAllocator after init; an empty_host_cache() at the end
-         of __init__ returns them. Suggested fix: copy the hyperparameters from the CPU group in _optimizer_step,
+         of __init__ returns them. (e) With offload_param, writing a GPU sub-group's fp32 master into the pinned
+         16-bit partition (fp16_partitioned_groups_flat[i].data.copy_(fp32)) converts on the CPU through a pageable
+         fp32 temporary; converting on the GPU first halves the bytes and uses the pinned path. Suggested fix: copy the hyperparameters from the CPU group in _optimizer_step,
          save backup_optimizer's per-sub-group state beside OPTIMIZER_STATE_DICT, route by index.
 """
 
@@ -88,6 +97,14 @@ class TwinFlowMixin:
         backup["params"] = [self.fp32_partitioned_groups_flat[sub_group_id]]
         self.backup_optimizer.step()
         backup["params"] = []
+
+    # ---- fix 4: the updated 16-bit partition reaches the host at pinned-copy speed ---------------------------
+    def _reassign_or_swap_out_partitioned_parameters(self, sub_group_id):
+        low, master = self.fp16_partitioned_groups_flat[sub_group_id], self.fp32_partitioned_groups_flat[sub_group_id]
+        if low is None or low.device == master.device or low.dtype == master.dtype:
+            return super()._reassign_or_swap_out_partitioned_parameters(sub_group_id)
+        low.data.copy_(master.data.to(low.dtype))  # rounded on the master's device, then one copy of 16-bit values
+        self._unflatten_partitioned_parameters(sub_group_id)
 
     # ---- fix 2: their Adam state in the checkpoint -----------------------------------------------------------
     def _rigid_state_dict(self):

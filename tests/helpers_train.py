@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -182,7 +183,10 @@ def free_port() -> int:
 
 def deepspeed_cmd(script: str, args: list[str], nproc: int = 2) -> list[str]:
     """The deepspeed launcher over `script` (relative to the repository) on `nproc` CPU ranks, on a free port."""
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    beside = Path(sys.executable).parent / "deepspeed"  # the venv's launcher; else the one on PATH (a --target
+    deepspeed = str(beside) if beside.exists() else shutil.which("deepspeed")  # install, as on the GPU machines)
+    if deepspeed is None:
+        raise FileNotFoundError(f"no deepspeed launcher beside {sys.executable} or on PATH")
     return [deepspeed, "--num_gpus", str(nproc), "--master_port", str(free_port()), script, *args]
 
 
@@ -225,11 +229,20 @@ def run_launcher(cmd: list[str], env: dict | None = None, timeout: int = 600) ->
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def error_lines(stderr: str, limit: int = 60) -> str:
+    """The lines that say why a rank died (a tail shows the last rank's traceback, often a peer's "connection
+    reset" rather than the first failure): exceptions, aborts, fatal signals and the launcher's exit codes."""
+    marks = ("Error", "error:", "Abort", "abort", "terminate", "Fatal", "fatal", "Segmentation", "exits with")
+    hits = [ln for ln in stderr.splitlines() if any(m in ln for m in marks)]
+    return "\n".join(hits[:limit]) or "(none)"
+
+
 def run_train(args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 600,
               check: bool = True) -> subprocess.CompletedProcess:
     p = run_launcher(launcher_cmd(args, nproc, env), env=env, timeout=timeout)
     if check and p.returncode != 0:
-        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+                             f"\n--- the error lines of every rank ---\n{error_lines(p.stderr)}")
     return p
 
 

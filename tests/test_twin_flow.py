@@ -10,24 +10,19 @@ fixes. The same check runs on one GPU (marked gpu), where the backup's sub-group
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers_train import REPO, _env, free_port
+from helpers_train import deepspeed_cmd, run_launcher
 
 TOL = 1e-5  # relative, on the weights of every step (measured on CPU: 3e-7; DeepSpeed's stock lr: 0.04-0.17)
 
 
 def run_worker(out: Path, nproc: int, *more: str) -> dict:
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
     out.mkdir(parents=True, exist_ok=True)
-    p = subprocess.run([deepspeed, "--num_gpus", str(nproc), "--master_port", str(free_port()),
-                        "tests/twin_flow_worker.py", "--out", str(out), *more], cwd=REPO, env=_env(None),
-                       capture_output=True, text=True, timeout=300)
+    p = run_launcher(deepspeed_cmd("tests/twin_flow_worker.py", ["--out", str(out), *more], nproc), timeout=300)
     assert p.returncode == 0, f"twin_flow_worker failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return torch.load(out / "result.pt")
 
@@ -75,3 +70,39 @@ def test_split_optimizer_on_one_gpu(tmp_path):
     result = run_worker(tmp_path / "gpu", 1)
     assert result["fp32_devices"][:2] != ["cpu", "cpu"] and result["fp32_devices"][2:] == ["cpu", "cpu"]
     check_against_reference(result, world=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_master_reaches_the_pinned_16bit_partition_as_deepspeeds_copy_does():
+    """Fix 4: a GPU sub-group's fp32 master written into the bf16 partition in pinned host memory (parameters
+    offloaded), rounded on the GPU: the bits of DeepSpeed's own method (a CPU rounding after a pageable copy)."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    from longctx.twin_flow import TwinFlowMixin
+
+    g = torch.Generator().manual_seed(0)
+    master = torch.cat([torch.randn(1 << 20, generator=g) * s for s in (1e-3, 1.0, 1e3)]
+                       + [torch.tensor([1e-40, -1e-42, 3.0e38, 1 + 2 ** -8, 1 + 3 * 2 ** -8])]).cuda()
+
+    def holder(cls):
+        h = cls.__new__(cls)  # the two methods read only these attributes
+        flat = torch.zeros(master.numel(), dtype=torch.bfloat16).pin_memory()
+        parts = [torch.empty(0, dtype=torch.bfloat16), torch.empty(0, dtype=torch.bfloat16)]
+        h.fp16_partitioned_groups_flat, h.fp32_partitioned_groups_flat = [flat], [master]
+        h.fp16_partitioned_groups = [[SimpleNamespace(data=p) for p in parts]]
+        h.unflatten = lambda flat_, tensors: [flat_[:10], flat_[10:]]
+        return h
+
+    class Ours(TwinFlowMixin, Stage3):
+        pass
+
+    ours, theirs = holder(Ours), holder(Stage3)
+    ours._reassign_or_swap_out_partitioned_parameters(0)
+    Stage3._reassign_or_swap_out_partitioned_parameters(theirs, 0)
+    a, b = ours.fp16_partitioned_groups_flat[0], theirs.fp16_partitioned_groups_flat[0]
+    assert a.is_pinned() and a.device.type == "cpu"
+    assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    assert ours.fp16_partitioned_groups[0][1].data.data_ptr() == a[10:].data_ptr()  # unflattened into the flat
