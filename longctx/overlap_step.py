@@ -15,8 +15,11 @@ How (OverlappedStepMixin, mixed into longctx.zero3_optimizer.LongctxZeroStage3):
 - A forward pre-hook on every module, ahead of DeepSpeed's fetch hook, waits for the sub-groups holding the
   parameters DeepSpeed is about to gather (its own iter_params), then all-gathers that module's persistent
   parameters (DeepSpeed's _post_step gathers them all at once after the update).
-- DeepSpeed's prefetch stops at the first parameter whose sub-group is not updated yet (GatedParamCoordinator):
-  a partition being written is never all-gathered.
+- DeepSpeed's prefetch stops at the first parameter whose sub-group the forward has not waited for yet
+  (GatedParamCoordinator): a partition being written is never all-gathered. The gate opens where the forward waits,
+  never where the background thread happens to be: a prefetch is a collective, and every rank must issue the same
+  ones in the same order (a gate on each rank's own progress let a fast rank prefetch while a slow one did not: gloo
+  aborted on the mismatched all-gathers, 2026-12-06; NCCL would hang or mix up the buffers).
 - finish_step() waits for the whole update: at the next backward (backward_prologue), state_dict/load_state_dict
   (checkpoints) and, from the Trainer, evaluation, the final export and the end of training. An exception of the
   background thread is raised there (or in the hook that waits), in the main thread.
@@ -194,7 +197,9 @@ class OverlappedStepMixin:
         self._sub_group_of = {p: i for i, group in enumerate(self.fp16_groups) for p in group}
         self._persistent = set(self.persistent_parameters)
         self._order: list[int] = []  # sub-groups in the order the forward first needs them (learned once)
-        self._pending: set[int] = set()
+        self._pending: set[int] = set()   # not updated yet (this rank's progress: the background thread's)
+        self._gated: set[int] = set()     # handed to the background at step(): the same on every rank
+        self._released: set[int] = set()  # of those, the ones the forward has waited for: the same on every rank
         self._stale_persistent: set = set()
         self._error: Optional[BaseException] = None
         self._cond = threading.Condition()
@@ -215,7 +220,9 @@ class OverlappedStepMixin:
 
     # ---- readiness -------------------------------------------------------------------------------------------
     def _param_ready(self, param) -> bool:
-        return self._sub_group_of.get(param) not in self._pending
+        """May DeepSpeed prefetch `param`? Decided by collective points only (see the module's docstring)."""
+        i = self._sub_group_of.get(param)
+        return i not in self._gated or i in self._released
 
     def _module_params(self, module) -> list:
         from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
@@ -226,11 +233,12 @@ class OverlappedStepMixin:
     def _before_module_forward(self, module, *args) -> None:
         if not self._learned:
             self._learn_order(module)
-        if not self._pending and not self._stale_persistent and self._error is None:
+        if not self._gated and not self._stale_persistent and self._error is None:
             return
         params = self._module_params(module)
         needed = {self._sub_group_of[p] for p in params if p in self._sub_group_of}
         self._wait(lambda: not (needed & self._pending))
+        self._released |= needed
         stale = [p for p in params if p in self._stale_persistent]
         if stale:  # every rank enters the same modules in the same order: a collective is safe here
             self._stale_persistent.difference_update(stale)
@@ -283,6 +291,7 @@ class OverlappedStepMixin:
         if self._pending and self.overlap_observer is not None:
             self.overlap_observer.finishing(self)
         self._wait(lambda: not self._pending)
+        self._gated, self._released = set(), set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -323,6 +332,7 @@ class OverlappedStepMixin:
         self.reset_cpu_buffers()
         self.invalidate_secondary_tensor()
         pinned = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self._gated, self._released = set(on_cpu), set()
         with self._cond:
             self._pending = set(on_cpu)
             self._stale_persistent = {p for i in on_cpu for p in self.fp16_groups[i] if p in self._persistent}

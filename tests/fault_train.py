@@ -10,6 +10,8 @@
     LONGCTX_TEST_OVERLAP_RECORD=f   with the overlapped optimizer step: each update's last sub-group (in forward
                                     order) waits until the next forward enters decoder layer 0 (or the main thread
                                     waits for the whole update); rank 0 writes what it saw to f (JSON lines)
+    LONGCTX_TEST_OVERLAP_SKEW=s     with the overlapped optimizer step: the last rank sleeps s seconds before each
+                                    sub-group's update, so the ranks' background updates run at different paces
 A parked run first writes the marker <output-dir>.PAUSED_<where> beside its run directory.
 """
 
@@ -110,8 +112,30 @@ class OverlapRecorder(Callback):
                 f.writelines(json.dumps(r) + "\n" for r in self.rows)
 
 
+class OverlapSkew(Callback):
+    """The last rank's background update runs behind the others' (an observer's hook sleeps in its thread)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_built(self, trainer):
+        if trainer.rank == trainer.world - 1:
+            trainer.engine.optimizer.overlap_observer = self
+
+    def launched(self, optimizer):
+        pass
+
+    def before_update(self, optimizer, sub_group):
+        time.sleep(self.seconds)
+
+    def finishing(self, optimizer):
+        pass
+
+
 def callbacks(env) -> list:
     extra = [OverlapRecorder(env["LONGCTX_TEST_OVERLAP_RECORD"])] if env.get("LONGCTX_TEST_OVERLAP_RECORD") else []
+    if env.get("LONGCTX_TEST_OVERLAP_SKEW"):
+        extra.append(OverlapSkew(float(env["LONGCTX_TEST_OVERLAP_SKEW"])))
     return [Faults(env)] + extra
 
 

@@ -164,4 +164,7 @@ def main():
 
 
 if __name__ == "__main__":
+    import train
+
     main()
+    train.exit_now(0)  # as train.py leaves: a library's C++ thread once aborted interpreter teardown (rc -6)

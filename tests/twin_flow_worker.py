@@ -146,4 +146,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import train
+
     main()
+    train.exit_now(0)  # as train.py leaves: a library's C++ thread once aborted interpreter teardown (rc -6)
