@@ -496,8 +496,11 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
 
     # Where the optimizer states live (ds_config offload_optimizer.ratio "auto"), by the plan: every state on the
     # GPU where it fits them beside the step's activations (the parameters too where they are "auto": zero3.json's
-    # placement, whose step measured 3.2x faster at 16K on one H200); else the largest GPU share of the sub-groups
-    # that fits (Twin-Flow); else all on the CPU. Host RAM is the preflight's to check, as for the parameters.
+    # placement, whose step measured 3.2x faster at 16K on one H200); else all on the CPU where the host holds them
+    # (their update overlaps the next forward); else the largest GPU share of the sub-groups that fits (Twin-Flow),
+    # the only way to fit such a host at all. A split is not taken for speed: its one measurement (8B at 32 layers,
+    # one H100, 64K, 2026-12-06) spent 11.2 s of a 28.8 s step in DeepSpeed's step, and it takes GPU room the
+    # activations would use (tiled MLP on, where all on the CPU would not need it).
     ratio: Optional[float] = None
     if requested_ratio == "auto":
         if hw is None:
@@ -522,10 +525,18 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
                                              "placement: its step measured 3.2x faster at 16K on one H200)")
             else:
                 base = setup(build(offload_params, 1.0), 1)
-                split = plan_mod.largest_gpu_share(base, fits_any)
+                # the states' host bytes with no checkpoint offloaded: checkpoints take what host RAM is left (below)
+                cpu_host = plan_mod.plan(setup_at_offloaded(build(offload_params, 1.0), 0)).host_total(hw.gpus)
+                host_holds = not hw.host_mem or cpu_host <= hw.host_usable
+                split = None if host_holds else plan_mod.largest_gpu_share(base, fits_any)
                 need = min(plan_mod.plan(dataclasses.replace(all_gpu, tiled_mlp_shards=n)).gpu_peak
                            for n in (1, shards_if_tiled)) / plan_mod.GiB
-                if split is None:
+                if split is None and host_holds:
+                    ratio = 1.0
+                    why["optimizer"] = (f"auto: all on the CPU (all on the GPU would plan {need:.1f} GiB of "
+                                        f"{hw.gpu_usable / plan_mod.GiB:.1f} usable; the host holds them, and their "
+                                        "update overlaps the next forward)")
+                elif split is None:
                     ratio = 1.0
                     why["optimizer"] = (f"auto: all on the CPU (all on the GPU would plan {need:.1f} GiB of "
                                         f"{hw.gpu_usable / plan_mod.GiB:.1f} usable, and not even one sub-group's "
@@ -535,7 +546,9 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
                     on, off = plan_mod.optimizer_sub_groups(split)
                     why["optimizer"] = (f"auto: split (Twin-Flow, ratio {ratio:g}): {len(on)} of {len(on) + len(off)} "
                                         f"sub-groups' states on the GPU, the largest share the plan fits (all on the "
-                                        f"GPU would plan {need:.1f} GiB of {hw.gpu_usable / plan_mod.GiB:.1f} usable)")
+                                        f"GPU would plan {need:.1f} GiB of {hw.gpu_usable / plan_mod.GiB:.1f} usable; "
+                                        f"all on the CPU {cpu_host / plan_mod.GiB:.1f} GiB of host RAM of "
+                                        f"{hw.host_usable / plan_mod.GiB:.1f} usable)")
     elif requested_ratio is not None:
         ratio = requested_ratio
         why["optimizer"] = f"ds_config: offload_optimizer.ratio {ratio:g}" + (

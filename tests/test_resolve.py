@@ -267,6 +267,18 @@ def test_optimizer_states_all_on_the_cpu_where_not_one_sub_group_fits():
     assert cpu.optimizer_ratio == 1.0 and cpu.why["optimizer"] == "auto: all on the CPU (no GPU to plan against)"
 
 
+def test_optimizer_states_stay_on_the_cpu_where_the_host_holds_them_though_a_split_would_fit():
+    """A split is for hosts that cannot hold the states (its one measurement was slow, and it takes GPU room): with
+    512 GiB of host RAM the 8B states stay on the CPU, where the same GPU with 125 GiB gets a split."""
+    big_host = dataclasses.replace(H100, host_mem=512 * GiB)
+    s = auto_settings(big_host, "--max-seq-len", "32768", model=L8B)
+    assert s.offload_optimizer and s.optimizer_ratio == 1.0
+    assert s.why["optimizer"].startswith("auto: all on the CPU (all on the GPU would plan") and "the host holds" in s.why["optimizer"]
+    assert not s.tiled_mlp  # the room a split would have taken stays the activations'
+    small_host = auto_settings(H100, "--max-seq-len", "32768", model=L8B)
+    assert 0 < small_host.optimizer_ratio < 1 and "all on the CPU 156.7 GiB of host RAM" in small_host.why["optimizer"]
+
+
 def test_an_explicit_optimizer_ratio_wins_and_is_checked(tmp_path):
     ds = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
     for ratio in (0.5, 1, 0):
