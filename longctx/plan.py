@@ -762,15 +762,15 @@ def placement_rows(setup: Setup, hw: Hardware) -> list[str]:
     rows = [("all on the GPU (parameters too: zero3.json's placement)", all_states_on_gpu(setup))]
     if split is not None:
         on, off = optimizer_sub_groups(split)
-        rows.append((f"split, ratio {split.optimizer_ratio:g}: {len(on)}/{len(on) + len(off)} sub-groups on the GPU"
-                     + ("" if chosen else " (most that fit)"), split))
+        rows.append((f"split, ratio {split.optimizer_ratio:g}: {len(on)}/{len(on) + len(off)} "
+                     + ("sub-groups on the GPU" if chosen else "on the GPU (most that fit)"), split))
     rows.append(("all on the CPU (ratio 1)", all_states_on_cpu(setup)))
     out = ["Optimizer states: each placement re-planned at this length (GPU peak per rank, host RAM all ranks)"]
     for label, x in rows:
         p, v = plan(x), check_fit(plan(x), hw)
         now = "  <- this run" if (x.offload_optimizer, x.optimizer_ratio, x.offload_params) == (
             setup.offload_optimizer, setup.optimizer_ratio, setup.offload_params) else ""
-        out.append(f"  {label[:58]:<58}GPU {p.gpu_peak / GiB:6.1f} {'ok' if v.gpu_ok else 'NO'} | host "
+        out.append(f"  {label:<58} GPU {p.gpu_peak / GiB:6.1f} {'ok' if v.gpu_ok else 'NO'} | host "
                    f"{p.host_total(hw.gpus) / GiB:6.1f} {'ok' if v.host_ok else 'NO'}{now}")
     return out
 
