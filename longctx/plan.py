@@ -30,8 +30,8 @@ recomputes the activation) the peak moves to down_proj's backward:
     2 x 2 (norms) + 3 q + 2 kv + 3 r (gate, up, product) + 1 + r (gradient of the product)
   = 4 + 3 q + 2 kv + 4 r + 1                  (22.5 U for Llama-3.1-8B)
 Tiled MLP (n shards) holds the r-sized tensors of one shard at a time: every r above becomes r / n.
-These counts were derived from the ops, then checked against bench/results/offload_checkpointing: the
-prediction matches the measured peak to the byte per token (see tests/test_plan_calibration.py).
+These counts were derived from the ops, then checked against measured peaks (2026-11 H100 rows of a harness since
+removed, and the bench JSON since): tests/test_plan_calibration.py holds the plan within 10% (or 1 GiB) of them.
 
 How host RAM is formed (per rank; host_state_items). ZeRO-3 with CPU offload in DeepSpeed 0.19.8 keeps, for P
 parameters over W ranks (each parameter's partition padded to a multiple of W):
@@ -66,16 +66,16 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 # ---- global constants -------------------------------------------------------------------------------
 # Allocated by torch on every GPU besides tensors of the model: cuBLAS/cuBLASLt workspaces, rotary
-# inv_freq, small buffers. Measured: allocated after the warm-up step minus params, grads and ids in
-# bench/results/offload_checkpointing (64.25 MiB on H100, both lengths).
+# inv_freq, small buffers. Measured: allocated after the warm-up step minus params, grads and ids (64.25 MiB on
+# an H100 at both lengths, 2026-11, by a harness since removed).
 FRAMEWORK_GPU_BYTES = 64 * MiB
 # Per token, whatever the layer count: input_ids/labels/position_ids (int64, 8 B each), the rotary cos
 # and sin (head_dim x act bytes each), flash's logsumexp (heads x fp32). In the offload benchmark
 # (ids + positions only, no labels) these are exactly the 656 B/token left over beyond 33.5 U.
 IDS_BYTES_PER_TOKEN = 24
 # Extra checkpoint-sized tensors (units of one layer input) held on the GPU by each checkpointing
-# implementation, besides the working set. Measured (bench/results/offload_checkpointing, 32K rows;
-# the 128K rows are the check):
+# implementation, besides the working set. Measured (2026-11 H100, a harness since removed: 32K rows; the
+# 128K rows were the check):
 #   plain: every layer's input stays on the GPU (counted separately, L x U); reentrant adds one more copy
 #          (the detached input the reentrant function keeps for the recompute);
 #   fork: the prefetched checkpoint of the next layer (copy-back buffer, 1 U); reentrant adds the
