@@ -14,7 +14,7 @@ Where things live: longctx/config.py (arguments), resolve.py (every "auto", deci
 trainer.py (the loop), data.py (formats, packing, batch plan, ledger), attention.py (kernels), modeling.py
 (model, Liger, checkpointing, loss), sequence_parallel.py (Ulysses), tiled_mlp.py (MLP in chunks), dsconfig.py (ds_config),
 checkpoint.py (atomic save / exact resume), metrics.py (metrics.jsonl, progress), runs.py (run dir),
-plan.py + preflight.py (memory plan), lora.py + s2attn.py (LongLoRA mode).
+plan*.py + preflight.py (memory plan), lora.py + s2attn.py (LongLoRA mode).
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
     try:
         cfg = config_mod.parse(argv)
         if cfg.plan:
-            from longctx import plan
+            from longctx.plan_report import cli_plan
 
             if rank == 0:
-                print(plan.cli_plan(cfg), flush=True)
+                print(cli_plan(cfg), flush=True)
             return 0
         from longctx import trainer
 

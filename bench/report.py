@@ -79,7 +79,8 @@ def replanned_gib(row: dict):
     if not row.get("plan_setup"):
         return None
     from longctx.flops import ModelShape
-    from longctx.plan import GiB, Setup, plan
+    from longctx.plan import plan
+    from longctx.plan_types import GiB, Setup
 
     s = dict(row["plan_setup"])
     return plan(Setup(shape=ModelShape(**s.pop("shape")), **s)).gpu_peak / GiB

@@ -175,8 +175,12 @@ def flags_at(tech: Technique, seq_len: int, plan: Callable[[tuple[str, ...]], Op
 def plan_fits(argv: list[str], facts, model_config, world: int) -> Optional[bool]:
     """`plan` for flags_at: resolve `argv` as train.py would on the machine `facts` describes; None where it refuses
     them (LongctxError), else whether the memory plan of the resolved step fits its GPU (True without one)."""
-    from longctx import config, plan as plan_mod, resolve
+    from longctx import config, resolve
     from longctx.errors import LongctxError
+    from longctx.plan import plan
+    from longctx.plan_search import check_fit
+    from longctx.plan_settings import setup_from_resolved
+    from longctx.plan_types import Hardware
 
     try:
         cfg = config.parse(argv)
@@ -185,5 +189,5 @@ def plan_fits(argv: list[str], facts, model_config, world: int) -> Optional[bool
         return None
     if not facts.gpu_mem:
         return True
-    hw = plan_mod.Hardware(gpus=facts.gpus, gpu_mem=facts.gpu_mem, host_mem=facts.host_mem or 0)
-    return plan_mod.check_fit(plan_mod.plan(plan_mod.setup_from_resolved(settings, cfg, model_config)), hw).gpu_ok
+    hw = Hardware(gpus=facts.gpus, gpu_mem=facts.gpu_mem, host_mem=facts.host_mem or 0)
+    return check_fit(plan(setup_from_resolved(settings, cfg, model_config)), hw).gpu_ok

@@ -241,6 +241,7 @@ class Worker:
         import torch
 
         from longctx import flops, plan as plan_mod
+        from longctx.plan_settings import setup_from_resolved
 
         t0 = time.monotonic()
         trainer, cfg, built = self.trainer_for(length)
@@ -290,7 +291,7 @@ class Worker:
         shape = flops.ModelShape.from_config(trainer.model_config)
         f = flops.train_flops(shape, doc_lens)
         peak_flops = flops.peak_flops(self.facts.name, trainer.settings.precision) if cuda else None
-        setup = plan_mod.setup_from_resolved(trainer.settings, cfg, trainer.model_config)
+        setup = setup_from_resolved(trainer.settings, cfg, trainer.model_config)
         planned = plan_mod.plan(setup)
         predicted = planned.gpu_peak
         s = trainer.settings

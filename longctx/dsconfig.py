@@ -47,9 +47,9 @@ REFUSED_TOP = {
 }
 OPTIMIZER_TYPES = {"adamw", "adam"}
 # ZeRO-3 optimizer sub-group ("auto") where neither the states are split nor the step overlapped: DeepSpeed's default,
-# as measured so far. Split or overlapped, it is one decoder layer's partition (longctx.plan.layer_sub_group_size),
-# which longctx.resolve passes in: the split moves in steps of one layer's states (~3.4 GiB for 8B), and a module of
-# the next forward waits for about its own layer's update.
+# as measured so far. Split or overlapped, it is one decoder layer's partition
+# (longctx.plan_search.layer_sub_group_size), which longctx.resolve passes in: the split moves in steps of one layer's
+# states (~3.4 GiB for 8B), and a module of the next forward waits for about its own layer's update.
 UNSPLIT_SUB_GROUP_SIZE = 1_000_000_000
 OPTIMIZER_PARAMS = {"lr", "betas", "eps", "weight_decay", "torch_adam", "adam_w_mode", "fp32_optimizer_states"}
 

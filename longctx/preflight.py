@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import LongctxError
-from .plan import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GiB, Hardware, Plan, Setup, fmt_len,
-                   host_knob, max_seq_len_that_fits, next_knobs, plan)
+from .plan import plan
+from .plan_report import fmt_len
+from .plan_search import host_knob, max_seq_len_that_fits, next_knobs
+from .plan_types import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GiB, Hardware, Plan, Setup
 
 
 @dataclass(frozen=True)

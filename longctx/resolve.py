@@ -40,6 +40,11 @@ from typing import Any, Optional
 
 from . import gpu_extras
 from .errors import LongctxError
+from .plan import plan, tiled_mlp_shards
+from .plan_search import check_fit, largest_gpu_share, layer_sub_group_size
+from .plan_settings import attention_kind, kept_attention_label, setup_from_settings
+from .plan_states import optimizer_sub_groups
+from .plan_types import GiB, Hardware, Setup
 
 # Attention choices the user can name, and what each is registered as with transformers.
 SDPA_PER_DOC = "longctx_sdpa"   # longctx.attention.sdpa_per_doc_forward
@@ -202,8 +207,6 @@ class Resolved:
 
     def header(self) -> list[str]:
         """The run header's lines (also `--plan`'s)."""
-        from .plan import kept_attention_label
-
         ck = {"none": "off", "plain": "on GPU",
               "offload": f"offloaded ({self.offload_impl}, {self.num_offloaded_layers} layers)"}[self.checkpointing]
         ck += kept_attention_label(self.keep_attention, self.keep_attention_by)
@@ -417,7 +420,7 @@ def _offload_ratio_requested(ds_raw: dict):
 
 def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
     """Decide every setting of the run `cfg` describes on `world` ranks of the machine `facts` describes."""
-    from . import dsconfig, plan as plan_mod
+    from . import dsconfig
     from .config import resolved_lr
     from .flops import ModelShape
 
@@ -445,7 +448,7 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
         ds = dsconfig.build(cfg.deepspeed, cfg, world_size=dp_world, precision=precision, lr=lr,
                             hidden_size=shape.hidden, on_cuda=facts.cuda, offload_params=offload_params,
                             optimizer_ratio=ratio,
-                            layer_sub_group_size=plan_mod.layer_sub_group_size(shape, dp_world))
+                            layer_sub_group_size=layer_sub_group_size(shape, dp_world))
         if sp > 1:
             ds["sequence_parallel_size"] = sp
         return ds
@@ -456,16 +459,16 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
     def reentrant(keep: bool) -> bool:  # reentrant is the cheaper path; selective checkpointing needs the other
         return not (keep and keep_by == "selective")
 
-    def setup(ds: dict, shards: int, keep: bool = keep_requested) -> "plan_mod.Setup":
-        return plan_mod.setup_from_settings(
+    def setup(ds: dict, shards: int, keep: bool = keep_requested) -> Setup:
+        return setup_from_settings(
             shape=shape, seq_len=cfg.max_seq_len, micro_batch=cfg.micro_batch_size, world=world, ds_config=ds,
             precision=precision, checkpointing=mode, offload_impl=impl, reentrant=reentrant(keep),
             num_offloaded_layers=n_off, keep_attention=keep, keep_attention_by=keep_by, liger=liger,
             tiled_loss=cfg.tiled_loss,
-            attention=plan_mod.attention_kind(attn.name, cfg.packing), sp=sp, tiled_mlp_shards=shards,
+            attention=attention_kind(attn.name, cfg.packing), sp=sp, tiled_mlp_shards=shards,
             tied_embeddings=bool(_get(model_config, "tie_word_embeddings", False)))
 
-    def setup_at_offloaded(ds: dict, n: int) -> "plan_mod.Setup":
+    def setup_at_offloaded(ds: dict, n: int) -> Setup:
         nonlocal n_off
         saved, n_off = n_off, n
         try:
@@ -473,12 +476,12 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
         finally:
             n_off = saved
 
-    shards_if_tiled = plan_mod.tiled_mlp_shards(math.ceil(cfg.max_seq_len / sp) * cfg.micro_batch_size, shape.hidden)
-    hw = plan_mod.Hardware(gpus=facts.gpus, gpu_mem=facts.gpu_mem, host_mem=facts.host_mem or 0) \
+    shards_if_tiled = tiled_mlp_shards(math.ceil(cfg.max_seq_len / sp) * cfg.micro_batch_size, shape.hidden)
+    hw = Hardware(gpus=facts.gpus, gpu_mem=facts.gpu_mem, host_mem=facts.host_mem or 0) \
         if facts.gpu_mem else None
 
-    def gpu_fits(s: "plan_mod.Setup") -> bool:  # host RAM is the preflight's concern, not a reason to tile
-        return plan_mod.check_fit(plan_mod.plan(s), hw).gpu_ok
+    def gpu_fits(s: Setup) -> bool:  # host RAM is the preflight's concern, not a reason to tile
+        return check_fit(plan(s), hw).gpu_ok
 
     # Where the parameters live (ds_config offload_param.device "auto"): on the GPU when the plan fits them there.
     if requested_params == "auto":
@@ -511,7 +514,7 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
             ratio, why["optimizer"] = 1.0, ("auto: all on the CPU (the ds_config puts the parameters on the CPU; "
                                             "states on the GPU beside CPU parameters measured 6.8 s a step)")
         else:
-            def fits_any(s: "plan_mod.Setup") -> bool:  # untiled, or tiled where auto would tile
+            def fits_any(s: Setup) -> bool:  # untiled, or tiled where auto would tile
                 return any(gpu_fits(dataclasses.replace(s, tiled_mlp_shards=n)) for n in (1, shards_if_tiled))
 
             params_too = False if requested_params == "auto" else offload_params
@@ -526,29 +529,29 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
             else:
                 base = setup(build(offload_params, 1.0), 1)
                 # the states' host bytes with no checkpoint offloaded: checkpoints take what host RAM is left (below)
-                cpu_host = plan_mod.plan(setup_at_offloaded(build(offload_params, 1.0), 0)).host_total(hw.gpus)
+                cpu_host = plan(setup_at_offloaded(build(offload_params, 1.0), 0)).host_total(hw.gpus)
                 host_holds = not hw.host_mem or cpu_host <= hw.host_usable
-                split = None if host_holds else plan_mod.largest_gpu_share(base, fits_any)
-                need = min(plan_mod.plan(dataclasses.replace(all_gpu, tiled_mlp_shards=n)).gpu_peak
-                           for n in (1, shards_if_tiled)) / plan_mod.GiB
+                split = None if host_holds else largest_gpu_share(base, fits_any)
+                need = min(plan(dataclasses.replace(all_gpu, tiled_mlp_shards=n)).gpu_peak
+                           for n in (1, shards_if_tiled)) / GiB
                 if split is None and host_holds:
                     ratio = 1.0
                     why["optimizer"] = (f"auto: all on the CPU (all on the GPU would plan {need:.1f} GiB of "
-                                        f"{hw.gpu_usable / plan_mod.GiB:.1f} usable; the host holds them, and their "
+                                        f"{hw.gpu_usable / GiB:.1f} usable; the host holds them, and their "
                                         "update overlaps the next forward)")
                 elif split is None:
                     ratio = 1.0
                     why["optimizer"] = (f"auto: all on the CPU (all on the GPU would plan {need:.1f} GiB of "
-                                        f"{hw.gpu_usable / plan_mod.GiB:.1f} usable, and not even one sub-group's "
+                                        f"{hw.gpu_usable / GiB:.1f} usable, and not even one sub-group's "
                                         "states fit beside the step)")
                 else:
                     ratio = split.optimizer_ratio
-                    on, off = plan_mod.optimizer_sub_groups(split)
+                    on, off = optimizer_sub_groups(split)
                     why["optimizer"] = (f"auto: split (Twin-Flow, ratio {ratio:g}): {len(on)} of {len(on) + len(off)} "
                                         f"sub-groups' states on the GPU, the largest share the plan fits (all on the "
-                                        f"GPU would plan {need:.1f} GiB of {hw.gpu_usable / plan_mod.GiB:.1f} usable; "
-                                        f"all on the CPU {cpu_host / plan_mod.GiB:.1f} GiB of host RAM of "
-                                        f"{hw.host_usable / plan_mod.GiB:.1f} usable)")
+                                        f"GPU would plan {need:.1f} GiB of {hw.gpu_usable / GiB:.1f} usable; "
+                                        f"all on the CPU {cpu_host / GiB:.1f} GiB of host RAM of "
+                                        f"{hw.host_usable / GiB:.1f} usable)")
     elif requested_ratio is not None:
         ratio = requested_ratio
         why["optimizer"] = f"ds_config: offload_optimizer.ratio {ratio:g}" + (
@@ -567,7 +570,7 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
     # them, else as many as it holds, the others kept on the GPU (whether those fit the GPU is decided below, by
     # tiled MLP and the preflight, as for any other GPU bytes).
     if mode == "offload" and cfg.num_offloaded_layers is None and hw is not None and hw.host_mem:
-        n_off, note = checkpoints_in_host(lambda n: plan_mod.plan(setup_at_offloaded(ds, n)).host_total(hw.gpus),
+        n_off, note = checkpoints_in_host(lambda n: plan(setup_at_offloaded(ds, n)).host_total(hw.gpus),
                                           shape.layers, hw.host_usable)
         if note:
             why["checkpointing"] = f"{impl} offloader, {n_off}/{shape.layers} layers in host RAM ({note})"
@@ -634,7 +637,6 @@ def resolve_overlap_step(requested: str, ds: dict, raw: dict, shape, dp_world: i
     forward, bitwise the same step (longctx/overlap_step.py). A sub_group_size of "auto" becomes one decoder layer's
     partition, so that a module waits for about its own layer's update; DeepSpeed's default (1e9) otherwise."""
     from . import opbuild
-    from .plan import layer_sub_group_size
 
     zero = ds.get("zero_optimization", {}) or {}
     off = zero.get("offload_optimizer") if isinstance(zero.get("offload_optimizer"), dict) else {}

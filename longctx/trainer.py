@@ -176,7 +176,8 @@ class Trainer:
         import deepspeed
         import torch
 
-        from . import checkpoint, opbuild, plan as plan_mod, preflight, resolve, resume, runs
+        from . import checkpoint, opbuild, preflight, resolve, resume, runs
+        from .plan_settings import setup_from_resolved
 
         cfg = self.cfg
         if not torch.distributed.is_initialized():
@@ -184,7 +185,7 @@ class Trainer:
             if not self.facts.cuda:
                 torch.distributed.barrier()  # every rank has mapped every peer's buffer: the names can go
                 release_deepspeed_shm(self.rank)
-        self.setup_plan = dataclasses.replace(plan_mod.setup_from_resolved(self.settings, cfg, self.model_config),
+        self.setup_plan = dataclasses.replace(setup_from_resolved(self.settings, cfg, self.model_config),
                                               data_bytes=self.data.resident_bytes())
         if cfg.preflight:  # refuse what cannot fit now, not with an OOM hours in (all ranks agree)
             preflight.run(self.setup_plan, self.local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", self.world)),

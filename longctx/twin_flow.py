@@ -18,7 +18,7 @@ Adam. In 0.19.8 (runtime/zero/stage3.py):
      caching host allocator for the life of the process (2 B per parameter, ~16.5 GiB for 8B after power-of-two
      rounding), where only a later request of the same rounded size can reuse them. Here the cache is emptied once
      the optimizer is built (torch._C._host_emptyCache: it frees the cached blocks no tensor uses and no pending
-     copy waits on; live pinned tensors are untouched). longctx.plan models this (Setup.pinned_cache_released).
+     copy waits on; live pinned tensors are untouched). longctx.plan_states models this (Setup.pinned_cache_released).
   4. speed: after a GPU sub-group's update, `_reassign_or_swap_out_partitioned_parameters` copies its fp32 master
      (GPU) into the 16-bit parameter partition, which lives in pinned host memory when the parameters are offloaded.
      torch's copy_ across devices and dtypes does that through a fresh pageable fp32 host tensor, then converts on
@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import torch
 
-from .plan import gpu_sub_group_count
+from .plan_states import gpu_sub_group_count
 
 TWIN_FLOW_STATE = "longctx_twin_flow_state"  # checkpoint key: {sub-group id: the backup AdamW's state of it}
 HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "amsgrad")
@@ -61,7 +61,7 @@ HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay", "amsgrad")
 
 def gpu_sub_groups(ratio: float, n: int) -> range:
     """The sub-groups whose optimizer states stay on the accelerator: the first ones, by DeepSpeed's rule
-    (longctx.plan.gpu_sub_group_count, which the memory plan and `auto` use too)."""
+    (longctx.plan_states.gpu_sub_group_count, which the memory plan and `auto` use too)."""
     return range(gpu_sub_group_count(ratio, n))
 
 

@@ -77,7 +77,8 @@ def test_rows_record_host_memory_next_to_the_plans(smoke):
     """Host RAM beside the GPU peaks: the process's peak and current RSS, the pinned bytes torch's host allocator
     holds (None on CPU: no CUDA host allocator), and the plan's host RAM and pinned memory per rank for the row."""
     from longctx.flops import ModelShape
-    from longctx.plan import GiB, Setup, plan
+    from longctx.plan import plan
+    from longctx.plan_types import GiB, Setup
 
     for r in smoke["rows"]:
         # ru_maxrss and /proc's RSS read the kernel's approximate per-CPU counters: equal to within pages

@@ -191,8 +191,9 @@ def test_prepare_data_from_the_command_line_then_a_run_reuses_it(tmp_path):
 def test_the_memory_plan_counts_the_data_each_rank_holds(tok, tmp_path):
     """What a rank keeps of prepared data is its index (tokens stay memory-mapped): the plan's host items and the
     preflight's total carry it."""
-    from longctx import plan as plan_mod
     from longctx.flops import ModelShape
+    from longctx.plan import plan
+    from longctx.plan_types import Setup
 
     paths = small_dataset(tmp_path / "d", n_text=40, n_chat=0, n_pr=0)
     bundle = data_mod.build(cfg_for(paths, tmp_path / "c"), tok, world_size=1, say=lambda m: None,
@@ -202,8 +203,8 @@ def test_the_memory_plan_counts_the_data_each_rank_holds(tok, tmp_path):
     assert 0 < held < 400 * (len(bundle.train_docs) + len(bundle.eval_docs)) and held < 2 * tokens
     shape = ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=2048)
     at_scale = held * 2000  # LongCite-45K's order of documents: the plan shows it (under 0.01 GiB it is left out)
-    base = plan_mod.plan(plan_mod.Setup(shape=shape, seq_len=128))
-    with_data = plan_mod.plan(plan_mod.Setup(shape=shape, seq_len=128, data_bytes=at_scale))
+    base = plan(Setup(shape=shape, seq_len=128))
+    with_data = plan(Setup(shape=shape, seq_len=128, data_bytes=at_scale))
     assert with_data.host_per_rank - base.host_per_rank == at_scale
     assert any(i.name.startswith("data (") and i.bytes == at_scale for i in with_data.host)
     # before the data is read, --plan estimates it from the records: within a factor of two of what the build holds

@@ -17,7 +17,7 @@ from helpers_train import REPO, fast_args, launcher_cmd, read_jsonl, run_train, 
 from longctx import checkpoint, preflight
 from longctx.errors import LongctxError
 from longctx.flops import ModelShape
-from longctx.plan import Setup
+from longctx.plan_types import Setup
 
 MiB = 1 << 20
 LLAMA8B = ModelShape(hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256)

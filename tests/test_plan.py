@@ -7,8 +7,11 @@ from dataclasses import replace
 import pytest
 
 from longctx.flops import ModelShape
-from longctx.plan import (GiB, Hardware, Setup, attention_workspace, format_plan, loss_items, max_seq_len_that_fits,
-                          model_state_items, next_knobs, parse_size, plan, total_params, working_set_units)
+from longctx.plan import attention_workspace, loss_items, plan, working_set_units
+from longctx.plan_report import format_plan, parse_size
+from longctx.plan_search import max_seq_len_that_fits, next_knobs
+from longctx.plan_states import model_state_items, total_params
+from longctx.plan_types import GiB, Hardware, Setup
 
 LLAMA8B = ModelShape(hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256)
 
@@ -103,8 +106,9 @@ LLAMA3B = ModelShape(hidden=3072, layers=28, heads=24, kv_heads=8, head_dim=128,
 
 def deepspeed_host_table(s: ModelShape, W: int, a: int, *, tied: bool, sub_group_size: int, ckpt_tokens: int) -> dict:
     """One rank's host buffers under DeepSpeed 0.19.8's ZeRO-3 with parameters and optimizer offloaded to pinned CPU
-    memory, re-derived from its source for this test (not from longctx.plan): buffer -> bytes newly taken from the OS.
-    torch's caching host allocator serves every pinned buffer: a power-of-two block, a cached one of that size if free.
+    memory, re-derived from its source for this test (not from longctx.plan_states): buffer -> bytes newly taken from the
+    OS. torch's caching host allocator serves every pinned buffer: a power-of-two block, a cached one of that size if
+    free.
     """
     h, V = s.hidden, s.vocab
     layer = [h * s.heads * s.head_dim, h * s.kv_heads * s.head_dim, h * s.kv_heads * s.head_dim,
@@ -205,7 +209,7 @@ def test_host_buffers_without_pinning():
 
 
 def test_sub_groups_and_grad_accum_dtype_come_from_the_ds_config():
-    from longctx.plan import setup_from_settings
+    from longctx.plan_settings import setup_from_settings
 
     def setup(zero: dict, **top) -> Setup:
         return setup_from_settings(
@@ -232,7 +236,7 @@ def test_full_depth_8b_on_one_gpu_is_refused_for_host_ram(tmp_path):
 
     from helpers_train import REPO
     from longctx import config
-    from longctx.plan import cli_plan
+    from longctx.plan_report import cli_plan
 
     ds = json.loads((REPO / "ds_configs" / "zero3_offload.json").read_text())
     ds["zero_optimization"]["offload_optimizer"]["ratio"] = 1
@@ -289,7 +293,7 @@ def test_max_seq_len_is_the_boundary():
     s = Setup(LLAMA8B, 1024, world=4, loss="liger", liger_kernels=True, checkpointing="offload")
     best = max_seq_len_that_fits(s, hw)
     assert best % 1024 == 0 and best > 64 * 1024
-    from longctx.plan import fits
+    from longctx.plan_search import fits
     assert fits(replace(s, seq_len=best), hw)
     assert not fits(replace(s, seq_len=best + 1024), hw)
 
@@ -341,7 +345,8 @@ def test_fa4_plans_as_the_default_attention():
     """flash-attention-4's peaks measured equal to the default's (H100, 16K-128K): its backward accumulators take
     the place of cuDNN's workspace, so its plan is the calibrated O(S) one, at any length and under Ulysses; no
     mask knob is offered for it."""
-    from longctx.plan import attention_kind, candidate_knobs
+    from longctx.plan_search import candidate_knobs
+    from longctx.plan_settings import attention_kind
 
     assert attention_kind("fa4", packing=True) == "fa4" and attention_kind("varlen", packing=True) == "flash"
     for sp, length in ((1, 16384), (1, 131072), (4, 131072)):
@@ -355,7 +360,7 @@ def test_fa4_plans_as_the_default_attention():
 def test_optimizer_ratio_keeps_exactly_the_sub_groups_deepspeed_keeps():
     """ratio_for(k, n) is a ratio at which DeepSpeed's rule (stage3.py: sub-group i on the CPU when
     i >= int((1 - ratio) * n)) keeps exactly the first k sub-groups on the GPU; longctx.twin_flow routes by it."""
-    from longctx.plan import gpu_sub_group_count, ratio_for
+    from longctx.plan_states import gpu_sub_group_count, ratio_for
 
     for n in range(1, 120):
         for k in range(n + 1):

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from longctx.flops import ModelShape
-from longctx.plan import GiB, Setup, plan
+from longctx.plan import plan
+from longctx.plan_types import GiB, Setup
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TECHNIQUES = {"longctx", "sdpa_per_doc", "fa4", "upstream_best", "varlen", "params_cpu", "baseline",

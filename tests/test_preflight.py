@@ -8,7 +8,8 @@ import pytest
 
 from longctx.errors import LongctxError
 from longctx.flops import ModelShape
-from longctx.plan import GiB, Setup, plan
+from longctx.plan import plan
+from longctx.plan_types import GiB, Setup
 from longctx.preflight import (Machine, cgroup_room, check, memlock_limit, out_of_memory_message, probe, read_meminfo,
                                run)
 

@@ -9,8 +9,15 @@ import json
 import pytest
 
 from helpers_train import REPO
-from longctx import config, plan, resolve
+from longctx import config, resolve
 from longctx.errors import LongctxError
+from longctx.flops import ModelShape
+from longctx.plan import plan
+from longctx.plan_report import cli_plan
+from longctx.plan_search import check_fit, layer_sub_group_size, split_at
+from longctx.plan_settings import setup_from_resolved
+from longctx.plan_states import optimizer_sub_groups
+from longctx.plan_types import Hardware
 
 L8B_8L = json.loads((REPO / "longctx" / "default_data" / "llama3.1-8b.json").read_text()) | {"num_hidden_layers": 8}
 H200 = resolve.Facts("cuda", "NVIDIA H200", (9, 0), 141 << 30, gpus=1, host_mem=125 << 30, varlen_attn=True,
@@ -62,10 +69,10 @@ def test_tiled_mlp_only_when_the_plan_needs_it():
         facts = dataclasses.replace(A6000, gpu_mem=gib * GiB)
         s = settings(facts, "--max-seq-len", "131072", "--offload-gradient-checkpointing")
         cfg = config.parse(["--max-seq-len", "131072", "--offload-gradient-checkpointing"])
-        untiled = plan.plan(plan.setup_from_resolved(dataclasses.replace(s, tiled_mlp=False, tiled_mlp_shards=1),
+        untiled = plan(setup_from_resolved(dataclasses.replace(s, tiled_mlp=False, tiled_mlp_shards=1),
                                                      cfg, L8B_8L))
-        hw = plan.Hardware(gpus=1, gpu_mem=gib * GiB, host_mem=125 * GiB)
-        assert s.tiled_mlp == (not plan.check_fit(untiled, hw).gpu_ok), gib
+        hw = Hardware(gpus=1, gpu_mem=gib * GiB, host_mem=125 * GiB)
+        assert s.tiled_mlp == (not check_fit(untiled, hw).gpu_ok), gib
         assert s.tiled_mlp_shards == (32 if s.tiled_mlp else 1)  # ceil(128K / 4096)
     assert settings(dataclasses.replace(A6000, gpu_mem=16 * GiB), "--max-seq-len", "131072",
                     "--offload-gradient-checkpointing").tiled_mlp
@@ -109,7 +116,7 @@ def test_plan_prints_the_resolution_train_py_uses():
             "--offload-gradient-checkpointing", "--liger", "on", "--gpus", "4", "--gpu-mem", "16GiB",
             "--host-mem", "512GiB"]
     cfg = config.parse(args + ["--plan"])
-    text = plan.cli_plan(cfg)
+    text = cli_plan(cfg)
     facts = resolve.Facts.detect().as_target(gpus=4, gpu_mem=16 * GiB, host_mem=512 * GiB, precision="auto")
     s = resolve.resolve(cfg, facts, json.loads((REPO / "longctx" / "default_data" / "llama3.1-8b.json").read_text()), 4)
     assert s.tiled_mlp  # 64K on a 16 GiB card needs it
@@ -123,13 +130,13 @@ def test_plan_points_to_zero3_json_where_the_whole_states_fit():
     """Where the optimizer is offloaded but parameters, gradients and Adam states all fit the GPUs, `--plan` says
     what ds_configs/zero3.json would plan to; not where they do not fit, nor where the config already keeps them."""
     tiny = ["--gpus", "1", "--gpu-mem", "80GiB", "--host-mem", "128GiB", "--plan", "--deepspeed", OPTIMIZER_ON_CPU]
-    text = plan.cli_plan(config.parse(tiny))
+    text = cli_plan(config.parse(tiny))
     assert "The whole model's states fit the GPUs: with --deepspeed ds_configs/zero3.json" in text
     on_gpu = config.parse(tiny[:-2] + ["--deepspeed", str(REPO / "ds_configs" / "zero3.json")])
-    assert "ds_configs/zero3.json (parameters" not in plan.cli_plan(on_gpu)
+    assert "ds_configs/zero3.json (parameters" not in cli_plan(on_gpu)
     eight_b = ["--model", str(REPO / "longctx" / "default_data" / "llama3.1-8b.json"), "--max-seq-len", "32768"]
-    assert "states fit" not in plan.cli_plan(config.parse(eight_b + tiny))  # 128 GB of states on one 80 GiB card
-    assert "states fit" in plan.cli_plan(config.parse(eight_b + tiny[:1] + ["8"] + tiny[2:]))  # 16 GB each of 8
+    assert "states fit" not in cli_plan(config.parse(eight_b + tiny))  # 128 GB of states on one 80 GiB card
+    assert "states fit" in cli_plan(config.parse(eight_b + tiny[:1] + ["8"] + tiny[2:]))  # 16 GB each of 8
 
 
 def test_resolved_json_round_trips(tmp_path):
@@ -156,10 +163,10 @@ def test_attention_is_kept_only_where_the_plan_fits_it():
     for gib in (16, 24, 32, 48, 80):
         facts = dataclasses.replace(A6000, gpu_mem=gib * GiB)
         s = settings(facts, *flags)
-        kept = plan.plan(plan.setup_from_resolved(dataclasses.replace(s, keep_attention=True, reentrant=False),
+        kept = plan(setup_from_resolved(dataclasses.replace(s, keep_attention=True, reentrant=False),
                                                   cfg, L8B_8L))
-        hw = plan.Hardware(gpus=1, gpu_mem=gib * GiB, host_mem=125 * GiB)
-        assert s.keep_attention == plan.check_fit(kept, hw).gpu_ok, gib
+        hw = Hardware(gpus=1, gpu_mem=gib * GiB, host_mem=125 * GiB)
+        assert s.keep_attention == check_fit(kept, hw).gpu_ok, gib
         assert s.reentrant == (not s.keep_attention)
         item = kept.components()["kept attention outputs"]
         assert item == 8 * 131072 * (32 * 128 * 2 + 32 * 4)  # layers x tokens x (bf16 output + fp32 LSE per head)
@@ -181,15 +188,15 @@ def test_attention_is_kept_only_where_the_plan_fits_it():
     assert by_replay.keep_attention and by_replay.reentrant and by_replay.keep_attention_by == "replay"
     assert not selective.reentrant and selective.keep_attention_by == "selective"
     assert "attention kept (replayed)" in by_replay.header()[0]
-    assert plan.plan(plan.setup_from_resolved(by_replay, cfg, L8B_8L)).components()["kept attention outputs"] == \
-        plan.plan(plan.setup_from_resolved(selective, cfg, L8B_8L)).components()["kept attention outputs"]
+    assert plan(setup_from_resolved(by_replay, cfg, L8B_8L)).components()["kept attention outputs"] == \
+        plan(setup_from_resolved(selective, cfg, L8B_8L)).components()["kept attention outputs"]
     with pytest.raises(LongctxError, match="causal without a mask"):  # its custom name gets no mask from transformers
         settings(H200, *flags, "--keep-attention", "--keep-attention-by", "replay", "--attn-implementation", "sdpa",
                  "--max-seq-len", "4096")
     assert settings(H200, *flags, "--keep-attention", "--keep-attention-by", "replay", "--attn-implementation",
                     "sdpa", "--no-packing").keep_attention
     with pytest.raises(ValueError, match="needs non-reentrant"):
-        plan.setup_from_resolved(dataclasses.replace(selective, reentrant=True), cfg, L8B_8L)
+        setup_from_resolved(dataclasses.replace(selective, reentrant=True), cfg, L8B_8L)
 
 
 def test_checkpoints_the_host_cannot_hold_stay_on_the_gpu():
@@ -200,14 +207,14 @@ def test_checkpoints_the_host_cannot_hold_stay_on_the_gpu():
 
     m3b = make_config("llama3.2-3b").to_dict()
     h100 = dataclasses.replace(H200, name="NVIDIA H100", gpu_mem=80 * GiB)
-    hw = plan.Hardware(gpus=1, gpu_mem=80 * GiB, host_mem=125 * GiB)
+    hw = Hardware(gpus=1, gpu_mem=80 * GiB, host_mem=125 * GiB)
     flags = ("--max-seq-len", "262144", "--offload-gradient-checkpointing")
     s = settings(h100, *flags, model=m3b)
-    setup = plan.setup_from_resolved(s, config.parse(list(flags)), m3b)
+    setup = setup_from_resolved(s, config.parse(list(flags)), m3b)
     assert 0 < s.num_offloaded_layers < 28 and "stay on the GPU" in s.why["checkpointing"]
-    assert plan.check_fit(plan.plan(setup), hw).host_ok
+    assert check_fit(plan(setup), hw).host_ok
     more = dataclasses.replace(setup, num_offloaded_layers=s.num_offloaded_layers + 1)
-    assert not plan.check_fit(plan.plan(more), hw).host_ok  # the most that fit, not fewer
+    assert not check_fit(plan(more), hw).host_ok  # the most that fit, not fewer
     big = settings(dataclasses.replace(h100, host_mem=512 * GiB), *flags, model=m3b)
     assert big.num_offloaded_layers == 28
     assert settings(h100, *flags, "--num-offloaded-layers", "28", model=m3b).num_offloaded_layers == 28
@@ -239,17 +246,17 @@ def test_optimizer_states_split_by_the_largest_gpu_share_that_fits(facts, length
     s = auto_settings(facts, "--max-seq-len", str(length), model=L8B)
     assert s.offload_optimizer and s.offload_params and 0 < s.optimizer_ratio < 1
     zero = s.ds_config["zero_optimization"]
-    assert zero["offload_optimizer"]["ratio"] == s.optimizer_ratio and zero["sub_group_size"] == plan.layer_sub_group_size(plan.ModelShape.from_config(L8B), 1)
+    assert zero["offload_optimizer"]["ratio"] == s.optimizer_ratio and zero["sub_group_size"] == layer_sub_group_size(ModelShape.from_config(L8B), 1)
     cfg = config.parse(["--max-seq-len", str(length)])
-    chosen = plan.setup_from_resolved(s, cfg, L8B)
-    on, off = plan.optimizer_sub_groups(chosen)
+    chosen = setup_from_resolved(s, cfg, L8B)
+    on, off = optimizer_sub_groups(chosen)
     assert (len(on), len(on) + len(off)) == (gpu_groups, 34)
-    hw = plan.Hardware(gpus=1, gpu_mem=facts.gpu_mem, host_mem=facts.host_mem)
-    assert plan.check_fit(plan.plan(chosen), hw).gpu_ok
-    assert not plan.check_fit(plan.plan(plan.split_at(chosen, gpu_groups + 1)), hw).gpu_ok
+    hw = Hardware(gpus=1, gpu_mem=facts.gpu_mem, host_mem=facts.host_mem)
+    assert check_fit(plan(chosen), hw).gpu_ok
+    assert not check_fit(plan(split_at(chosen, gpu_groups + 1)), hw).gpu_ok
     assert f"{gpu_groups} of 34 sub-groups' states on the GPU" in s.why["optimizer"]
     assert f"optimizer (ratio {s.optimizer_ratio:g}: the rest on the GPU)" in s.header()[1]
-    assert plan.plan(chosen).components()["Twin-Flow sub-groups: fp32 master, grad, Adam m, v"] == 16 * sum(on)
+    assert plan(chosen).components()["Twin-Flow sub-groups: fp32 master, grad, Adam m, v"] == 16 * sum(on)
 
 
 def test_optimizer_states_all_on_the_cpu_where_not_one_sub_group_fits():
@@ -295,7 +302,7 @@ def test_an_explicit_optimizer_ratio_wins_and_is_checked(tmp_path):
 
 
 def test_plan_shows_each_optimizer_placement():
-    text = plan.cli_plan(config.parse([
+    text = cli_plan(config.parse([
         "--model", str(REPO / "longctx" / "default_data" / "llama3.1-8b.json"), "--max-seq-len", "65536",
         "--gpus", "1", "--gpu-mem", "139GiB", "--host-mem", "125GiB", "--plan"]))
     rows = text.split("Optimizer states: each placement")[1].splitlines()[1:4]

@@ -29,7 +29,7 @@ def test_h200_config_is_a_fixed_budget_without_cpu_adam():
 def test_recipe_plans_for_the_extended_model(smollm2_dir, tmp_path, capsys):
     from transformers import AutoConfig
 
-    from longctx import plan
+    from longctx.plan_report import cli_plan
 
     model_dir, _ = smollm2_dir
     mc = AutoConfig.from_pretrained(model_dir)
@@ -39,9 +39,9 @@ def test_recipe_plans_for_the_extended_model(smollm2_dir, tmp_path, capsys):
     path.write_text(json.dumps(d))
     cfg = config_mod.parse(["--config", str(RECIPE), "--plan", "--model", str(path), "--tokenizer", str(model_dir),
                             "--gpus", "1", "--gpu-mem", "24GiB", "--host-mem", "64GiB", "--precision", "bf16"])
-    text = plan.cli_plan(cfg)
+    text = cli_plan(cfg)
     assert "of 24: fits" in text and "32,768 tokens" in text, text
     cfg = config_mod.parse(["--config", str(H200), "--plan", "--model", str(path), "--tokenizer", str(model_dir),
                             "--gpus", "1", "--gpu-mem", "141GiB", "--host-mem", "125GiB", "--precision", "bf16"])
-    text = plan.cli_plan(cfg)  # no checkpointing: the activations of a 32K row on the H200
+    text = cli_plan(cfg)  # no checkpointing: the activations of a 32K row on the H200
     assert "of 141: fits" in text and "checkpointing off" in text, text

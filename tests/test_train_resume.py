@@ -81,7 +81,7 @@ def _check_predicted_sizes(out, ds):
     from helpers_train import TOKENIZER, tiny_config
     from longctx import preflight
     from longctx.flops import ModelShape
-    from longctx.plan import Setup
+    from longctx.plan_types import Setup
 
     stage, offload = {"zero2": (2, False), "zero3": (3, False), "zero3_offload": (3, True),
                       "zero3_twin_flow": (3, True)}[ds]
