@@ -123,7 +123,10 @@ def synthetic_data(length: int, docs: str, vocab: int, dp_world: int, seed: int,
     a target but the first of each document), as the data.DataBundle the Trainer trains on."""
     import numpy as np
 
-    from longctx import data as data_mod
+    from longctx.batching import BatchPlan
+    from longctx.data import DataBundle
+    from longctx.documents import Doc, Ledger
+    from longctx.tokenization import IGNORE
 
     rng = np.random.default_rng(seed)
     out, row_ix = [], []
@@ -132,14 +135,14 @@ def synthetic_data(length: int, docs: str, vocab: int, dp_world: int, seed: int,
         for n in row_doc_lengths(length, docs, seed + r):
             ids = rng.integers(3, vocab, size=n, dtype=np.int32)
             labels = ids.copy()
-            labels[0] = data_mod.IGNORE
+            labels[0] = IGNORE
             row.append(len(out))
-            out.append(data_mod.Doc(f"synthetic:{r}:{len(row)}", ids, labels))
+            out.append(Doc(f"synthetic:{r}:{len(row)}", ids, labels))
         row_ix.append(row)
     lengths = [sum(len(out[d]) for d in row) for row in row_ix]
     targets = [sum(out[d].n_supervised for d in row) for row in row_ix]
-    return data_mod.DataBundle(out, [], data_mod.BatchPlan(row_ix, lengths, targets, micro=1, accum=accum,
-                                                           world=dp_world, seed=seed), [], data_mod.Ledger())
+    return DataBundle(out, [], BatchPlan(row_ix, lengths, targets, micro=1, accum=accum, world=dp_world, seed=seed),
+                      [], Ledger())
 
 
 class Worker:

@@ -1,9 +1,9 @@
 """What a resume may change, and what it must keep; decided in Trainer.prepare, before the data or the model is
 loaded.
 
-Free to change: the number of ranks and the sequence-parallel degree. data.BatchPlan orders each step's rows from
-(rows, seed, global batch) alone and only then splits them over ranks and micro-batches, so the sample ids of a step
-do not depend on the layout that trains it. The global batch (rows per optimizer step: micro-batch x grad
+Free to change: the number of ranks and the sequence-parallel degree. batching.BatchPlan orders each step's rows
+from (rows, seed, global batch) alone and only then splits them over ranks and micro-batches, so the sample ids of a
+step do not depend on the layout that trains it. The global batch (rows per optimizer step: micro-batch x grad
 accumulation x data-parallel ranks) is kept: grad accumulation is re-derived for the new layout, or the run is
 refused with the reason. A checkpoint written by another layout is loaded through its universal form
 (universal.py; ZeRO-3 only).

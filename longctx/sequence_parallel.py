@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import batching
 from .errors import LongctxError
 
 IGNORE = -100
@@ -122,10 +123,8 @@ class Layout:
         return divisor * grad_accum / n_targets
 
     def collate(self, docs, rows, *, pad_id: int, packing: bool, max_seq_len: int, flatten: bool = False) -> dict:
-        """data.collate, then this rank's slice (see shard_batch). Same signature and keys."""
-        from . import data as data_mod
-
-        batch = data_mod.collate(docs, rows, pad_id=pad_id, packing=packing, max_seq_len=max_seq_len,
+        """batching.collate, then this rank's slice (see shard_batch). Same signature and keys."""
+        batch = batching.collate(docs, rows, pad_id=pad_id, packing=packing, max_seq_len=max_seq_len,
                                  flatten=flatten)
         if not self.enabled:
             return batch
