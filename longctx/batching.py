@@ -1,7 +1,7 @@
-"""Batching: documents packed into rows, the batch plan that gives every rank its rows at every step, and
+"""Batching: documents packed into rows, the batch schedule that gives every rank its rows at every step, and
 collation into model inputs.
 
-Batches are planned, not streamed: rows are fixed once (packing is deterministic), the row order of
+Batches are scheduled, not streamed: rows are fixed once (packing is deterministic), the row order of
 epoch e is a permutation seeded by (seed, e), and optimizer step s uses the s-th slice of that order.
 So the data position is just the step number, which makes resume exact.
 
@@ -46,7 +46,7 @@ def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-class BatchPlan:
+class BatchSchedule:
     """Which rows every rank uses at every optimizer step; a pure function of (rows, seed, sizes)."""
 
     def __init__(self, rows: list[list[int]], row_lengths: Sequence[int], row_targets: Sequence[int], *,

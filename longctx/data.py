@@ -1,5 +1,5 @@
 """The training data of a run: the files prepared once into the data cache (longctx.datastore), the eval
-split, per-file sampling weights, and the rows and batch plan (longctx.batching) the loop trains on.
+split, per-file sampling weights, and the rows and batch schedule (longctx.batching) the loop trains on.
 
 Reading and the ledger: longctx.documents; labels and the SFT truncation: longctx.tokenization.
 """
@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import datastore
-from .batching import BatchPlan, longest_first, make_rows
+from .batching import BatchSchedule, longest_first, make_rows
 from .documents import Doc, Ledger, first_non_space
 from .errors import LongctxError
 
@@ -22,12 +22,12 @@ from .errors import LongctxError
 class DataBundle:
     train_docs: Sequence[Doc]   # a datastore.DocStore (train.py) or a list (the benchmark's synthetic rows)
     eval_docs: Sequence[Doc]
-    plan: BatchPlan
+    schedule: BatchSchedule
     eval_rows: list[list[int]]
     ledger: Ledger
 
     def step_sample_ids(self, step: int) -> list[str]:
-        return [self.train_docs[d].sample_id for r in self.plan.step_rows(step) for d in self.plan.rows[r]]
+        return [self.train_docs[d].sample_id for r in self.schedule.step_rows(step) for d in self.schedule.rows[r]]
 
     def resident_bytes(self) -> int:
         """Host RAM the data holds per rank beyond the shared, reclaimable page cache of the memory-mapped tokens:
@@ -36,7 +36,7 @@ class DataBundle:
             if hasattr(docs, "resident_bytes"):
                 return docs.resident_bytes()
             return sum(d.input_ids.nbytes + d.labels.nbytes + 200 for d in docs)
-        n_rows = len(self.plan.rows) + len(self.eval_rows)
+        n_rows = len(self.schedule.rows) + len(self.eval_rows)
         return held(self.train_docs) + held(self.eval_docs) + 100 * (len(self.train_docs) + len(self.eval_docs)) \
             + 64 * n_rows
 
@@ -121,7 +121,7 @@ def mix(docs, files: np.ndarray, names: Sequence[str], weights: Sequence[float],
 
 def build(cfg, tok, world_size: int, say=print, announce=print) -> DataBundle:
     """The training (and evaluation) documents, prepared once into the data cache (datastore), the eval split,
-    per-file sampling weights, rows and the batch plan. `say` prints on rank 0; `announce` prints from whichever
+    per-file sampling weights, rows and the batch schedule. `say` prints on rank 0; `announce` prints from whichever
     process prepares the data."""
     paths, weights = parse_data_spec(cfg.data)
     opts = datastore.Options(cfg.max_seq_len, cfg.truncation, cfg.sft_truncation)
@@ -156,11 +156,11 @@ def build(cfg, tok, world_size: int, say=print, announce=print) -> DataBundle:
     rows = make_rows(lengths, cfg.max_seq_len, cfg.packing)
     row_len = [sum(lengths[d] for d in r) for r in rows]
     row_tgt = [sum(targets[d] for d in r) for r in rows]
-    plan = BatchPlan(rows, row_len, row_tgt, micro=cfg.micro_batch_size, accum=cfg.grad_accum,
-                     world=world_size, seed=cfg.seed, group_by_length=cfg.group_by_length and not cfg.packing)
-    if plan.steps_per_epoch == 0:
+    schedule = BatchSchedule(rows, row_len, row_tgt, micro=cfg.micro_batch_size, accum=cfg.grad_accum,
+                             world=world_size, seed=cfg.seed, group_by_length=cfg.group_by_length and not cfg.packing)
+    if schedule.steps_per_epoch == 0:
         raise LongctxError(
-            f"the training data gives {len(rows)} rows but one optimizer step needs {plan.global_batch} "
+            f"the training data gives {len(rows)} rows but one optimizer step needs {schedule.global_batch} "
             f"(micro_batch_size {cfg.micro_batch_size} x grad_accum {cfg.grad_accum} x {world_size} ranks); "
             "add data or lower the batch size")
     eval_len = doc_lengths(eval_docs)
@@ -174,9 +174,9 @@ def build(cfg, tok, world_size: int, say=print, announce=print) -> DataBundle:
     if cfg.packing:
         padded = len(rows) * cfg.max_seq_len
     else:  # what an epoch actually pads to: the longest row of each micro-batch
-        padded, order = 0, plan.epoch_order(0)
-        for i in range(0, len(order), plan.micro):
-            chunk = [row_len[r] for r in order[i:i + plan.micro]]
+        padded, order = 0, schedule.epoch_order(0)
+        for i in range(0, len(order), schedule.micro):
+            chunk = [row_len[r] for r in order[i:i + schedule.micro]]
             padded += max(chunk) * len(chunk)
     ledger.packing = {
         "train documents": len(train_docs), "eval documents": len(eval_docs),
@@ -184,8 +184,8 @@ def build(cfg, tok, world_size: int, say=print, announce=print) -> DataBundle:
         "documents per row (mean)": f"{len(train_docs) / max(1, len(rows)):.2f}",
         "packing" if cfg.packing else "padding": "on" if cfg.packing else "per micro-batch",
         "efficiency (real tokens / row tokens)": kept / max(1, padded),
-        "steps per epoch": plan.steps_per_epoch,
-        "rows unused per epoch (incomplete last step)": len(rows) - plan.steps_per_epoch * plan.global_batch,
+        "steps per epoch": schedule.steps_per_epoch,
+        "rows unused per epoch (incomplete last step)": len(rows) - schedule.steps_per_epoch * schedule.global_batch,
         "data cache": str(store.path),
     }
-    return DataBundle(train_docs, eval_docs, plan, eval_rows, ledger)
+    return DataBundle(train_docs, eval_docs, schedule, eval_rows, ledger)

@@ -2,7 +2,7 @@
 
     store = prepare(paths, tok, options, cache_root)   # build on a miss (one process), open on a hit
     store[i] -> documents.Doc                           # token ids memory-mapped, labels from the target mask
-    store.lengths, store.targets                        # per document, in RAM (what packing and the plan need)
+    store.lengths, store.targets                        # per document, in RAM (what packing and the schedule need)
 
 A cache entry is a directory named by the hash of everything that changes its contents: each file's bytes, the
 tokenizer (its vocabulary, merges, specials and chat template), the truncation options and max_seq_len, and this

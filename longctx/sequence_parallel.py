@@ -9,7 +9,7 @@ attention runs on the full sequence, and a second all-to-all turns it back.
 
 What this module adds around DeepSpeed's pieces, and why:
 
-* Data: the batch plan is made over the data-parallel groups (world / N of them), so the N ranks of a group
+* Data: the batch schedule is made over the data-parallel groups (world / N of them), so the N ranks of a group
   collate the same rows and each keeps its slice (`Layout.collate`). No gather is needed, unlike
   `UlyssesSPDataLoaderAdapter`, which exchanges samples between ranks because each rank reads its own;
   the slicing itself follows the adapter: rows are padded to a multiple of N (label -100, positions

@@ -1,5 +1,5 @@
 """longctx.documents, .tokenization and .batching: formats and label masks, truncation and the ledger, packing, the
-batch plan, collation."""
+batch schedule, collation."""
 
 from __future__ import annotations
 
@@ -100,26 +100,26 @@ def test_collate_restarts_positions_and_masks_document_starts(tok, tmp_path):
     assert b["n_targets"] == sum(d.n_supervised for d in docs)
 
 
-def test_plan_is_deterministic_disjoint_and_epoch_shuffled():
+def test_schedule_is_deterministic_disjoint_and_epoch_shuffled():
     rows = [[i] for i in range(50)]
-    mk = lambda: batching.BatchPlan(rows, [1] * 50, [1] * 50, micro=2, accum=3, world=2, seed=7)  # noqa: E731
-    plan = mk()
-    assert plan.global_batch == 12 and plan.steps_per_epoch == 4
+    mk = lambda: batching.BatchSchedule(rows, [1] * 50, [1] * 50, micro=2, accum=3, world=2, seed=7)  # noqa: E731
+    schedule = mk()
+    assert schedule.global_batch == 12 and schedule.steps_per_epoch == 4
     for step in range(8):
-        per_rank = [sum(plan.micro_batches(step, r), []) for r in range(2)]
-        assert sorted(per_rank[0] + per_rank[1]) == sorted(plan.step_rows(step))
+        per_rank = [sum(schedule.micro_batches(step, r), []) for r in range(2)]
+        assert sorted(per_rank[0] + per_rank[1]) == sorted(schedule.step_rows(step))
         assert not set(per_rank[0]) & set(per_rank[1])
-    epoch0 = sum((plan.step_rows(s) for s in range(4)), [])
+    epoch0 = sum((schedule.step_rows(s) for s in range(4)), [])
     assert len(set(epoch0)) == 48
-    assert epoch0 != sum((plan.step_rows(s) for s in range(4, 8)), [])
-    assert [mk().step_rows(s) for s in range(8)] == [plan.step_rows(s) for s in range(8)]
+    assert epoch0 != sum((schedule.step_rows(s) for s in range(4, 8)), [])
+    assert [mk().step_rows(s) for s in range(8)] == [schedule.step_rows(s) for s in range(8)]
 
 
 def test_group_by_length_batches_similar_lengths():
     lengths = list(np.random.default_rng(1).integers(1, 1000, size=400))
     rows = [[i] for i in range(400)]
-    plan = batching.BatchPlan(rows, lengths, [1] * 400, micro=4, accum=1, world=2, seed=0, group_by_length=True)
-    spread = np.mean([np.ptp([lengths[r] for r in plan.step_rows(s)]) for s in range(plan.steps_per_epoch)])
-    rand = batching.BatchPlan(rows, lengths, [1] * 400, micro=4, accum=1, world=2, seed=0)
+    schedule = batching.BatchSchedule(rows, lengths, [1] * 400, micro=4, accum=1, world=2, seed=0, group_by_length=True)
+    spread = np.mean([np.ptp([lengths[r] for r in schedule.step_rows(s)]) for s in range(schedule.steps_per_epoch)])
+    rand = batching.BatchSchedule(rows, lengths, [1] * 400, micro=4, accum=1, world=2, seed=0)
     spread_rand = np.mean([np.ptp([lengths[r] for r in rand.step_rows(s)]) for s in range(rand.steps_per_epoch)])
     assert spread < spread_rand / 4

@@ -55,10 +55,10 @@ def test_prepared_data_equals_the_in_memory_path_bit_for_bit(tok, tmp_path, trun
             assert a.sample_id == b.sample_id
             assert a.input_ids.dtype == b.input_ids.dtype and np.array_equal(a.input_ids, b.input_ids)
             assert a.labels.dtype == b.labels.dtype and np.array_equal(a.labels, b.labels)
-    assert bundle.plan.rows == rows
-    for step in range(bundle.plan.steps_per_epoch):  # what the loop feeds the model: every micro-batch, every rank
+    assert bundle.schedule.rows == rows
+    for step in range(bundle.schedule.steps_per_epoch):  # what the loop feeds the model: every micro-batch, every rank
         for rank in range(2):
-            for mb in bundle.plan.micro_batches(step, rank):
+            for mb in bundle.schedule.micro_batches(step, rank):
                 got = batching.collate(bundle.train_docs, [rows[r] for r in mb], pad_id=0, packing=True,
                                        max_seq_len=cfg.max_seq_len)
                 ref = batching.collate(train, [rows[r] for r in mb], pad_id=0, packing=True,
