@@ -123,7 +123,10 @@ def synthetic_data(length: int, docs: str, vocab: int, dp_world: int, seed: int,
     a target but the first of each document), as the data.DataBundle the Trainer trains on."""
     import numpy as np
 
-    from longctx import data as data_mod
+    from longctx.batching import BatchSchedule
+    from longctx.data import DataBundle
+    from longctx.documents import Doc, Ledger
+    from longctx.tokenization import IGNORE
 
     rng = np.random.default_rng(seed)
     out, row_ix = [], []
@@ -132,14 +135,14 @@ def synthetic_data(length: int, docs: str, vocab: int, dp_world: int, seed: int,
         for n in row_doc_lengths(length, docs, seed + r):
             ids = rng.integers(3, vocab, size=n, dtype=np.int32)
             labels = ids.copy()
-            labels[0] = data_mod.IGNORE
+            labels[0] = IGNORE
             row.append(len(out))
-            out.append(data_mod.Doc(f"synthetic:{r}:{len(row)}", ids, labels))
+            out.append(Doc(f"synthetic:{r}:{len(row)}", ids, labels))
         row_ix.append(row)
     lengths = [sum(len(out[d]) for d in row) for row in row_ix]
     targets = [sum(out[d].n_supervised for d in row) for row in row_ix]
-    return data_mod.DataBundle(out, [], data_mod.BatchPlan(row_ix, lengths, targets, micro=1, accum=accum,
-                                                           world=dp_world, seed=seed), [], data_mod.Ledger())
+    return DataBundle(out, [], BatchSchedule(row_ix, lengths, targets, micro=1, accum=accum, world=dp_world, seed=seed),
+                      [], Ledger())
 
 
 class Worker:
@@ -248,9 +251,9 @@ class Worker:
         init_s = time.monotonic() - t0
         data = trainer.data
         dp = trainer.layout.dp_rank
-        micro = [trainer.collate(data.train_docs, [data.plan.rows[r] for r in rows])
-                 for rows in data.plan.micro_batches(0, dp)]
-        n_targets = data.plan.step_targets(0)
+        micro = [trainer.collate(data.train_docs, [data.schedule.rows[r] for r in rows])
+                 for rows in data.schedule.micro_batches(0, dp)]
+        n_targets = data.schedule.step_targets(0)
         cuda = torch.cuda.is_available()
         times, losses = [], []
         phases = {} if self.a.breakdown else None
@@ -287,7 +290,7 @@ class Worker:
         if phases is not None:  # seconds per timed step, the slowest rank's
             names = sorted(phases)
             phases = dict(zip(names, (v / len(times) for v in all_ranks_max([phases[n] for n in names]))))
-        doc_lens = [len(data.train_docs[d]) for r in data.plan.step_rows(0) for d in data.plan.rows[r]]
+        doc_lens = [len(data.train_docs[d]) for r in data.schedule.step_rows(0) for d in data.schedule.rows[r]]
         shape = flops.ModelShape.from_config(trainer.model_config)
         f = flops.train_flops(shape, doc_lens)
         peak_flops = flops.peak_flops(self.facts.name, trainer.settings.precision) if cuda else None

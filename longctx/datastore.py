@@ -1,12 +1,12 @@
 """Prepared data: every file tokenized once into a memory-mapped cache that all ranks of a node share.
 
     store = prepare(paths, tok, options, cache_root)   # build on a miss (one process), open on a hit
-    store[i] -> data.Doc                                # token ids memory-mapped, labels from the target mask
-    store.lengths, store.targets                        # per document, in RAM (what packing and the plan need)
+    store[i] -> documents.Doc                           # token ids memory-mapped, labels from the target mask
+    store.lengths, store.targets                        # per document, in RAM (what packing and the schedule need)
 
 A cache entry is a directory named by the hash of everything that changes its contents: each file's bytes, the
 tokenizer (its vocabulary, merges, specials and chat template), the truncation options and max_seq_len, and this
-code's own source (data.py and this file). Inside it:
+code's own source (documents.py, tokenization.py and this file). Inside it:
 
     ids.bin     int32 token ids of every kept document, end to end
     mask.bin    uint8, 1 where the token is a target (labels are ids there, -100 elsewhere)
@@ -40,8 +40,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from . import data as data_mod
+from .documents import SHAREGPT_NOTE, Doc, Ledger, Source, open_source, tokenize_records
 from .errors import LongctxError
+from .tokenization import IGNORE
 
 FORMAT_VERSION = 1
 TASK_BYTES = 4 << 20          # text a worker tokenizes per task: its token lists stay small, the cores stay busy
@@ -104,7 +105,7 @@ def tokenizer_fingerprint(tok) -> str:
 def _code_version() -> str:
     here = Path(__file__).resolve().parent
     h = hashlib.sha256(str(FORMAT_VERSION).encode())
-    for name in ("data.py", "datastore.py"):
+    for name in ("documents.py", "tokenization.py", "datastore.py"):
         h.update((here / name).read_bytes())
     return h.hexdigest()
 
@@ -126,7 +127,7 @@ def cache_key(paths: Sequence[str], tok, options: Options, root: Path) -> str:
 # --------------------------------------------------------------------------------------------
 
 class DocStore:
-    """The documents of one cache entry (or a selection of them: `subset`), as a sequence of data.Doc."""
+    """The documents of one cache entry (or a selection of them: `subset`), as a sequence of documents.Doc."""
 
     def __init__(self, path: Path, index: Optional[np.ndarray] = None):
         self.path = Path(path)
@@ -168,12 +169,12 @@ class DocStore:
         f = int(self._file[d])
         return f"{self.names[f]}:{'row' if self._row_style[f] else ''}{int(self._line[d])}"
 
-    def __getitem__(self, i: int) -> data_mod.Doc:
+    def __getitem__(self, i: int) -> Doc:
         d = self.index[i]
         a, b = int(self._offsets[d]), int(self._offsets[d + 1])
         ids = self._ids[a:b]
-        labels = np.where(self._mask[a:b].astype(bool), ids, data_mod.IGNORE).astype(np.int32)
-        return data_mod.Doc(self.sample_id(i), ids, labels)
+        labels = np.where(self._mask[a:b].astype(bool), ids, IGNORE).astype(np.int32)
+        return Doc(self.sample_id(i), ids, labels)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
@@ -183,8 +184,8 @@ class DocStore:
         return len(self._targets) * INDEX_BYTES_PER_DOC + len(self.index) * 24
 
     @property
-    def ledger(self) -> data_mod.Ledger:
-        led = data_mod.Ledger()
+    def ledger(self) -> Ledger:
+        led = Ledger()
         led.per_file = {k: dict(v) for k, v in self.meta["ledger"]["per_file"].items()}
         led.formats = dict(self.meta["ledger"]["formats"])
         led.notes = {k: list(v) for k, v in self.meta["ledger"].get("notes", {}).items()}
@@ -204,15 +205,15 @@ def _tokenize_task(task: tuple[int, int, int]):
     f, start, stop = task
     source, tok, opts = _WORK["sources"][f], _WORK["tok"], _WORK["options"]
     records, where = source.read(start, stop)
-    ledger = data_mod.Ledger()
-    docs = data_mod.tokenize_records(tok, records, where, source.fmt, source.name, opts.max_seq_len,
-                                     opts.truncation, opts.sft_truncation, ledger)
+    ledger = Ledger()
+    docs = tokenize_records(tok, records, where, source.fmt, source.name, opts.max_seq_len, opts.truncation,
+                            opts.sft_truncation, ledger)
     record_of = {loc: start + i for i, loc in enumerate(where)}
     kept_at = [int(source.lines[r]) if source.lines is not None else r
                for r in (record_of[d.sample_id] for d in docs)]  # what follows "name:" in the sample id
     ids = np.concatenate([d.input_ids for d in docs]) if docs else np.zeros(0, np.int32)
     labels = np.concatenate([d.labels for d in docs]) if docs else np.zeros(0, np.int32)
-    mask = labels != data_mod.IGNORE
+    mask = labels != IGNORE
     if not np.array_equal(labels[mask], ids[mask]):  # the mask form holds only if every target is its own token
         raise LongctxError(f"{where[0]}..: a label differs from its token; the cache cannot represent it")
     return (f, np.asarray([len(d) for d in docs], np.int64), np.asarray([d.n_supervised for d in docs], np.int64),
@@ -243,7 +244,7 @@ class Progress:
             self.last = now
 
 
-def _slices(source: data_mod.Source) -> list[tuple[int, int]]:
+def _slices(source: Source) -> list[tuple[int, int]]:
     """Record ranges of about TASK_BYTES of text (TASK_RECORDS at most; one record at least)."""
     import pyarrow.compute as pc
 
@@ -264,14 +265,14 @@ def _slices(source: data_mod.Source) -> list[tuple[int, int]]:
 def _build(paths: Sequence[str], tok, options: Options, dest: Path, num_proc: int,
            say: Callable[[str], None]) -> None:
     """Write the entry for `paths` into the empty directory `dest` (meta.json last)."""
-    sources = [data_mod.open_source(p, str(dest / "arrow")) for p in paths]
+    sources = [open_source(p, str(dest / "arrow")) for p in paths]
     for s in sources:
         s.check(tok)
-    ledger = data_mod.Ledger()
+    ledger = Ledger()
     for s in sources:
         ledger.formats[s.name] = s.fmt
         if s.sharegpt:
-            ledger.notes.setdefault(s.name, []).append(data_mod.SHAREGPT_NOTE)
+            ledger.notes.setdefault(s.name, []).append(SHAREGPT_NOTE)
         ledger.add(s.name, docs_no_assistant=0, docs_empty_response=0, docs_context_cut=0, docs_answer_cut=0)
     tasks = [(f, a, b) for f, s in enumerate(sources) for a, b in _slices(s)]
     progress = Progress(sum(s.num_rows for s in sources), say)

@@ -1,9 +1,9 @@
 """What a resume may change, and what it must keep; decided in Trainer.prepare, before the data or the model is
 loaded.
 
-Free to change: the number of ranks and the sequence-parallel degree. data.BatchPlan orders each step's rows from
-(rows, seed, global batch) alone and only then splits them over ranks and micro-batches, so the sample ids of a step
-do not depend on the layout that trains it. The global batch (rows per optimizer step: micro-batch x grad
+Free to change: the number of ranks and the sequence-parallel degree. batching.BatchSchedule orders each step's rows
+from (rows, seed, global batch) alone and only then splits them over ranks and micro-batches, so the sample ids of a
+step do not depend on the layout that trains it. The global batch (rows per optimizer step: micro-batch x grad
 accumulation x data-parallel ranks) is kept: grad accumulation is re-derived for the new layout, or the run is
 refused with the reason. A checkpoint written by another layout is loaded through its universal form
 (universal.py; ZeRO-3 only).
@@ -11,7 +11,7 @@ refused with the reason. A checkpoint written by another layout is loaded throug
 Kept, each refused by name unless --resume-allow-change names it: the model (its path and shape), the tokenizer
 (everything that decides token ids), the data (the files' names and bytes, wherever they now are: the file part of
 the prepared-data key, datastore.files_digest; the sampling weights), max_seq_len and the global batch. An allowed
-change continues from the checkpoint's step on the new setting's batch plan; the ledger then says the sample ids
+change continues from the checkpoint's step on the new setting's batch schedule; the ledger then says the sample ids
 are not the uninterrupted run's.
 """
 

@@ -9,7 +9,7 @@ attention runs on the full sequence, and a second all-to-all turns it back.
 
 What this module adds around DeepSpeed's pieces, and why:
 
-* Data: the batch plan is made over the data-parallel groups (world / N of them), so the N ranks of a group
+* Data: the batch schedule is made over the data-parallel groups (world / N of them), so the N ranks of a group
   collate the same rows and each keeps its slice (`Layout.collate`). No gather is needed, unlike
   `UlyssesSPDataLoaderAdapter`, which exchanges samples between ranks because each rank reads its own;
   the slicing itself follows the adapter: rows are padded to a multiple of N (label -100, positions
@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import batching
 from .errors import LongctxError
 
 IGNORE = -100
@@ -122,10 +123,8 @@ class Layout:
         return divisor * grad_accum / n_targets
 
     def collate(self, docs, rows, *, pad_id: int, packing: bool, max_seq_len: int, flatten: bool = False) -> dict:
-        """data.collate, then this rank's slice (see shard_batch). Same signature and keys."""
-        from . import data as data_mod
-
-        batch = data_mod.collate(docs, rows, pad_id=pad_id, packing=packing, max_seq_len=max_seq_len,
+        """batching.collate, then this rank's slice (see shard_batch). Same signature and keys."""
+        batch = batching.collate(docs, rows, pad_id=pad_id, packing=packing, max_seq_len=max_seq_len,
                                  flatten=flatten)
         if not self.enabled:
             return batch

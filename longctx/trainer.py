@@ -8,7 +8,7 @@
     trainer.save_final() the consolidated Hugging Face model
 
 Loss normalization: each optimizer step minimizes  sum(token CE) / N  over the target tokens of the whole global
-batch (all ranks, all micro-batches); N is known in advance from the batch plan. Each micro-batch backpropagates
+batch (all ranks, all micro-batches); N is known in advance from the batch schedule. Each micro-batch backpropagates
 its CE sum x (world x grad_accum / N), which DeepSpeed's division by grad_accum and averaging over ranks turns into
 exactly that. Packing, micro-batching, accumulation and world size therefore do not change the gradient.
 
@@ -147,8 +147,8 @@ class Trainer:
                                                        cfg.micro_batch_size, self.settings.ds_config)
         if self.data is None:
             self.data = data_mod.build(cfg, self.tok, self.layout.dp_world, say=self.say, announce=announce(self.rank))
-        plan = self.data.plan
-        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * plan.steps_per_epoch))
+        per_epoch = self.data.schedule.steps_per_epoch
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * per_epoch))
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         return self
 
@@ -164,7 +164,7 @@ class Trainer:
         lines += [f"ds_config {cfg.deepspeed}: train_batch_size {ds['train_batch_size']} = {cfg.micro_batch_size} x "
                   f"{cfg.grad_accum} x {self.layout.dp_world} | {self.layout.describe()}",
                   self.data.ledger.format(),
-                  f"steps: {self.total_steps} ({self.data.plan.steps_per_epoch} per epoch)"
+                  f"steps: {self.total_steps} ({self.data.schedule.steps_per_epoch} per epoch)"
                   + (f"; resuming from {self.resume_from}" if self.resume_from else "")]
         if self.resume_plan is not None:
             lines.append(self.resume_plan.describe())
@@ -267,7 +267,7 @@ class Trainer:
     # ---- checkpointable state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The trainer's own state (the engine's is saved beside it): where the data order stands."""
-        per_epoch = self.data.plan.steps_per_epoch
+        per_epoch = self.data.schedule.steps_per_epoch
         epoch = (self.step - 1) // per_epoch if self.step else 0
         return {"step": self.step, "epoch": epoch, "step_in_epoch": self.step - epoch * per_epoch,
                 "world_size": self.world, "sequence_parallel": self.layout.size,
@@ -378,7 +378,7 @@ class Trainer:
     def fit(self) -> None:
         from .metrics import Metrics, lr_in_use
 
-        cfg, data, plan = self.cfg, self.data, self.data.plan
+        cfg, data, schedule = self.cfg, self.data, self.data.schedule
         s = self.settings
         self.metrics = metrics = Metrics(cfg.output_dir, rank=self.rank, world=self.world, model_config=self.model_config,
                           precision=s.precision, total_steps=self.total_steps, start_step=self.step,
@@ -404,9 +404,9 @@ class Trainer:
             index = self.step  # 0-based index of the step being taken
             metrics.start_step()
             lr = lr_in_use(self.scheduler)  # DeepSpeed steps the scheduler inside the optimizer step
-            micro = [self.collate(data.train_docs, [plan.rows[r] for r in rows])
-                     for rows in plan.micro_batches(index, self.layout.dp_rank)]
-            result = self.train_step(micro, plan.step_targets(index), step=index + 1)
+            micro = [self.collate(data.train_docs, [schedule.rows[r] for r in rows])
+                     for rows in schedule.micro_batches(index, self.layout.dp_rank)]
+            result = self.train_step(micro, schedule.step_targets(index), step=index + 1)
             self.step = index + 1
             last = self.step == self.total_steps
             if not last and time_up():
@@ -420,8 +420,8 @@ class Trainer:
                                    or last):
                 eval_loss = self.evaluate()
             metrics.log_samples(self.step, data.step_sample_ids(index))
-            doc_lens = [len(data.train_docs[d]) for r in plan.step_rows(index) for d in plan.rows[r]]
-            row = metrics.end_step(self.step, epoch=index // plan.steps_per_epoch, loss=result.loss,
+            doc_lens = [len(data.train_docs[d]) for r in schedule.step_rows(index) for d in schedule.rows[r]]
+            row = metrics.end_step(self.step, epoch=index // schedule.steps_per_epoch, loss=result.loss,
                                    lr=lr, grad_norm=result.grad_norm,
                                    tokens=sum(doc_lens), doc_lens=doc_lens, skipped_steps=self.guard.skipped,
                                    loss_scale=self.guard.loss_scale,

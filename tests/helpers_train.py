@@ -74,17 +74,17 @@ def tokenizer():
 
 def load_rows(tok, rows: list[dict], tmp_path: Path, name: str = "d.jsonl", max_len: int = 4096,
               truncation: str = "truncate", sft_truncation: str = "context"):
-    """`rows` written to tmp_path/name and read back by longctx.data.load_docs: (docs, ledger)."""
-    from longctx import data as data_mod
+    """`rows` written to tmp_path/name and read back by longctx.documents.load_docs: (docs, ledger)."""
+    from longctx import documents
 
     f = write_jsonl(tmp_path / name, rows)
-    ledger = data_mod.Ledger()
-    return data_mod.load_docs([str(f)], tok, max_len, truncation, ledger, sft_truncation), ledger
+    ledger = documents.Ledger()
+    return documents.load_docs([str(f)], tok, max_len, truncation, ledger, sft_truncation), ledger
 
 
 def target_text(tok, doc) -> str:
     """The decoded tokens of `doc` that are loss targets (label not IGNORE)."""
-    from longctx.data import IGNORE
+    from longctx.tokenization import IGNORE
 
     return tok.decode([int(i) for i, t in zip(doc.input_ids, doc.labels) if t != IGNORE])
 

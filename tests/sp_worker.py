@@ -34,7 +34,8 @@ CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_
 
 
 def make_docs(lengths, seed):
-    from longctx.data import IGNORE, Doc
+    from longctx.documents import Doc
+    from longctx.tokenization import IGNORE
 
     rng = np.random.default_rng(seed)
     docs = []
@@ -85,7 +86,7 @@ def main():
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from longctx import attention, data as data_mod, resolve
+    from longctx import attention, batching, resolve
     from longctx.modeling import CausalLMWithLoss
     from longctx import sequence_parallel as sp_mod, tiled_mlp
 
@@ -127,12 +128,12 @@ def main():
 
     if flatten:  # one packed row of odd length 61: documents 20+13+11+9+7 and one padding token
         docs = make_docs([13, 7, 9, 20, 11], seed=1)
-        cases = {"varlen_packed_odd": dict(rows=data_mod.pack([len(d) for d in docs], 61), packing=True,
+        cases = {"varlen_packed_odd": dict(rows=batching.pack([len(d) for d in docs], 61), packing=True,
                                            max_seq_len=61)}
     else:
         docs = make_docs([13, 7, 9, 20, 11, 23, 16], seed=1)
         cases = {
-            "packed_odd": dict(rows=data_mod.pack([len(d) for d in docs[:5]], 31), packing=True, max_seq_len=31),
+            "packed_odd": dict(rows=batching.pack([len(d) for d in docs[:5]], 31), packing=True, max_seq_len=31),
             "unpacked_varlen": dict(rows=[[5], [6]], packing=False, max_seq_len=64),  # lengths 23, 16
         }
     results = {}

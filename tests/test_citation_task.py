@@ -5,7 +5,7 @@ source tree of real stdlib files. Checked against the files themselves:
   no other document of the context; contexts fit their length (tokens, as train.py counts them);
 * training examples use training modules only; eval questions are about held-out modules; deterministic per example;
 * the scorer: 1.0 on gold answers, citation 0 on a wrong document whatever the signature;
-* the files load through longctx.data.load_docs as chat, the answer (and only it) the target;
+* the files load through longctx.documents.load_docs as chat, the answer (and only it) the target;
 * eval.py's citation task: --citation-data parsed, prompts generated and scored (a tiny random model, and a
   stand-in model that answers the gold).
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from helpers_train import TOKENIZER, target_text
-from longctx import data as data_mod
+from longctx import documents
 from longctx.evaluation import citation as cit
 from longctx.models import long_text_data as ltd
 
@@ -183,8 +183,8 @@ def test_written_files_load_as_chat_with_the_answer_as_target(tok, out, built):
                                                           for L in EVAL_LENGTHS]:
         written = [json.loads(x) for x in (out / name).read_text().splitlines()]
         assert written == rows
-        ledger = data_mod.Ledger()
-        loaded = data_mod.load_docs([str(out / name)], tok, TRAIN_LEN, "truncate", ledger)
+        ledger = documents.Ledger()
+        loaded = documents.load_docs([str(out / name)], tok, TRAIN_LEN, "truncate", ledger)
         assert len(loaded) == len(rows) and ledger.total().get("docs_truncated", 0) == 0
         for doc, r in zip(loaded, rows):
             assert target_text(tok, doc) == r["messages"][-1]["content"] + "<|end|>\n"

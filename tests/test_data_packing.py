@@ -1,4 +1,5 @@
-"""longctx.data: formats and label masks, truncation and the ledger, packing, the batch plan, collation."""
+"""longctx.documents, .tokenization and .batching: formats and label masks, truncation and the ledger, packing, the
+batch schedule, collation."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from functools import partial
 import numpy as np
 
 from helpers_train import chat_rows, load_rows, target_text, text_rows
-from longctx import data as data_mod
-from longctx.data import IGNORE
+from longctx import batching, documents
+from longctx.tokenization import IGNORE
 
 
 load = partial(load_rows, truncation="error")  # a document over max_len stops the load unless a test says otherwise
@@ -63,7 +64,7 @@ def test_other_file_formats_read_the_same(tok, tmp_path):
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     (tmp_path / "arr.json").write_text(__import__("json").dumps(rows))
     for name in ("d.parquet", "arr.json"):
-        docs = data_mod.load_docs([str(tmp_path / name)], tok, 4096, "error", data_mod.Ledger())
+        docs = documents.load_docs([str(tmp_path / name)], tok, 4096, "error", documents.Ledger())
         assert [d.input_ids.tolist() for d in docs] == [d.input_ids.tolist() for d in jsonl_docs]
         assert [d.labels.tolist() for d in docs] == [d.labels.tolist() for d in jsonl_docs]
 
@@ -71,18 +72,18 @@ def test_other_file_formats_read_the_same(tok, tmp_path):
 def test_pack_places_every_document_once_within_capacity():
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 300, size=500).tolist()
-    rows = data_mod.pack(lengths, 512)
+    rows = batching.pack(lengths, 512)
     flat = sorted(i for r in rows for i in r)
     assert flat == list(range(500))
     assert all(sum(lengths[i] for i in r) <= 512 for r in rows)
     assert sum(lengths) / (len(rows) * 512) > 0.95  # best-fit decreasing packs tightly
-    assert rows == data_mod.pack(lengths, 512)  # deterministic
+    assert rows == batching.pack(lengths, 512)  # deterministic
 
 
 def test_collate_restarts_positions_and_masks_document_starts(tok, tmp_path):
     docs, _ = load(tok, text_rows(5, seed=4, lo=3, hi=12), tmp_path)
     rows = [[0, 1, 2], [3, 4]]
-    b = data_mod.collate(docs, rows, pad_id=0, packing=True, max_seq_len=64)
+    b = batching.collate(docs, rows, pad_id=0, packing=True, max_seq_len=64)
     for r, row in enumerate(rows):
         t = 0
         for d in row:
@@ -94,31 +95,31 @@ def test_collate_restarts_positions_and_masks_document_starts(tok, tmp_path):
         assert (b["labels"][r, t:] == IGNORE).all() and b["position_ids"][r, t] == 0  # padding: own segment
     starts = b["cu_seq_lens"].tolist()
     assert starts[0] == 0 and starts[-1] == 2 * 64 and len(starts) == 5 + 2 + 1
-    flat = data_mod.collate(docs, rows, pad_id=0, packing=True, max_seq_len=64, flatten=True)
+    flat = batching.collate(docs, rows, pad_id=0, packing=True, max_seq_len=64, flatten=True)
     assert flat["input_ids"].shape == (1, 128) and flat["cu_seq_lens"].tolist() == starts
     assert b["n_targets"] == sum(d.n_supervised for d in docs)
 
 
-def test_plan_is_deterministic_disjoint_and_epoch_shuffled():
+def test_schedule_is_deterministic_disjoint_and_epoch_shuffled():
     rows = [[i] for i in range(50)]
-    mk = lambda: data_mod.BatchPlan(rows, [1] * 50, [1] * 50, micro=2, accum=3, world=2, seed=7)  # noqa: E731
-    plan = mk()
-    assert plan.global_batch == 12 and plan.steps_per_epoch == 4
+    mk = lambda: batching.BatchSchedule(rows, [1] * 50, [1] * 50, micro=2, accum=3, world=2, seed=7)  # noqa: E731
+    schedule = mk()
+    assert schedule.global_batch == 12 and schedule.steps_per_epoch == 4
     for step in range(8):
-        per_rank = [sum(plan.micro_batches(step, r), []) for r in range(2)]
-        assert sorted(per_rank[0] + per_rank[1]) == sorted(plan.step_rows(step))
+        per_rank = [sum(schedule.micro_batches(step, r), []) for r in range(2)]
+        assert sorted(per_rank[0] + per_rank[1]) == sorted(schedule.step_rows(step))
         assert not set(per_rank[0]) & set(per_rank[1])
-    epoch0 = sum((plan.step_rows(s) for s in range(4)), [])
+    epoch0 = sum((schedule.step_rows(s) for s in range(4)), [])
     assert len(set(epoch0)) == 48
-    assert epoch0 != sum((plan.step_rows(s) for s in range(4, 8)), [])
-    assert [mk().step_rows(s) for s in range(8)] == [plan.step_rows(s) for s in range(8)]
+    assert epoch0 != sum((schedule.step_rows(s) for s in range(4, 8)), [])
+    assert [mk().step_rows(s) for s in range(8)] == [schedule.step_rows(s) for s in range(8)]
 
 
 def test_group_by_length_batches_similar_lengths():
     lengths = list(np.random.default_rng(1).integers(1, 1000, size=400))
     rows = [[i] for i in range(400)]
-    plan = data_mod.BatchPlan(rows, lengths, [1] * 400, micro=4, accum=1, world=2, seed=0, group_by_length=True)
-    spread = np.mean([np.ptp([lengths[r] for r in plan.step_rows(s)]) for s in range(plan.steps_per_epoch)])
-    rand = data_mod.BatchPlan(rows, lengths, [1] * 400, micro=4, accum=1, world=2, seed=0)
+    schedule = batching.BatchSchedule(rows, lengths, [1] * 400, micro=4, accum=1, world=2, seed=0, group_by_length=True)
+    spread = np.mean([np.ptp([lengths[r] for r in schedule.step_rows(s)]) for s in range(schedule.steps_per_epoch)])
+    rand = batching.BatchSchedule(rows, lengths, [1] * 400, micro=4, accum=1, world=2, seed=0)
     spread_rand = np.mean([np.ptp([lengths[r] for r in rand.step_rows(s)]) for s in range(rand.steps_per_epoch)])
     assert spread < spread_rand / 4

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from helpers_train import WORDS, load_rows, target_text, text_rows, write_jsonl
-from longctx import data as data_mod
+from longctx import data as data_mod, tokenization
 from longctx.errors import LongctxError
 
 
@@ -47,9 +47,9 @@ def test_an_answer_longer_than_the_row_is_cut_and_counted(tok, tmp_path):
 
 
 def test_middle_cut():
-    assert data_mod.middle_cut(list(range(10)), 4) == [0, 1, 8, 9]
-    assert data_mod.middle_cut(list(range(10)), 1) == [0]
-    assert data_mod.middle_cut(list(range(3)), 5) == [0, 1, 2]
+    assert tokenization.middle_cut(list(range(10)), 4) == [0, 1, 8, 9]
+    assert tokenization.middle_cut(list(range(10)), 1) == [0]
+    assert tokenization.middle_cut(list(range(3)), 5) == [0, 1, 2]
 
 
 # ---- chat -----------------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def test_roles_the_template_names_are_known():
                          "{%- if not (message.role == 'ipython' or message.role == \"tool\") %}{%- endif %}"
                          "{%- endfor %}")
 
-    assert data_mod.chat_roles(Tok()) == {"system", "user", "assistant", "ipython", "tool"}
+    assert tokenization.chat_roles(Tok()) == {"system", "user", "assistant", "ipython", "tool"}
 
 
 # ---- the ledger's account and the limit --------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from helpers_train import REPO, chat_rows, pr_rows, small_dataset, text_rows, write_jsonl
-from longctx import data as data_mod, datastore
+from longctx import batching, data as data_mod, datastore, documents, tokenization
 from longctx.errors import LongctxError
 
 
@@ -27,14 +27,14 @@ def cfg_for(paths, cache, **kw) -> SimpleNamespace:
 def reference_bundle(cfg, tok, world: int):
     """Today's path written out plainly: every document tokenized in memory (load_docs), the eval split by the seeded
     permutation, best-fit-decreasing packing over the in-memory documents."""
-    ledger = data_mod.Ledger()
-    docs = data_mod.load_docs(cfg.data, tok, cfg.max_seq_len, cfg.truncation, ledger, cfg.sft_truncation)
+    ledger = documents.Ledger()
+    docs = documents.load_docs(cfg.data, tok, cfg.max_seq_len, cfg.truncation, ledger, cfg.sft_truncation)
     perm = np.random.default_rng([cfg.seed, 7]).permutation(len(docs))
     k = min(len(docs) - 1, max(1, round(cfg.eval_fraction * len(docs))))
     held = set(perm[:k].tolist())
     train = [d for i, d in enumerate(docs) if i not in held]
     evald = [d for i, d in enumerate(docs) if i in held]
-    rows = data_mod.pack([len(d) for d in train], cfg.max_seq_len)
+    rows = batching.pack([len(d) for d in train], cfg.max_seq_len)
     return train, evald, rows, ledger
 
 
@@ -55,13 +55,13 @@ def test_prepared_data_equals_the_in_memory_path_bit_for_bit(tok, tmp_path, trun
             assert a.sample_id == b.sample_id
             assert a.input_ids.dtype == b.input_ids.dtype and np.array_equal(a.input_ids, b.input_ids)
             assert a.labels.dtype == b.labels.dtype and np.array_equal(a.labels, b.labels)
-    assert bundle.plan.rows == rows
-    for step in range(bundle.plan.steps_per_epoch):  # what the loop feeds the model: every micro-batch, every rank
+    assert bundle.schedule.rows == rows
+    for step in range(bundle.schedule.steps_per_epoch):  # what the loop feeds the model: every micro-batch, every rank
         for rank in range(2):
-            for mb in bundle.plan.micro_batches(step, rank):
-                got = data_mod.collate(bundle.train_docs, [rows[r] for r in mb], pad_id=0, packing=True,
+            for mb in bundle.schedule.micro_batches(step, rank):
+                got = batching.collate(bundle.train_docs, [rows[r] for r in mb], pad_id=0, packing=True,
                                        max_seq_len=cfg.max_seq_len)
-                ref = data_mod.collate(train, [rows[r] for r in mb], pad_id=0, packing=True,
+                ref = batching.collate(train, [rows[r] for r in mb], pad_id=0, packing=True,
                                        max_seq_len=cfg.max_seq_len)
                 for key in ("input_ids", "labels", "position_ids", "cu_seq_lens"):
                     assert np.array_equal(got[key].numpy(), ref[key].numpy()), key
@@ -69,9 +69,10 @@ def test_prepared_data_equals_the_in_memory_path_bit_for_bit(tok, tmp_path, trun
 
 
 def test_plain_encoding_equals_the_tokenizers_own_call(tok):
-    """data.encode skips character offsets for speed; the ids must be what tok() gives, special-token text too."""
+    """tokenization.encode skips character offsets for speed; the ids must be what tok() gives, special-token text
+    too."""
     texts = [t["text"] for t in text_rows(20, seed=9)] + ["<|eos|> in the text", "", "  spaces\n\ttabs  "]
-    assert data_mod.encode(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
+    assert tokenization.encode(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
 
 
 def test_the_entry_does_not_depend_on_the_number_of_workers(tok, tmp_path):
@@ -127,12 +128,12 @@ def test_sharegpt_conversations_read_as_messages(tok, tmp_path):
     msgs = chat_rows(6)
     share = [{"conversations": [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
                                 for m in r["messages"]]} for r in msgs]
-    a = data_mod.load_docs([str(write_jsonl(tmp_path / "m.jsonl", msgs))], tok, 256, "truncate", data_mod.Ledger())
+    a = documents.load_docs([str(write_jsonl(tmp_path / "m.jsonl", msgs))], tok, 256, "truncate", documents.Ledger())
     store = datastore.prepare([str(write_jsonl(tmp_path / "s.jsonl", share))], tok,
                               datastore.Options(256, "truncate", "context"), tmp_path / "c", num_proc=1)
     assert [d.input_ids.tolist() for d in store] == [d.input_ids.tolist() for d in a]
     assert [d.labels.tolist() for d in store] == [d.labels.tolist() for d in a]
-    assert data_mod.SHAREGPT_NOTE in store.ledger.format()
+    assert documents.SHAREGPT_NOTE in store.ledger.format()
 
 
 def test_a_save_to_disk_directory_is_a_dataset(tok, tmp_path):
@@ -140,7 +141,7 @@ def test_a_save_to_disk_directory_is_a_dataset(tok, tmp_path):
 
     rows = pr_rows(12)
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
-    ref = data_mod.load_docs([str(write_jsonl(tmp_path / "pr.jsonl", rows))], tok, 256, "truncate", data_mod.Ledger())
+    ref = documents.load_docs([str(write_jsonl(tmp_path / "pr.jsonl", rows))], tok, 256, "truncate", documents.Ledger())
     store = datastore.prepare([str(tmp_path / "saved")], tok, datastore.Options(256, "truncate", "context"),
                               tmp_path / "c", num_proc=1)
     assert [d.sample_id for d in store] == [f"saved:row{i}" for i in range(12)]

@@ -85,7 +85,7 @@ def test_probe_reads_this_machine(tmp_path):
 
 
 def test_longest_batch_comes_first():
-    from longctx.data import longest_first
+    from longctx.batching import longest_first
 
     lengths = [5, 90, 7, 100, 3, 100, 8]
     order = [6, 0, 5, 2, 1, 4, 3]           # a seeded permutation

@@ -57,7 +57,9 @@ def test_deepspeed_tiled_fused_logits_loss_drops_the_upstream_gradient_for_the_w
 
 
 def test_shard_batch_pads_shifts_and_slices():
-    from longctx.data import IGNORE, Doc, collate
+    from longctx.batching import collate
+    from longctx.documents import Doc
+    from longctx.tokenization import IGNORE
     import numpy as np
 
     docs = [Doc(f"d{i}", np.arange(3, 3 + n, dtype=np.int32), np.arange(3, 3 + n, dtype=np.int32))

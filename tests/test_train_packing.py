@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from helpers_train import (chat_rows, fast_args, pr_rows, read_jsonl, reference_step, run_train,
                            text_rows, tiny_config, tiny_model_dir, write_jsonl)
-from longctx import attention, data as data_mod, resolve
+from longctx import attention, batching, documents, resolve
 from longctx.modeling import CausalLMWithLoss, LinearCrossEntropySum
 
 
@@ -60,7 +60,7 @@ def docs(tmp_path_factory, tok):
     d = tmp_path_factory.mktemp("pack")
     files = [write_jsonl(d / "t.jsonl", text_rows(7, seed=3, lo=3, hi=40)), write_jsonl(d / "c.jsonl", chat_rows(3)),
              write_jsonl(d / "p.jsonl", pr_rows(3))]
-    return data_mod.load_docs([str(f) for f in files], tok, 512, "error", data_mod.Ledger())
+    return documents.load_docs([str(f) for f in files], tok, 512, "error", documents.Ledger())
 
 
 def make_lm(impl):
@@ -90,9 +90,9 @@ def packed(lm, docs, impl, capacity=256, restart_positions=True):
     """`impl`: the kernel that takes the document boundaries (longctx_sdpa, longctx_varlen), or None (a mask)."""
     model = CausalLMWithLoss(lm)
     lm.zero_grad()
-    rows = data_mod.pack([len(d) for d in docs], capacity)
+    rows = batching.pack([len(d) for d in docs], capacity)
     assert len(rows) < len(docs), "the test must actually pack several documents per row"
-    batch = data_mod.collate(docs, rows, pad_id=0, packing=True, max_seq_len=capacity,
+    batch = batching.collate(docs, rows, pad_id=0, packing=True, max_seq_len=capacity,
                              flatten=impl is not None)
     pos = batch["position_ids"]
     if not restart_positions:  # negative control: one long sequence per row

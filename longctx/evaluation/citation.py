@@ -372,7 +372,7 @@ GOLD = ("messages", "signature", "doc_id", "doc_name", "context_len")
 
 def read(path: str) -> dict[int, list[dict]]:
     """The eval records of a directory (its eval_*.jsonl) or one file, grouped by context length."""
-    from ..data import iter_json_lines
+    from ..documents import iter_json_lines
 
     p = Path(path)
     files = sorted(p.glob("eval_*.jsonl")) if p.is_dir() else [p] if p.is_file() else []
@@ -399,7 +399,7 @@ def prompt_ids(tok, rec: dict) -> list[int]:
 
 def stop_ids(tok) -> set[int]:
     """eos and the token the chat template closes an assistant turn with (<|im_end|>, <|eot_id|>, ...)."""
-    from ..data import assistant_char_spans
+    from ..tokenization import assistant_char_spans
 
     stop = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]

@@ -18,7 +18,7 @@ import sysconfig
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..data import iter_json_lines
+from ..documents import iter_json_lines
 from ..errors import LongctxError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}

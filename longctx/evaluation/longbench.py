@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import iter_json_lines
+from ..documents import iter_json_lines
 from ..errors import LongctxError
 
 DEFAULT_TEMPLATE = ("Read the text below and answer the question.\n\n{context}\n\n"
