@@ -527,23 +527,20 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
                     why["offload_params"] = ("auto: kept on the GPU with every optimizer state (ds_configs/zero3.json's "
                                              "placement: its step measured 3.2x faster at 16K on one H200)")
             else:
-                base = setup(build(offload_params, 1.0), 1)
+                states_on_cpu = build(offload_params, 1.0)
                 # the states' host bytes with no checkpoint offloaded: checkpoints take what host RAM is left (below)
-                cpu_host = plan(setup_at_offloaded(build(offload_params, 1.0), 0)).host_total(hw.gpus)
+                cpu_host = plan(setup_at_offloaded(states_on_cpu, 0)).host_total(hw.gpus)
                 host_holds = not hw.host_mem or cpu_host <= hw.host_usable
-                split = None if host_holds else largest_gpu_share(base, fits_any)
+                split = None if host_holds else largest_gpu_share(setup(states_on_cpu, 1), fits_any)
                 need = min(plan(dataclasses.replace(all_gpu, tiled_mlp_shards=n)).gpu_peak
                            for n in (1, shards_if_tiled)) / GiB
-                if split is None and host_holds:
+                if split is None:
                     ratio = 1.0
                     why["optimizer"] = (f"auto: all on the CPU (all on the GPU would plan {need:.1f} GiB of "
-                                        f"{hw.gpu_usable / GiB:.1f} usable; the host holds them, and their "
-                                        "update overlaps the next forward)")
-                elif split is None:
-                    ratio = 1.0
-                    why["optimizer"] = (f"auto: all on the CPU (all on the GPU would plan {need:.1f} GiB of "
-                                        f"{hw.gpu_usable / GiB:.1f} usable, and not even one sub-group's "
-                                        "states fit beside the step)")
+                                        f"{hw.gpu_usable / GiB:.1f} usable" + (
+                                            "; the host holds them, and their update overlaps the next forward)"
+                                            if host_holds else
+                                            ", and not even one sub-group's states fit beside the step)"))
                 else:
                     ratio = split.optimizer_ratio
                     on, off = optimizer_sub_groups(split)

@@ -45,8 +45,9 @@ Upstream issue to file (deepspeedai/DeepSpeed):
          per-parameter partitions) stay in torch's CachingHostAllocator after init; an empty_host_cache() at the end
          of __init__ returns them. (e) With offload_param, writing a GPU sub-group's fp32 master into the pinned
          16-bit partition (fp16_partitioned_groups_flat[i].data.copy_(fp32)) converts on the CPU through a pageable
-         fp32 temporary; converting on the GPU first halves the bytes and uses the pinned path. Suggested fix: copy the hyperparameters from the CPU group in _optimizer_step,
-         save backup_optimizer's per-sub-group state beside OPTIMIZER_STATE_DICT, route by index.
+         fp32 temporary; converting on the GPU first halves the bytes and uses the pinned path.
+         Suggested fix: copy the hyperparameters from the CPU group in _optimizer_step, save backup_optimizer's
+         per-sub-group state beside OPTIMIZER_STATE_DICT, route by index.
 """
 
 from __future__ import annotations
