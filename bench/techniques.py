@@ -24,6 +24,9 @@ parameters and optimizer to CPU as `ds_configs/zero3_offload.json` did before pl
     params_cpu       longctx with parameters forced to CPU     } where parameters live, measured side by side
     params_gpu       longctx with parameters forced on the GPU }
     opt_gpu          longctx with the optimizer on the GPU (fp32 master + Adam states in GPU memory)
+    opt_cpu          longctx with every optimizer state on the CPU (ratio 1), its update overlapping the next forward
+    opt_cpu_serial   the same with the update after backward, as DeepSpeed runs it (--overlap-optimizer-step off)
+    twin_flow        longctx with half the optimizer's sub-groups on the GPU (Twin-Flow, ratio 0.5)
     all_gpu          longctx with parameters and optimizer on the GPU
     tiled_mlp        longctx with tiled MLP forced on
     sp               longctx with Ulysses sequence parallelism over every rank of the worker
@@ -49,7 +52,9 @@ So a stock user chooses, per length, between the faster kernel recomputed and SD
     bwd per layer, 2026-12-05_h100_attention_fa4, with the forward's share of the FLOPs) = 1.8 s: ~13.0 against
     ~12.2 s, if stock SDPA runs one document as fast as SDPA per document (upstream_best 14.52 s against
     recompute_attn's 14.30 s at 128K says about so). stock_fa4 and stock_sdpa_keep measure both at every length.
-Where the checkpoints go is what `train.py --plan` tells that user: on the GPU where the plan fits the step there,
+Where the parameters and optimizer states live is the default's decision (the same ZeRO placement: the plan's
+choice between zero3.json and zero3_offload.json, which `train.py --plan` shows a stock user), but never this
+project's overlapped CPU step (--overlap-optimizer-step off). Where the checkpoints go is what `train.py --plan` tells that user: on the GPU where the plan fits the step there,
 else upstream's offload. At reduced depth (the 8-layer profiles) the plan fits GPU checkpoints at lengths where the
 full-depth model would need the offload: the stock stack there is as strong as the card allows, not the full model's.
 Each row's `flags` and `settings` say what ran.
@@ -74,6 +79,8 @@ class Technique:
     desc: str = ""
     world_flags: tuple[str, ...] = field(default=())  # flags that take the worker's world size ({world})
     offload_optimizer: str = "cpu"  # offload_optimizer.device: "cpu", or "none" (optimizer states on the GPU)
+    # offload_optimizer.ratio (the CPU share of the optimizer's sub-groups): None leaves the ds_config's "auto"
+    optimizer_ratio: Optional[float] = None
     # stock stacks: the candidate flag sets at a row length, in order of preference; the first that train.py
     # resolves on the machine runs, with UPSTREAM_OFFLOAD added where the plan does not fit it on the GPU
     # (flags_at). None: `flags` at every length.
@@ -83,13 +90,16 @@ class Technique:
 _RECIPE = ("--offload-gradient-checkpointing",)  # --liger auto: on wherever a GPU and liger-kernel are
 # upstream SDPA packs only with an S x S mask; upstream checkpointing recomputes attention; upstream has no tiled MLP
 # (train.py's auto would tile where the untiled step does not fit, and the row would no longer be upstream's)
-_UPSTREAM_SDPA = ("--attn-implementation", "sdpa", "--no-packing", "--no-keep-attention", "--no-tiled-mlp")
+_UPSTREAM_SDPA = ("--attn-implementation", "sdpa", "--no-packing", "--no-keep-attention", "--no-tiled-mlp",
+                  "--overlap-optimizer-step", "off")
 UPSTREAM_OFFLOAD = ("--offload-gradient-checkpointing", "--offload-impl", "upstream")
 # the stock candidates (Liger auto: on with a GPU, as upstream_best). transformers' flash_attention_4 packs through
 # its padding-free varlen path, so packing stays on; its kernels cannot be kept
-_STOCK_FA4 = ("--attn-implementation", "flash_attention_4", "--no-keep-attention", "--no-tiled-mlp")
+# the overlapped CPU step is this project's (longctx.overlap_step): off in every stock stack
+_STOCK_FA4 = ("--attn-implementation", "flash_attention_4", "--no-keep-attention", "--no-tiled-mlp",
+              "--overlap-optimizer-step", "off")
 _STOCK_SDPA_KEEP = ("--attn-implementation", "sdpa", "--no-packing", "--keep-attention", "--keep-attention-by",
-                    "selective", "--no-tiled-mlp")
+                    "selective", "--no-tiled-mlp", "--overlap-optimizer-step", "off")
 
 
 def _stock_best(seq_len: int) -> tuple[tuple[str, ...], ...]:
@@ -109,15 +119,15 @@ TECHNIQUES = {t.name: t for t in (
     Technique("upstream_best", _UPSTREAM_SDPA + UPSTREAM_OFFLOAD, UPSTREAM_OFFLOAD_PARAM,
               "upstream_sdpa (the weaker stock stack; named upstream_best in earlier runs): SDPA + offload=True + "
               "Liger, reentrant, attention recomputed"),
-    Technique("stock_best", (), UPSTREAM_OFFLOAD_PARAM,
-              "the strongest stock stack (transformers + DeepSpeed + Liger, no fork feature) at each length: "
+    Technique("stock_best", (),
+              desc="the strongest stock stack (transformers + DeepSpeed + Liger, no fork feature) at each length: "
               "transformers' flash_attention_4 recomputed under 64K, SDPA kept by selective checkpointing from 64K; "
               "checkpoints on the GPU where the plan fits them, else upstream's offload", pick=_stock_best),
-    Technique("stock_fa4", (), UPSTREAM_OFFLOAD_PARAM,
-              "stock: transformers' flash_attention_4 (attention recomputed) + Liger; checkpoints placed by the plan",
+    Technique("stock_fa4", (),
+              desc="stock: transformers' flash_attention_4 (attention recomputed) + Liger; checkpoints placed by the plan",
               pick=lambda n: (_STOCK_FA4,)),
-    Technique("stock_sdpa_keep", (), UPSTREAM_OFFLOAD_PARAM,
-              "stock: SDPA kept by torch's selective checkpointing + Liger; checkpoints placed by the plan",
+    Technique("stock_sdpa_keep", (),
+              desc="stock: SDPA kept by torch's selective checkpointing + Liger; checkpoints placed by the plan",
               pick=lambda n: (_STOCK_SDPA_KEEP,)),
     Technique("varlen", _RECIPE + ("--attn-implementation", "varlen"), desc="longctx with torch varlen_attn"),
     Technique("sdpa_per_doc", _RECIPE + ("--attn-implementation", "sdpa_per_doc"),
@@ -133,6 +143,12 @@ TECHNIQUES = {t.name: t for t in (
     Technique("params_gpu", _RECIPE, "none", "longctx with parameters on the GPU"),
     Technique("opt_gpu", _RECIPE, offload_optimizer="none",
               desc="longctx with the optimizer states and update on the GPU (parameters resolved)"),
+    Technique("opt_cpu", _RECIPE, optimizer_ratio=1.0,
+              desc="longctx with every optimizer state on the CPU, the update overlapping the next forward"),
+    Technique("opt_cpu_serial", _RECIPE + ("--overlap-optimizer-step", "off"), optimizer_ratio=1.0,
+              desc="longctx with every optimizer state on the CPU, updated after backward (DeepSpeed's order)"),
+    Technique("twin_flow", _RECIPE, optimizer_ratio=0.5,
+              desc="longctx with half the optimizer's sub-groups on the GPU (Twin-Flow ratio 0.5)"),
     Technique("all_gpu", _RECIPE, "none", offload_optimizer="none",
               desc="longctx with parameters and optimizer on the GPU (ZeRO-3, no offload)"),
     Technique("tiled_mlp", _RECIPE + ("--tiled-mlp",), desc="longctx with tiled MLP forced on"),

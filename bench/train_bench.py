@@ -173,6 +173,8 @@ class Worker:
             ds["zero_optimization"]["offload_param"]["device"] = self.tech.offload_param
         if self.tech.offload_optimizer == "none":
             ds["zero_optimization"].pop("offload_optimizer")
+        elif self.tech.optimizer_ratio is not None:
+            ds["zero_optimization"]["offload_optimizer"]["ratio"] = self.tech.optimizer_ratio
         self.ds_file.write_text(json.dumps(ds))
         facts = resolve.Facts.detect(gpus=self.world)
         if facts.cuda:
