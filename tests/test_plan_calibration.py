@@ -41,8 +41,17 @@ def predicted(row: dict) -> float:
     return plan(Setup(shape=ModelShape(**s.pop("shape")), **s)).gpu_peak / GiB
 
 
-ROWS = gpu_rows()
+# rows a planner constant was fitted on (plan.py's TILED_MLP_MIN_UNITS): in-sample, so they accept nothing
+FITTED_ON = {"2026-12-05_h100_1xgpu-8b-8L-long:longctx@393216/1",
+             "2026-12-05_h100_1xgpu-8b-8L-long:upstream_best@393216/1"}
+ALL_ROWS = gpu_rows()
+ROWS = [(rid, r) for rid, r in ALL_ROWS if rid not in FITTED_ON]
 DEFAULT_ROWS = [(rid, r) for rid, r in ROWS if r["technique"] in DEFAULT_TECHNIQUES]
+
+
+def test_the_rows_a_constant_was_fitted_on_are_left_out_of_acceptance():
+    assert FITTED_ON <= {rid for rid, _ in ALL_ROWS}  # still there, so leaving them out means something
+    assert not FITTED_ON & {rid for rid, _ in ROWS}
 
 
 def test_there_are_gpu_rows_to_check():
@@ -66,8 +75,8 @@ def test_recorded_prediction_is_kept_and_a_replan_is_shown_beside_it():
     The report prints it, and today's plan beside it where the two differ (bench.report.replanned_gib)."""
     from bench.report import replanned_gib
 
-    changed = [(rid, row) for rid, row in ROWS if abs(replanned_gib(row) / row["predicted_peak_gib"] - 1) > 0.005]
-    for rid, row in ROWS:
+    changed = [(rid, row) for rid, row in ALL_ROWS if abs(replanned_gib(row) / row["predicted_peak_gib"] - 1) > 0.005]
+    for rid, row in ALL_ROWS:
         assert replanned_gib(row) == pytest.approx(predicted(row), rel=1e-12), rid
     # 2026-12-06: the checkpoints split between GPU and host are planned as the backward meets them (plan.py's
     # ckpt_gpu_units); the 3B 256K row was measured with the plan before that, which stays in its row
