@@ -211,9 +211,9 @@ def test_eval_task_generates_and_scores(tok, out, tmp_path, monkeypatch):
 
     gold = {tuple(cit.prompt_ids(tok, r)): r["messages"][-1]["content"] for rows in cites.values() for r in rows}
 
-    def answers_gold(model, ids, max_new_tokens, stop_ids=None):  # the prompt is the gold conversation's beginning
-        return tok(gold[tuple(ids)] + "<|end|>", add_special_tokens=False)["input_ids"]
-    monkeypatch.setattr(generate, "greedy", answers_gold)
+    def answers_gold(model, prompts, max_new_tokens, stop_ids=None, **kw):  # a prompt is its gold conversation's start
+        return [tok(gold[tuple(ids)] + "<|end|>", add_special_tokens=False)["input_ids"] for ids in prompts]
+    monkeypatch.setattr(generate, "greedy_many", answers_gold)
     res = runner.cite(model, tok2, cfg, cites)
     assert res["answer"] == res["citation"] == res["both"] == 1.0
     assert all(v == {"n": 2, "answer": 1.0, "citation": 1.0, "both": 1.0,
