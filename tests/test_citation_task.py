@@ -221,27 +221,30 @@ def test_eval_task_generates_and_scores(tok, out, tmp_path, monkeypatch):
 
 
 def test_gpu_run_evaluates_the_citation_task_only_when_asked(tmp_path, monkeypatch):
-    """recipes/smollm2_32k/gpu_run.py --citation-eval N: a third eval.py run (the citation task at target/4, /2, x1
-    on the questions its data phase wrote); without it, the two runs as before. eval.py's runner is stubbed."""
+    """recipes/smollm2_32k/gpu_run.py --citation-eval N: one more eval.py run (the citation task at the lengths it
+    is given, on the questions its data phase wrote); with 0, none. eval.py's runner is stubbed."""
     from longctx.evaluation import runner
-    from recipes.smollm2_32k import gpu_run
+    from recipes.smollm2_32k import gpu_run, recipe_data
 
     seen = []
 
     def fake_run(cfg):
         seen.append(cfg)
         return {"device": "cpu", "precision": "fp32", "attention": "sdpa",
-                "seconds": {t: 1.0 for t in cfg.tasks}, **{t: {"task": t, "examples": []} for t in cfg.tasks}}
+                "seconds": {t: 1.0 for t in cfg.tasks}, **{t: {"task": t, "examples": [], "samples": []}
+                                                          for t in cfg.tasks}}
     monkeypatch.setattr(runner, "run", fake_run)
-    for flags in ([], ["--citation-eval", "3"]):
+    for flags in (["--citation-eval", "0"], ["--citation-eval", "3"]):
         seen.clear()
-        args = gpu_run.parse(["--out", str(tmp_path / "out"), "--target-len", "4096"] + flags)
-        res = gpu_run.evaluate(tmp_path / "model", tmp_path, "after", args, [512, 1024])
-        assert [c.tasks for c in seen][:2] == [["passkey", "multi_needle", "ppl"], ["ppl"]]
-        if not flags:
+        args = gpu_run.parse(["--out", str(tmp_path / "out"), "--target-len", "4096", "--heldout-prose", "none"]
+                             + flags)
+        res = gpu_run.evaluate(tmp_path / "model", tmp_path, "after", args, [512, 1024],
+                               recipe_data.citation_lengths(4096))
+        assert [c.tasks for c in seen][:2] == [["passkey", "multi_needle", "ppl", "chat"], ["ppl"]]
+        if flags[-1] == "0":
             assert len(seen) == 2 and "citation" not in res
             continue
         cfg = seen[2]
-        assert cfg.tasks == ["citation"] and cfg.citation_data == str(tmp_path / "citation")
-        assert cfg.lengths == gpu_run.citation_lengths(4096) == [1024, 2048, 4096]
+        assert cfg.tasks == ["citation"] and cfg.citation_data == str(tmp_path / "data" / "citation")
+        assert cfg.lengths == recipe_data.citation_lengths(4096) == [1024, 2048, 4096]
         assert res["citation"]["task"] == "citation" and res["seconds"]["citation"] == 1.0

@@ -131,15 +131,16 @@ def extend_context(config, max_position_embeddings: int | None, rope_theta: floa
     changed = {}
     rp = dict(config.rope_parameters or {})
     old_theta = float(rp.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-    if max_position_embeddings and max_position_embeddings != config.max_position_embeddings:
-        changed["max_position_embeddings"] = (config.max_position_embeddings, max_position_embeddings)
-        if rope != "ntk" and max_position_embeddings > NATIVE_CONTEXT:
-            new = scaled_rope(rope, rope_theta or old_theta, max_position_embeddings)
+    native = config.max_position_embeddings  # SmolLM2's NATIVE_CONTEXT; a test's tiny model has its own
+    if max_position_embeddings and max_position_embeddings != native:
+        changed["max_position_embeddings"] = (native, max_position_embeddings)
+        if rope != "ntk" and max_position_embeddings > native:
+            new = scaled_rope(rope, rope_theta or old_theta, max_position_embeddings, native)
             changed["rope_parameters"] = (rp, new)
             config.rope_parameters, rp = new, dict(new)
-        elif rope_theta is None and max_position_embeddings > NATIVE_CONTEXT:
+        elif rope_theta is None and max_position_embeddings > native:
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            rope_theta = round(ntk_rope_theta(old_theta, head_dim, max_position_embeddings), -3)
+            rope_theta = round(ntk_rope_theta(old_theta, head_dim, max_position_embeddings, native), -3)
         config.max_position_embeddings = max_position_embeddings
     if rope_theta is not None and rope_theta != old_theta:
         changed["rope_theta"] = (old_theta, rope_theta)

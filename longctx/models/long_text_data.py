@@ -131,6 +131,28 @@ def site_groups(roots: list[Path], exclude: set[str] = HELD_OUT_PACKAGES) -> lis
     return [Group(k, v) for k, v in groups.items()]
 
 
+def drop_files_containing(groups: list[Group], needles: list[str]) -> tuple[list[Group], list[str]]:
+    """The groups without the files that contain any of `needles` (e.g. the gold answers of held-out questions, so
+    that a vendored copy of a held-out module cannot teach them); returns (groups, the dropped files' paths)."""
+    import re
+
+    if not needles:
+        return groups, []
+    # a cheap scan first: the needles' first 24 characters, one pattern (the texts can be gigabytes)
+    heads = re.compile("|".join(sorted({re.escape(n[:24]) for n in needles})))
+    out, dropped = [], []
+    for g in groups:
+        keep = []
+        for p, t in g.files:
+            if heads.search(t) and any(n in t for n in needles):
+                dropped.append(p)
+            else:
+                keep.append((p, t))
+        if keep:
+            out.append(Group(g.name, keep))
+    return out, dropped
+
+
 def held_out(name: str, share: float) -> bool:
     h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2**64
     return h < share
