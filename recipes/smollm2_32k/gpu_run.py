@@ -304,6 +304,36 @@ def main(argv=None) -> int:
         restore()
 
 
+def probe_evals_s(args) -> float:
+    """train.py's evaluations of the probe inside its loop: 9 (every steps/8 and the last), a forward per prompt."""
+    n = len(args.depths.split(",")) * args.probe_samples
+    return 9 * n * budget.prefill_s(args.target_len)
+
+
+def make_plan(args, lengths: list[int], native_lengths: list[int], cite: list[int], native_cite: list[int]) -> dict:
+    """Expected seconds per phase (budget.py's estimates) and the training steps that fill the rest of the budget."""
+    accum = args.grad_accum or yaml_value("grad_accum")
+    T, tokens_per_step = args.target_len, accum * args.target_len * args.nproc
+    budget_s = args.budget_minutes * 60
+    ev = dict(depths=len(args.depths.split(",")), samples=args.samples, ppl_docs=args.ppl_docs, ppl_len=T,
+              short_docs=args.short_docs, short_len=args.short_len, citation_n=args.citation_eval,
+              batch_tokens=args.batch_tokens, prose=args.heldout_prose != "none")
+    full = budget.eval_s(lengths=lengths, citation_lengths=cite, **ev)["total"]
+    est = {"convert": budget.CONVERT_S, "data": budget.DATA_S, "figures": budget.FIGURES_S, "after": full,
+           "before": full + (0 if args.skip_native else
+                             budget.eval_s(lengths=native_lengths, citation_lengths=native_cite, **ev)["total"])}
+    est["rope"] = 3 * (budget.TRAIN_OVERHEAD_S + args.rope_compare_steps * tokens_per_step / args.train_tokens_per_s
+                       + 2 * budget.LOAD_S + 2 * args.rope_compare_docs * budget.prefill_s(T)) * args.rope_compare
+    loop_s = budget_s - sum(est.values()) - budget.TRAIN_OVERHEAD_S - budget.MARGIN_S
+    est["train"] = loop_s + budget.TRAIN_OVERHEAD_S
+    steps = args.max_steps or budget.train_steps(loop_s - probe_evals_s(args), tokens_per_step,
+                                                 args.train_tokens_per_s)
+    return {"lengths": lengths, "native_lengths": native_lengths, "citation_lengths": cite,
+            "tokens_per_step": tokens_per_step, "grad_accum": accum, "planned_steps": steps,
+            "planned_tokens": steps * tokens_per_step, "expected_seconds": {k: round(v, 1) for k, v in est.items()},
+            "train_share_expected": round(est["train"] / budget_s, 3), "margin_s": budget.MARGIN_S}
+
+
 def run(args, out: Path, work: Path) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     T = args.target_len
@@ -319,27 +349,11 @@ def run(args, out: Path, work: Path) -> int:
     native_lengths = [L for L in lengths if L <= native_ctx]
     cite = recipe_data.citation_lengths(T)
     native_cite = [L for L in cite if L <= native_ctx]
-    accum = args.grad_accum or yaml_value("grad_accum")
-    tokens_per_step = accum * T * args.nproc
+    plan = make_plan(args, lengths, native_lengths, cite, native_cite)
+    est, planned_steps, tokens_per_step = plan["expected_seconds"], plan["planned_steps"], plan["tokens_per_step"]
     budget_s = args.budget_minutes * 60
-    ev = dict(depths=len(args.depths.split(",")), samples=args.samples, ppl_docs=args.ppl_docs, ppl_len=T,
-              short_docs=args.short_docs, short_len=args.short_len, citation_n=args.citation_eval,
-              batch_tokens=args.batch_tokens)
-    est = {"convert": budget.CONVERT_S, "data": budget.DATA_S, "figures": budget.FIGURES_S,
-           "before": budget.eval_s(lengths=native_lengths, citation_lengths=native_cite,
-                                   **ev)["total"] * (not args.skip_native)
-           + budget.eval_s(lengths=lengths, citation_lengths=cite, **ev)["total"],
-           "after": budget.eval_s(lengths=lengths, citation_lengths=cite, **ev)["total"]}
-    est["rope"] = 3 * (budget.TRAIN_OVERHEAD_S + args.rope_compare_steps * tokens_per_step / args.train_tokens_per_s
-                       + 2 * budget.LOAD_S + 2 * args.rope_compare_docs * budget.prefill_s(T)) * args.rope_compare
-    loop_s = budget_s - sum(est.values()) - budget.TRAIN_OVERHEAD_S - budget.MARGIN_S
-    est["train"] = loop_s + budget.TRAIN_OVERHEAD_S
-    planned_steps = args.max_steps or budget.train_steps(loop_s, tokens_per_step, args.train_tokens_per_s)
     R = Results(out / "results.json", args, budget_s)
-    R.data["plan"] = {"lengths": lengths, "native_lengths": native_lengths, "citation_lengths": cite,
-                      "tokens_per_step": tokens_per_step, "grad_accum": accum, "planned_steps": planned_steps,
-                      "planned_tokens": planned_steps * tokens_per_step, "expected_seconds": est,
-                      "train_share_expected": est["train"] / budget_s}
+    R.data["plan"] = plan
     print(f"plan: {json.dumps(R.data['plan'])}", flush=True)
     native, ext = work / "models" / "smollm2-135m", work / "models" / "smollm2-135m-32k"
     state = {"ext": ext}
@@ -379,7 +393,7 @@ def run(args, out: Path, work: Path) -> int:
         after_s = measured or est["after"]
         left = budget_s - R.elapsed() - after_s - budget.FIGURES_S - budget.MARGIN_S - budget.TRAIN_OVERHEAD_S
         tps = (R.data.get("rope_compare") or {}).get("tokens_per_s") or args.train_tokens_per_s
-        steps = args.max_steps or budget.train_steps(left, tokens_per_step, tps)
+        steps = args.max_steps or budget.train_steps(left - probe_evals_s(args), tokens_per_step, tps)
         minutes = args.max_train_minutes if args.max_train_minutes >= 0 else max(0.5, left / 60)
         R.data["train_plan"] = {"seconds_left_for_the_loop": round(left, 1), "tokens_per_s_assumed": tps,
                                 "steps": steps, "max_train_minutes": minutes, "after_eval_s_assumed": after_s}

@@ -22,7 +22,7 @@ import os
 import sysconfig
 from pathlib import Path
 
-EVAL_SHARE = 0.1  # default --eval-share: of the long groups and of the stdlib modules (citation): the same hash holds both out
+EVAL_SHARE = 0.1  # default --eval-share: of the long groups and of the stdlib modules (citation), by one hash
 PROBE_SEED = 1000  # the probe's prompts are not the eval grid's (seed 0)
 
 

@@ -254,7 +254,8 @@ def _rope_lines(results: dict) -> list[str]:
            f"rule: {rc['rule']}; chosen: **{rc['chosen']}**)", "",
            "| RoPE | rope_parameters | NLL untrained | NLL trained |", "| --- | --- | --- | --- |"]
     for name, v in rc["variants"].items():
-        params = ", ".join(f"{k} {x:g}" if isinstance(x, float) else f"{k} {x}" for k, x in v["rope_parameters"].items())
+        params = ", ".join(f"{k} {x:g}" if isinstance(x, float) else f"{k} {x}"
+                           for k, x in v["rope_parameters"].items())
         out.append(f"| {name} | {params} | {v['late_nll_untrained']:.3f} | {v['late_nll_trained']:.3f} |")
     return out + [""]
 
