@@ -268,7 +268,7 @@ def build(tok, groups: list[Group], *, target_len: int, min_long_len: int, short
                 tally[key] += min(step, len(ids) - k * step) + 2
     if not train_long:
         raise LongctxError(f"no group of at least {min_long_len:,} tokens for training; lower --min-long-len or add "
-                           "--source directories")
+                           "--site-packages")
     long_tokens = sum(n_tokens(tok, t) for t in train_long) if not capped else tally["long"]
     want_short = long_tokens * short_share / (1 - short_share) if short_share < 1 else float("inf")
     random.Random(seed).shuffle(short_pool)
