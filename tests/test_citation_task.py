@@ -211,9 +211,9 @@ def test_eval_task_generates_and_scores(tok, out, tmp_path, monkeypatch):
 
     gold = {tuple(cit.prompt_ids(tok, r)): r["messages"][-1]["content"] for rows in cites.values() for r in rows}
 
-    def answers_gold(model, ids, max_new_tokens, stop_ids=None):  # the prompt is the gold conversation's beginning
-        return tok(gold[tuple(ids)] + "<|end|>", add_special_tokens=False)["input_ids"]
-    monkeypatch.setattr(generate, "greedy", answers_gold)
+    def answers_gold(model, prompts, max_new_tokens, stop_ids=None, **kw):  # a prompt is its gold conversation's start
+        return [tok(gold[tuple(ids)] + "<|end|>", add_special_tokens=False)["input_ids"] for ids in prompts]
+    monkeypatch.setattr(generate, "greedy_many", answers_gold)
     res = runner.cite(model, tok2, cfg, cites)
     assert res["answer"] == res["citation"] == res["both"] == 1.0
     assert all(v == {"n": 2, "answer": 1.0, "citation": 1.0, "both": 1.0,
@@ -221,27 +221,30 @@ def test_eval_task_generates_and_scores(tok, out, tmp_path, monkeypatch):
 
 
 def test_gpu_run_evaluates_the_citation_task_only_when_asked(tmp_path, monkeypatch):
-    """recipes/smollm2_32k/gpu_run.py --citation-eval N: a third eval.py run (the citation task at target/4, /2, x1
-    on the questions its data phase wrote); without it, the two runs as before. eval.py's runner is stubbed."""
+    """recipes/smollm2_32k/gpu_run.py --citation-eval N: one more eval.py run (the citation task at the lengths it
+    is given, on the questions its data phase wrote); with 0, none. eval.py's runner is stubbed."""
     from longctx.evaluation import runner
-    from recipes.smollm2_32k import gpu_run
+    from recipes.smollm2_32k import gpu_run, recipe_data
 
     seen = []
 
     def fake_run(cfg):
         seen.append(cfg)
         return {"device": "cpu", "precision": "fp32", "attention": "sdpa",
-                "seconds": {t: 1.0 for t in cfg.tasks}, **{t: {"task": t, "examples": []} for t in cfg.tasks}}
+                "seconds": {t: 1.0 for t in cfg.tasks}, **{t: {"task": t, "examples": [], "samples": []}
+                                                          for t in cfg.tasks}}
     monkeypatch.setattr(runner, "run", fake_run)
-    for flags in ([], ["--citation-eval", "3"]):
+    for flags in (["--citation-eval", "0"], ["--citation-eval", "3"]):
         seen.clear()
-        args = gpu_run.parse(["--out", str(tmp_path / "out"), "--target-len", "4096"] + flags)
-        res = gpu_run.evaluate(tmp_path / "model", tmp_path, "after", args, [512, 1024])
-        assert [c.tasks for c in seen][:2] == [["passkey", "multi_needle", "ppl"], ["ppl"]]
-        if not flags:
+        args = gpu_run.parse(["--out", str(tmp_path / "out"), "--target-len", "4096", "--heldout-prose", "none"]
+                             + flags)
+        res = gpu_run.evaluate(tmp_path / "model", tmp_path, "after", args, [512, 1024],
+                               recipe_data.citation_lengths(4096))
+        assert [c.tasks for c in seen][:2] == [["passkey", "multi_needle", "ppl", "chat"], ["ppl"]]
+        if flags[-1] == "0":
             assert len(seen) == 2 and "citation" not in res
             continue
         cfg = seen[2]
-        assert cfg.tasks == ["citation"] and cfg.citation_data == str(tmp_path / "citation")
-        assert cfg.lengths == gpu_run.citation_lengths(4096) == [1024, 2048, 4096]
+        assert cfg.tasks == ["citation"] and cfg.citation_data == str(tmp_path / "data" / "citation")
+        assert cfg.lengths == recipe_data.citation_lengths(4096) == [1024, 2048, 4096]
         assert res["citation"]["task"] == "citation" and res["seconds"]["citation"] == 1.0

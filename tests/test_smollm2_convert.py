@@ -75,3 +75,30 @@ def test_extended_model_uses_the_new_base(smollm2_dir):
     assert torch.allclose(model.model.rotary_emb.inv_freq, expected)
     nll = from_gguf.text_nll(model, AutoTokenizer.from_pretrained(out), from_gguf.check_text())
     assert facts["nll_check_text"] < nll < 1.2 * facts["nll_check_text"]  # costs a little before training
+
+
+@pytest.mark.parametrize("rope", ["yarn", "llama3"])
+def test_scaled_rope_variants(smollm2_dir, tmp_path, rope):
+    """write_variant: the converted directory with YaRN or Llama-3 scaling to 32K in its config (weights linked, not
+    copied); the rotary frequencies it loads with keep the highest frequency and divide the lowest by the factor
+    (both methods interpolate only wavelengths beyond the native 8K), YaRN's cos/sin scale is 0.1 ln(4) + 1, and
+    the model stays sane on the check text."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, facts = smollm2_dir
+    dst = tmp_path / rope
+    rp = from_gguf.write_variant(out, dst, 32768, rope)
+    assert rp["rope_type"] == rope and rp["factor"] == 4.0 and rp["rope_theta"] == 100000.0
+    assert rp["original_max_position_embeddings"] == 8192
+    assert json.loads((dst / "config.json").read_text())["max_position_embeddings"] == 32768
+    assert (dst / "model.safetensors").stat().st_ino == (out / "model.safetensors").stat().st_ino
+    model = AutoModelForCausalLM.from_pretrained(dst).eval()
+    base = 1.0 / 100000.0 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64)
+    inv = model.model.rotary_emb.inv_freq
+    assert inv[0] == pytest.approx(float(base[0])) and inv[-1] == pytest.approx(float(base[-1]) / 4, rel=1e-5)
+    assert 2 * math.pi / base[-1] > 8192 and 2 * math.pi / base[0] < 2048  # the band the check spans
+    scale = model.model.rotary_emb.attention_scaling
+    assert scale == pytest.approx(0.1 * math.log(4) + 1 if rope == "yarn" else 1.0)
+    nll = from_gguf.text_nll(model, AutoTokenizer.from_pretrained(dst), from_gguf.check_text())
+    assert facts["nll_check_text"] <= nll < 1.2 * facts["nll_check_text"]

@@ -45,3 +45,7 @@ def test_recipe_plans_for_the_extended_model(smollm2_dir, tmp_path, capsys):
                             "--gpus", "1", "--gpu-mem", "141GiB", "--host-mem", "125GiB", "--precision", "bf16"])
     text = cli_plan(cfg)  # no checkpointing: the activations of a 32K row on the H200
     assert "of 141: fits" in text and "checkpointing off" in text, text
+    cfg = config_mod.parse(["--config", str(H200), "--plan", "--model", str(path), "--tokenizer", str(model_dir),
+                            "--gpus", "1", "--gpu-mem", "80GiB", "--host-mem", "125GiB", "--precision", "bf16"])
+    text = cli_plan(cfg)  # and on an H100: nothing recomputed, nothing offloaded
+    assert "of 80: fits" in text and "checkpointing off" in text and "on CPU: nothing" in text, text

@@ -21,9 +21,14 @@ def _ppl(nlls, seq_len):
             "documents": 3, "seq_len": seq_len, "bucket_spec": "log"}
 
 
-def _side(acc, long_nll, short_nll):
-    return {"passkey": _grid(acc), "multi_needle": _grid(acc), "ppl_long": _ppl(long_nll, 32768),
-            "ppl_short": _ppl([short_nll, short_nll], 2048)}
+def _side(acc, long_nll, short_nll, cite=None, chat="Paris."):
+    out = {"passkey": _grid(acc), "multi_needle": _grid(acc), "ppl_long": _ppl(long_nll, 32768),
+           "ppl_short": _ppl([short_nll, short_nll], 2048), "ppl_prose": _ppl([short_nll + 1, short_nll + 1], 2048),
+           "chat": {"answers": [{"prompt": "What is the capital of France?", "answer": chat}]}}
+    if cite is not None:
+        out["citation"] = {"by_length": {str(L): {"n": 20, "answer": a, "citation": c, "both": b}
+                                         for L, (a, c, b) in cite.items()}}
+    return out
 
 
 @pytest.fixture
@@ -31,9 +36,11 @@ def results():
     return {"args": {"target_len": 32768}, "environment": {"gpus": ["NVIDIA H200"], "torch": "2.11"},
             "phases": {"convert": {"ok": True, "seconds": 20.0}, "train": {"ok": True, "seconds": 250.0}},
             "total_seconds": 270.0,
-            "eval": {"native_before": _side([[1, 0], [1, 0.5]], [3.0, 2.5], 2.0),
-                     "extended_before": _side([[1, 0.5], [1, 0.5]], [3.1, 2.4], 2.1),
-                     "after": _side([[1, 1], [1, 0.75]], [3.0, 2.2], 2.05)},
+            "eval": {"native_before": _side([[1, 0], [1, 0.5]], [3.0, 2.5], 2.0, {8192: (0.1, 0.2, 0.05)}),
+                     "extended_before": _side([[1, 0.5], [1, 0.5]], [3.1, 2.4], 2.1,
+                                              {8192: (0.1, 0.2, 0.05), 32768: (0.0, 0.05, 0.0)}, "Paris | France"),
+                     "after": _side([[1, 1], [1, 0.75]], [3.0, 2.2], 2.05,
+                                    {8192: (0.6, 0.7, 0.55), 32768: (0.45, 0.5, 0.4)}, "Paris.\nIt is.")},
             "train": {"metrics": [{"step": 1, "loss": 2.5, "tokens": 131072, "tokens_per_s": 20000.0, "tflops": 90.0},
                                   {"step": 2, "loss": 2.25, "tokens": 131072, "tokens_per_s": 25000.0,
                                    "tflops": 110.0, "eval_loss": 2.3}]}}
@@ -44,7 +51,24 @@ def test_section_holds_the_numbers(results):
     assert "| 32K | 25% | 50% | 88% |" in text  # mean over depths per length, per side
     assert "| 64–32,768 | 2.500 | 2.400 | 2.200 |" in text
     assert "2.1000 (+5.0%)" in text and "2.0500 (+2.5%)" in text  # short text against the native model
-    assert "train loss 2.500 → 2.250" in text and "held-out loss 2.300" in text
+    assert "train loss 2.500 → 2.250" in text and "passkey-probe answer NLL 2.300" in text
+
+
+def test_section_holds_the_new_evaluations(results):
+    """The held-out prose line, the citation table per length (native: only where it was asked), the chat answers
+    side by side (one line each, pipes escaped), the rope comparison when there is one."""
+    results["rope_compare"] = {"steps": 12, "tokens_per_step": 131072, "rule": "lowest", "chosen": "yarn",
+                               "variants": {"ntk": {"rope_parameters": {"rope_type": "default", "rope_theta": 418000.0},
+                                                    "late_nll_untrained": 2.5, "late_nll_trained": 2.2},
+                                            "yarn": {"rope_parameters": {"rope_type": "yarn", "factor": 4.0},
+                                                     "late_nll_untrained": 2.4, "late_nll_trained": 2.1}}}
+    text = report.section(results)
+    assert "3.0500 (+1.7%)" in text and "prose" in text  # 3.05 against the native model's 3.0
+    assert "| 8K | 10% / 20% / 5% | 10% / 20% / 5% | 60% / 70% / 55% |" in text
+    assert "| 32K | — | 0% / 5% / 0% | 45% / 50% / 40% |" in text
+    assert "| What is the capital of France? | Paris. | Paris \\| France | Paris. It is. |" in text
+    assert "chosen: **yarn**" in text and "| yarn | rope_type yarn, factor 4 | 2.400 | 2.100 |" in text
+    assert "citation task at 32K (answer and citation) 0% → 40%" in report.readme_paragraph(results)
 
 
 def test_figures_are_written(results, tmp_path):

@@ -281,10 +281,16 @@ class Builder:
 
 
 def build(tok, docs: list[SourceDoc], *, context_len: int, n_train: int, n_eval: int,
-          eval_lengths=DEFAULT_EVAL_LENGTHS, max_doc_frac: float = 0.5, seed: int = 0) -> dict:
-    """{"train": [record], "eval": {length: [record]}, "stats": {...}}."""
+          eval_lengths=DEFAULT_EVAL_LENGTHS, max_doc_frac: float = 0.5, seed: int = 0,
+          train_lengths: dict[int, int] | None = None) -> dict:
+    """{"train": [record], "eval": {length: [record]}, "stats": {...}}. train_lengths {length: count}: training
+    examples at several context lengths (then n_train and context_len do not apply to training), shuffled."""
     b = Builder(tok, docs, max_doc_frac=max_doc_frac, seed=seed)
-    train = [b.example("train", context_len, i) for i in range(n_train)]
+    if train_lengths:
+        train = [b.example("train", L, i) for L, n in sorted(train_lengths.items()) for i in range(n)]
+        random.Random(f"citation|{seed}|mix").shuffle(train)
+    else:
+        train = [b.example("train", context_len, i) for i in range(n_train)]
     evals = {L: [b.example("eval", L, i) for i in range(n_eval)] for L in eval_lengths}
 
     def summary(rows):

@@ -264,3 +264,8 @@ def extract_answer(generated: str, digits: int = 5) -> str | None:
     """The first run of digits in the continuation (the model may add a period, a newline, ...)."""
     m = re.search(r"\d+", generated)
     return m.group(0) if m else None
+
+
+def answer_complete(generated: str) -> bool:
+    """Whether extract_answer's value can no longer change: a run of digits has been followed by something else."""
+    return re.search(r"\d\D", generated) is not None

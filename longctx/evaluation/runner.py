@@ -1,6 +1,6 @@
 """eval.py's config and run: check every input, load the model once, run the tasks, write eval.json + PNGs.
 
-Tasks (--tasks, comma-separated; default all that have their input):
+Tasks (--tasks, comma-separated; default all but chat that have their input):
   passkey       one needle per prompt, accuracy per (length, depth) cell  -> passkey_heatmap.png
   multi_needle  --needles needles per prompt, the one at the cell's depth is asked for
                                                                           -> multi_needle_heatmap.png
@@ -9,6 +9,9 @@ Tasks (--tasks, comma-separated; default all that have their input):
   longbench     exact match and token F1 on --longbench-data (skipped when not given)
   citation      answer and citation accuracy per context length on --citation-data (citation.py's eval files;
                 skipped when not given)
+  chat          chat.py's fixed short prompts answered greedily (not scored: read before and after side by side)
+
+Generation decodes several prompts at a time (generate.greedy_many, --batch-tokens prompt tokens per batch).
 
 eval.json is rewritten after every task, so a stopped run keeps what it finished.
 """
@@ -27,7 +30,8 @@ from pathlib import Path
 
 from ..errors import LongctxError
 
-TASKS = ("passkey", "multi_needle", "ppl", "longbench", "citation")
+TASKS = ("passkey", "multi_needle", "ppl", "longbench", "citation", "chat")
+DEFAULT_TASKS = TASKS[:-1]  # chat only when asked: it needs a chat template
 
 
 @dataclass
@@ -35,7 +39,7 @@ class EvalConfig:
     model: str
     tokenizer: str = ""
     output_dir: str = "runs/eval"
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     samples: int = 10
@@ -55,6 +59,8 @@ class EvalConfig:
     citation_data: str = ""
     citation_max_new_tokens: int = 128
     citation_samples: int = 0
+    chat_max_new_tokens: int = 64
+    batch_tokens: int = 262144
     precision: str = "auto"
     attn_implementation: str = "auto"
 
@@ -115,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
       "citation question.")
     a("--citation-samples", type=int, default=d.citation_samples, help="Citation questions per context length "
       "(the first N; 0: all).")
+    a("--chat-max-new-tokens", type=int, default=d.chat_max_new_tokens, help="Tokens generated per chat prompt.")
+    a("--batch-tokens", type=int, default=d.batch_tokens, help="Prompt tokens decoded together at most (the KV "
+      "cache of a batch is held at once; 0: all prompts of a task in one batch).")
     a("--attn-implementation", choices=["auto", "sdpa", "flash_attention_2", "eager"], default=d.attn_implementation,
       help="auto: flash_attention_2 if installed, else SDPA (its FlashAttention kernel on sm80+).")
     return p
@@ -142,9 +151,11 @@ def validate(cfg: EvalConfig) -> None:
     if "multi_needle" in cfg.tasks and cfg.needles < 2:
         problems.append(f"--needles must be >= 2 for multi_needle, got {cfg.needles}")
     for name in ("max_new_tokens", "ppl_docs", "logits_chunk", "longbench_max_new_tokens",
-                 "citation_max_new_tokens"):
+                 "citation_max_new_tokens", "chat_max_new_tokens"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.batch_tokens < 0:
+        problems.append(f"--batch-tokens must be >= 0, got {cfg.batch_tokens}")
     if cfg.citation_samples < 0:
         problems.append(f"--citation-samples must be >= 0, got {cfg.citation_samples}")
     if cfg.ppl_seq_len < 2:
@@ -172,6 +183,8 @@ def check_inputs(cfg: EvalConfig):
         longbench.check_template(cfg.longbench_template)
         samples = longbench.read(cfg.longbench_data)
     cites = None
+    if "chat" in cfg.tasks and not getattr(tok, "chat_template", None):
+        raise LongctxError(f"--tasks chat: the tokenizer ({tok_path}) has no chat template")
     if "citation" in cfg.tasks and cfg.citation_data:
         if not getattr(tok, "chat_template", None):
             raise LongctxError(f"--citation-data: the tokenizer ({tok_path}) has no chat template")
@@ -199,12 +212,19 @@ def retrieval(model, tok, cfg: EvalConfig, filler, *, task: str, n_needles: int)
     acc = [[0.0] * len(cfg.lengths) for _ in cfg.depths]
     cells, examples = [], []
     wrong = other = 0  # wrong answers, and those that are another needle's value (the key was not matched)
+
+    def done(ids: list[int]) -> bool:  # the first run of digits has ended: extract_answer's value is final
+        return needle.answer_complete(tok.decode(ids, skip_special_tokens=True))
+
     for j, L in enumerate(cfg.lengths):
+        samples = [s for d in cfg.depths for s in grid[(L, d)]]  # one length: batches of equal prompts, no padding
+        outs = iter(tok.decode(o, skip_special_tokens=True) for o in generate.greedy_many(
+            model, [s.input_ids for s in samples], cfg.max_new_tokens, stop, batch_tokens=cfg.batch_tokens,
+            done=done))
         for i, d in enumerate(cfg.depths):
             hits = 0
             for s in grid[(L, d)]:
-                out = tok.decode(generate.greedy(model, s.input_ids, cfg.max_new_tokens, stop),
-                                 skip_special_tokens=True)
+                out = next(outs)
                 got = needle.extract_answer(out)
                 ok = got == s.answer
                 hits += ok
@@ -265,12 +285,10 @@ def cite(model, tok, cfg: EvalConfig, records: dict[int, list[dict]]) -> dict:
     stop = citation.stop_ids(tok) or None
     by_length, rows = {}, []
     for L, recs in records.items():
-        outs, n_prompt = [], 0
-        for r in recs:
-            ids = citation.prompt_ids(tok, r)
-            n_prompt += len(ids)
-            outs.append(tok.decode(generate.greedy(model, ids, cfg.citation_max_new_tokens, stop),
-                                   skip_special_tokens=True))
+        prompts = [citation.prompt_ids(tok, r) for r in recs]
+        n_prompt = sum(map(len, prompts))
+        outs = [tok.decode(o, skip_special_tokens=True) for o in generate.greedy_many(
+            model, prompts, cfg.citation_max_new_tokens, stop, batch_tokens=cfg.batch_tokens)]
         s = citation.score_all(outs, recs)
         by_length[str(L)] = {"n": s["n"], "answer": s["answer"], "citation": s["citation"], "both": s["both"],
                              "prompt_tokens_mean": n_prompt / max(1, len(recs))}
@@ -304,6 +322,13 @@ def run_task(task: str, model, tok, cfg: EvalConfig, filler, lb_samples, cites=N
         return ppl(model, tok, cfg)
     if task == "citation":
         return cite(model, tok, cfg, cites)
+    if task == "chat":
+        from . import chat
+
+        rows = chat.answer_all(model, tok, max_new_tokens=cfg.chat_max_new_tokens)
+        for r in rows:
+            print(f"  chat: {r['prompt']!r} -> {r['answer'][:100]!r}", flush=True)
+        return {"max_new_tokens": cfg.chat_max_new_tokens, "answers": rows}
     return qa(model, tok, cfg, lb_samples)
 
 

@@ -14,7 +14,15 @@ not in bf16 (8-bit mantissa), so fp32 is the lossless copy of the GGUF (540 MB).
 Before writing, the model's own NLL on a fixed English text (the `json` module's docstring, on every Python) must be
 sane (SANE_NLL); a wrong dequantization or a tensor-name mismatch gives ~10 nats and is refused.
 
-Context extension (--max-position-embeddings N beyond 8K): rope_theta is raised by the NTK-aware factor
+Context extension (--max-position-embeddings N beyond 8K), by --rope ntk (the default), yarn or llama3:
+  ntk     rope_theta raised by the NTK-aware factor, rope_type "default" (below)
+  yarn    YaRN: rope_type "yarn", factor N / 8K over the native 8K, the base kept (HF scales cos/sin by its mscale)
+  llama3  Llama-3.1's frequency-dependent scaling: rope_type "llama3", factor N / 8K, low/high frequency factors
+          1 and 4 (Llama-3.1's), the base kept
+write_variant() rewrites a converted directory's config with another of them (the weights hard-linked), for the
+recipe's short comparison of the three (recipes/smollm2_32k/gpu_run.py --rope-compare).
+
+With ntk, rope_theta is raised by the NTK-aware factor
 (N / 8192) ** (d / (d - 2)) (d = head_dim = 64: 418,000 for 32K) unless --rope-theta says otherwise. Raising the
 base (ABF, as SmolLM2 itself did from 2K to 8K, and Code Llama / Llama 2 Long) keeps rope_type "default", so
 every attention kernel and Liger's RoPE apply it unchanged, and the model starts close to its 8K self: the
@@ -102,16 +110,37 @@ def load_gguf(dtype=None, gguf: str | Path | None = None):
     return model, tok
 
 
-def extend_context(config, max_position_embeddings: int | None, rope_theta: float | None) -> dict:
-    """Set the new position range and RoPE base on `config`; returns what changed."""
+ROPES = ("ntk", "yarn", "llama3")
+
+
+def scaled_rope(rope: str, theta: float, new_len: int, old_len: int = NATIVE_CONTEXT) -> dict:
+    """rope_parameters of YaRN or Llama-3-style scaling from old_len to new_len, the base kept."""
+    common = {"rope_theta": float(theta), "factor": new_len / old_len, "original_max_position_embeddings": old_len}
+    if rope == "yarn":
+        return {"rope_type": "yarn", **common}
+    if rope == "llama3":
+        return {"rope_type": "llama3", **common, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    raise LongctxError(f"--rope {rope}: expected one of {', '.join(ROPES)}")
+
+
+def extend_context(config, max_position_embeddings: int | None, rope_theta: float | None,
+                   rope: str = "ntk") -> dict:
+    """Set the new position range and its RoPE (see the module docstring) on `config`; returns what changed."""
+    if rope not in ROPES:
+        raise LongctxError(f"--rope {rope}: expected one of {', '.join(ROPES)}")
     changed = {}
     rp = dict(config.rope_parameters or {})
     old_theta = float(rp.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-    if max_position_embeddings and max_position_embeddings != config.max_position_embeddings:
-        changed["max_position_embeddings"] = (config.max_position_embeddings, max_position_embeddings)
-        if rope_theta is None and max_position_embeddings > NATIVE_CONTEXT:
+    native = config.max_position_embeddings  # SmolLM2's NATIVE_CONTEXT; a test's tiny model has its own
+    if max_position_embeddings and max_position_embeddings != native:
+        changed["max_position_embeddings"] = (native, max_position_embeddings)
+        if rope != "ntk" and max_position_embeddings > native:
+            new = scaled_rope(rope, rope_theta or old_theta, max_position_embeddings, native)
+            changed["rope_parameters"] = (rp, new)
+            config.rope_parameters, rp = new, dict(new)
+        elif rope_theta is None and max_position_embeddings > native:
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            rope_theta = round(ntk_rope_theta(old_theta, head_dim, max_position_embeddings), -3)
+            rope_theta = round(ntk_rope_theta(old_theta, head_dim, max_position_embeddings, native), -3)
         config.max_position_embeddings = max_position_embeddings
     if rope_theta is not None and rope_theta != old_theta:
         changed["rope_theta"] = (old_theta, rope_theta)
@@ -120,10 +149,36 @@ def extend_context(config, max_position_embeddings: int | None, rope_theta: floa
     return changed
 
 
-def extend_model(model, max_position_embeddings: int | None, rope_theta: float | None) -> dict:
-    """extend_context on a loaded model, its rotary frequencies recomputed for the new base."""
-    changed = extend_context(model.config, max_position_embeddings, rope_theta)
-    if "rope_theta" in changed:
+def write_variant(src: Path, dst: Path, max_position_embeddings: int, rope: str) -> dict:
+    """A copy of the converted model directory `src` (native context) whose config extends it by `rope` (ROPES);
+    the weights are hard links (copies across filesystems). Written to dst.tmp, then renamed. Returns the config's
+    new rope_parameters."""
+    import json
+
+    from transformers import AutoConfig
+
+    src, dst = Path(src), Path(dst)
+    config = AutoConfig.from_pretrained(src)
+    extend_context(config, max_position_embeddings, None, rope)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != "config.json":
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+    config.save_pretrained(str(tmp))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return json.loads((dst / "config.json").read_text())["rope_parameters"]
+
+
+def extend_model(model, max_position_embeddings: int | None, rope_theta: float | None, rope: str = "ntk") -> dict:
+    """extend_context on a loaded model, its rotary frequencies recomputed for the new RoPE."""
+    changed = extend_context(model.config, max_position_embeddings, rope_theta, rope)
+    if "rope_theta" in changed or "rope_parameters" in changed:
         rotary = model.model.rotary_emb
         device = rotary.inv_freq.device
         rotary.__init__(model.config)  # inv_freq is a buffer computed from the config at init (on the CPU)
@@ -144,7 +199,7 @@ def _write(model, tok, out: Path, say) -> None:
 
 
 def convert(out: Path, *, max_position_embeddings: int | None = None, rope_theta: float | None = None,
-            gguf: str | Path | None = None, native_out: Path | None = None, say=print) -> dict:
+            gguf: str | Path | None = None, native_out: Path | None = None, rope: str = "ntk", say=print) -> dict:
     """Read, check, optionally extend, and write `out` atomically (out.tmp, then a rename). Returns the facts.
     `native_out`: also write the model as read (native context) there, before extending: one read of the GGUF
     (the slow part: its tokenizer) for both."""
@@ -162,7 +217,7 @@ def convert(out: Path, *, max_position_embeddings: int | None = None, rope_theta
     model.hf_quantizer = None
     if native_out:
         _write(model, tok, native_out, say)
-    facts = {"nll_check_text": nll, "changed": extend_model(model, max_position_embeddings, rope_theta)}
+    facts = {"nll_check_text": nll, "changed": extend_model(model, max_position_embeddings, rope_theta, rope)}
     if facts["changed"]:
         facts["nll_check_text_extended"] = text_nll(model, tok, text)
         say(f"context: {facts['changed']}; NLL with it {facts['nll_check_text_extended']:.4f} on the check text")
@@ -178,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"new context length in the config (native {NATIVE_CONTEXT}); beyond it rope_theta is "
                         "raised by the NTK-aware factor unless --rope-theta is given")
     p.add_argument("--rope-theta", type=float, default=None, help="RoPE base to write (native 100000)")
+    p.add_argument("--rope", choices=ROPES, default="ntk", help="how the context is extended: ntk raises the base, "
+                   "yarn and llama3 scale the frequencies (rope_parameters)")
     p.add_argument("--gguf", default=None, help=f"the .gguf file to read (default: {GGUF_NAME} from the installed "
                    f"{PACKAGE} package)")
     p.add_argument("--native-out", default=None, help="also write the model with its native context here (one "
@@ -185,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         convert(Path(args.out), max_position_embeddings=args.max_position_embeddings, rope_theta=args.rope_theta,
-                gguf=args.gguf, native_out=Path(args.native_out) if args.native_out else None)
+                gguf=args.gguf, native_out=Path(args.native_out) if args.native_out else None, rope=args.rope)
     except LongctxError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

