@@ -27,6 +27,18 @@ from bench.train_bench import row_doc_lengths
 from longctx import attention
 
 H, K, D, S = 32, 8, 128, 131072
+# TFLOP/s here count causal attention only, forward + backward: 4 x (n^2 / 2) x H x D a document's forward (QK^T and
+# PV over the causal half), and the backward as 2.5 forwards (flash-attention's own convention), so 3.5 x 4 x n^2/2.
+FLOP_CONVENTION = "causal attention FLOPs, forward + backward = 3.5 x forward, forward = 4 x (n^2/2) x heads x head_dim"
+
+
+def header() -> dict:
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "flop_convention": FLOP_CONVENTION,
+            "cudnn": torch.backends.cudnn.version()}
+
+
+def attention_flops(lens) -> float:
+    return 3.5 * 4 * sum(n * n / 2 for n in lens) * H * D
 
 
 def timeit(fn, n: int = 3) -> float:
@@ -47,7 +59,7 @@ def main(out: str) -> None:
         k, v = (torch.randn(1, K, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
         cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
         g = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16)
-        flops = 3.5 * 4 * sum(n * n / 2 for n in lens) * H * D
+        flops = attention_flops(lens)
 
         def per_doc():
             o, _ = attention.sdpa_per_doc_forward(None, q, k, v, None, cu_seq_lens_q=cu)
@@ -91,8 +103,7 @@ def main(out: str) -> None:
         print(json.dumps(row), flush=True)
     fresh = fresh_lengths()
     with open(out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "cudnn": torch.backends.cudnn.version(), "rows": rows, "stdlib_rows": mixed,
+        json.dump({**header(), "rows": rows, "stdlib_rows": mixed,
                    "fresh_lengths": fresh}, f, indent=1)
 
 
@@ -138,7 +149,7 @@ def fresh_lengths(steps: int = 4) -> dict:
             o.backward(g)
             torch.cuda.synchronize()
             times.append(round(1e3 * (time.perf_counter() - t), 1))
-            flops_done += 3.5 * 4 * sum(n * n / 2 for n in lens) * H * D
+            flops_done += attention_flops(lens)
         out[name] = {"ms_per_step": times, "tflops": round(flops_done / (sum(times) / 1e3) / 1e12, 1)}
         print(name, json.dumps(out[name]), flush=True)
     attention.PER_DOC_MIN_TOKENS, attention.PLAN_CACHED_MULTIPLE = saved
@@ -216,7 +227,7 @@ def candidates_against_default(steps: int = 4) -> dict:
         q = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k, v = (torch.randn(1, S, K, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
         g = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16)
-        flops = 3.5 * 4 * sum(x * x / 2 for x in lens) * H * D
+        flops = attention_flops(lens)
         row = {"docs": len(lens)}
         for kname, fn in kernels.items():
             def once():
@@ -238,12 +249,10 @@ if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[2] == "--fa4":
         import importlib.metadata as md
         with open(sys.argv[1], "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "cudnn": torch.backends.cudnn.version(), "flash_attn_4": md.version("flash-attn-4"),
+            json.dump({**header(), "flash_attn_4": md.version("flash-attn-4"),
                        "fa4": candidates_against_default()}, f, indent=1)
     elif len(sys.argv) > 2 and sys.argv[2] == "--fresh-only":
         with open(sys.argv[1], "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "cudnn": torch.backends.cudnn.version(), "fresh_lengths": fresh_lengths()}, f, indent=1)
+            json.dump({**header(), "fresh_lengths": fresh_lengths()}, f, indent=1)
     else:
         main(sys.argv[1])
