@@ -188,6 +188,9 @@ def test_overlapped_step_is_bitwise_on_a_gpu(setup):
     d = setup[0]
     ds = json.loads(Path(setup[3]).read_text())
     ds["zero_optimization"]["offload_param"] = {"device": "none"}
+    # every state on the CPU: ratio "auto" would put them all on a GPU that fits them (then nothing overlaps; the
+    # first GPU run of this test was refused for that, 2026-12-06)
+    ds["zero_optimization"]["offload_optimizer"]["ratio"] = 1.0
     (d / "ds_gpu.json").write_text(json.dumps(ds))
     on_gpu = (d, setup[1], setup[2], str(d / "ds_gpu.json"))
     ref, out = d / "gpu_plain", d / "gpu_overlapped"
