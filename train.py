@@ -10,9 +10,9 @@ main(): parse the typed config -> either print the memory plan, or run the Train
 resolve every "auto" once (nothing is written before) -> distributed, preflight, run directory -> model and
 DeepSpeed engine -> the loop (eval, metrics, checkpoints) -> the consolidated Hugging Face model.
 
-Where things live: longctx/config.py (arguments), resolve.py (every "auto", decided once: resolved.json),
-trainer.py (the loop), data.py (the run's training data), documents.py (formats, ledger), tokenization.py (labels,
-SFT truncation), batching.py (packing, batch schedule), attention.py (kernels), modeling.py (model, Liger,
+Where things live: longctx/config.py (arguments), resolve.py (every "auto", decided once: resolved.json; its
+memory-plan decisions in placement.py, the machine in facts.py), trainer.py (the loop), data.py (the run's training
+data), documents.py (formats, ledger), tokenization.py (labels, SFT truncation), batching.py (packing, batch schedule), attention.py (kernels), modeling.py (model, Liger,
 checkpointing, loss), sequence_parallel.py (Ulysses), tiled_mlp.py (MLP in chunks), dsconfig.py (ds_config),
 checkpoint.py (atomic save / exact resume), metrics.py (metrics.jsonl, progress), runs.py (run dir),
 plan*.py + preflight.py (memory plan), lora.py + s2attn.py (LongLoRA mode).

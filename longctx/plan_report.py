@@ -167,7 +167,7 @@ def cli_plan(cfg, optional: tuple[str, ...] = ()) -> str:
 
     text = format_plan(setup, hw, model_name=Path(cfg.model).stem if Path(cfg.model).is_file() else cfg.model,
                        optional=optional, setup_at=setup_at)
-    notes = ["; ".join(settings.header()[:2])] + [f"{k}: {v}" for k, v in settings.why.items()]
+    notes = ["; ".join(settings.header()[:2])] + [f"{k}: {v}" for k, v in settings.reasons()]
     if facts.assumed:
         notes.append("assumed: " + "; ".join(facts.assumed))
     on_gpu = states_on_gpu_hint(setup, hw)

@@ -147,10 +147,13 @@ class Trainer:
                                                        cfg.micro_batch_size, self.settings.ds_config)
         if self.data is None:
             self.data = data_mod.build(cfg, self.tok, self.layout.dp_world, say=self.say, announce=announce(self.rank))
-        per_epoch = self.data.schedule.steps_per_epoch
-        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * per_epoch))
+        self.settings = resolve.resolve_schedule(self.settings, cfg, self.data.schedule.steps_per_epoch)
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         return self
+
+    @property
+    def total_steps(self) -> int:
+        return self.settings.total_steps
 
     def header(self) -> str:
         from . import gpu_extras
@@ -230,13 +233,13 @@ class Trainer:
             ds_config = universal.ds_config_for_load(ds_config)
         model, mpu = modeling.build_model(cfg, self.model_config, self.kind, self.settings, self.layout)
         model = lora.apply(model, cfg, self.say)  # --lora: adapters + trainable embeddings/norms, the rest frozen
-        warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(cfg.warmup_ratio * self.total_steps)
-        sched_kwargs = {"min_lr_rate": 0.1} if cfg.lr_scheduler == "cosine_with_min_lr" else None
+        s = self.settings
+        sched_kwargs = {"min_lr_rate": s.min_lr_rate} if s.min_lr_rate is not None else None
         with zero3_optimizer_installed(self.zero3):  # longctx.zero3_optimizer.LongctxZeroStage3
             self.engine, _, _, self.scheduler = deepspeed.initialize(
                 model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                 config=ds_config, mpu=mpu,
-                lr_scheduler=lambda opt: get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=warmup,
+                lr_scheduler=lambda opt: get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=s.warmup_steps,
                                                        num_training_steps=self.total_steps,
                                                        scheduler_specific_kwargs=sched_kwargs))
         self.device = self.engine.device
