@@ -1,7 +1,8 @@
 """The decisions the memory plan makes, for longctx.resolve: where the bytes of a run go and what the GPU room allows.
 
-  parameters      ds_config offload_param.device "auto": parameters stay on the GPU where the plan fits them,
-                  else they go to CPU (PARAMS_ON_GPU_RULE)
+  parameters      ds_config offload_param.device "auto": on the GPU only beside every optimizer state, where the plan
+                  fits them all with the step (zero3.json's placement); else on the CPU, where they were measured
+                  faster with the optimizer offloaded (OFFLOADED_PARAMS_WHY)
   optimizer       ds_config offload_optimizer.ratio "auto": every state on the GPU where the plan fits them beside the
                   step's activations; else all on the CPU where the host holds them; else the largest GPU share of
                   the optimizer's sub-groups that fits (Twin-Flow, longctx.twin_flow)
@@ -40,15 +41,11 @@ KEEP_ATTENTION_MIN_TOKENS = 65536
 KEEP_ATTENTION_WHY = (f"rows under {KEEP_ATTENTION_MIN_TOKENS // 1024}K tokens: attention's recompute is cheap there "
                       "and selective checkpointing's per-op overhead measured slower at 16K")
 
-# Parameters on the GPU or offloaded (ds_config offload_param.device "auto"), where both fit: decided by
-# measurement. On one H200 (8B shape, 8 layers, one document per row, optimizer on CPU, docs/RESULTS.md) offloaded
-# parameters ran 2.00 / 5.31 / 14.07 s per step at 16K / 64K / 128K against 3.12 / 6.17 / 15.03 s on the GPU, and
-# the issue's H100 measurement agreed at 128K. Several GPUs are not measured yet: the rule is the same there.
-PARAMS_ON_GPU_WHY = "offloaded parameters measured faster on one H200 at 16K-128K with the optimizer offloaded"
-
-
-def PARAMS_ON_GPU_RULE(max_seq_len: int, facts) -> bool:  # noqa: N802  (a named rule, not a helper)
-    return False
+# Parameters offloaded where the optimizer states are on the CPU, even where they would fit the GPU: on one H200 (8B
+# shape, 8 layers, one document per row, optimizer on CPU, docs/RESULTS.md) offloaded parameters ran 2.00 / 5.31 /
+# 14.07 s per step at 16K / 64K / 128K against 3.12 / 6.17 / 15.03 s on the GPU, and an H100 agreed at 128K. Several
+# GPUs are not measured yet: the same there. They stay on the GPU only beside every optimizer state (optimizer_ratio).
+OFFLOADED_PARAMS_WHY = "offloaded parameters measured faster on one H200 at 16K-128K with the optimizer offloaded"
 
 
 @dataclass(frozen=True)
@@ -150,14 +147,13 @@ def resolve_zero_placement(c: Candidates, raw: dict) -> tuple[dict, dict[str, st
     why: dict[str, str] = {}
     offload_params: Optional[bool] = None
     if requested_params == "auto":
+        offload_params = c.hw is not None  # on the CPU, unless every optimizer state joins them on the GPU (below)
         if c.hw is None:
-            offload_params, why["offload_params"] = False, "auto: no GPU (CPU run): nothing to offload to"
-        else:  # on the GPU when the plan fits them there
+            why["offload_params"] = "auto: no GPU (CPU run): nothing to offload to"
+        else:  # the reason: they would not fit the GPU, or they would and measured slower there
             fits = c.fits_untiled_or_tiled(c.setup(c.ds_config(False)))
-            offload_params = not (fits and PARAMS_ON_GPU_RULE(c.cfg.max_seq_len, c))
-            why["offload_params"] = "auto: " + ("kept on the GPU (the plan fits them there)" if not offload_params
-                                                else "offloaded to CPU (" + ("the plan does not fit them on the GPU"
-                                                                             if not fits else PARAMS_ON_GPU_WHY) + ")")
+            why["offload_params"] = ("auto: offloaded to CPU (" + ("the plan does not fit them on the GPU" if not fits
+                                                                   else OFFLOADED_PARAMS_WHY) + ")")
     ratio: Optional[float] = None
     if requested_ratio == "auto":
         ratio, note, params_on_gpu = resolve_optimizer_ratio(c, requested_params, offload_params)

@@ -59,7 +59,7 @@ def test_defaults_on_a_large_card():
     assert (s.checkpointing, s.offload_impl, s.num_offloaded_layers) == ("offload", "fork", 8)
     assert s.keep_attention and not s.reentrant  # 8 GiB of kept attention outputs fit a 141 GiB card
     assert not s.tiled_mlp and "fits" in s.why["tiled_mlp"]  # 128K fits a 141 GiB card untiled: no recompute
-    assert s.offload_params and s.offload_optimizer and s.zero_stage == 3  # measured faster (PARAMS_ON_GPU_RULE)
+    assert s.offload_params and s.offload_optimizer and s.zero_stage == 3  # they fit, but measured faster offloaded
     assert s.ds_config["zero_optimization"]["offload_param"]["device"] == "cpu"
 
 
