@@ -471,13 +471,3 @@ def follows(s: Resolved, cfg, raw: dict, hidden: int) -> dict[str, str]:
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
 
-
-def write(settings: Resolved, path) -> None:
-    """resolved.json in the run directory (atomic)."""
-    import json
-    import os
-
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(settings.to_dict(), indent=2, default=str))
-    os.replace(tmp, p)

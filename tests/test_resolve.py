@@ -9,7 +9,7 @@ import json
 import pytest
 
 from helpers_train import REPO
-from longctx import config, resolve
+from longctx import config, resolve, runs
 from longctx.errors import LongctxError
 from longctx.flops import ModelShape
 from longctx.plan import plan
@@ -141,7 +141,7 @@ def test_plan_points_to_zero3_json_where_the_whole_states_fit():
 
 def test_resolved_json_round_trips(tmp_path):
     s = settings(H200, "--max-seq-len", "16384")
-    resolve.write(s, tmp_path / "resolved.json")
+    runs.write_resolved(tmp_path, s)
     d = json.loads((tmp_path / "resolved.json").read_text())
     assert d == json.loads(json.dumps(s.to_dict(), default=str))
 
