@@ -49,7 +49,7 @@ class Faults(Callback):
             import torch
 
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by "
-                                         "tests/fault_train.py)\nsecond line of torch's message")
+                                         "tests/fault_train_worker.py)\nsecond line of torch's message")
         v = self.nan
         hit = v and (step >= int(v[:-1]) if v.endswith("+") else step == int(v))
         return loss * float("nan") if hit and trainer.rank == 0 and micro == 0 else loss
