@@ -193,15 +193,15 @@ def create(cfg, mode: str, record: dict) -> None:
     write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def start(cfg, mode: str, record: dict, settings, ledger: dict, resume_plan=None) -> None:
+def start(cfg, mode: str, record: dict, settings, ledger: dict, resuming=None) -> None:
     """Rank 0, after all checks: the run record (create), resolved.json and ledger.json (this start's data ledger,
-    with every resume so far: `resume_plan`, a longctx.resume.Plan, adds this one)."""
+    with every resume so far: `resuming`, a longctx.resume.Resume, adds this one)."""
     create(cfg, mode, record)
     out = Path(cfg.output_dir)
     write_resolved(out, settings)
     previous = json.loads((out / "ledger.json").read_text()) if mode == "resume" and \
         (out / "ledger.json").is_file() else None
-    write_text_atomic(out / "ledger.json", json.dumps(ledger_with_resume(ledger, previous, resume_plan), indent=2))
+    write_text_atomic(out / "ledger.json", json.dumps(ledger_with_resume(ledger, previous, resuming), indent=2))
 
 
 def write_resolved(out: Path, settings) -> None:

@@ -94,7 +94,7 @@ class Trainer:
         self.model_config, self.kind = modeling.load_model_config(cfg, self.tok)
         sequence_parallel.check(cfg.sequence_parallel, self.world, self.model_config)
         self.identity = resume.identity(cfg, self.tok, self.model_config) if self.data is None else {}
-        self.resume_from, self.resume_plan = None, None
+        self.resume_from, self.resuming = None, None
         if cfg.resume:  # before anything is loaded: what must stay the same, and the global batch kept
             record, allowed = {}, []
             if self.mode == "resume":
@@ -105,12 +105,12 @@ class Trainer:
             if self.resume_from is not None:
                 if not record and (self.resume_from.parent.parent / runs.RUN_FILE).is_file():
                     record = runs.read_run_record(self.resume_from.parent.parent)
-                cfg, self.resume_plan = resume.keep_global_batch(cfg, self.resume_from, record, self.world,
+                cfg, self.resuming = resume.keep_global_batch(cfg, self.resume_from, record, self.world,
                                                                  allowed)
                 self.cfg = cfg
         self.settings = resolve.resolve(cfg, self.facts, self.model_config, self.world)
-        if self.resume_plan is not None:
-            resume.check_stage(self.resume_plan, self.settings.ds_config)
+        if self.resuming is not None:
+            resume.check_stage(self.resuming, self.settings.ds_config)
         if self.settings.checkpointing == "offload" and self.settings.offload_impl == "fork":
             modeling.check_offload_supported(self.model_config)
         self.layout = sequence_parallel.Layout.for_run(cfg.sequence_parallel, self.rank, self.world,
@@ -138,21 +138,21 @@ class Trainer:
                   self.data.ledger.format(),
                   f"steps: {self.total_steps} ({self.data.schedule.steps_per_epoch} per epoch)"
                   + (f"; resuming from {self.resume_from}" if self.resume_from else "")]
-        if self.resume_plan is not None:
-            lines.append(self.resume_plan.describe())
-            lines.append("resume: " + self.resume_plan.ledger_entry()["sample_ids"])
+        if self.resuming is not None:
+            lines.append(self.resuming.describe())
+            lines.append("resume: " + self.resuming.ledger_entry()["sample_ids"])
         return "\n".join(lines)
 
     # ---- 2. distributed, preflight, run directory ----------------------------------------------------------
     def setup(self, *, run_dir: bool = True) -> "Trainer":
         cfg, s = self.cfg, self.settings
         dist.init(self.facts.cuda, self.rank)
-        self.setup_plan = dataclasses.replace(setup_from_resolved(s, cfg, self.model_config),
+        self.plan_setup = dataclasses.replace(setup_from_resolved(s, cfg, self.model_config),
                                               data_bytes=self.data.resident_bytes())
         if cfg.preflight:  # refuse what cannot fit now, not with an OOM hours in (all ranks agree)
-            preflight.run(self.setup_plan, self.local_rank, dist.local_world(self.world), self.say)
+            preflight.run(self.plan_setup, self.local_rank, dist.local_world(self.world), self.say)
             if run_dir:  # and what the output filesystem cannot hold (collective)
-                preflight.run_disk(self.setup_plan, output_dir=cfg.output_dir, keep_last=cfg.keep_last,
+                preflight.run_disk(self.plan_setup, output_dir=cfg.output_dir, keep_last=cfg.keep_last,
                                    saves=checkpoint.count_saves(self.total_steps, cfg.save_interval),
                                    save_final_model=cfg.save_final_model, say=self.say, tokenizer_dir=self.tok_path)
         # DeepSpeed's CPU Adam: built once per environment, announced, a stale build lock refused (collective)
@@ -161,7 +161,7 @@ class Trainer:
             record = {"world_size": self.world, "device": self.facts.name, "precision": s.precision,
                       "attention": s.attention, "liger": s.liger, "lr": s.lr, "ds_config": s.ds_config,
                       "total_steps": self.total_steps, "model_kind": self.kind, "identity": self.identity}
-            runs.start(cfg, self.mode, record, s, self.data.ledger.to_dict(), self.resume_plan)
+            runs.start(cfg, self.mode, record, s, self.data.ledger.to_dict(), self.resuming)
         dist.barrier()
         return self
 
@@ -173,9 +173,9 @@ class Trainer:
         cfg, s = self.cfg, self.settings
         self.zero3 = dsconfig.is_zero3(s.ds_config)
         ds_config = s.ds_config
-        if self.resume_plan is not None and self.resume_plan.reshard:  # another layout: its universal form
+        if self.resuming is not None and self.resuming.reshard:  # another layout: its universal form
             cbs = self.callbacks
-            self.resume_plan.universal = universal.ensure(
+            self.resuming.universal = universal.ensure(
                 self.resume_from, rank=self.rank, barrier=dist.barrier, say=self.say,
                 on_written=lambda tmp: [cb.on_universal_written(self, tmp) for cb in cbs])
             ds_config = universal.ds_config_for_load(ds_config)
@@ -192,7 +192,7 @@ class Trainer:
         self.device = self.engine.device
         self.guard = DivergenceGuard(s.precision, s.ds_config, cfg.fp16_collapse_patience, self.engine)
         if self.resume_from is not None:
-            universal_form = self.resume_plan.universal if self.resume_plan is not None else None
+            universal_form = self.resuming.universal if self.resuming is not None else None
             self.load_state_dict(checkpoint.load(self.engine, self.resume_from, self.rank, universal=universal_form))
             self.say(f"resumed at step {self.step} from {self.resume_from}")
         if s.overlap_step:
@@ -396,7 +396,7 @@ class Trainer:
 
     def out_of_memory(self, error: BaseException) -> GpuOutOfMemory:
         """The report of a CUDA out-of-memory error, naming what this rank was doing."""
-        return preflight.out_of_memory(error, where=self.activity, rank=self.rank, setup=self.setup_plan,
+        return preflight.out_of_memory(error, where=self.activity, rank=self.rank, setup=self.plan_setup,
                                        output_dir=self.cfg.output_dir)
 
 

@@ -60,7 +60,7 @@ class Faults(Callback):
 
     def on_universal_written(self, trainer, path):
         if self.in_conversion:
-            _park(trainer, "IN_CONVERSION", trainer.resume_plan.step)
+            _park(trainer, "IN_CONVERSION", trainer.resuming.step)
 
     def on_step_end(self, trainer, step, row):
         if self.after == str(step):
