@@ -10,33 +10,23 @@ main(): parse the typed config -> either print the memory plan, or run the Train
 resolve every "auto" once (nothing is written before) -> distributed, preflight, run directory -> model and
 DeepSpeed engine -> the loop (eval, metrics, checkpoints) -> the consolidated Hugging Face model.
 
-Where things live: longctx/config.py (arguments), resolve.py (every "auto", decided once: resolved.json),
-trainer.py (the loop), data.py (the run's training data), documents.py (formats, ledger), tokenization.py (labels,
-SFT truncation), batching.py (packing, batch schedule), attention.py (kernels), modeling.py (model, Liger,
-checkpointing, loss), sequence_parallel.py (Ulysses), tiled_mlp.py (MLP in chunks), dsconfig.py (ds_config),
-checkpoint.py (atomic save / exact resume), metrics.py (metrics.jsonl, progress), runs.py (run dir),
-plan*.py + preflight.py (memory plan), lora.py + s2attn.py (LongLoRA mode).
+Where things live: longctx/config.py (arguments), resolve.py (every "auto", decided once: resolved.json; its
+memory-plan decisions in placement.py, the machine in facts.py), trainer.py (the loop), dist.py (ranks, the process
+group, the reduction over ranks), data.py (the run's training data), documents.py (formats, ledger),
+tokenization.py (labels, SFT truncation), batching.py (packing, batch schedule), attention.py (kernels), modeling.py
+(model, Liger, checkpointing, loss), sequence_parallel.py (Ulysses), tiled_mlp.py (MLP in chunks), dsconfig.py
+(ds_config), checkpoint.py (atomic save / exact resume, the final model), metrics.py (metrics.jsonl, progress),
+runs.py (run dir), plan*.py + preflight.py (memory plan), lora.py + s2attn.py (LongLoRA mode).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 from longctx import config as config_mod
+from longctx.dist import env as dist_env  # also bench/train_bench.py's: a plain `python` becomes a world of one
 from longctx.errors import LongctxError
-
-
-def dist_env() -> tuple[int, int, int]:
-    """Rank, world size, local rank; a plain `python train.py` becomes a world of one."""
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
 
 
 def main(argv: list[str] | None = None, callbacks=()) -> int:

@@ -12,6 +12,9 @@ number of ranks (universal.py); it is pruned with its original.
 A directory without COMPLETE is a save that was interrupted: it is never resumed from, never counts
 toward --keep-last, and is deleted by the next save. "latest" is the newest directory with COMPLETE.
 
+The end of a run is exported here too: save_final_model writes <output_dir>/final_model/ atomically (a --lora run's
+adapter: lora.save_final).
+
 Exact resume needs one thing DeepSpeed does not restore: CPU Adam's bias-correction powers (see
 restore_cpu_adam_bias_correction); load() restores them.
 """
@@ -33,6 +36,7 @@ import numpy as np
 import torch
 
 from .errors import LongctxError
+from .modeling import restore_inference_settings
 from .runs import write_text_atomic as _write_atomic
 
 MARKER = "COMPLETE"
@@ -188,6 +192,28 @@ def prune(output_dir: Path, keep_last: int) -> None:
         if p.name.endswith(".tmp") or not is_complete(base):
             shutil.rmtree(p, ignore_errors=True)
 
+
+
+def save_final_model(engine, tok, cfg, rank: int, zero3: bool, barrier) -> Path:
+    """The run's export (lora.save_final is --lora's): gather the full weights (ZeRO-3: layer by layer onto rank 0)
+    and write a from_pretrained-able directory atomically, final_model.tmp then a rename. Its config gets the input's
+    inference settings back."""
+    state = engine._zero3_consolidated_16bit_state_dict() if zero3 else (
+        engine.module.state_dict() if rank == 0 else None)
+    out = Path(cfg.output_dir) / "final_model"
+    if rank == 0:
+        lm = engine.module.lm
+        state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        restore_inference_settings(lm.config, cfg.model)
+        with reporting_write_failures("the final model", tmp, cfg.output_dir, remove_partial=True):
+            lm.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            tok.save_pretrained(str(tmp))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    barrier()
+    return out
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     if not resume:

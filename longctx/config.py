@@ -389,8 +389,3 @@ def validate(cfg: Config) -> None:
     if problems:
         raise LongctxError("invalid arguments:\n  " + "\n  ".join(problems))
 
-
-def resolved_lr(cfg: Config) -> float:
-    if cfg.lr is not None:
-        return cfg.lr
-    return 3e-3 if cfg.uses_embedded_model else 1e-5

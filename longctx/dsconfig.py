@@ -9,8 +9,8 @@
   bf16.enabled / fp16.enabled     <- the resolved --precision
   zero_optimization bucket sizes  <- from the model's hidden size
   offload_*.pin_memory            <- true on CUDA, false on CPU
-  offload_param.device            <- "cpu" or "none", as longctx.resolve decides (parameters kept on the GPU
-                                     where the memory plan fits them)
+  offload_param.device            <- "cpu" or "none", as longctx.resolve decides (longctx.placement: on the GPU
+                                     only beside every optimizer state, where the memory plan fits them all)
   offload_optimizer.ratio         <- the CPU share of the optimizer's sub-groups, as longctx.resolve decides from
                                      the memory plan (0: every state on the GPU, the offload_optimizer section
                                      dropped; between: Twin-Flow, longctx.twin_flow; 1: all on the CPU)

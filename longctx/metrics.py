@@ -25,6 +25,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from .dist import all_reduce
+
 try:  # owned by the benchmark work; optional here
     from . import flops as _flops
 except Exception:  # pragma: no cover
@@ -124,12 +126,7 @@ class Metrics:
         if log:
             mem = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else 0.0
             rss = psutil.Process().memory_info().rss / 2 ** 30
-            both = torch.tensor([mem, rss], dtype=torch.float64)
-            if torch.distributed.is_initialized() and self.world > 1:
-                dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-                both = both.to(dev) if dev is not None else both
-                torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
-            mem, rss = both.tolist()
+            mem, rss = all_reduce([mem, rss], "max")
             tflops = mfu = hfu = None
             if self.shape is not None and dt > 0:
                 f = _flops.train_flops(self.shape, doc_lens)
@@ -185,12 +182,7 @@ class Metrics:
 
         gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0.0
         host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-        peaks = torch.tensor([float(gpu), float(host)], dtype=torch.float64)
-        if torch.distributed.is_initialized() and self.world > 1:
-            dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-            peaks = peaks.to(dev) if dev is not None else peaks
-            torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
-        gpu, host = peaks.tolist()
+        gpu, host = all_reduce([float(gpu), float(host)], "max")
         wall = time.perf_counter() - self.t_start
         rec = {"steps": self.last_step, "total_steps": self.total_steps, "steps_this_session": self.steps_done,
                "resumed_from_step": self.resumed_at or None, "tokens_this_session": self.tokens,
@@ -215,3 +207,32 @@ class Metrics:
                  f"  final model  {final_model or '- (not saved)'}",
                  f"  metrics      {self.path}  (summary.json beside it)"]
         return "\n".join(lines)
+
+
+class PhaseClock:
+    """Adds the wall time since the previous lap to `phases[name]`, the device synchronized first; idle when
+    `phases` is None (one attribute check per phase): the benchmark's breakdown of a step."""
+
+    def __init__(self, phases: dict | None, device):
+        self.phases, self.device = phases, device
+        if phases is not None:
+            self._sync()
+            self.last = time.perf_counter()
+
+    def _sync(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def add(self, name: str, seconds: float) -> None:
+        """Add `seconds` measured elsewhere (within a phase) under `name` (every rank gets the key: the benchmark
+        reduces the phases over ranks)."""
+        if self.phases is not None:
+            self.phases[name] = self.phases.get(name, 0.0) + seconds
+
+    def lap(self, name: str) -> None:
+        if self.phases is None:
+            return
+        self._sync()
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self.last
+        self.last = now

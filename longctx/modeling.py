@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LongctxError
+from .resolve import resolve_tokenizer
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 HEAD_CHUNK_TOKENS = 8192
@@ -85,13 +86,7 @@ def read_config_json(path: Path, what: str) -> dict:
 def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
-    from .config import DEFAULT_TOKENIZER
-
-    path = cfg.tokenizer
-    if not path:
-        m = Path(cfg.model)
-        path = str(m) if m.is_dir() and ((m / "tokenizer.json").exists() or (m / "tokenizer_config.json").exists()) \
-            else DEFAULT_TOKENIZER
+    path, _ = resolve_tokenizer(cfg)
     if not Path(path).exists():
         raise LongctxError(f"tokenizer not found: {path}")
     if (Path(path) / "config.json").is_file():  # AutoTokenizer reads it too: a corrupt one is the model's problem

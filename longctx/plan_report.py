@@ -157,8 +157,7 @@ def cli_plan(cfg, optional: tuple[str, ...] = ()) -> str:
     settings = resolve(cfg, facts, mc, world=facts.gpus)
     data_bytes = estimate_resident_bytes(cfg.data)  # per rank; the tokens stay memory-mapped
     setup = dataclasses.replace(setup_from_resolved(settings, cfg, mc), data_bytes=data_bytes)
-    hw = Hardware(gpus=facts.gpus, gpu_mem=int(facts.gpu_mem), host_mem=int(facts.host_mem or 0),
-                  name="" if facts.assumed else facts.name)
+    hw = facts.hardware()
 
     def setup_at(n: int) -> Setup:  # train.py's resolution at another --max-seq-len
         c = dataclasses.replace(cfg, max_seq_len=n)
@@ -167,7 +166,7 @@ def cli_plan(cfg, optional: tuple[str, ...] = ()) -> str:
 
     text = format_plan(setup, hw, model_name=Path(cfg.model).stem if Path(cfg.model).is_file() else cfg.model,
                        optional=optional, setup_at=setup_at)
-    notes = ["; ".join(settings.header()[:2])] + [f"{k}: {v}" for k, v in settings.why.items()]
+    notes = ["; ".join(settings.header()[:2])] + [f"{k}: {v}" for k, v in settings.reasons()]
     if facts.assumed:
         notes.append("assumed: " + "; ".join(facts.assumed))
     on_gpu = states_on_gpu_hint(setup, hw)

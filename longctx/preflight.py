@@ -22,14 +22,14 @@ refuses the run; less than that plus DISK_HEADROOM is a warning.
 from __future__ import annotations
 
 import dataclasses
-import os
 import resource
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import LongctxError
+from .dist import all_reduce
+from .errors import GpuOutOfMemory, LongctxError
 from .plan import plan
 from .plan_report import fmt_len
 from .plan_search import host_knob, max_seq_len_that_fits, next_knobs
@@ -151,19 +151,9 @@ def check(p: Plan, m: Machine) -> tuple[list[str], list[str]]:
 
 def _worst_over_ranks(m: Machine) -> Machine:
     """Every rank judges by the least free GPU memory and host room of all ranks, so all decide alike."""
-    try:
-        import torch
-        import torch.distributed as dist
-    except ImportError:
-        return m
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return m
-    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     big = float(1 << 62)
-    t = torch.tensor([float(m.gpu_free) if m.gpu_free is not None else big, float(m.host_available),
-                      float(m.rss_now)], dtype=torch.float64, device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    free, avail, rss = t.tolist()
+    free, avail, rss = all_reduce([float(m.gpu_free) if m.gpu_free is not None else big, float(m.host_available),
+                                   float(m.rss_now)], "min")
     return dataclasses.replace(m, gpu_free=None if free >= big else int(free), host_available=int(avail),
                                rss_now=int(rss))
 
@@ -185,6 +175,22 @@ def run(setup: Setup, local_rank: int, local_world: int, say: Callable[[str], No
     say(f"preflight: predicted peak {_g(p.gpu_peak)} per GPU{free}; host {_g(p.host_per_rank)} per rank "
         f"x {local_world}, {_g(m.host_available)} available; pinned {_g(p.pinned * local_world)}")
     return p
+
+
+def out_of_memory(error: BaseException, *, where: str, rank: int, setup: Setup, output_dir) -> GpuOutOfMemory:
+    """The report of a CUDA out-of-memory error mid-run, with this rank's figures (train.py prints it and exits with
+    its code; the launcher stops the other ranks)."""
+    import psutil
+    import torch  # the preflight's checks are pure: only this report and the probe read the device
+
+    from .checkpoint import latest_complete  # checkpoint imports torch and DeepSpeed's state; only this report needs it
+
+    cuda = torch.cuda.is_available()
+    done = latest_complete(output_dir)
+    return GpuOutOfMemory(out_of_memory_message(
+        str(error), where=where, rank=rank, p=plan(setup), peak_allocated=torch.cuda.max_memory_allocated() if cuda
+        else None, card_bytes=torch.cuda.mem_get_info()[1] if cuda else None, host_mem=psutil.virtual_memory().total,
+        checkpoint=str(done) if done else None))
 
 
 def out_of_memory_message(error: str, *, where: str, rank: int, p: Plan, peak_allocated: Optional[int],
@@ -299,27 +305,13 @@ def free_bytes(output_dir) -> int:
     return int(shutil.disk_usage(p).free)
 
 
-def _min_over_ranks(x: int) -> int:
-    try:
-        import torch
-        import torch.distributed as dist
-    except ImportError:
-        return x
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return x
-    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    t = torch.tensor([float(x)], dtype=torch.float64, device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
-
-
 def run_disk(setup: Setup, *, output_dir, keep_last: int, saves: int, save_final_model: bool,
              say: Callable[[str], None] = print, tokenizer_dir=None, free: Optional[int] = None) -> DiskPlan:
     """Predict what the run writes, compare it with the free space of the output filesystem (the least any rank
     sees; collective when distributed), and refuse (LongctxError) or warn. `free` overrides the probe."""
     d = disk_plan(setup, keep_last=keep_last, saves=saves, save_final_model=save_final_model,
                   tokenizer_dir=tokenizer_dir)
-    free = _min_over_ranks(free_bytes(output_dir) if free is None else free)
+    free = int(all_reduce(float(free_bytes(output_dir) if free is None else free), "min"))
     problems, notes = check_disk(d, free, str(output_dir))
     for n in notes:
         say(f"preflight warning: {n}")

@@ -1,11 +1,13 @@
 """One resolution of every "auto": the settings a run trains with, decided once.
 
-    facts = Facts.detect()                      # or Facts.target(cfg) for `--plan` on another machine
+    facts = Facts.detect()                      # or .as_target(...) for `--plan` on another machine
     settings = resolve(cfg, facts, model_config, world)
+    settings = resolve_schedule(settings, cfg, steps_per_epoch)   # once the data are read (longctx.trainer)
 
-`resolve` is a pure function of the typed Config, the device facts and the model config: no torch, no
-allocation. train.py (through longctx.trainer), `--plan`, the preflight and the benchmark all call it, so the
-run header, `resolved.json` in the run directory, the memory plan and a benchmark row describe the same run.
+`resolve` is a pure function of the typed Config, the device facts (longctx.facts) and the model config: no torch,
+no allocation. train.py (through longctx.trainer), `--plan`, the preflight and the benchmark all call it, so the run
+header, `resolved.json` in the run directory, the memory plan and a benchmark row describe the same run. Every field
+of Resolved has its reason in `why`; `resolve()` is the sequence of the decisions below, one function each.
 
 What it decides, and from what:
   precision      bf16 on sm80+, fp16 (dynamic loss scaling) on sm70, fp32 on CPU
@@ -16,35 +18,34 @@ What it decides, and from what:
                  flash_attention_4 (stock's flash-attn-4 path: attention is never kept with it), sdpa, eager
   liger          on when liger-kernel is installed and a GPU is used
   checkpointing  none | plain | offload (fork's offloader or upstream's save_on_cpu), reentrant, offloaded layers
-  ZeRO placement ds_config offload_param.device "auto": parameters stay on the GPU where the plan fits them,
-                 else they go to CPU (PARAMS_ON_GPU_RULE)
-                 ds_config offload_optimizer.ratio "auto": every optimizer state on the GPU (parameters too, where
-                 they are "auto") where the plan fits them with the step's activations; else the largest GPU share
-                 of the optimizer's sub-groups that fits (Twin-Flow, longctx.twin_flow); else all on the CPU
-  tiled MLP      only when the memory plan says the untiled step does not fit the GPU (auto); a size rule no more
+  lr             --lr, else 3e-3 for the embedded tiny model (random init), 1e-5 for a model you bring
+  the schedule   total steps (--max-steps, else --epochs of the batch schedule), warmup, the cosine floor
+  tokenizer      --tokenizer, else the model directory's, else the embedded one
+  placement      by the memory plan (longctx.placement): ZeRO offload of parameters and optimizer states (on the GPU
+                 together where the plan fits them all, else on the CPU, else a Twin-Flow split of the states), the
+                 overlapped CPU optimizer step, checkpoints in host RAM, tiled MLP, kept attention
   tiled loss     chunked LM head + CE (no tokens x vocab logits) unless --no-tiled-loss
-  overlapped step  the CPU optimizer sub-groups updated while the next forward runs (longctx.overlap_step): on
-                 where ZeRO-3 has the optimizer offloaded to CPU; sub-groups of about one layer then (auto)
   the ds_config  longctx.dsconfig fills every "auto" from the above
+  eval attention for evaluation's generation and scoring (longctx.evaluation): resolve_eval_attention
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
-import importlib.util
-import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
-from . import gpu_extras
+from . import dsconfig, gpu_extras
+from .config import DEFAULT_MODEL, DEFAULT_TOKENIZER
 from .errors import LongctxError
-from .plan import plan, tiled_mlp_shards
-from .plan_search import check_fit, largest_gpu_share, layer_sub_group_size
-from .plan_settings import attention_kind, kept_attention_label, setup_from_settings
-from .plan_states import optimizer_sub_groups
-from .plan_types import GiB, Hardware, Setup
+from .facts import Facts  # noqa: F401  (callers name it resolve.Facts)
+from .flops import ModelShape
+from .placement import KEEP_ATTENTION_MIN_TOKENS  # noqa: F401  (bench/techniques.py reads it here)
+from .placement import (Candidates, resolve_keep_attention, resolve_offloaded_layers,
+                        resolve_overlap_step, resolve_tiled_mlp, resolve_zero_placement)
+from .plan_settings import kept_attention_label
 
 # Attention choices the user can name, and what each is registered as with transformers.
 SDPA_PER_DOC = "longctx_sdpa"   # longctx.attention.sdpa_per_doc_forward
@@ -58,99 +59,6 @@ HF_FA4_KEEP = (f"transformers' {HF_FA4} runs flash-attn-4's kernels outside torc
                "dispatch mode's per-op cost on top")
 
 
-@dataclass(frozen=True)
-class Facts:
-    """What the machine (or the target machine of a plan) offers. Probing imports torch; resolving does not."""
-    kind: str = "cpu"                          # "cuda" | "cpu"
-    name: str = "cpu"
-    capability: Optional[tuple[int, int]] = None
-    gpu_mem: Optional[int] = None              # bytes per GPU (total)
-    gpus: int = 1                              # GPUs of the machine (planning) or ranks of this run
-    host_mem: Optional[int] = None             # bytes of host RAM
-    varlen_attn: bool = False                  # torch.nn.attention.varlen.varlen_attn exists
-    flash_attn: bool = False                   # the flash-attn package is installed
-    fa4: Optional[str] = None                  # flash-attn-4's version where its kernels import
-    liger: bool = False                        # liger-kernel is installed
-    liger_version: Optional[str] = None        # its version (the run header reports it)
-    torch_cuda: Optional[str] = None           # torch.version.cuda (None: a CPU build)
-    fork: bool = False                         # the installed transformers is our fork
-    assumed: tuple[str, ...] = ()              # facts assumed rather than probed (plans for a target)
-
-    @property
-    def cuda(self) -> bool:
-        return self.kind == "cuda"
-
-    @property
-    def sm80(self) -> bool:
-        return self.cuda and self.capability is not None and tuple(self.capability) >= (8, 0)
-
-    @property
-    def sm90(self) -> bool:
-        return self.cuda and self.capability is not None and tuple(self.capability) >= (9, 0)
-
-    @classmethod
-    def detect(cls, gpus: Optional[int] = None) -> "Facts":
-        import psutil
-        import torch
-
-        from .fa4 import installed_version
-
-        liger = importlib.util.find_spec("liger_kernel") is not None
-        common = dict(varlen_attn=_has_varlen_attn(), flash_attn=_has_flash_attn_2(), fa4=installed_version(),
-                      liger=liger, liger_version=_version("liger-kernel") if liger else None,
-                      torch_cuda=torch.version.cuda, fork=_is_fork(), host_mem=int(psutil.virtual_memory().total))
-        if torch.cuda.is_available():
-            dev = torch.cuda.current_device()
-            return cls("cuda", torch.cuda.get_device_name(dev), tuple(torch.cuda.get_device_capability(dev)),
-                       int(torch.cuda.get_device_properties(dev).total_memory),
-                       gpus or torch.cuda.device_count(), **common)
-        return cls("cpu", "cpu", None, None, gpus or 1, **common)
-
-    def as_target(self, *, gpus: Optional[int], gpu_mem: Optional[int], host_mem: Optional[int],
-                  precision: str) -> "Facts":
-        """These facts, with the machine named by `--plan --gpus --gpu-mem --host-mem` put in. A GPU target
-        named from a machine without one is assumed sm80+ (sm70 for --precision fp16) with the packages a GPU
-        install of this project has (liger-kernel, torch's varlen attention)."""
-        f = self
-        if gpu_mem is not None and not self.cuda:
-            cap = (7, 0) if precision == "fp16" else (8, 0)
-            f = dataclasses.replace(f, kind="cuda", name="target GPU", capability=cap, varlen_attn=True, liger=True,
-                                    assumed=f.assumed + (f"a GPU of sm{cap[0]}{cap[1]}+ with liger-kernel installed",))
-        return dataclasses.replace(f, gpus=gpus or f.gpus, gpu_mem=gpu_mem or f.gpu_mem,
-                                   host_mem=host_mem or f.host_mem)
-
-
-def _version(dist: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(dist)
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _has_flash_attn_2() -> bool:
-    """flash-attn (2.x) proper: flash-attn-4 installs into the same `flash_attn` package, without its functions."""
-    try:  # finding a submodule imports the package: a broken install must not stop the probe
-        return importlib.util.find_spec("flash_attn.flash_attn_interface") is not None
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def _has_varlen_attn() -> bool:
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False
-    return True
-
-
-def _is_fork() -> bool:
-    try:
-        from transformers import fork_info  # type: ignore[attr-defined]  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False
-    return True
-
-
 # Step times through train.py, one H100, 8B shape at 8 layers (bench/results/2026-12-05_h100_1xgpu-8b-8L-fa4.json,
 # the slower of two timed steps): fa4 1.93 / 4.65 / 11.20 s against sdpa_per_doc's 1.96 / 4.90 / 12.18 s at 16K /
 # 64K / 128K (one document: 1.014 / 1.054 / 1.088x), 5.04 against 5.35 s on stdlib rows at 128K; the same peaks.
@@ -162,7 +70,7 @@ FA4_MISSING = (f"; flash-attn-4 would be auto here (with a CUDA 13 torch: pip in
 
 @dataclass(frozen=True)
 class Resolved:
-    """The settings of one run, every "auto" decided. `why` says, per setting, what decided it."""
+    """The settings of one run, every "auto" decided. `why` says, per field, what decided it."""
     precision: str
     attention: str                   # the user's name: fa4 | sdpa_per_doc | varlen | flash_attention_2 |
                                      # flash_attention_4 (transformers') | sdpa | eager
@@ -189,14 +97,27 @@ class Resolved:
     overlap_step: bool = False       # CPU optimizer sub-groups updated during the next forward (longctx.overlap_step)
     why: dict = field(default_factory=dict)
     optimizer_ratio: Optional[float] = None  # offload_optimizer.ratio (CPU share of the sub-groups) when offloaded
+    tokenizer: str = ""              # the tokenizer directory
+    total_steps: Optional[int] = None     # optimizer steps of the run (resolve_schedule; None before the data)
+    warmup_steps: Optional[int] = None    # the lr schedule's warmup
+    min_lr_rate: Optional[float] = None   # cosine_with_min_lr's floor, a fraction of lr (None: other schedules)
+
+    # The reasons the run header and `--plan` print, in the order decided; the other fields' reasons (settings that
+    # follow from these or are taken as given) are in resolved.json.
+    REPORTED = ("precision", "liger", "attention", "checkpointing", "offload_params", "optimizer", "overlap_step",
+                "tiled_mlp", "keep_attention")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def reasons(self) -> list[tuple[str, str]]:
+        """(setting, why) of the decisions the run header and `--plan` report."""
+        return [(k, v) for k, v in self.why.items() if k in self.REPORTED]
+
     @property
     def model_attn_impl(self) -> str:
         """What the model is built with: S2-Attn's name over the kernel with --s2-attn, else the kernel."""
-        from .s2attn import NAME
+        from .s2attn import NAME  # s2attn imports torch, which resolving does not
 
         return NAME if self.s2_group else self.attn_impl
 
@@ -220,7 +141,7 @@ class Resolved:
                 f"{f'on ({self.tiled_mlp_shards} shards)' if self.tiled_mlp else 'off'} | tiled loss "
                 f"{'on' if self.tiled_loss else 'off'} | sequence parallel {self.sequence_parallel} | optimizer step "
                 f"{'overlapped with the next forward' if self.overlap_step else 'not overlapped'}"] + \
-            [f"  {k}: {v}" for k, v in self.why.items()]
+            [f"  {k}: {v}" for k, v in self.reasons()]
 
 
 # ---- the decisions -------------------------------------------------------------------------------------
@@ -384,46 +305,68 @@ def resolve_checkpointing(cfg, facts: Facts, layers: int) -> tuple[str, str, int
     return "offload", impl, n, f"{impl} offloader, {n}/{layers} layers in host RAM"
 
 
-def checkpoints_in_host(host_bytes, layers: int, usable: float) -> tuple[int, str]:
-    """The number of layers whose checkpoints go to host RAM, given `host_bytes(n)` (the plan's host total with n of
-    them there): all where they fit, else the most that fit, with a note saying so ("" for all). Where not even the
-    states fit with none there, all stay requested: the preflight refuses that run and names the knobs."""
-    if host_bytes(layers) <= usable:
-        return layers, ""
-    fit = next((n for n in range(layers - 1, -1, -1) if host_bytes(n) <= usable), None)
-    if fit is None:
-        return layers, ""
-    return fit, (f"auto: all {layers} would need {host_bytes(layers) / 2**30:.1f} GiB of host RAM, "
-                 f"{usable / 2**30:.1f} usable; the other {layers - fit} stay on the GPU")
+def resolve_lr(cfg) -> tuple[float, str]:
+    """--lr, else by what is trained: the embedded tiny model starts from random weights and learns in the few steps
+    of `make run` at 3e-3; a model you bring is pretrained, and 1e-5 is full fine-tuning's usual peak for it."""
+    if cfg.lr is not None:
+        return cfg.lr, "requested"
+    if cfg.uses_embedded_model:
+        return 3e-3, "auto: 3e-3 for the embedded tiny model (random init, a few steps)"
+    return 1e-5, "auto: 1e-5, full fine-tuning of a model you bring"
 
 
-def _offload_param_requested(ds_raw: dict) -> Optional[str]:
-    off = (ds_raw.get("zero_optimization") or {}).get("offload_param")
-    if not isinstance(off, dict):
-        return None
-    return str(off.get("device", "none"))
+def resolve_tokenizer(cfg) -> tuple[str, str]:
+    """The tokenizer directory: --tokenizer, else the model directory's own, else the embedded one (a config .json
+    or a directory without a tokenizer). `cfg` needs only .tokenizer and .model (evaluation passes its own)."""
+    if cfg.tokenizer:
+        return cfg.tokenizer, "requested"
+    m = Path(cfg.model)
+    if m.is_dir() and ((m / "tokenizer.json").exists() or (m / "tokenizer_config.json").exists()):
+        return str(m), "auto: the --model directory's own"
+    embedded = Path(cfg.model).resolve() == Path(DEFAULT_MODEL)
+    return DEFAULT_TOKENIZER, "auto: the embedded tokenizer" + ("" if embedded else f" (--model {cfg.model} has none)")
 
 
-def _offload_ratio_requested(ds_raw: dict):
-    """offload_optimizer.ratio as the ds_config gives it: "auto", a number, or None (no optimizer offload)."""
-    off = (ds_raw.get("zero_optimization") or {}).get("offload_optimizer")
-    if not isinstance(off, dict) or off.get("device", "none") in ("none", None):
-        return None
-    ratio = off.get("ratio", 1.0)
-    if ratio == "auto":
-        return ratio
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
-        raise LongctxError(f"--deepspeed: zero_optimization.offload_optimizer.ratio must be \"auto\" or a number "
-                           f"from 0 to 1 (the CPU share of the optimizer's sub-groups), got {ratio!r}")
-    return float(ratio)
+def resolve_schedule(settings: Resolved, cfg, steps_per_epoch: int) -> Resolved:
+    """`settings` with the run's length and lr schedule decided, once the batch schedule's steps per epoch are known
+    (longctx.trainer, after reading the data): --max-steps, else --epochs of it; the warmup, --warmup-steps or
+    --warmup-ratio of the total; cosine_with_min_lr's floor, which transformers requires and does not default."""
+    if cfg.max_steps > 0:
+        total, why_total = cfg.max_steps, "requested (--max-steps)"
+    else:
+        total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        why_total = f"--epochs {cfg.epochs:g} x {steps_per_epoch} steps per epoch (the batch schedule)"
+    if cfg.warmup_steps >= 0:
+        warmup, why_warmup = cfg.warmup_steps, "requested (--warmup-steps)"
+    else:
+        warmup = int(cfg.warmup_ratio * total)
+        why_warmup = f"--warmup-ratio {cfg.warmup_ratio:g} of {total} steps"
+    if cfg.lr_scheduler == "cosine_with_min_lr":
+        floor, why_floor = 0.1, "cosine_with_min_lr: the lr decays to 10% of its peak"
+    else:
+        floor, why_floor = None, f"{cfg.lr_scheduler}: no floor"
+    return dataclasses.replace(settings, total_steps=total, warmup_steps=warmup, min_lr_rate=floor,
+                               why={**settings.why, "total_steps": why_total, "warmup_steps": why_warmup,
+                                    "min_lr_rate": why_floor})
+
+
+def resolve_eval_attention(requested: str, facts: Facts, precision: str) -> tuple[str, str]:
+    """Evaluation's generation and scoring run one unpadded sequence with a KV cache (longctx.evaluation): upstream's
+    SDPA, causal with no mask, or flash-attn where installed; train.py's packed-row kernels have no decode path."""
+    half = precision in ("bf16", "fp16")
+    can_fa2 = facts.flash_attn and facts.sm80 and half
+    if requested == "auto":
+        return ("flash_attention_2", "auto: flash-attn installed, sm80+, half precision") if can_fa2 else \
+            ("sdpa", "auto: SDPA, causal with no mask (its fused kernels on a GPU)")
+    if requested == "flash_attention_2" and not can_fa2:
+        raise LongctxError("--attn-implementation flash_attention_2 needs the flash-attn package, an sm80+ GPU and "
+                           "bf16/fp16")
+    return requested, "requested"
 
 
 def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
-    """Decide every setting of the run `cfg` describes on `world` ranks of the machine `facts` describes."""
-    from . import dsconfig
-    from .config import resolved_lr
-    from .flops import ModelShape
-
+    """Decide every setting of the run `cfg` describes on `world` ranks of the machine `facts` describes (all but the
+    schedule, which needs the data: resolve_schedule)."""
     shape = ModelShape.from_config(model_config)
     why: dict[str, str] = {}
     precision, why["precision"] = resolve_precision(cfg.precision, facts)
@@ -433,258 +376,98 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
                              head_dim=shape.head_dim)
     why["attention"] = attn.note
     mode, impl, n_off, why["checkpointing"] = resolve_checkpointing(cfg, facts, shape.layers)
-    if not cfg.tiled_loss and liger:
-        raise LongctxError("--no-tiled-loss needs Liger's fused cross-entropy off (--liger off): Liger's loss is "
-                           "itself tiled")
-    lr = resolved_lr(cfg)
-    sp = int(cfg.sequence_parallel)
-    dp_world = max(1, world // sp)
+    tiled_loss, why["tiled_loss"] = resolve_tiled_loss(cfg.tiled_loss, liger)
+    lr, why["lr"] = resolve_lr(cfg)
+    tokenizer, why["tokenizer"] = resolve_tokenizer(cfg)
 
+    c = Candidates(cfg=cfg, shape=shape, world=world, precision=precision, lr=lr, on_cuda=facts.cuda,
+                   hw=facts.hardware(), checkpointing=mode, offload_impl=impl, num_offloaded_layers=n_off,
+                   attention=attn.name, liger=liger, tied_embeddings=bool(_get(model_config, "tie_word_embeddings")))
     raw = dsconfig.load(cfg.deepspeed)
-    requested_params = _offload_param_requested(raw)
-    requested_ratio = _offload_ratio_requested(raw)
+    ds, placed = resolve_zero_placement(c, raw)
+    why.update(placed)
+    overlap, why["overlap_step"] = resolve_overlap_step(cfg.overlap_optimizer_step, ds, raw, shape, c.dp_world)
+    n_off, all_not_held = resolve_offloaded_layers(c, ds)
+    if all_not_held:
+        why["checkpointing"] = all_not_held
+    c = dataclasses.replace(c, num_offloaded_layers=n_off)
+    tiled, shards, why["tiled_mlp"] = resolve_tiled_mlp(c, ds)
+    keep, why["keep_attention"] = resolve_keep_attention(c, ds, shards, hf_fa4=HF_FA4, hf_fa4_why=HF_FA4_KEEP,
+                                                         varlen_kwargs=attn.varlen_kwargs)
+    s2_group, s2_note = resolve_s2_group(cfg)
+    why["attention"] += s2_note
 
-    def build(offload_params: Optional[bool], ratio: Optional[float] = 1.0) -> dict:
-        ds = dsconfig.build(cfg.deepspeed, cfg, world_size=dp_world, precision=precision, lr=lr,
-                            hidden_size=shape.hidden, on_cuda=facts.cuda, offload_params=offload_params,
-                            optimizer_ratio=ratio,
-                            layer_sub_group_size=layer_sub_group_size(shape, dp_world))
-        if sp > 1:
-            ds["sequence_parallel_size"] = sp
-        return ds
-
-    keep_requested = bool(cfg.keep_attention) and mode != "none"
-    keep_by = cfg.keep_attention_by
-
-    def reentrant(keep: bool) -> bool:  # reentrant is the cheaper path; selective checkpointing needs the other
-        return not (keep and keep_by == "selective")
-
-    def setup(ds: dict, shards: int, keep: bool = keep_requested) -> Setup:
-        return setup_from_settings(
-            shape=shape, seq_len=cfg.max_seq_len, micro_batch=cfg.micro_batch_size, world=world, ds_config=ds,
-            precision=precision, checkpointing=mode, offload_impl=impl, reentrant=reentrant(keep),
-            num_offloaded_layers=n_off, keep_attention=keep, keep_attention_by=keep_by, liger=liger,
-            tiled_loss=cfg.tiled_loss,
-            attention=attention_kind(attn.name, cfg.packing), sp=sp, tiled_mlp_shards=shards,
-            tied_embeddings=bool(_get(model_config, "tie_word_embeddings", False)))
-
-    def setup_at_offloaded(ds: dict, n: int) -> Setup:
-        nonlocal n_off
-        saved, n_off = n_off, n
-        try:
-            return setup(ds, 1)
-        finally:
-            n_off = saved
-
-    shards_if_tiled = tiled_mlp_shards(math.ceil(cfg.max_seq_len / sp) * cfg.micro_batch_size, shape.hidden)
-    hw = Hardware(gpus=facts.gpus, gpu_mem=facts.gpu_mem, host_mem=facts.host_mem or 0) \
-        if facts.gpu_mem else None
-
-    def gpu_fits(s: Setup) -> bool:  # host RAM is the preflight's concern, not a reason to tile
-        return check_fit(plan(s), hw).gpu_ok
-
-    # Where the parameters live (ds_config offload_param.device "auto"): on the GPU when the plan fits them there.
-    if requested_params == "auto":
-        if hw is None:
-            offload_params, why["offload_params"] = False, "auto: no GPU (CPU run): nothing to offload to"
-        else:
-            on_gpu = build(False)
-            fits = any(gpu_fits(setup(on_gpu, s)) for s in (1, shards_if_tiled))
-            offload_params = not (fits and PARAMS_ON_GPU_RULE(cfg.max_seq_len, facts))
-            why["offload_params"] = "auto: " + ("kept on the GPU (the plan fits them there)" if not offload_params
-                                                else "offloaded to CPU (" + ("the plan does not fit them on the GPU"
-                                                                             if not fits else PARAMS_ON_GPU_WHY) + ")")
-    else:
-        offload_params = None
-
-    # Where the optimizer states live (ds_config offload_optimizer.ratio "auto"), by the plan: every state on the
-    # GPU where it fits them beside the step's activations (the parameters too where they are "auto": zero3.json's
-    # placement, whose step measured 3.2x faster at 16K on one H200); else all on the CPU where the host holds them
-    # (their update overlaps the next forward); else the largest GPU share of the sub-groups that fits (Twin-Flow),
-    # the only way to fit such a host at all. A split is not taken for speed: its one measurement (8B at 32 layers,
-    # one H100, 64K, 2026-12-06) spent 11.2 s of a 28.8 s step in DeepSpeed's step, and it takes GPU room the
-    # activations would use (tiled MLP on, where all on the CPU would not need it).
-    ratio: Optional[float] = None
-    if requested_ratio == "auto":
-        if hw is None:
-            ratio, why["optimizer"] = 1.0, "auto: all on the CPU (no GPU to plan against)"
-        elif requested_params not in ("auto", None, "none") and offload_params is not False:
-            # parameters on the CPU by the ds_config with states on the GPU: a placement never measured, and the one
-            # tried (8B shape, 8 layers, one H100, 2026-12-06) stepped in 6.8 s against ~1 s with the states on the CPU
-            ratio, why["optimizer"] = 1.0, ("auto: all on the CPU (the ds_config puts the parameters on the CPU; "
-                                            "states on the GPU beside CPU parameters measured 6.8 s a step)")
-        else:
-            def fits_any(s: Setup) -> bool:  # untiled, or tiled where auto would tile
-                return any(gpu_fits(dataclasses.replace(s, tiled_mlp_shards=n)) for n in (1, shards_if_tiled))
-
-            params_too = False if requested_params == "auto" else offload_params
-            all_gpu = setup(build(params_too, 0.0), 1)
-            if fits_any(all_gpu):
-                ratio = 0.0
-                why["optimizer"] = "auto: every state on the GPU (the plan fits them beside the step's activations)"
-                if requested_params == "auto":
-                    offload_params = False
-                    why["offload_params"] = ("auto: kept on the GPU with every optimizer state (ds_configs/zero3.json's "
-                                             "placement: its step measured 3.2x faster at 16K on one H200)")
-            else:
-                states_on_cpu = build(offload_params, 1.0)
-                # the states' host bytes with no checkpoint offloaded: checkpoints take what host RAM is left (below)
-                cpu_host = plan(setup_at_offloaded(states_on_cpu, 0)).host_total(hw.gpus)
-                host_holds = not hw.host_mem or cpu_host <= hw.host_usable
-                split = None if host_holds else largest_gpu_share(setup(states_on_cpu, 1), fits_any)
-                need = min(plan(dataclasses.replace(all_gpu, tiled_mlp_shards=n)).gpu_peak
-                           for n in (1, shards_if_tiled)) / GiB
-                if split is None:
-                    ratio = 1.0
-                    why["optimizer"] = (f"auto: all on the CPU (all on the GPU would plan {need:.1f} GiB of "
-                                        f"{hw.gpu_usable / GiB:.1f} usable" + (
-                                            "; the host holds them, and their update overlaps the next forward)"
-                                            if host_holds else
-                                            ", and not even one sub-group's states fit beside the step)"))
-                else:
-                    ratio = split.optimizer_ratio
-                    on, off = optimizer_sub_groups(split)
-                    why["optimizer"] = (f"auto: split (Twin-Flow, ratio {ratio:g}): {len(on)} of {len(on) + len(off)} "
-                                        f"sub-groups' states on the GPU, the largest share the plan fits (all on the "
-                                        f"GPU would plan {need:.1f} GiB of {hw.gpu_usable / GiB:.1f} usable; "
-                                        f"all on the CPU {cpu_host / GiB:.1f} GiB of host RAM of "
-                                        f"{hw.host_usable / GiB:.1f} usable)")
-    elif requested_ratio is not None:
-        ratio = requested_ratio
-        why["optimizer"] = f"ds_config: offload_optimizer.ratio {ratio:g}" + (
-            " (CPU share of the sub-groups; the rest on the GPU, longctx.twin_flow)" if ratio < 1 else "")
-    ds = build(offload_params, ratio)
     zero = ds.get("zero_optimization", {}) or {}
-    stage = int(zero.get("stage", 0) or 0)
     on_cpu = {sec: isinstance(zero.get(sec), dict) and zero[sec].get("device") not in (None, "none")
               for sec in ("offload_param", "offload_optimizer")}
-    if requested_params != "auto":
-        why["offload_params"] = f"ds_config: offload_param.device {requested_params or 'none'}"
-
-    overlap, why["overlap_step"] = resolve_overlap_step(cfg.overlap_optimizer_step, ds, raw, shape, dp_world)
-
-    # How many layers' checkpoints go to host RAM (--num-offloaded-layers unset): all of them where the host holds
-    # them, else as many as it holds, the others kept on the GPU (whether those fit the GPU is decided below, by
-    # tiled MLP and the preflight, as for any other GPU bytes).
-    if mode == "offload" and cfg.num_offloaded_layers is None and hw is not None and hw.host_mem:
-        n_off, note = checkpoints_in_host(lambda n: plan(setup_at_offloaded(ds, n)).host_total(hw.gpus),
-                                          shape.layers, hw.host_usable)
-        if note:
-            why["checkpointing"] = f"{impl} offloader, {n_off}/{shape.layers} layers in host RAM ({note})"
-
-    # Tiled MLP: requested, or (auto) only when the untiled step does not fit the GPU.
-    if cfg.tiled_mlp is not None:
-        tiled, why["tiled_mlp"] = bool(cfg.tiled_mlp), "requested"
-    elif hw is None:
-        tiled, why["tiled_mlp"] = False, "auto: off (no GPU memory to plan against)"
-    else:
-        untiled_fits = gpu_fits(setup(ds, 1))
-        tiled = not untiled_fits
-        why["tiled_mlp"] = ("auto: off (the untiled step fits the GPU)" if untiled_fits else
-                            "auto: on (the plan does not fit the GPU untiled)")
-    shards = shards_if_tiled if tiled else 1
-
-    # Selective checkpointing (longctx.selective): requested, or (auto) wherever the plan fits the kept outputs.
-    if mode == "none":
-        keep, why["keep_attention"] = False, "no checkpointing: nothing is recomputed"
-    elif cfg.keep_attention and attn.name == HF_FA4:
-        raise LongctxError(f"--keep-attention with --attn-implementation {HF_FA4}: {HF_FA4_KEEP}. Use "
-                           f"--no-keep-attention with it, or fa4 (longctx's ops over the same kernels, which can be "
-                           "kept)")
-    elif cfg.keep_attention is not None:
-        keep, why["keep_attention"] = bool(cfg.keep_attention), "requested"
-    elif attn.name == HF_FA4:
-        keep, why["keep_attention"] = False, f"auto: off ({HF_FA4_KEEP})"
-    elif hw is None:
-        keep, why["keep_attention"] = False, "auto: off (no GPU memory to plan against)"
-    elif cfg.max_seq_len / math.sqrt(sp) < KEEP_ATTENTION_MIN_TOKENS:
-        keep, why["keep_attention"] = False, f"auto: off ({KEEP_ATTENTION_WHY})"
-    else:
-        keep = gpu_fits(setup(ds, shards, keep=True))
-        why["keep_attention"] = ("auto: on (the plan fits every layer's attention output on the GPU; backward "
-                                 "does not rerun attention)" if keep else
-                                 "auto: off (the kept attention outputs would not fit the GPU)")
-    if keep and keep_by == "replay" and not (attn.varlen_kwargs or (attn.name == "sdpa" and not cfg.packing)):
-        # the replay's attention function is a custom name, for which transformers builds no mask
-        raise LongctxError(f"--keep-attention-by replay needs attention that is causal without a mask: "
-                           f"sdpa_per_doc, fa4, varlen, flash_attention_2, or sdpa with --no-packing; not "
-                           f"{attn.name}{' with packing' if attn.name == 'sdpa' else ''}")
-    if keep and keep_by == "replay":
-        why["keep_attention"] += ("; by replay (gradients checked against no checkpointing on CPU and, 2026-12-05, "
-                                  "on an H100: tests/test_selective.py)")
-    s2_group = None
-    if cfg.s2_attn is not None:
-        from .s2attn import resolve_group_size
-
-        s2_group = resolve_group_size(cfg.s2_attn, cfg.max_seq_len)
-        why["attention"] += f"; S2-Attn in training (group {s2_group}, half the heads shifted by {s2_group // 2})"
-    return Resolved(precision=precision, attention=attn.name, attn_impl=attn.impl,
-                    attn_varlen_kwargs=attn.varlen_kwargs, liger=liger, checkpointing=mode, offload_impl=impl,
-                    reentrant=reentrant(keep), num_offloaded_layers=n_off, keep_attention=keep,
-                    keep_attention_by=keep_by, tiled_mlp=tiled, tiled_mlp_shards=shards,
-                    tiled_loss=cfg.tiled_loss, sequence_parallel=sp, offload_params=on_cpu["offload_param"],
-                    offload_optimizer=on_cpu["offload_optimizer"], zero_stage=stage, lr=lr, world=world,
-                    ds_config=ds, why=why, s2_group=s2_group, overlap_step=overlap,
-                    optimizer_ratio=(float(zero["offload_optimizer"].get("ratio", 1.0))
-                                     if on_cpu["offload_optimizer"] else None))
+    ratio = float(zero["offload_optimizer"].get("ratio", 1.0)) if on_cpu["offload_optimizer"] else None
+    settings = Resolved(
+        precision=precision, attention=attn.name, attn_impl=attn.impl, attn_varlen_kwargs=attn.varlen_kwargs,
+        liger=liger, checkpointing=mode, offload_impl=impl, reentrant=c.reentrant(keep), num_offloaded_layers=n_off,
+        keep_attention=keep, keep_attention_by=cfg.keep_attention_by, tiled_mlp=tiled, tiled_mlp_shards=shards,
+        tiled_loss=tiled_loss, sequence_parallel=c.sp, offload_params=on_cpu["offload_param"],
+        offload_optimizer=on_cpu["offload_optimizer"], zero_stage=int(zero.get("stage", 0) or 0), lr=lr, world=world,
+        ds_config=ds, why=why, s2_group=s2_group, overlap_step=overlap, optimizer_ratio=ratio, tokenizer=tokenizer)
+    return dataclasses.replace(settings, why={**why, **follows(settings, cfg, raw, shape.hidden)})
 
 
-def resolve_overlap_step(requested: str, ds: dict, raw: dict, shape, dp_world: int) -> tuple[bool, str]:
-    """On where ZeRO-3 updates the optimizer on the CPU (DeepSpeed's CPU Adam): the update then overlaps the next
-    forward, bitwise the same step (longctx/overlap_step.py). A sub_group_size of "auto" becomes one decoder layer's
-    partition, so that a module waits for about its own layer's update; DeepSpeed's default (1e9) otherwise."""
-    from . import opbuild
-
-    zero = ds.get("zero_optimization", {}) or {}
-    off = zero.get("offload_optimizer") if isinstance(zero.get("offload_optimizer"), dict) else {}
-    blockers = [why for bad, why in ((int(zero.get("stage", 0) or 0) != 3, "it needs ZeRO-3"),
-                                     ((off or {}).get("device") != "cpu", "it needs offload_optimizer.device cpu"),
-                                     (not opbuild.needs_cpu_adam(ds), "it needs DeepSpeed's CPU Adam"))
-                if bad]
-    if requested == "on" and blockers:
-        raise LongctxError("--overlap-optimizer-step on: " + "; ".join(blockers) + " (ds_config)")
-    on = requested == "on" or (requested == "auto" and not blockers)
-    note = "requested" if requested != "auto" else (
-        "auto: on (ZeRO-3, optimizer on CPU: its update runs during the next forward)" if on
-        else f"auto: off ({blockers[0]})")
-    raw_zero = raw.get("zero_optimization", {}) or {}
-    if on and "sub_group_size" in zero and str(raw_zero.get("sub_group_size")).lower() == "auto":
-        zero["sub_group_size"] = layer_sub_group_size(shape, dp_world)
-        note += f"; sub_group_size auto: one layer's partition ({zero['sub_group_size']:,} elements)"
-    return on, note
+def resolve_tiled_loss(requested: bool, liger: bool) -> tuple[bool, str]:
+    if not requested and liger:
+        raise LongctxError("--no-tiled-loss needs Liger's fused cross-entropy off (--liger off): Liger's loss is "
+                           "itself tiled")
+    if not requested:
+        return False, "requested: --no-tiled-loss (the LM head's tokens x vocab logits in full)"
+    return True, ("Liger's fused linear cross-entropy, itself tiled" if liger else
+                  "LM head + cross-entropy in chunks: no tokens x vocab logits")
 
 
-# Selective checkpointing pays where attention's recompute is large. Its cost is per op, not per token: torch's
-# selective checkpointing runs every op of a checkpointed layer through a Python dispatch mode, which a short step
-# cannot hide. Measured on one H200 (8B shape, 8 layers, one document per row, docs/RESULTS.md), against upstream's
-# best stack in the same runs: 16K 0.88x-0.95x with it (0.98x without, an earlier run), 64K 1.10x, 128K 1.18x
-# (1.02x without). Rows shorter than this (per rank's attention work: S / sqrt(sp) under Ulysses) recompute attention.
-KEEP_ATTENTION_MIN_TOKENS = 65536
-KEEP_ATTENTION_WHY = (f"rows under {KEEP_ATTENTION_MIN_TOKENS // 1024}K tokens: attention's recompute is cheap there "
-                      "and selective checkpointing's per-op overhead measured slower at 16K")
+def resolve_s2_group(cfg) -> tuple[Optional[int], str]:
+    """--s2-attn's group size (longctx.s2attn), and the note the attention reason gets."""
+    if cfg.s2_attn is None:
+        return None, ""
+    from .s2attn import resolve_group_size  # s2attn imports torch, which resolving does not
+
+    g = resolve_group_size(cfg.s2_attn, cfg.max_seq_len)
+    return g, f"; S2-Attn in training (group {g}, half the heads shifted by {g // 2})"
 
 
-# Parameters on the GPU or offloaded (ds_config offload_param.device "auto"), where both fit: decided by
-# measurement. On one H200 (8B shape, 8 layers, one document per row, optimizer on CPU, docs/RESULTS.md) offloaded
-# parameters ran 2.00 / 5.31 / 14.07 s per step at 16K / 64K / 128K against 3.12 / 6.17 / 15.03 s on the GPU, and
-# the issue's H100 measurement agreed at 128K. Several GPUs are not measured yet: the rule is the same there.
-PARAMS_ON_GPU_WHY = "offloaded parameters measured faster on one H200 at 16K-128K with the optimizer offloaded"
-
-
-def PARAMS_ON_GPU_RULE(max_seq_len: int, facts: Facts) -> bool:  # noqa: N802  (a named rule, not a helper)
-    return False
+def follows(s: Resolved, cfg, raw: dict, hidden: int) -> dict[str, str]:
+    """The reasons of the fields that follow from the decisions above or are taken as given."""
+    sp = s.sequence_parallel
+    zero_raw, zero = raw.get("zero_optimization") or {}, s.ds_config.get("zero_optimization") or {}
+    had_optimizer_offload = isinstance(zero_raw.get("offload_optimizer"), dict)
+    return {
+        "attn_impl": (f"transformers' own {s.attn_impl}" if s.attn_impl == s.attention else
+                      f"{s.attention} as registered with transformers (longctx.attention)"),
+        "attn_varlen_kwargs": ("the kernel takes the collator's document boundaries (cu_seq_lens, max_length)"
+                               if s.attn_varlen_kwargs else "the kernel takes a mask or none, not the boundaries"),
+        "offload_impl": (f"--offload-impl {s.offload_impl}" if s.checkpointing == "offload" else
+                         "unused: checkpoints are not offloaded"),
+        "reentrant": ("unused: no checkpointing" if s.checkpointing == "none" else
+                      "reentrant: the cheaper path" if s.reentrant else
+                      "non-reentrant: selective checkpointing keeps attention, which needs it"),
+        "num_offloaded_layers": (s.why["checkpointing"] if s.checkpointing == "offload" else
+                                 "none: checkpoints are not offloaded"),
+        "keep_attention_by": f"--keep-attention-by {s.keep_attention_by}" + ("" if s.keep_attention else
+                                                                             " (unused: attention not kept)"),
+        "tiled_mlp_shards": (f"ceil(tokens per rank / hidden {hidden}), at least 2: the count the plan checks and "
+                             "the model runs" if s.tiled_mlp else "1: tiled MLP off"),
+        "sequence_parallel": (f"requested: Ulysses over {sp} ranks" if sp > 1 else "off (--sequence-parallel 1)"),
+        "zero_stage": f"ds_config: zero_optimization.stage {s.zero_stage}",
+        "offload_optimizer": (f"ds_config: offload_optimizer.device {zero['offload_optimizer']['device']}"
+                              if s.offload_optimizer else
+                              "every optimizer state on the GPU (optimizer: ratio 0)" if had_optimizer_offload else
+                              "ds_config: no offload_optimizer"),
+        "optimizer_ratio": s.why.get("optimizer", "ds_config: the optimizer is not offloaded"),
+        "world": f"{s.world} rank{'s' if s.world != 1 else ''}: the launcher's (--plan: --gpus)",
+        "ds_config": f"{cfg.deepspeed}, every \"auto\" filled from these settings (longctx.dsconfig)",
+        "s2_group": (f"--s2-attn: {s.s2_group} tokens a group" if s.s2_group else "off (no --s2-attn)"),
+        "total_steps": "decided with the data (resolve_schedule)",
+        "warmup_steps": "decided with the data (resolve_schedule)",
+        "min_lr_rate": "decided with the data (resolve_schedule)",
+    }
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
 
-
-def write(settings: Resolved, path) -> None:
-    """resolved.json in the run directory (atomic)."""
-    import os
-    from pathlib import Path
-
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(settings.to_dict(), indent=2, default=str))
-    os.replace(tmp, p)

@@ -133,7 +133,7 @@ def written_layout(ckpt: Path, record: dict) -> Layout:
 
 
 @dataclass
-class Plan:
+class Resume:
     """A resume from `ckpt` (step `step`) written by `source`, continued by `target`."""
 
     ckpt: Path
@@ -175,7 +175,7 @@ class Plan:
 
 
 def keep_global_batch(cfg, ckpt: Path, record: dict, world: int, allowed: list[str]):
-    """(cfg, Plan): cfg with grad accumulation re-derived so that the global batch stays the checkpoint's, or a
+    """(cfg, Resume): cfg with grad accumulation re-derived so that the global batch stays the checkpoint's, or a
     refusal that says why it cannot stay. A changed global batch passes only with --resume-allow-change
     global_batch."""
     import dataclasses
@@ -210,29 +210,29 @@ def keep_global_batch(cfg, ckpt: Path, record: dict, world: int, allowed: list[s
                 "data order from there is the new batch's).")
         allowed = sorted(set(allowed) | {"global_batch"})
     step = int(_TAG.match(Path(ckpt).name).group(1))
-    return dataclasses.replace(cfg, grad_accum=accum), Plan(Path(ckpt), step, source, target, allowed)
+    return dataclasses.replace(cfg, grad_accum=accum), Resume(Path(ckpt), step, source, target, allowed)
 
 
-def check_stage(plan: Plan, ds_config: dict) -> None:
+def check_stage(r: Resume, ds_config: dict) -> None:
     """A recut of the optimizer partitions needs a ZeRO-3 checkpoint and a ZeRO-3 run (universal.py)."""
     from . import dsconfig, universal
 
-    if not plan.reshard:
+    if not r.reshard:
         return
-    if not (universal.is_zero3_checkpoint(plan.ckpt) and dsconfig.is_zero3(ds_config)):
+    if not (universal.is_zero3_checkpoint(r.ckpt) and dsconfig.is_zero3(ds_config)):
         stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         raise LongctxError(
-            f"cannot resume {plan.ckpt} on {plan.target.world} ranks (sequence parallel {plan.target.sp}): it was "
-            f"written by {plan.source.world} ranks (sequence parallel {plan.source.sp}), and only ZeRO-3 "
+            f"cannot resume {r.ckpt} on {r.target.world} ranks (sequence parallel {r.target.sp}): it was "
+            f"written by {r.source.world} ranks (sequence parallel {r.source.sp}), and only ZeRO-3 "
             f"checkpoints resumed under ZeRO-3 are converted to the world-size-free form here (this run: ZeRO stage "
-            f"{stage}{'' if universal.is_zero3_checkpoint(plan.ckpt) else '; the checkpoint: not ZeRO-3'}). Resume "
-            f"on {plan.source.world} ranks with --sequence-parallel {plan.source.sp}, or use a ZeRO-3 ds_config "
+            f"{stage}{'' if universal.is_zero3_checkpoint(r.ckpt) else '; the checkpoint: not ZeRO-3'}). Resume "
+            f"on {r.source.world} ranks with --sequence-parallel {r.source.sp}, or use a ZeRO-3 ds_config "
             "(ds_configs/zero3.json, zero3_offload.json) from the start.")
 
 
-def ledger_with_resume(ledger: dict, previous: Optional[dict], plan: Optional[Plan]) -> dict:
+def ledger_with_resume(ledger: dict, previous: Optional[dict], r: Optional[Resume]) -> dict:
     """ledger.json's content: this start's data ledger, and every resume so far (the previous file's list)."""
     resumes = list((previous or {}).get("resumes", []))
-    if plan is not None:
-        resumes.append(plan.ledger_entry())
+    if r is not None:
+        resumes.append(r.ledger_entry())
     return {**ledger, "resumes": resumes} if resumes else ledger

@@ -2,7 +2,8 @@
 
 <output_dir>/run.json        resolved config, git hash (+ dirty flag), patch-series hash, versions, world
 <output_dir>/config.yaml     the resolved config alone, reusable with --config
-<output_dir>/ledger.json     the token ledger
+<output_dir>/resolved.json   the settings of the run, each with why (longctx.resolve.Resolved)
+<output_dir>/ledger.json     the token ledger, and every resume so far
 <output_dir>/metrics.jsonl   one row per logged step (see metrics.py)
 <output_dir>/samples.jsonl   the sample ids of every step
 <output_dir>/summary.json    the end-of-run summary (see metrics.py)
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 from .errors import LongctxError
+from .resume import ledger_with_resume
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_FILE = "run.json"
@@ -189,3 +191,19 @@ def create(cfg, mode: str, record: dict) -> None:
     import yaml
 
     write_text_atomic(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def start(cfg, mode: str, record: dict, settings, ledger: dict, resuming=None) -> None:
+    """Rank 0, after all checks: the run record (create), resolved.json and ledger.json (this start's data ledger,
+    with every resume so far: `resuming`, a longctx.resume.Resume, adds this one)."""
+    create(cfg, mode, record)
+    out = Path(cfg.output_dir)
+    write_resolved(out, settings)
+    previous = json.loads((out / "ledger.json").read_text()) if mode == "resume" and \
+        (out / "ledger.json").is_file() else None
+    write_text_atomic(out / "ledger.json", json.dumps(ledger_with_resume(ledger, previous, resuming), indent=2))
+
+
+def write_resolved(out: Path, settings) -> None:
+    """resolved.json: every field of the run's longctx.resolve.Resolved, and why."""
+    write_text_atomic(Path(out) / "resolved.json", json.dumps(settings.to_dict(), indent=2, default=str))

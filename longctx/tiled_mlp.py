@@ -15,6 +15,8 @@ import types
 
 import torch
 
+from .dist import all_reduce
+
 
 def pieces(size: int, shards: int) -> int:
     """How many pieces torch.chunk cuts `size` items into when asked for `shards`."""
@@ -30,12 +32,8 @@ def usable_shards(length: int, tokens: int, shards: int) -> list[bool]:
 
 def shards_for(x: torch.Tensor, shards: int) -> int:
     """The largest count <= `shards` that every rank can run with exactly that many pieces."""
-    ok = torch.tensor(usable_shards(x.shape[-2], x.numel() // x.shape[-1], shards), dtype=torch.int32)
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        ok = ok.to(x.device)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        ok = ok.cpu()
+    ok = all_reduce(torch.tensor(usable_shards(x.shape[-2], x.numel() // x.shape[-1], shards), dtype=torch.int32),
+                    "min", device=x.device)
     return int(ok.nonzero().max()) + 1  # n = 1 always cuts into exactly one piece
 
 

@@ -1,11 +1,15 @@
 """The Trainer: one checkpointable training loop over the DeepSpeed engine, used by train.py and the benchmark.
 
     trainer = Trainer(cfg, rank=..., world=..., local_rank=...)
-    trainer.prepare()    every check on the input and the one resolution of "auto" (nothing written, no GPU work)
-    trainer.setup()      distributed init, preflight, the run directory (resolved.json among its files)
+    trainer.prepare()    every check on the input and the one resolution of "auto" (longctx.resolve), the data and
+                         with them the schedule (nothing written, no GPU work)
+    trainer.setup()      the process group (longctx.dist), preflight, the run directory (longctx.runs)
     trainer.build()      model and engine, resume from a checkpoint
     trainer.fit()        the loop: steps, eval, metrics, checkpoints
-    trainer.save_final() the consolidated Hugging Face model
+    trainer.save_final() the final model (checkpoint.save_final_model, or lora.save_final)
+
+This module keeps the loop and its state (state_dict / load_state_dict, saved in every checkpoint); what the loop
+calls lives with what it is about: settings in resolve, ranks and reductions in dist, files in runs and checkpoint.
 
 Loss normalization: each optimizer step minimizes  sum(token CE) / N  over the target tokens of the whole global
 batch (all ranks, all micro-batches); N is known in advance from the batch schedule. Each micro-batch backpropagates
@@ -18,18 +22,23 @@ in a checkpoint save, a hook on the built model. Product code has no test switch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import json
 import math
 import os
-import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import overlap_step
+import torch
+
+from . import (attention, checkpoint, data as data_mod, dist, dsconfig, gpu_extras, lora, modeling, opbuild,
+               overlap_step, preflight, resolve, resume, runs, sequence_parallel, universal)
 from .errors import GpuOutOfMemory, TrainingDiverged
+from .metrics import Metrics, PhaseClock, lr_in_use
+from .plan_settings import setup_from_resolved
 
 
 class Callback:
@@ -58,39 +67,6 @@ class StepResult:
     grad_norm: Optional[float]
 
 
-class PhaseClock:
-    """Adds the wall time since the previous lap to `phases[name]`, the device synchronized first; idle when
-    `phases` is None (one attribute check per phase)."""
-
-    def __init__(self, phases: Optional[dict], device):
-        import time
-
-        self.phases, self.device, self._now = phases, device, time.perf_counter
-        if phases is not None:
-            self._sync()
-            self.last = self._now()
-
-    def _sync(self) -> None:
-        import torch
-
-        if self.device is not None and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def add(self, name: str, seconds: float) -> None:
-        """Add `seconds` measured elsewhere (within a phase) under `name` (every rank gets the key: the benchmark
-        reduces the phases over ranks)."""
-        if self.phases is not None:
-            self.phases[name] = self.phases.get(name, 0.0) + seconds
-
-    def lap(self, name: str) -> None:
-        if self.phases is None:
-            return
-        self._sync()
-        now = self._now()
-        self.phases[name] = self.phases.get(name, 0.0) + now - self.last
-        self.last = now
-
-
 class Trainer:
     def __init__(self, cfg, *, rank: int = 0, world: int = 1, local_rank: int = 0,
                  callbacks: Sequence[Callback] = (), data=None, facts=None, quiet: bool = False):
@@ -105,13 +81,9 @@ class Trainer:
 
     # ---- 1. every check, and the one resolution ------------------------------------------------------------
     def prepare(self) -> "Trainer":
-        import torch
-
-        from . import data as data_mod, modeling, resolve, resume, runs, sequence_parallel
-
         cfg = self.cfg
-        quiet_libraries()
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        dist.quiet_libraries()
+        local_world = dist.local_world(self.world)
         self.facts = self.facts or resolve.Facts.detect(gpus=local_world)  # GPUs sharing this host's RAM
         if self.facts.cuda:
             torch.cuda.set_device(self.local_rank)
@@ -122,10 +94,8 @@ class Trainer:
         self.model_config, self.kind = modeling.load_model_config(cfg, self.tok)
         sequence_parallel.check(cfg.sequence_parallel, self.world, self.model_config)
         self.identity = resume.identity(cfg, self.tok, self.model_config) if self.data is None else {}
-        self.resume_from, self.resume_plan = None, None
+        self.resume_from, self.resuming = None, None
         if cfg.resume:  # before anything is loaded: what must stay the same, and the global batch kept
-            from . import checkpoint
-
             record, allowed = {}, []
             if self.mode == "resume":
                 record = runs.read_run_record(Path(cfg.output_dir))
@@ -135,26 +105,28 @@ class Trainer:
             if self.resume_from is not None:
                 if not record and (self.resume_from.parent.parent / runs.RUN_FILE).is_file():
                     record = runs.read_run_record(self.resume_from.parent.parent)
-                cfg, self.resume_plan = resume.keep_global_batch(cfg, self.resume_from, record, self.world,
+                cfg, self.resuming = resume.keep_global_batch(cfg, self.resume_from, record, self.world,
                                                                  allowed)
                 self.cfg = cfg
         self.settings = resolve.resolve(cfg, self.facts, self.model_config, self.world)
-        if self.resume_plan is not None:
-            resume.check_stage(self.resume_plan, self.settings.ds_config)
+        if self.resuming is not None:
+            resume.check_stage(self.resuming, self.settings.ds_config)
         if self.settings.checkpointing == "offload" and self.settings.offload_impl == "fork":
             modeling.check_offload_supported(self.model_config)
         self.layout = sequence_parallel.Layout.for_run(cfg.sequence_parallel, self.rank, self.world,
                                                        cfg.micro_batch_size, self.settings.ds_config)
         if self.data is None:
-            self.data = data_mod.build(cfg, self.tok, self.layout.dp_world, say=self.say, announce=announce(self.rank))
-        per_epoch = self.data.schedule.steps_per_epoch
-        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * per_epoch))
+            self.data = data_mod.build(cfg, self.tok, self.layout.dp_world, say=self.say,
+                                       announce=dist.announce(self.rank))
+        self.settings = resolve.resolve_schedule(self.settings, cfg, self.data.schedule.steps_per_epoch)
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         return self
 
-    def header(self) -> str:
-        from . import gpu_extras
+    @property
+    def total_steps(self) -> int:
+        return self.settings.total_steps
 
+    def header(self) -> str:
         cfg, s = self.cfg, self.settings
         ds = s.ds_config
         lines = [f"device {self.facts.name} x{self.world} | model {cfg.model} ({self.kind}, "
@@ -166,87 +138,64 @@ class Trainer:
                   self.data.ledger.format(),
                   f"steps: {self.total_steps} ({self.data.schedule.steps_per_epoch} per epoch)"
                   + (f"; resuming from {self.resume_from}" if self.resume_from else "")]
-        if self.resume_plan is not None:
-            lines.append(self.resume_plan.describe())
-            lines.append("resume: " + self.resume_plan.ledger_entry()["sample_ids"])
+        if self.resuming is not None:
+            lines.append(self.resuming.describe())
+            lines.append("resume: " + self.resuming.ledger_entry()["sample_ids"])
         return "\n".join(lines)
 
     # ---- 2. distributed, preflight, run directory ----------------------------------------------------------
     def setup(self, *, run_dir: bool = True) -> "Trainer":
-        import deepspeed
-        import torch
-
-        from . import checkpoint, opbuild, preflight, resolve, resume, runs
-        from .plan_settings import setup_from_resolved
-
-        cfg = self.cfg
-        if not torch.distributed.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if self.facts.cuda else "gloo")
-            if not self.facts.cuda:
-                torch.distributed.barrier()  # every rank has mapped every peer's buffer: the names can go
-                release_deepspeed_shm(self.rank)
-        self.setup_plan = dataclasses.replace(setup_from_resolved(self.settings, cfg, self.model_config),
+        cfg, s = self.cfg, self.settings
+        dist.init(self.facts.cuda, self.rank)
+        self.plan_setup = dataclasses.replace(setup_from_resolved(s, cfg, self.model_config),
                                               data_bytes=self.data.resident_bytes())
         if cfg.preflight:  # refuse what cannot fit now, not with an OOM hours in (all ranks agree)
-            preflight.run(self.setup_plan, self.local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", self.world)),
-                          self.say)
+            preflight.run(self.plan_setup, self.local_rank, dist.local_world(self.world), self.say)
             if run_dir:  # and what the output filesystem cannot hold (collective)
-                preflight.run_disk(self.setup_plan, output_dir=cfg.output_dir, keep_last=cfg.keep_last,
+                preflight.run_disk(self.plan_setup, output_dir=cfg.output_dir, keep_last=cfg.keep_last,
                                    saves=checkpoint.count_saves(self.total_steps, cfg.save_interval),
                                    save_final_model=cfg.save_final_model, say=self.say, tokenizer_dir=self.tok_path)
         # DeepSpeed's CPU Adam: built once per environment, announced, a stale build lock refused (collective)
-        opbuild.prepare_cpu_adam(self.settings.ds_config, local_rank=self.local_rank, barrier=self.barrier,
-                                 say=self.say)
+        opbuild.prepare_cpu_adam(s.ds_config, local_rank=self.local_rank, barrier=dist.barrier, say=self.say)
         if run_dir and self.rank == 0:
-            s = self.settings
-            runs.create(cfg, self.mode, {"world_size": self.world, "device": self.facts.name,
-                                         "precision": s.precision, "attention": s.attention, "liger": s.liger,
-                                         "lr": s.lr, "ds_config": s.ds_config, "total_steps": self.total_steps,
-                                         "model_kind": self.kind, "identity": self.identity})
-            out = Path(cfg.output_dir)
-            resolve.write(s, out / "resolved.json")
-            previous = json.loads((out / "ledger.json").read_text()) if self.mode == "resume" and \
-                (out / "ledger.json").is_file() else None
-            (out / "ledger.json").write_text(json.dumps(
-                resume.ledger_with_resume(self.data.ledger.to_dict(), previous, self.resume_plan), indent=2))
-        torch.distributed.barrier()
+            record = {"world_size": self.world, "device": self.facts.name, "precision": s.precision,
+                      "attention": s.attention, "liger": s.liger, "lr": s.lr, "ds_config": s.ds_config,
+                      "total_steps": self.total_steps, "model_kind": self.kind, "identity": self.identity}
+            runs.start(cfg, self.mode, record, s, self.data.ledger.to_dict(), self.resuming)
+        dist.barrier()
         return self
 
     # ---- 3. model and engine --------------------------------------------------------------------------------
     def build(self) -> "Trainer":
-        import deepspeed
+        import deepspeed  # heavy: a run that prepare() refuses never imports it
         from transformers import get_scheduler
 
-        from . import checkpoint, dsconfig, lora, modeling, universal
-
-        cfg = self.cfg
-        self.zero3 = dsconfig.is_zero3(self.settings.ds_config)
-        ds_config = self.settings.ds_config
-        if self.resume_plan is not None and self.resume_plan.reshard:  # another layout: its universal form
+        cfg, s = self.cfg, self.settings
+        self.zero3 = dsconfig.is_zero3(s.ds_config)
+        ds_config = s.ds_config
+        if self.resuming is not None and self.resuming.reshard:  # another layout: its universal form
             cbs = self.callbacks
-            self.resume_plan.universal = universal.ensure(
-                self.resume_from, rank=self.rank, barrier=self.barrier, say=self.say,
+            self.resuming.universal = universal.ensure(
+                self.resume_from, rank=self.rank, barrier=dist.barrier, say=self.say,
                 on_written=lambda tmp: [cb.on_universal_written(self, tmp) for cb in cbs])
             ds_config = universal.ds_config_for_load(ds_config)
-        model, mpu = modeling.build_model(cfg, self.model_config, self.kind, self.settings, self.layout)
+        model, mpu = modeling.build_model(cfg, self.model_config, self.kind, s, self.layout)
         model = lora.apply(model, cfg, self.say)  # --lora: adapters + trainable embeddings/norms, the rest frozen
-        warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(cfg.warmup_ratio * self.total_steps)
-        sched_kwargs = {"min_lr_rate": 0.1} if cfg.lr_scheduler == "cosine_with_min_lr" else None
+        sched_kwargs = {"min_lr_rate": s.min_lr_rate} if s.min_lr_rate is not None else None
         with zero3_optimizer_installed(self.zero3):  # longctx.zero3_optimizer.LongctxZeroStage3
             self.engine, _, _, self.scheduler = deepspeed.initialize(
                 model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                 config=ds_config, mpu=mpu,
-                lr_scheduler=lambda opt: get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=warmup,
-                                                       num_training_steps=self.total_steps,
+                lr_scheduler=lambda opt: get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=s.warmup_steps,
+                                                       num_training_steps=s.total_steps,
                                                        scheduler_specific_kwargs=sched_kwargs))
         self.device = self.engine.device
-        self.guard = DivergenceGuard(self.settings.precision, self.settings.ds_config, cfg.fp16_collapse_patience,
-                                     self.engine)
+        self.guard = DivergenceGuard(s.precision, s.ds_config, cfg.fp16_collapse_patience, self.engine)
         if self.resume_from is not None:
-            universal_form = self.resume_plan.universal if self.resume_plan is not None else None
+            universal_form = self.resuming.universal if self.resuming is not None else None
             self.load_state_dict(checkpoint.load(self.engine, self.resume_from, self.rank, universal=universal_form))
             self.say(f"resumed at step {self.step} from {self.resume_from}")
-        if self.settings.overlap_step:
+        if s.overlap_step:
             how = self.engine.optimizer.enable_overlap(self.engine.module)
             self.say(f"optimizer step: CPU sub-groups updated during the next forward (CPU Adam called {how}, "
                      "off the GIL)")
@@ -266,7 +215,8 @@ class Trainer:
 
     # ---- checkpointable state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The trainer's own state (the engine's is saved beside it): where the data order stands."""
+        """The trainer's own state (the engine's is saved beside it, trainer_state.json in the checkpoint): where the
+        data order stands, the layout that wrote it, the fp16 steps skipped so far."""
         per_epoch = self.data.schedule.steps_per_epoch
         epoch = (self.step - 1) // per_epoch if self.step else 0
         return {"step": self.step, "epoch": epoch, "step_in_epoch": self.step - epoch * per_epoch,
@@ -275,11 +225,13 @@ class Trainer:
                 "skipped_steps": self.guard.skipped}
 
     def load_state_dict(self, state: dict) -> None:
+        """What state_dict wrote: the step (epoch and step_in_epoch follow from it and the batch schedule) and the
+        skipped steps. The layout keys were read before the build, where the global batch is kept
+        (resume.written_layout reads trainer_state.json)."""
         self.step = int(state.get("step", 0))
+        self.guard.skipped = int(state.get("skipped_steps", self.guard.skipped))
 
     def save(self) -> Path:
-        from . import checkpoint
-
         cbs = self.callbacks
 
         def written(path: Path) -> None:
@@ -289,7 +241,7 @@ class Trainer:
         self.activity = f"saving the checkpoint of step {self.step}"
         overlap_step.finish(self.engine)
         return checkpoint.save(self.engine, self.cfg.output_dir, self.step, self.state_dict(), self.cfg.keep_last,
-                               rank=self.rank, barrier=self.barrier, on_written=written)
+                               rank=self.rank, barrier=dist.barrier, on_written=written)
 
     # ---- 4. the step, evaluation and the loop --------------------------------------------------------------
     def collate(self, docs, rows: list[list[int]], max_seq_len: Optional[int] = None) -> dict:
@@ -298,8 +250,6 @@ class Trainer:
                                    flatten=self.settings.pass_varlen_kwargs)
 
     def forward(self, batch: dict):
-        from . import attention
-
         dev = self.device
         return self.engine(input_ids=batch["input_ids"].to(dev), position_ids=batch["position_ids"].to(dev),
                            labels=batch["labels"].to(dev), **attention.model_kwargs(batch, self.varlen_impl, dev))
@@ -318,8 +268,6 @@ class Trainer:
         serializes what would overlap: a benchmark's breakdown, not for training. With the overlapped optimizer
         step, the seconds the forward and the backward waited for the previous update are added under
         "forward: waited for the optimizer" and "backward: waited for the optimizer" (inside those phases)."""
-        import torch
-
         step = self.step + 1 if step is None else step
         scale = self.layout.loss_scale(self.cfg.grad_accum, n_targets)
         loss_sum = torch.zeros((), dtype=torch.float64)
@@ -344,15 +292,13 @@ class Trainer:
             clock.lap("step")
             loss_sum += loss.detach().double().cpu()
         grad_norm = self.engine.get_global_grad_norm()
-        return StepResult(all_reduce_sum(loss_sum, self.device) / n_targets,
+        return StepResult(float(dist.all_reduce(loss_sum, device=self.device)) / n_targets,
                           float(grad_norm) if grad_norm is not None else None)
 
     def evaluate(self, max_batches: Optional[int] = None) -> float:
         """Target-token mean loss over the eval rows (the first `max_batches` batches only, if given). Every rank
         runs the same number of forwards (ZeRO-3 gathers parameters collectively); a rank without rows left
         repeats row 0 and discards it."""
-        import torch
-
         data, cfg = self.data, self.cfg
         rank, world = self.layout.dp_rank, self.layout.dp_world  # an SP group evaluates its rows together
         rows, mb = data.eval_rows, cfg.micro_batch_size
@@ -369,36 +315,28 @@ class Trainer:
                 if idx:
                     tot += torch.tensor([float(loss), batch["n_targets"]], dtype=torch.float64)
         self.engine.train()
-        if torch.distributed.get_world_size() > 1:
-            t = tot.to(self.device)
-            torch.distributed.all_reduce(t)
-            tot = t.cpu()
+        tot = dist.all_reduce(tot, device=self.device)
         return float(tot[0] / tot[1])
 
     def fit(self) -> None:
-        from .metrics import Metrics, lr_in_use
-
         cfg, data, schedule = self.cfg, self.data, self.data.schedule
         s = self.settings
-        self.metrics = metrics = Metrics(cfg.output_dir, rank=self.rank, world=self.world, model_config=self.model_config,
-                          precision=s.precision, total_steps=self.total_steps, start_step=self.step,
-                          recompute_layers=self.model_config.num_hidden_layers if s.checkpointing != "none" else 0,
-                          device_name=self.facts.name if self.facts.cuda else None, count_flops=not cfg.lora)
+        self.metrics = metrics = Metrics(
+            cfg.output_dir, rank=self.rank, world=self.world, model_config=self.model_config, precision=s.precision,
+            total_steps=self.total_steps, start_step=self.step,
+            recompute_layers=self.model_config.num_hidden_layers if s.checkpointing != "none" else 0,
+            device_name=self.facts.name if self.facts.cuda else None, count_flops=not cfg.lora)
         if data.eval_rows and self.step == 0:
             self.evaluate(max_batches=1)  # the longest eval batch, before step 0: an eval OOM shows at once
         self.engine.train()
-        import time as _time
-
-        started = _time.monotonic()
+        started = time.monotonic()
         self.stopped_early = False
 
         def time_up() -> bool:  # every rank takes the same decision
-            import torch
-
             if not cfg.max_train_minutes:
                 return False
-            over = _time.monotonic() - started > 60 * cfg.max_train_minutes
-            return all_reduce_sum(torch.tensor(float(over)), self.device) > 0
+            return dist.all_reduce(float(time.monotonic() - started > 60 * cfg.max_train_minutes),
+                                   device=self.device) > 0
 
         while self.step < self.total_steps:
             index = self.step  # 0-based index of the step being taken
@@ -438,76 +376,46 @@ class Trainer:
 
     # ---- 5. the consolidated Hugging Face model ---------------------------------------------------------------
     def save_final(self) -> list[Path]:
-        from . import lora
-
         cfg = self.cfg
         if not cfg.save_final_model:
             return []
         self.activity = "saving the final model"
         overlap_step.finish(self.engine)
         if cfg.lora:  # <output-dir>/adapter (+ final_model with --merge)
-            paths = lora.save_final(self.engine, self.tok, cfg, self.rank, self.zero3, self.barrier)
+            paths = lora.save_final(self.engine, self.tok, cfg, self.rank, self.zero3, dist.barrier)
         else:
-            paths = [save_final_model(self.engine, self.tok, cfg, self.rank, self.zero3, self.barrier)]
+            paths = [checkpoint.save_final_model(self.engine, self.tok, cfg, self.rank, self.zero3, dist.barrier)]
         for p in paths:
             self.say(f"saved {p}")
         return paths
 
     def summary(self, final_paths: Sequence[Path]) -> str:
         """The end-of-run report (collective: peak memory is the max over ranks)."""
-        from . import checkpoint
-
         return self.metrics.summary(checkpoint=checkpoint.latest_complete(self.cfg.output_dir),
                                     final_model=final_paths[-1] if final_paths else None)
 
-    def barrier(self) -> None:
-        import torch
-
-        torch.distributed.barrier()
-
     def out_of_memory(self, error: BaseException) -> GpuOutOfMemory:
-        """The report of a CUDA out-of-memory error (train.py prints it and exits with its code; the launcher stops
-        the other ranks)."""
-        import psutil
-        import torch
-
-        from . import checkpoint, plan as plan_mod, preflight
-
-        cuda = torch.cuda.is_available()
-        done = checkpoint.latest_complete(self.cfg.output_dir)
-        return GpuOutOfMemory(preflight.out_of_memory_message(
-            str(error), where=self.activity, rank=self.rank, p=plan_mod.plan(self.setup_plan),
-            peak_allocated=torch.cuda.max_memory_allocated() if cuda else None,
-            card_bytes=torch.cuda.mem_get_info()[1] if cuda else None, host_mem=psutil.virtual_memory().total,
-            checkpoint=str(done) if done else None))
+        """The report of a CUDA out-of-memory error, naming what this rank was doing."""
+        return preflight.out_of_memory(error, where=self.activity, rank=self.rank, setup=self.plan_setup,
+                                       output_dir=self.cfg.output_dir)
 
 
 def zero3_optimizer_installed(zero3: bool):
     """longctx's ZeRO-3 optimizer (longctx.zero3_optimizer) in place for deepspeed.initialize, with ZeRO-3."""
-    import contextlib
-
     if not zero3:
         return contextlib.nullcontext()
-    from . import zero3_optimizer
+    from . import zero3_optimizer  # imports DeepSpeed's ZeRO-3 (heavy); a ZeRO-2 run does without
 
     return zero3_optimizer.installed()
 
 
-def announce(rank: int):
-    """print() for what any rank may have to say (the process that prepares the data), its rank named."""
-    prefix = f"[rank {rank}] " if rank else ""
-    return lambda msg: print(prefix + msg, flush=True)
-
-
 def prepare_data(cfg, *, rank: int, world: int) -> None:
     """train.py --prepare-data: the data tokenized into the cache and its ledger printed; no model, no GPU."""
-    from . import data as data_mod, modeling
-
-    quiet_libraries()
+    dist.quiet_libraries()
     tok, _ = modeling.load_tokenizer(cfg)
     say = functools.partial(print, flush=True) if rank == 0 else (lambda *a, **k: None)
     bundle = data_mod.build(cfg, tok, max(1, world // max(1, cfg.sequence_parallel)), say=say,
-                            announce=announce(rank))
+                            announce=dist.announce(rank))
     say(bundle.ledger.format())
     say(f"data prepared: {bundle.ledger.packing['data cache']}; train with the same --data, --max-seq-len, "
         "truncation options and tokenizer to reuse it")
@@ -515,8 +423,6 @@ def prepare_data(cfg, *, rank: int, world: int) -> None:
 
 def run(cfg, *, rank: int, world: int, local_rank: int, callbacks: Sequence[Callback] = ()) -> Trainer:
     """train.py's whole job."""
-    import torch
-
     trainer = Trainer(cfg, rank=rank, world=world, local_rank=local_rank, callbacks=callbacks).prepare()
     trainer.say(trainer.header())
     trainer.setup()
@@ -526,23 +432,13 @@ def run(cfg, *, rank: int, world: int, local_rank: int, callbacks: Sequence[Call
         final = trainer.save_final()
     except torch.OutOfMemoryError as e:  # a message with the way on, not a CUDA traceback from every rank
         raise trainer.out_of_memory(e) from None
-    torch.distributed.barrier()
+    dist.barrier()
     trainer.say(trainer.summary(final))
     torch.distributed.destroy_process_group()
     return trainer
 
 
 # ---- pieces of the loop ----------------------------------------------------------------------------------------
-def all_reduce_sum(x, dev) -> float:
-    import torch
-
-    if torch.distributed.get_world_size() == 1:
-        return float(x)
-    t = x.to(dev)
-    torch.distributed.all_reduce(t)
-    return float(t)
-
-
 class DivergenceGuard:
     """Stops the run instead of training on garbage.
 
@@ -555,7 +451,7 @@ class DivergenceGuard:
         self.fp16 = precision == "fp16"
         self.min_scale = float(ds_config.get("fp16", {}).get("min_loss_scale", 1))
         self.patience = patience
-        self.skipped = int(getattr(engine, "skipped_steps", 0))  # restored by a resumed checkpoint
+        self.skipped = int(getattr(engine, "skipped_steps", 0))  # a resume's: Trainer.load_state_dict
         self.collapsed = 0
         self.loss_scale = None
         scaler = getattr(engine.optimizer, "loss_scaler", None)
@@ -590,54 +486,6 @@ class DivergenceGuard:
         if grad_norm is not None and not math.isfinite(grad_norm):
             raise TrainingDiverged(f"non-finite grad norm ({grad_norm}) at step {step} (loss {loss:.4g}); "
                                    f"samples of the step: {ids}")
-
-
-def save_final_model(engine, tok, cfg, rank: int, zero3: bool, barrier) -> Path:
-    """Gather the full weights (ZeRO-3: layer by layer onto rank 0) and write a from_pretrained-able
-    directory atomically: final_model.tmp, then a rename. Its config gets the input's inference settings back."""
-    from . import checkpoint, modeling
-
-    state = engine._zero3_consolidated_16bit_state_dict() if zero3 else (
-        engine.module.state_dict() if rank == 0 else None)
-    out = Path(cfg.output_dir) / "final_model"
-    if rank == 0:
-        lm = engine.module.lm
-        state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        modeling.restore_inference_settings(lm.config, cfg.model)
-        with checkpoint.reporting_write_failures("the final model", tmp, cfg.output_dir, remove_partial=True):
-            lm.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-            tok.save_pretrained(str(tmp))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    barrier()
-    return out
-
-
-def release_deepspeed_shm(rank: int) -> None:
-    """DeepSpeed's CPU backend maps a 66 MB shared-memory all-reduce buffer per rank under /dev/shm and never
-    unlinks it, so every CPU run (or killed run) leaves it behind in RAM. Unlinking our own name once all ranks
-    have mapped it keeps the mapping alive and frees the memory when the processes exit."""
-    port = os.environ.get("MASTER_PORT", "")
-    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_{rank}"):
-        path.unlink(missing_ok=True)
-
-
-def quiet_libraries() -> None:
-    import logging
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*torch.utils.checkpoint.*")
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-    except Exception:  # noqa: BLE001
-        pass
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
 __all__ = ["Callback", "StepResult", "Trainer", "run"]

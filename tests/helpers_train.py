@@ -97,14 +97,22 @@ def tiny_config(**overrides) -> dict:
     return cfg
 
 
+def tiny_model_config(**overrides):
+    """tiny_config(**overrides) as a transformers config (a fresh one each call: from_config sets the attention on
+    the config it is given)."""
+    from transformers import AutoConfig
+
+    cfg = tiny_config(**overrides)
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
 def tiny_lm(*, seed: int = 0, dtype=None, attn_implementation: str | None = None, **overrides):
     """The tests' one tiny-model builder: a Llama of tiny_config(**overrides) with fixed random weights (fp32 unless
     `dtype` says otherwise)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config(**overrides)
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    config = tiny_model_config(**overrides)
     torch.manual_seed(seed)
     impl = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32, **impl)
@@ -112,10 +120,7 @@ def tiny_lm(*, seed: int = 0, dtype=None, attn_implementation: str | None = None
 
 def tiny_model_weights(layers: int, seed: int = 0):
     """(config, fp32 state dict) of a randomly initialised tiny Llama: the same weights for every run of a test."""
-    from transformers import AutoConfig
-
-    cfg = tiny_config(num_hidden_layers=layers)
-    return AutoConfig.for_model(cfg.pop("model_type"), **cfg), tiny_lm(seed=seed, num_hidden_layers=layers).state_dict()
+    return tiny_model_config(num_hidden_layers=layers), tiny_lm(seed=seed, num_hidden_layers=layers).state_dict()
 
 
 def tiny_config_file(d: Path, **overrides) -> str:
@@ -191,8 +196,8 @@ def deepspeed_cmd(script: str, args: list[str], nproc: int = 2) -> list[str]:
 
 
 def launcher_cmd(args: list[str], nproc: int = 2, env: dict | None = None) -> list[str]:
-    """The deepspeed launcher over train.py, or over tests/fault_train.py when `env` asks for an injected fault."""
-    script = "tests/fault_train.py" if any(k.startswith("LONGCTX_TEST_") for k in (env or {})) else "train.py"
+    """The deepspeed launcher over train.py, or over tests/fault_train_worker.py when `env` asks for a fault."""
+    script = "tests/fault_train_worker.py" if any(k.startswith("LONGCTX_TEST_") for k in (env or {})) else "train.py"
     return deepspeed_cmd(script, args, nproc)
 
 

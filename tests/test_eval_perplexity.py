@@ -7,17 +7,12 @@ import math
 import pytest
 import torch
 
-from helpers_train import tiny_config
+from helpers_train import tiny_lm
 
 
 @pytest.fixture(scope="module")
 def model():
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = tiny_config()
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
+    m = tiny_lm(attn_implementation="sdpa").eval()
     with torch.no_grad():  # a less uniform distribution than the init, so positions differ
         for p in m.parameters():
             p.mul_(4.0)

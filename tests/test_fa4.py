@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from helpers_fa4 import FAKE, fake_modules
-from helpers_train import attention_calls, tiny_config
+from helpers_train import attention_calls, tiny_lm
 from longctx import attention, modeling
 from longctx.errors import LongctxError
 from longctx.resolve import FA4, SDPA_PER_DOC, Facts, resolve_attention
@@ -60,17 +60,12 @@ def test_fa4_attention_equals_sdpa_per_document(scaling):
 def model_run(keep_by: str | None):
     """Loss, gradients and attention-op calls of a tiny GQA model on one packed row, built with FA4; keep_by:
     how attention is kept through plain checkpointing (None: no checkpointing)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from longctx import attention_replay
 
-    cfg = tiny_config(num_hidden_layers=LAYERS)
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    torch.manual_seed(0)
     impl = attention.register(FA4)
     if keep_by == "replay":
         impl = attention_replay.register(impl)
-    lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=impl)
+    lm = tiny_lm(attn_implementation=impl, num_hidden_layers=LAYERS)
     lm.train()
     if keep_by is not None:
         modeling.enable_checkpointing(lm, types.SimpleNamespace(
@@ -78,7 +73,7 @@ def model_run(keep_by: str | None):
             keep_attention_by="replay" if keep_by == "replay" else "selective", reentrant=keep_by in ("replay", "none"),
             num_offloaded_layers=0))
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, config.vocab_size, (1, sum(DOCS)), generator=g)
+    ids = torch.randint(0, lm.config.vocab_size, (1, sum(DOCS)), generator=g)
     pos = torch.cat([torch.arange(n) for n in DOCS])[None]
     cu = torch.tensor([0] + DOCS).cumsum(0).to(torch.int32)
     kw = attention.model_kwargs({"cu_seq_lens": cu, "max_length": max(DOCS)}, FA4, ids.device)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import modeling_utils
 
-from fork_tools import FAMILIES as TOOL_FAMILIES, MORE_FAMILIES, TINY, tiny_model
+from helpers_fork_tools import FAMILIES as TOOL_FAMILIES, MORE_FAMILIES, TINY, tiny_model
 
 FAMILIES = {**TOOL_FAMILIES, **MORE_FAMILIES}
 MODES = {

@@ -3,7 +3,7 @@ ZeRO-3 config (one process) and TRL's SFTTrainer, each given `activation_checkpo
 
 Each run must go through the fork's offloader (its `stored` count: every layer's checkpoint at every micro-batch) and
 give the losses and gradients of the same run without any checkpointing. Llama, Mistral, Qwen2, Qwen3, and Gemma,
-which the fork never patched by name. The runs themselves are in tests/fork_tools.py.
+which the fork never patched by name. The runs themselves are in tests/helpers_fork_tools.py.
 """
 
 import subprocess
@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-import fork_tools
-from fork_tools import BATCH, FAMILIES, LAYERS, SEQ, STEPS, TINY
+import helpers_fork_tools
+from helpers_fork_tools import BATCH, FAMILIES, LAYERS, SEQ, STEPS, TINY
 
 
 def assert_same_training(base: dict, offloaded: dict) -> None:
@@ -40,7 +40,7 @@ def runs(tmp_path_factory):
     def get(tool, family, offload):
         key = (tool, family, repr(offload))
         if key not in cache:
-            cache[key] = fork_tools.run(tool, family, offload, str(out / f"{tool}-{family}-{len(cache)}"))
+            cache[key] = helpers_fork_tools.run(tool, family, offload, str(out / f"{tool}-{family}-{len(cache)}"))
         return cache[key]
 
     return get
@@ -72,8 +72,8 @@ def test_hf_trainer_num_offloaded_layers_and_save_on_cpu(runs):
 def deepspeed_runs(tmp_path_factory):
     """All families' ZeRO-3 runs, with and without offload, in one fresh process: a world of one on gloo."""
     out = tmp_path_factory.mktemp("deepspeed") / "runs.pt"
-    proc = subprocess.run([sys.executable, fork_tools.__file__, str(out), *FAMILIES], capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, helpers_fork_tools.__file__, str(out), *FAMILIES], capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out, weights_only=False)
 

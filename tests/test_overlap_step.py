@@ -7,7 +7,7 @@ bitwise the step DeepSpeed takes without it.
 - Through the deepspeed launcher (2 gloo ranks, ZeRO-3 with the optimizer offloaded, tiny model, clipping active):
   losses, grad norms, lr and the final weights are bitwise those of the same run with --overlap-optimizer-step off,
   at grad accumulation 1 and at 4 with a kill -9 and a resume in the middle; and the next forward really runs
-  during the update (tests/fault_train.py's OverlapRecorder holds the last sub-group's update until layer 0's
+  during the update (tests/fault_train_worker.py's OverlapRecorder holds the last sub-group's update until layer 0's
   forward has begun, and that forward records the sub-groups still pending).
 """
 

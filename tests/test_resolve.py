@@ -9,7 +9,7 @@ import json
 import pytest
 
 from helpers_train import REPO
-from longctx import config, resolve
+from longctx import config, resolve, runs
 from longctx.errors import LongctxError
 from longctx.flops import ModelShape
 from longctx.plan import plan
@@ -59,7 +59,7 @@ def test_defaults_on_a_large_card():
     assert (s.checkpointing, s.offload_impl, s.num_offloaded_layers) == ("offload", "fork", 8)
     assert s.keep_attention and not s.reentrant  # 8 GiB of kept attention outputs fit a 141 GiB card
     assert not s.tiled_mlp and "fits" in s.why["tiled_mlp"]  # 128K fits a 141 GiB card untiled: no recompute
-    assert s.offload_params and s.offload_optimizer and s.zero_stage == 3  # measured faster (PARAMS_ON_GPU_RULE)
+    assert s.offload_params and s.offload_optimizer and s.zero_stage == 3  # they fit, but measured faster offloaded
     assert s.ds_config["zero_optimization"]["offload_param"]["device"] == "cpu"
 
 
@@ -120,7 +120,7 @@ def test_plan_prints_the_resolution_train_py_uses():
     facts = resolve.Facts.detect().as_target(gpus=4, gpu_mem=16 * GiB, host_mem=512 * GiB, precision="auto")
     s = resolve.resolve(cfg, facts, json.loads((REPO / "longctx" / "default_data" / "llama3.1-8b.json").read_text()), 4)
     assert s.tiled_mlp  # 64K on a 16 GiB card needs it
-    for k, v in s.why.items():
+    for k, v in s.reasons():
         assert f"{k}: {v}" in text
     assert "; ".join(s.header()[:2]) in text
     assert "ds_configs/zero3.json" not in text  # 8B's states (128 GB) do not fit 4 x 16 GiB
@@ -141,7 +141,7 @@ def test_plan_points_to_zero3_json_where_the_whole_states_fit():
 
 def test_resolved_json_round_trips(tmp_path):
     s = settings(H200, "--max-seq-len", "16384")
-    resolve.write(s, tmp_path / "resolved.json")
+    runs.write_resolved(tmp_path, s)
     d = json.loads((tmp_path / "resolved.json").read_text())
     assert d == json.loads(json.dumps(s.to_dict(), default=str))
 
@@ -322,3 +322,80 @@ def test_states_stay_on_the_cpu_where_the_ds_config_puts_the_parameters_there(tm
     assert "parameters on the CPU" in s.why["optimizer"]
     auto = auto_settings(H200, "--max-seq-len", "16384")  # the shipped config: both auto, both on the GPU
     assert not auto.offload_params and not auto.offload_optimizer
+
+
+@pytest.mark.parametrize("facts, flags, world", [
+    (resolve.Facts(), ("--model", str(REPO / "longctx" / "default_data" / "tiny_llama.json")), 1),
+    (H200, ("--max-seq-len", "131072", "--offload-gradient-checkpointing", "--keep-attention-by", "replay"), 1),
+    (dataclasses.replace(A6000, gpu_mem=16 * GiB), ("--max-seq-len", "65536", "--sequence-parallel", "2"), 2),
+    (dataclasses.replace(A6000, capability=(7, 0), gpus=8), ("--precision", "fp16", "--deepspeed",
+                                                             str(REPO / "ds_configs" / "zero2.json")), 8),
+    (H200, ("--lora", "--s2-attn", "--no-packing", "--max-seq-len", "8192", "--lr-scheduler", "cosine_with_min_lr"),
+     1),
+])
+def test_every_field_has_its_why(facts, flags, world):
+    """Every field of Resolved says what decided it, before the data are read and after (the schedule)."""
+    s = auto_settings(facts, *flags, world=world)
+    fields = {f.name for f in dataclasses.fields(resolve.Resolved)} - {"why"}
+    assert fields - set(s.why) == set()
+    assert all(isinstance(v, str) and v for v in s.why.values())
+    scheduled = resolve.resolve_schedule(s, config.parse(list(flags)), steps_per_epoch=7)
+    assert fields - set(scheduled.why) == set() and scheduled.total_steps is not None
+    assert {k for k, _ in s.reasons()} <= set(resolve.Resolved.REPORTED)  # the header shows the decisions only
+
+
+def test_lr_is_decided_here_and_reaches_the_ds_config(tmp_path):
+    """The embedded tiny model (random init) trains at 3e-3, a model you bring at 1e-5, --lr wins; the optimizer's
+    lr in the filled ds_config is the resolved one."""
+    own = tmp_path / "m.json"
+    own.write_text(json.dumps(L8B_8L))
+    for flags, want, why in (([], 3e-3, "embedded"), (["--model", str(own)], 1e-5, "bring"),
+                             (["--model", str(own), "--lr", "2e-5"], 2e-5, "requested")):
+        s = resolve.resolve(config.parse(flags), resolve.Facts(), L8B_8L, 1)
+        assert s.lr == want and why in s.why["lr"]
+        assert s.ds_config["optimizer"]["params"]["lr"] == want
+
+
+@pytest.mark.parametrize("flags, per_epoch, want", [
+    (["--max-steps", "40"], 7, (40, 2, None)),                       # 5% warmup of 40
+    (["--epochs", "1.5"], 7, (11, 0, None)),                         # ceil(1.5 x 7); int(0.05 x 11)
+    (["--epochs", "3", "--warmup-steps", "4", "--lr-scheduler", "cosine_with_min_lr"], 5, (15, 4, 0.1)),
+    (["--epochs", "0.01", "--warmup-ratio", "0.5"], 10, (1, 0, None)),  # at least one step
+])
+def test_the_schedule_is_decided_here(flags, per_epoch, want):
+    cfg = config.parse(flags)
+    s = resolve.resolve_schedule(resolve.resolve(cfg, resolve.Facts(), L8B_8L, 1), cfg, per_epoch)
+    assert (s.total_steps, s.warmup_steps, s.min_lr_rate) == want
+    assert s.why["total_steps"].startswith("requested" if cfg.max_steps > 0 else f"--epochs {cfg.epochs:g}")
+
+
+def test_the_tokenizer_fallback_is_decided_here(tmp_path):
+    """--tokenizer, else the model directory's own, else the embedded one; the tokenizer train.py loads is it."""
+    from helpers_train import TOKENIZER, tiny_config_file, tiny_model_dir
+    from longctx import modeling
+
+    model_dir = tiny_model_dir(tmp_path / "model")  # with a tokenizer beside the weights
+    bare = tiny_config_file(tmp_path / "bare")
+    for flags, want, why in ((["--model", model_dir], model_dir, "directory's own"),
+                             (["--model", bare], str(TOKENIZER), f"--model {bare} has none"),
+                             ([], str(TOKENIZER), "the embedded tokenizer"),
+                             (["--model", bare, "--tokenizer", model_dir], model_dir, "requested")):
+        cfg = config.parse(flags)
+        path, note = resolve.resolve_tokenizer(cfg)
+        assert path == want and why in note, (flags, note)
+        assert modeling.load_tokenizer(cfg)[1] == want
+        assert resolve.resolve(cfg, resolve.Facts(), L8B_8L, 1).tokenizer == want
+
+
+def test_evaluation_attention_is_decided_here():
+    """Evaluation decodes one sequence with a KV cache: flash-attn where it runs, else SDPA; flash_attention_2 by
+    name where it cannot run is refused."""
+    from longctx.evaluation import generate
+
+    fa2 = dataclasses.replace(H200, flash_attn=True)
+    assert resolve.resolve_eval_attention("auto", fa2, "bf16")[0] == "flash_attention_2"
+    for facts, precision in ((fa2, "fp32"), (H200, "bf16"), (resolve.Facts(), "fp32")):
+        assert resolve.resolve_eval_attention("auto", facts, precision)[0] == "sdpa"
+    assert generate.choose_attention("eager", resolve.Facts(), "fp32") == "eager"
+    with pytest.raises(LongctxError, match="needs the flash-attn package"):
+        generate.choose_attention("flash_attention_2", H200, "bf16")

@@ -220,8 +220,8 @@ def test_changes_are_refused_by_name_before_loading(setup, tmp_path):
     # an allowed change continues, and the ledger entry says its samples are not the uninterrupted run's
     t = _prepare(_args(out, data, model, resume + ["--grad-accum", "1", "--resume-allow-change", "global_batch"]),
                  world=2)
-    assert t.resume_plan.allowed == ["global_batch"] and t.data.schedule.global_batch == 2
-    assert "not those of an uninterrupted run" in t.resume_plan.ledger_entry()["sample_ids"]
+    assert t.resuming.allowed == ["global_batch"] and t.data.schedule.global_batch == 2
+    assert "not those of an uninterrupted run" in t.resuming.ledger_entry()["sample_ids"]
 
 
 # ---- on GPUs ---------------------------------------------------------------------------------------------------

@@ -131,21 +131,18 @@ def test_gradients_flow_through_the_layout_change():
 
 def test_in_a_model_train_vs_eval():
     """Registered through AttentionInterface: eval is the sdpa model, so is training with one group; groups differ."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from helpers_train import tiny_config
+    from helpers_train import tiny_lm, tiny_model_config
 
-    cfg = tiny_config()
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    torch.manual_seed(0)
-    ref = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    ref = tiny_lm(attn_implementation="sdpa").eval()
     ids = torch.randint(3, 2000, (2, 48))
     with torch.no_grad():
         want = ref(input_ids=ids).logits
 
         def logits(group, training):
             name = s2attn.register("sdpa", group)
-            m = AutoModelForCausalLM.from_config(config, attn_implementation=name)
+            m = AutoModelForCausalLM.from_config(tiny_model_config(), attn_implementation=name)
             m.load_state_dict(ref.state_dict())
             return m.train(training)(input_ids=ids).logits
 

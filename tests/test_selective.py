@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers_train import attention_calls, tiny_config, tiny_model_weights
+from helpers_train import attention_calls, tiny_lm, tiny_model_config, tiny_model_weights
 from longctx import attention, attention_replay, modeling, selective
 from longctx.resolve import SDPA_PER_DOC
 
@@ -232,17 +232,16 @@ def test_replay_on_gpu_gives_the_gradients_of_no_checkpointing(route, monkeypatc
     replay, reentrant as the product runs it, gives the gradients of the same model without checkpointing, one
     kernel call per layer and document (SDPA per document, the documents' lengths let through to it here) or per
     layer (varlen_attn, where these short documents go by default)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if route == "sdpa_per_document":
         monkeypatch.setattr(attention, "PER_DOC_MIN_TOKENS", 128)
         monkeypatch.setattr(attention, "PLAN_CACHED_MULTIPLE", 128)
 
-    cfg = tiny_config(num_hidden_layers=LAYERS, hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                      num_key_value_heads=2)
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    torch.manual_seed(0)
-    state = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).state_dict()
+    shape = dict(num_hidden_layers=LAYERS, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                 num_key_value_heads=2)
+    config = tiny_model_config(**shape)
+    state = tiny_lm(dtype=torch.bfloat16, **shape).state_dict()
 
     def grads_of(ckpt):
         impl = attention.register(SDPA_PER_DOC)

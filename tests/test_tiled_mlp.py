@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 
 import torch
-from transformers import AutoConfig
 
 from helpers_train import (assert_same_loss_and_grads, loss_and_grads, tiny_config, tiny_lm_fp64,
-                           token_batch)
+                           tiny_model_config, token_batch)
 from longctx import config, modeling, resolve, sequence_parallel, tiled_mlp
 from longctx.modeling import CausalLMWithLoss
 
@@ -57,7 +56,7 @@ def test_the_built_model_runs_the_resolved_shard_count(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps(tiny_config()))
     cfg = config.parse(["--model", str(tmp_path / "m.json"), "--max-seq-len", "512", "--tiled-mlp",
                         "--deepspeed", "ds_configs/zero2.json"])
-    model_config = AutoConfig.for_model(**tiny_config())
+    model_config = tiny_model_config()
     settings = resolve.resolve(cfg, resolve.Facts(), tiny_config(), world=1)
     assert settings.tiled_mlp and settings.tiled_mlp_shards == 8 and settings.zero_stage != 3
     model, _ = modeling.build_model(cfg, model_config, "random", settings, sequence_parallel.Layout.make(1, 0, 1))

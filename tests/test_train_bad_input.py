@@ -210,14 +210,11 @@ def test_max_seq_len_beyond_positions_without_rope_scaling(base, tmp_path, capsy
 
 
 def test_rope_scaling_allows_longer_rows():
-    from transformers import AutoConfig
-
-    from helpers_train import tiny_config
+    from helpers_train import tiny_model_config
     from longctx.modeling import check_positions
 
-    cfg = tiny_config(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
-                                       "original_max_position_embeddings": 1024})
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    config = tiny_model_config(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                "original_max_position_embeddings": 1024})
     check_positions(config, 4096)  # no error
 
 
@@ -409,7 +406,7 @@ def test_non_finite_loss_stops_with_step_and_sample_ids(base, tmp_path):
 
 @pytest.mark.slow
 def test_gpu_out_of_memory_is_reported_with_the_checkpoint_to_resume_from(base, tmp_path):
-    """The last rank runs out of GPU memory (CUDA's exception, raised at step 2 by tests/fault_train.py): it says
+    """The last rank runs out of GPU memory (CUDA's exception, raised at step 2 by tests/fault_train_worker.py): it says
     where, against what plan, and from which checkpoint to resume; the launcher stops the other rank and fails."""
     d, data, model = base
     out = tmp_path / "o"

@@ -12,7 +12,7 @@ import importlib.util
 import pytest
 import torch
 
-from helpers_train import (fast_args, read_jsonl, reference_step, run_train, small_dataset, text_rows, tiny_config,
+from helpers_train import (fast_args, read_jsonl, reference_step, run_train, small_dataset, text_rows, tiny_lm,
                            tiny_config_file, tiny_model_dir, write_jsonl)
 
 pytestmark = [pytest.mark.gpu,
@@ -22,12 +22,8 @@ needs_liger = pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is Non
 
 
 def _lm(impl, dtype=torch.bfloat16):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = tiny_config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=impl).cuda()
+    return tiny_lm(dtype=dtype, attn_implementation=impl, hidden_size=256, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=64).cuda()
 
 
 @pytest.mark.parametrize("impl", ["sdpa_per_doc", "varlen", "fa4"])

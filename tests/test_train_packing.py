@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers_train import (chat_rows, fast_args, pr_rows, read_jsonl, reference_step, run_train,
-                           text_rows, tiny_config, tiny_model_dir, write_jsonl)
+                           text_rows, tiny_lm, tiny_model_dir, write_jsonl)
 from longctx import attention, batching, documents, resolve
 from longctx.modeling import CausalLMWithLoss, LinearCrossEntropySum
 
@@ -64,12 +64,7 @@ def docs(tmp_path_factory, tok):
 
 
 def make_lm(impl):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = tiny_config()
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=impl)
+    return tiny_lm(attn_implementation=impl)
 
 
 def reference(lm, docs):

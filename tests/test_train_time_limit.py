@@ -19,6 +19,9 @@ def test_time_limit_stops_after_the_step_that_passes_it(tmp_path):
     assert "--max-train-minutes 1e-06 reached: step 1 of 50 is the last" in p.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["steps"], summary["total_steps"]) == (1, 50)
+    resolved = json.loads((out / "resolved.json").read_text())  # the schedule planned for all 50, as resolved
+    assert (resolved["total_steps"], resolved["warmup_steps"]) == (50, 2)
+    assert "--max-steps" in resolved["why"]["total_steps"]
     assert summary["final_eval_step"] == 1  # evaluated as a last step
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
     assert (out / "final_model" / "config.json").exists() and (out / "checkpoints" / "step-00000001").is_dir()

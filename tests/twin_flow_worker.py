@@ -95,7 +95,7 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if not on_gpu:  # DeepSpeed's shared-memory all-reduce buffer, unlinked once every rank has it mapped
-        from longctx.trainer import release_deepspeed_shm
+        from longctx.dist import release_deepspeed_shm
 
         torch.distributed.barrier()
         release_deepspeed_shm(rank)

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import LongctxError
 from .. import modeling
+from ..resolve import resolve_eval_attention
 
 
 def check_model_dir(path: str) -> dict:
@@ -45,15 +46,9 @@ def load_tokenizer(model: str, tokenizer: str = ""):
 
 
 def choose_attention(requested: str, device, precision: str) -> str:
-    """Generation and scoring run one sequence with a KV cache: upstream's SDPA (or flash-attn where installed).
+    """Generation and scoring run one sequence with a KV cache: longctx.resolve.resolve_eval_attention decides.
     `device`: longctx.resolve.Facts."""
-    half = precision in ("bf16", "fp16")
-    if requested == "auto":
-        return "flash_attention_2" if device.sm80 and half and device.flash_attn else "sdpa"
-    if requested == "flash_attention_2" and not (device.flash_attn and device.sm80 and half):
-        raise LongctxError("--attn-implementation flash_attention_2 needs the flash-attn package, an sm80+ GPU and "
-                           "bf16/fp16")
-    return requested
+    return resolve_eval_attention(requested, device, precision)[0]
 
 
 def load_model(path: str, *, precision: str, attn_impl: str, device: torch.device):

@@ -49,7 +49,7 @@ class Faults(Callback):
             import torch
 
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by "
-                                         "tests/fault_train.py)\nsecond line of torch's message")
+                                         "tests/fault_train_worker.py)\nsecond line of torch's message")
         v = self.nan
         hit = v and (step >= int(v[:-1]) if v.endswith("+") else step == int(v))
         return loss * float("nan") if hit and trainer.rank == 0 and micro == 0 else loss
@@ -60,7 +60,7 @@ class Faults(Callback):
 
     def on_universal_written(self, trainer, path):
         if self.in_conversion:
-            _park(trainer, "IN_CONVERSION", trainer.resume_plan.step)
+            _park(trainer, "IN_CONVERSION", trainer.resuming.step)
 
     def on_step_end(self, trainer, step, row):
         if self.after == str(step):

@@ -2,8 +2,8 @@
 
 `run(tool, family, offload)` trains a tiny model for STEPS optimizer steps and returns the loss of each step, the
 gradients each step applied, and what the fork's offloader stored. DeepSpeed needs a process group, so its runs go
-through `python tests/fork_tools.py OUT.pt FAMILY...` in a fresh process (a world of one on gloo), which saves the
-results of every family with and without offload to OUT.pt.
+through `python tests/helpers_fork_tools.py OUT.pt FAMILY...` in a fresh process (a world of one on gloo), which
+saves the results of every family with and without offload to OUT.pt.
 """
 
 from __future__ import annotations
