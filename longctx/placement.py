@@ -4,8 +4,9 @@
                   fits them all with the step (zero3.json's placement); else on the CPU, where they were measured
                   faster with the optimizer offloaded (OFFLOADED_PARAMS_WHY)
   optimizer       ds_config offload_optimizer.ratio "auto": every state on the GPU where the plan fits them beside the
-                  step's activations; else all on the CPU where the host holds them; else the largest GPU share of
-                  the optimizer's sub-groups that fits (Twin-Flow, longctx.twin_flow)
+                  step's activations, kept attention included where it is wanted (else all on the CPU, if that keeps
+                  it); else all on the CPU where the host holds them; else the largest GPU share of the optimizer's
+                  sub-groups that fits (Twin-Flow, longctx.twin_flow)
   overlapped step on where ZeRO-3 updates the optimizer on the CPU (longctx.overlap_step); sub-groups of one layer
   checkpoints     with --offload-gradient-checkpointing and no --num-offloaded-layers: as many layers in host RAM as
                   it holds, the rest on the GPU
@@ -47,6 +48,15 @@ KEEP_ATTENTION_WHY = (f"rows under {KEEP_ATTENTION_MIN_TOKENS // 1024}K tokens: 
 # GPUs are not measured yet: the same there. They stay on the GPU only beside every optimizer state (optimizer_ratio).
 OFFLOADED_PARAMS_WHY = "offloaded parameters measured faster on one H200 at 16K-128K with the optimizer offloaded"
 
+# Kept attention is worth more than GPU optimizer states on long rows. 8B shape at 8 layers, one H100, one 128K
+# document, where the GPU holds every state only with attention recomputed (docs/RESULTS.md): all on the GPU,
+# attention recomputed 11.59 s (fa4, 2026-12-06) / 12.83 s (sdpa_per_doc); states on the CPU, attention kept 11.20 s
+# (fa4, 2026-12-05, DeepSpeed's serial CPU step) / 11.93 s (sdpa_per_doc, overlapped step), and stock_best (SDPA kept)
+# 11.09 s in the all-GPU row's run. Not yet measured as auto's own choice.
+KEEP_OVER_GPU_STATES_WHY = ("auto: all on the CPU, so the attention outputs can be kept (with every state on the GPU "
+                            "the plan fits the step only with attention recomputed, which measured slower at 128K); "
+                            "their update overlaps the next forward")
+
 
 @dataclass(frozen=True)
 class Candidates:
@@ -64,6 +74,9 @@ class Candidates:
     attention: str                       # the user's name (longctx.resolve.AttentionChoice.name)
     liger: bool
     tied_embeddings: bool
+    # keep-attention is auto and the rows are long enough for it (KEEP_ATTENTION_MIN_TOKENS): kept where the plan fits
+    # the outputs, so the optimizer's placement must leave them room where it can
+    keep_attention_wanted: bool = False
 
     @property
     def sp(self) -> int:
@@ -189,14 +202,18 @@ def resolve_optimizer_ratio(c: Candidates, requested_params: Optional[str],
         # tried (8B shape, 8 layers, one H100, 2026-12-06) stepped in 6.8 s against ~1 s with the states on the CPU
         return 1.0, ("auto: all on the CPU (the ds_config puts the parameters on the CPU; states on the GPU beside "
                      "CPU parameters measured 6.8 s a step)"), False
-    all_gpu = c.setup(c.ds_config(False if requested_params == "auto" else offload_params, 0.0))
-    if c.fits_untiled_or_tiled(all_gpu):
-        return 0.0, "auto: every state on the GPU (the plan fits them beside the step's activations)", \
-            requested_params == "auto"
+    all_gpu_ds = c.ds_config(False if requested_params == "auto" else offload_params, 0.0)
+    all_gpu = c.setup(all_gpu_ds)
     states_on_cpu = c.ds_config(offload_params, 1.0)
     # the states' host bytes with no checkpoint offloaded: checkpoints take what host RAM is left (offloaded_layers)
     cpu_host = plan(c.setup(states_on_cpu, offloaded=0)).host_total(hw.gpus)
     host_holds = not hw.host_mem or cpu_host <= hw.host_usable
+    if c.fits_untiled_or_tiled(all_gpu):
+        if (c.keep_attention_wanted and host_holds and not c.gpu_fits(c.setup(all_gpu_ds, keep=True))
+                and c.gpu_fits(c.setup(states_on_cpu, keep=True))):
+            return 1.0, KEEP_OVER_GPU_STATES_WHY, False
+        return 0.0, "auto: every state on the GPU (the plan fits them beside the step's activations)", \
+            requested_params == "auto"
     split = None if host_holds else largest_gpu_share(c.setup(states_on_cpu), c.fits_untiled_or_tiled)
     need = min(plan(dataclasses.replace(all_gpu, tiled_mlp_shards=n)).gpu_peak
                for n in (1, c.shards_if_tiled)) / GiB

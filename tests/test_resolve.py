@@ -9,7 +9,7 @@ import json
 import pytest
 
 from helpers_train import REPO
-from longctx import config, resolve, runs
+from longctx import config, placement, resolve, runs
 from longctx.errors import LongctxError
 from longctx.flops import ModelShape
 from longctx.plan import plan
@@ -284,6 +284,23 @@ def test_optimizer_states_stay_on_the_cpu_where_the_host_holds_them_though_a_spl
     assert not s.tiled_mlp  # the room a split would have taken stays the activations'
     small_host = auto_settings(H100, "--max-seq-len", "32768", model=L8B)
     assert 0 < small_host.optimizer_ratio < 1 and "all on the CPU 156.7 GiB of host RAM" in small_host.why["optimizer"]
+
+
+def test_optimizer_states_leave_the_gpu_where_that_is_what_lets_attention_be_kept():
+    """8B shape at 8 layers on an H100, one 128K document: every state fits the GPU only with attention recomputed
+    (measured slower than the states on the CPU with attention kept), so auto puts them on the CPU and keeps it.
+    At 64K both fit the GPU; where the row is too short for keeping, or keeping is refused, the states stay."""
+    s = auto_settings(H100, "--max-seq-len", "131072")
+    assert (s.optimizer_ratio, s.keep_attention, s.overlap_step) == (1.0, True, True)
+    assert s.why["optimizer"] == placement.KEEP_OVER_GPU_STATES_WHY
+    # the step fits as resolved; with keeping refused, every state stays on the GPU
+    cfg = config.parse(["--max-seq-len", "131072"])
+    assert check_fit(plan(setup_from_resolved(s, cfg, L8B_8L)), H100.hardware()).gpu_ok
+    gpu = auto_settings(H100, "--max-seq-len", "131072", "--no-keep-attention")
+    assert not gpu.offload_optimizer and not gpu.offload_params and not gpu.keep_attention
+    for n in ("65536", "16384"):
+        short = auto_settings(H100, "--max-seq-len", n)
+        assert not short.offload_optimizer and short.keep_attention == (n == "65536")
 
 
 def test_an_explicit_optimizer_ratio_wins_and_is_checked(tmp_path):
