@@ -121,13 +121,28 @@ def _transformers_is_the_fork():
 @pytest.fixture(autouse=True)
 def _remove_leaked_deepspeed_shm():
     """DeepSpeed's CPU backend leaves a 66 MB /dev/shm buffer per rank of every run it starts (train.py unlinks its
-    own; bench and test workers may not). Remove what a test's processes left, so RAM does not fill over the suite."""
+    own; bench and test workers may not). Remove what a test's processes left, so RAM does not fill over the suite:
+    the new buffers no live process maps (another run on the machine, a second test session included, keeps its)."""
     shm = Path("/dev/shm")
     before = set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.is_dir() else set()
     yield
     if shm.is_dir():
-        for path in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
+        for path in set(shm.glob("deepspeed_allreduce_buffer_*")) - before - _mapped(before):
             path.unlink(missing_ok=True)
+
+
+def _mapped(ignore: set) -> set:
+    """The DeepSpeed shm buffers some live process maps (/proc/<pid>/maps), other than `ignore`."""
+    found: set = set()
+    if not Path("/proc/self/maps").exists():
+        return found
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # gone, or not ours to read
+            continue
+        found |= {Path(line.split()[-1]) for line in text.splitlines() if "deepspeed_allreduce_buffer_" in line}
+    return found - ignore
 
 
 @pytest.fixture(scope="module")
