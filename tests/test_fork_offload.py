@@ -10,6 +10,7 @@ import logging
 import pytest
 import torch
 from transformers import modeling_utils
+from transformers import offloaded_checkpointing as offloading
 
 from helpers_fork_tools import FAMILIES as TOOL_FAMILIES, MORE_FAMILIES, TINY, tiny_model
 
@@ -164,13 +165,13 @@ def test_pinned_memory_fallback_warns_once():
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    modeling_utils.logger.addHandler(handler)
-    modeling_utils.logger.warning_once.cache_clear()
+    offloading.logger.addHandler(handler)
+    offloading.logger.warning_once.cache_clear()
     try:
-        a = modeling_utils._empty_host_like(torch.ones(4, 3), pin_memory=True)
-        b = modeling_utils._empty_host_like(torch.ones(2), pin_memory=True)
+        a = offloading._empty_host_like(torch.ones(4, 3), pin_memory=True)
+        b = offloading._empty_host_like(torch.ones(2), pin_memory=True)
     finally:
-        modeling_utils.logger.removeHandler(handler)
+        offloading.logger.removeHandler(handler)
     assert a.shape == (4, 3) and b.shape == (2,) and not a.is_pinned()
     assert sum("falling back to pageable memory" in r.getMessage() for r in records) == 1
 
