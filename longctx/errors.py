@@ -1,5 +1,7 @@
 """The one exception train.py turns into a clear message and a non-zero exit."""
 
+import sys
+
 
 class LongctxError(Exception):
     """A problem with the user's input or environment, reported without a traceback.
@@ -22,3 +24,9 @@ class GpuOutOfMemory(LongctxError):
     reached, the checkpoint to resume from and the knobs that lower the peak, instead of a CUDA traceback."""
 
     exit_code = 4
+
+
+def report(error: LongctxError) -> int:
+    """A command-line tool's way out on a LongctxError: the message on stderr, no traceback; returns its exit code."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    return error.exit_code

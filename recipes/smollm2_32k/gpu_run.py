@@ -338,13 +338,12 @@ def run(args, out: Path, work: Path) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     T = args.target_len
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else [T // 8, T // 4, T // 2, T]
-    from longctx.errors import LongctxError
+    from longctx.errors import LongctxError, report
 
     try:
         check_inputs(args)
     except LongctxError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
+        return report(e)
     native_ctx = native_context(args)
     native_lengths = [L for L in lengths if L <= native_ctx]
     cite = recipe_data.citation_lengths(T)
