@@ -40,13 +40,17 @@ class Facts:
     def cuda(self) -> bool:
         return self.kind == "cuda"
 
+    def sm_at_least(self, sm: int) -> bool:
+        """A CUDA GPU of compute capability sm`sm` or newer (80: Ampere)."""
+        return self.cuda and self.capability is not None and tuple(self.capability) >= divmod(sm, 10)
+
     @property
     def sm80(self) -> bool:
-        return self.cuda and self.capability is not None and tuple(self.capability) >= (8, 0)
+        return self.sm_at_least(80)
 
     @property
     def sm90(self) -> bool:
-        return self.cuda and self.capability is not None and tuple(self.capability) >= (9, 0)
+        return self.sm_at_least(90)
 
     @classmethod
     def detect(cls, gpus: Optional[int] = None) -> "Facts":

@@ -192,6 +192,26 @@ def fa4_head_dim_ok(head_dim: Optional[int], capability: Optional[tuple[int, int
     return capability is None or capability[0] < 10 or head_dim <= 128 or head_dim == 256
 
 
+FA4_NOT_INSTALLED = (f"flash-attn-4 is not installed (pip install '{gpu_extras.FA4}' for a CUDA 13 torch; use auto "
+                     "or sdpa_per_doc without it)")
+
+
+def refuse_unless_runs(name: str, facts: Facts, precision: str, *, missing: str, sm: int, whose: str = "",
+                       fa4_head_dim: Optional[int] = None) -> None:
+    """Refuse a kernel named by --attn-implementation where it cannot run: `missing` says what is not installed and
+    how to get it ("": installed); every such kernel needs a CUDA GPU of sm`sm`+ (`whose` requirement) and
+    bf16/fp16; flash-attention-4's also a head size it has (`fa4_head_dim`, where given)."""
+    flag = f"--attn-implementation {name}"
+    if missing:
+        raise LongctxError(f"{flag} is unavailable: {missing}")
+    if not facts.sm_at_least(sm) or precision not in ("bf16", "fp16"):
+        raise LongctxError(f"{flag} needs a CUDA GPU of sm{sm}+{whose} and bf16/fp16 (device: {facts.name}, "
+                           f"precision: {precision})")
+    if fa4_head_dim is not None and not fa4_head_dim_ok(fa4_head_dim, facts.capability):
+        raise LongctxError(f"{flag}: head_dim {fa4_head_dim} is not among flash-attention-4's sizes on {facts.name} "
+                           "(multiples of 8 up to 256 on sm90, up to 128 or 256 on sm100+); use auto or sdpa_per_doc")
+
+
 def resolve_attention(requested: str, facts: Facts, *, precision: str, packing: bool, max_seq_len: int,
                       dense_mask_max_len: int, head_dim: Optional[int] = None) -> AttentionChoice:
     """auto is fa4 where flash-attn-4 (the version measured) imports on an sm90 GPU in half precision: through
@@ -225,17 +245,8 @@ def resolve_attention(requested: str, facts: Facts, *, precision: str, packing: 
                                    max_seq_len=max_seq_len, dense_mask_max_len=dense_mask_max_len)
         return dataclasses.replace(choice, note=choice.note + fa4_note)
     if requested == "fa4":
-        if not facts.fa4:
-            raise LongctxError("--attn-implementation fa4 is unavailable: flash-attn-4 is not installed "
-                               f"(pip install '{gpu_extras.FA4}' for a CUDA 13 torch; use auto or sdpa_per_doc without "
-                               "it)")
-        if not facts.sm90 or not half:
-            raise LongctxError("--attn-implementation fa4 needs a CUDA GPU of sm90+ (its backward's requirement) and "
-                               f"bf16/fp16 (device: {facts.name}, precision: {precision})")
-        if not fa4_head_dim_ok(head_dim, facts.capability):
-            raise LongctxError(f"--attn-implementation fa4: head_dim {head_dim} is not among flash-attention-4's "
-                               f"sizes on {facts.name} (multiples of 8 up to 256 on sm90, up to 128 or 256 on "
-                               "sm100+); use auto or sdpa_per_doc")
+        refuse_unless_runs("fa4", facts, precision, missing="" if facts.fa4 else FA4_NOT_INSTALLED, sm=90,
+                           whose=" (its backward's requirement)", fa4_head_dim=head_dim)
         measured_version = gpu_extras.FA4_VERSION
         other = "" if facts.fa4 == measured_version else f"; measured with {measured_version}, not this version"
         return AttentionChoice("fa4", FA4, True, f"flash-attention-4 {facts.fa4} varlen (packed via cu_seqlens){other}")
@@ -244,36 +255,21 @@ def resolve_attention(requested: str, facts: Facts, *, precision: str, packing: 
                                "SDPA per document (cuDNN, then flash, then memory-efficient)" if facts.cuda else
                                "SDPA per document (CPU)")
     if requested == "flash_attention_2":
-        if not facts.flash_attn:
-            raise LongctxError("--attn-implementation flash_attention_2 is unavailable: the flash-attn package "
-                               "is not installed (use auto, sdpa_per_doc or varlen)")
-        if not facts.sm80 or not half:
-            raise LongctxError("--attn-implementation flash_attention_2 needs a CUDA GPU of sm80+ and bf16/fp16 "
-                               f"(device: {facts.name}, precision: {precision})")
+        refuse_unless_runs("flash_attention_2", facts, precision, sm=80, missing="" if facts.flash_attn else
+                           "the flash-attn package is not installed (use auto, sdpa_per_doc or varlen)")
         return AttentionChoice("flash_attention_2", "flash_attention_2", True,
                                "flash-attn varlen (packed documents via cu_seqlens)")
     if requested == HF_FA4:
         # transformers' own registration (stock 5.23: ALL_ATTENTION_FUNCTIONS and the mask interface), importing
         # flash_attn.cute's functions; the same package, sm90+ and half-precision needs as fa4
-        if not facts.fa4:
-            raise LongctxError(f"--attn-implementation {HF_FA4} is unavailable: flash-attn-4 is not installed (pip "
-                               f"install '{gpu_extras.FA4}' for a CUDA 13 torch)")
-        if not facts.sm90 or not half:
-            raise LongctxError(f"--attn-implementation {HF_FA4} needs a CUDA GPU of sm90+ and bf16/fp16 (device: "
-                               f"{facts.name}, precision: {precision})")
-        if not fa4_head_dim_ok(head_dim, facts.capability):
-            raise LongctxError(f"--attn-implementation {HF_FA4}: head_dim {head_dim} is not among flash-attention-4's "
-                               f"sizes on {facts.name}")
+        refuse_unless_runs(HF_FA4, facts, precision, missing="" if facts.fa4 else FA4_NOT_INSTALLED, sm=90,
+                           fa4_head_dim=head_dim)
         return AttentionChoice(HF_FA4, HF_FA4, True, f"transformers' flash_attention_4 (flash-attn-4 {facts.fa4}'s "
                                "autograd Function; packed via cu_seqlens, transformers' padding-free path)")
     if requested == "varlen":
-        if not facts.varlen_attn:
-            raise LongctxError("--attn-implementation varlen is unavailable: this torch has no "
-                               "torch.nn.attention.varlen.varlen_attn (needs torch >= 2.10)")
-        if not facts.sm80 or not half:
-            raise LongctxError("--attn-implementation varlen is unavailable here: PyTorch's varlen FlashAttention "
-                               f"needs a CUDA GPU of sm80+ and bf16/fp16 (device: {facts.name}, "
-                               f"precision: {precision})")
+        refuse_unless_runs("varlen", facts, precision, sm=80, whose=" (PyTorch's varlen FlashAttention)",
+                           missing="" if facts.varlen_attn else
+                           "this torch has no torch.nn.attention.varlen.varlen_attn (needs torch >= 2.10)")
         return AttentionChoice("varlen", VARLEN, True, "torch.nn.attention.varlen.varlen_attn (packed via cu_seqlens)")
     # upstream's sdpa / eager: a dense mask is built for packed rows (sdpa) or always (eager's S x S scores)
     dense = requested == "eager" or packing
