@@ -26,12 +26,13 @@ from typing import Any, Optional
 
 from . import dsconfig, opbuild
 from .errors import LongctxError
+from .facts import Facts
 from .flops import ModelShape
 from .plan import plan, tiled_mlp_shards
 from .plan_search import check_fit, largest_gpu_share, layer_sub_group_size
 from .plan_settings import attention_kind, setup_from_settings
 from .plan_states import optimizer_sub_groups
-from .plan_types import GiB, Hardware, Setup
+from .plan_types import GiB, Setup
 
 # Selective checkpointing pays where attention's recompute is large. Its cost is per op, not per token: torch's
 # selective checkpointing runs every op of a checkpointed layer through a Python dispatch mode, which a short step
@@ -66,8 +67,7 @@ class Candidates:
     world: int
     precision: str
     lr: float
-    on_cuda: bool
-    hw: Optional[Hardware]               # None: no GPU memory to plan against (a CPU run)
+    facts: Facts                         # the machine
     checkpointing: str
     offload_impl: str
     num_offloaded_layers: int
@@ -77,6 +77,11 @@ class Candidates:
     # keep-attention is auto and the rows are long enough for it (KEEP_ATTENTION_MIN_TOKENS): kept where the plan fits
     # the outputs, so the optimizer's placement must leave them room where it can
     keep_attention_wanted: bool = False
+
+    @property
+    def hw(self) -> Optional[Facts]:
+        """The machine to plan against; None without GPU memory to plan against (a CPU run)."""
+        return self.facts if self.facts.gpu_mem else None
 
     @property
     def sp(self) -> int:
@@ -103,7 +108,7 @@ class Candidates:
     def ds_config(self, offload_params: Optional[bool], ratio: Optional[float] = 1.0) -> dict:
         cfg = self.cfg
         ds = dsconfig.build(cfg.deepspeed, cfg, world_size=self.dp_world, precision=self.precision, lr=self.lr,
-                            hidden_size=self.shape.hidden, on_cuda=self.on_cuda, offload_params=offload_params,
+                            hidden_size=self.shape.hidden, on_cuda=self.facts.cuda, offload_params=offload_params,
                             optimizer_ratio=ratio, layer_sub_group_size=layer_sub_group_size(self.shape, self.dp_world))
         if self.sp > 1:
             ds["sequence_parallel_size"] = self.sp

@@ -376,9 +376,9 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
     lr, why["lr"] = resolve_lr(cfg)
     tokenizer, why["tokenizer"] = resolve_tokenizer(cfg)
 
-    c = Candidates(cfg=cfg, shape=shape, world=world, precision=precision, lr=lr, on_cuda=facts.cuda,
-                   hw=facts.hardware(), checkpointing=mode, offload_impl=impl, num_offloaded_layers=n_off,
-                   attention=attn.name, liger=liger, tied_embeddings=bool(_get(model_config, "tie_word_embeddings")),
+    c = Candidates(cfg=cfg, shape=shape, world=world, precision=precision, lr=lr, facts=facts, checkpointing=mode,
+                   offload_impl=impl, num_offloaded_layers=n_off, attention=attn.name, liger=liger,
+                   tied_embeddings=bool(_get(model_config, "tie_word_embeddings")),
                    keep_attention_wanted=(cfg.keep_attention is None and mode != "none" and attn.name != HF_FA4
                                           and cfg.max_seq_len / math.sqrt(int(cfg.sequence_parallel))
                                           >= KEEP_ATTENTION_MIN_TOKENS))

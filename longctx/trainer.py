@@ -150,7 +150,7 @@ class Trainer:
         self.plan_setup = dataclasses.replace(setup_from_resolved(s, cfg, self.model_config),
                                               data_bytes=self.data.resident_bytes())
         if cfg.preflight:  # refuse what cannot fit now, not with an OOM hours in (all ranks agree)
-            preflight.run(self.plan_setup, self.local_rank, dist.local_world(self.world), self.say)
+            preflight.run(self.plan_setup, self.facts, self.local_rank, self.say)
             if run_dir:  # and what the output filesystem cannot hold (collective)
                 preflight.run_disk(self.plan_setup, output_dir=cfg.output_dir, keep_last=cfg.keep_last,
                                    saves=checkpoint.count_saves(self.total_steps, cfg.save_interval),
@@ -397,7 +397,7 @@ class Trainer:
     def out_of_memory(self, error: BaseException) -> GpuOutOfMemory:
         """The report of a CUDA out-of-memory error, naming what this rank was doing."""
         return preflight.out_of_memory(error, where=self.activity, rank=self.rank, setup=self.plan_setup,
-                                       output_dir=self.cfg.output_dir)
+                                       facts=self.facts, output_dir=self.cfg.output_dir)
 
 
 def zero3_optimizer_installed(zero3: bool):
