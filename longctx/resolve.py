@@ -379,9 +379,7 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
     c = Candidates(cfg=cfg, shape=shape, world=world, precision=precision, lr=lr, facts=facts, checkpointing=mode,
                    offload_impl=impl, num_offloaded_layers=n_off, attention=attn.name, liger=liger,
                    tied_embeddings=bool(_get(model_config, "tie_word_embeddings")),
-                   keep_attention_wanted=(cfg.keep_attention is None and mode != "none" and attn.name != HF_FA4
-                                          and cfg.max_seq_len / math.sqrt(int(cfg.sequence_parallel))
-                                          >= KEEP_ATTENTION_MIN_TOKENS))
+                   unkeepable=HF_FA4_KEEP if attn.name == HF_FA4 else "")
     raw = dsconfig.load(cfg.deepspeed)
     ds, placed = resolve_zero_placement(c, raw)
     why.update(placed)
@@ -391,8 +389,7 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
         why["checkpointing"] = all_not_held
     c = dataclasses.replace(c, num_offloaded_layers=n_off)
     tiled, shards, why["tiled_mlp"] = resolve_tiled_mlp(c, ds)
-    keep, why["keep_attention"] = resolve_keep_attention(c, ds, shards, hf_fa4=HF_FA4, hf_fa4_why=HF_FA4_KEEP,
-                                                         varlen_kwargs=attn.varlen_kwargs)
+    keep, why["keep_attention"] = resolve_keep_attention(c, ds, shards, varlen_kwargs=attn.varlen_kwargs)
     s2_group, s2_note = resolve_s2_group(cfg)
     why["attention"] += s2_note
 
