@@ -35,8 +35,8 @@ from typing import Optional, Sequence
 import torch
 
 from . import (attention, checkpoint, data as data_mod, dist, dsconfig, gpu_extras, lora, modeling, opbuild,
-               overlap_step, preflight, resolve, resume, runs, sequence_parallel, universal)
-from .errors import GpuOutOfMemory, TrainingDiverged
+               overlap_step, preflight, resolve, resume, runs, sequence_parallel, tiled_mlp, universal)
+from .errors import GpuOutOfMemory, LongctxError, TrainingDiverged
 from .metrics import Metrics, PhaseClock, lr_in_use
 from .plan_settings import setup_from_resolved
 
@@ -59,6 +59,10 @@ class Callback:
 
     def on_step_end(self, trainer: "Trainer", step: int, row: Optional[dict]) -> None:
         """After optimizer step `step` (1-based), its checkpoint included."""
+
+
+class BuildDiffers(LongctxError):
+    """Trainer.retarget: the new config would train another build than the one in hand (build a fresh one)."""
 
 
 @dataclass
@@ -204,13 +208,30 @@ class Trainer:
         return self
 
     def retarget(self, cfg, data) -> "Trainer":
-        """Train the built model and engine on `data` under `cfg` (another --max-seq-len) without rebuilding them.
+        """Train the built model and engine on `data` under `cfg`, another --max-seq-len, without rebuilding them.
 
-        The benchmark climbs a ladder of lengths; where a length resolves to the same settings as the one built, a
-        rebuild would only build the same engine again. Only cfg and data change: the resolution, the layout and
-        the step count stay those of the build, so the caller checks that the new cfg resolves the same
-        (bench/train_bench.py compares the settings)."""
-        self.cfg, self.data = cfg, data
+        The benchmark climbs a ladder of lengths; where a length resolves to the settings of the one built, a rebuild
+        would only build the same engine again. `cfg` is resolved as prepare() resolves it, its schedule from `data`;
+        BuildDiffers (a LongctxError) where it differs from the build's config in more than --max-seq-len, or its
+        settings or layout from the build's in more than their reasons and the tiled MLP's shard count (which is
+        set on the live model). Then the settings, the data and the memory plan's Setup are this length's."""
+        if dataclasses.replace(cfg, max_seq_len=self.cfg.max_seq_len) != self.cfg:
+            raise BuildDiffers("retarget changes --max-seq-len only; the config differs in more")
+        settings = resolve.resolve(cfg, self.facts, self.model_config, self.world)
+        layout = sequence_parallel.Layout.for_run(cfg.sequence_parallel, self.rank, self.world, cfg.micro_batch_size,
+                                                  settings.ds_config)
+        settings = resolve.resolve_schedule(settings, cfg, data.schedule.steps_per_epoch)
+        differ = [f.name for f in dataclasses.fields(settings) if f.name not in ("why", "tiled_mlp_shards")
+                  and getattr(settings, f.name) != getattr(self.settings, f.name)]
+        differ += ["layout"] if layout != self.layout else []
+        if differ:
+            raise BuildDiffers(f"--max-seq-len {cfg.max_seq_len} resolves to another build than the one in hand "
+                               f"(--max-seq-len {self.cfg.max_seq_len}): {', '.join(differ)} differ")
+        if settings.tiled_mlp and settings.tiled_mlp_shards != self.settings.tiled_mlp_shards:
+            tiled_mlp.enable(self.engine.module.lm, settings.tiled_mlp_shards)  # the count this length's plan assumes
+        self.cfg, self.data, self.settings = cfg, data, settings
+        self.plan_setup = dataclasses.replace(setup_from_resolved(settings, cfg, self.model_config),
+                                              data_bytes=data.resident_bytes())
         return self
 
     # ---- checkpointable state ----------------------------------------------------------------------------
@@ -488,4 +509,4 @@ class DivergenceGuard:
                                    f"samples of the step: {ids}")
 
 
-__all__ = ["Callback", "StepResult", "Trainer", "run"]
+__all__ = ["BuildDiffers", "Callback", "StepResult", "Trainer", "run"]
