@@ -10,7 +10,8 @@ import pytest
 
 from helpers_train import small_dataset, tiny_config_file
 from longctx import config, resume
-from longctx.trainer import BuildDiffers, DivergenceGuard, Trainer
+from longctx.divergence import DivergenceGuard
+from longctx.trainer import BuildDiffers, Trainer
 
 
 def test_load_state_dict_reads_what_state_dict_writes(tmp_path):
