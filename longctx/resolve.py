@@ -27,6 +27,7 @@ What it decides, and from what:
   tiled loss     chunked LM head + CE (no tokens x vocab logits) unless --no-tiled-loss
   the ds_config  longctx.dsconfig fills every "auto" from the above
   eval attention for evaluation's generation and scoring (longctx.evaluation): resolve_eval_attention
+  S2-Attn group  --s2-attn N, or max_seq_len / 4 for --s2-attn alone (longctx.s2attn runs it)
 """
 
 from __future__ import annotations
@@ -390,8 +391,9 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
     c = dataclasses.replace(c, num_offloaded_layers=n_off)
     tiled, shards, why["tiled_mlp"] = resolve_tiled_mlp(c, ds)
     keep, why["keep_attention"] = resolve_keep_attention(c, ds, shards, varlen_kwargs=attn.varlen_kwargs)
-    s2_group, s2_note = resolve_s2_group(cfg)
-    why["attention"] += s2_note
+    s2_group, why["s2_group"] = resolve_s2_group(cfg.s2_attn, cfg.max_seq_len)
+    if s2_group:
+        why["attention"] += f"; S2-Attn in training (group {s2_group}, half the heads shifted by {s2_group // 2})"
 
     zero = ds.get("zero_optimization", {}) or {}
     on_cpu = {sec: isinstance(zero.get(sec), dict) and zero[sec].get("device") not in (None, "none")
@@ -417,14 +419,16 @@ def resolve_tiled_loss(requested: bool, liger: bool) -> tuple[bool, str]:
                   "LM head + cross-entropy in chunks: no tokens x vocab logits")
 
 
-def resolve_s2_group(cfg) -> tuple[Optional[int], str]:
-    """--s2-attn's group size (longctx.s2attn), and the note the attention reason gets."""
-    if cfg.s2_attn is None:
-        return None, ""
-    from .s2attn import resolve_group_size  # s2attn imports torch, which resolving does not
-
-    g = resolve_group_size(cfg.s2_attn, cfg.max_seq_len)
-    return g, f"; S2-Attn in training (group {g}, half the heads shifted by {g // 2})"
+def resolve_s2_group(s2_attn: Optional[int], max_seq_len: int) -> tuple[Optional[int], str]:
+    """The group size of S2-Attn (LongLoRA's shifted sparse attention in training, longctx.s2attn): --s2-attn N, or
+    for --s2-attn alone (0) LongLoRA's quarter of the row, max_seq_len / 4 rounded down to even (half a group is the
+    shift; config.validate refuses an odd N); None without --s2-attn."""
+    if s2_attn is None:
+        return None, "off (no --s2-attn)"
+    if s2_attn:
+        return s2_attn, f"requested: --s2-attn {s2_attn} tokens a group"
+    g = max(2, (max_seq_len // 4) // 2 * 2)
+    return g, f"auto (--s2-attn alone): max_seq_len / 4 rounded down to even, {g} tokens a group"
 
 
 def follows(s: Resolved, cfg, raw: dict, hidden: int) -> dict[str, str]:
@@ -457,7 +461,6 @@ def follows(s: Resolved, cfg, raw: dict, hidden: int) -> dict[str, str]:
         "optimizer_ratio": s.why.get("optimizer", "ds_config: the optimizer is not offloaded"),
         "world": f"{s.world} rank{'s' if s.world != 1 else ''}: the launcher's (--plan: --gpus)",
         "ds_config": f"{cfg.deepspeed}, every \"auto\" filled from these settings (longctx.dsconfig)",
-        "s2_group": (f"--s2-attn: {s.s2_group} tokens a group" if s.s2_group else "off (no --s2-attn)"),
         "total_steps": "decided with the data (resolve_schedule)",
         "warmup_steps": "decided with the data (resolve_schedule)",
         "min_lr_rate": "decided with the data (resolve_schedule)",
