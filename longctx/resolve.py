@@ -206,8 +206,8 @@ def refuse_unless_runs(name: str, facts: Facts, precision: str, *, missing: str,
     if missing:
         raise LongctxError(f"{flag} is unavailable: {missing}")
     if not facts.sm_at_least(sm) or precision not in ("bf16", "fp16"):
-        raise LongctxError(f"{flag} needs a CUDA GPU of sm{sm}+{whose} and bf16/fp16 (device: {facts.name}, "
-                           f"precision: {precision})")
+        raise LongctxError(f"{flag} is unavailable here: it needs a CUDA GPU of sm{sm}+{whose} and bf16/fp16 "
+                           f"(device: {facts.name}, precision: {precision})")
     if fa4_head_dim is not None and not fa4_head_dim_ok(fa4_head_dim, facts.capability):
         raise LongctxError(f"{flag}: head_dim {fa4_head_dim} is not among flash-attention-4's sizes on {facts.name} "
                            "(multiples of 8 up to 256 on sm90, up to 128 or 256 on sm100+); use auto or sdpa_per_doc")
