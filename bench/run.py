@@ -32,6 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 SCHEMA = 2
 
+
+def one_gpu_8b_8l(lengths: str, runs: str, **extra) -> dict:
+    """A profile of one H100/H200 on the 8B shape at 8 decoder layers."""
+    return dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths=lengths, runs=runs, **extra)
+
+
 # Each profile fits one <= 10 minute call of a lent GPU (reduced depth: the per-GPU working set does not depend on
 # it). `runs` lists technique:docs pairs, one worker each; docs is the row shape: 1 = one document per row, N = N
 # equal documents packed into each row, stdlib = Python's standard library's document lengths packed (upstream's
@@ -39,40 +45,34 @@ SCHEMA = 2
 PROFILES: dict[str, dict] = {
     "cpu-smoke": dict(shape="tiny-llama", gpus=1, cap=None, layers=None, lengths="256,512",
                       runs="longctx:1,baseline:1,upstream_best:1,longctx:3"),
-    # one H100/H200, the 8B shape at 8 layers: our default against upstream's best, one document and packed rows
-    "1xgpu-8b-8L": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
-                        runs="longctx:1,upstream_best:1,recompute_attn:1@128K"),
+    # our default against upstream's best, one document and packed rows
+    "1xgpu-8b-8L": one_gpu_8b_8l("16K,64K,128K", "longctx:1,upstream_best:1,recompute_attn:1@128K"),
     # the same with the README recipes' step: four 1-row micro-batches per optimizer step (the CPU Adam step, ~1 s
     # of the 8-layer model, once per four rows)
-    "1xgpu-8b-8L-accum4": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
-                               runs="longctx:1,upstream_best:1,longctx:stdlib@128K", grad_accum=4),
+    "1xgpu-8b-8L-accum4": one_gpu_8b_8l("16K,64K,128K", "longctx:1,upstream_best:1,longctx:stdlib@128K",
+                                        grad_accum=4),
     # how attention is kept, at every length: torch's selective checkpointing against the replay of the attention
     # outputs, next to plain checkpointing (the default under 64K) and upstream's best
-    "1xgpu-8b-8L-keep": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
-                             runs="upstream_best:1,keep_replay:1,keep_selective:1,recompute_attn:1"),
+    "1xgpu-8b-8L-keep": one_gpu_8b_8l("16K,64K,128K",
+                                      "upstream_best:1,keep_replay:1,keep_selective:1,recompute_attn:1"),
     # packed real-text document lengths (Python's stdlib): the default against varlen_attn; and the 16K pair again,
     # where a step is ~2 s and one timed step is noisy (run with --steps 2 or more)
-    "1xgpu-8b-8L-packed": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="128K",
-                               runs="longctx:stdlib,varlen:stdlib,longctx:1@16K,upstream_best:1@16K"),
+    "1xgpu-8b-8L-packed": one_gpu_8b_8l("128K", "longctx:stdlib,varlen:stdlib,longctx:1@16K,upstream_best:1@16K"),
     # flash-attention-4 (flash-attn-4 installed, sm90+) against SDPA per document, one document and packed real text:
     # the measurement by which auto takes it (2026-12-05, H100)
-    "1xgpu-8b-8L-fa4": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
-                            runs="sdpa_per_doc:1,fa4:1,upstream_best:1,sdpa_per_doc:stdlib@128K,fa4:stdlib@128K"),
+    "1xgpu-8b-8L-fa4": one_gpu_8b_8l("16K,64K,128K",
+                                     "sdpa_per_doc:1,fa4:1,upstream_best:1,sdpa_per_doc:stdlib@128K,fa4:stdlib@128K"),
     # beyond 128K, to the longest both stacks run on the card: the default (fa4 where installed) against upstream's
     # best; a length the preflight refuses or that runs out of memory is recorded as such
-    "1xgpu-8b-8L-long": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="192K,256K,384K",
-                             runs="longctx:1,upstream_best:1"),
+    "1xgpu-8b-8L-long": one_gpu_8b_8l("192K,256K,384K", "longctx:1,upstream_best:1"),
     # the default against the strongest stock stack (stock_best: transformers' flash_attention_4 or SDPA kept by
     # selective checkpointing, checkpoints placed by the plan; bench/techniques.py) and upstream_best (upstream_sdpa);
     # longer than one 10-minute call (256K rows of three stacks): start it detached and poll
-    "1xgpu-8b-8L-stock": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K,256K",
-                              runs="longctx:1,stock_best:1,upstream_best:1"),
+    "1xgpu-8b-8L-stock": one_gpu_8b_8l("16K,64K,128K,256K", "longctx:1,stock_best:1,upstream_best:1"),
     # the two stock candidates stock_best picks between, each at every length: whether its pick is the faster
-    "1xgpu-8b-8L-stock-candidates": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
-                                         runs="stock_fa4:1,stock_sdpa_keep:1"),
+    "1xgpu-8b-8L-stock-candidates": one_gpu_8b_8l("16K,64K,128K", "stock_fa4:1,stock_sdpa_keep:1"),
     # where parameters live, and tiled MLP, side by side on one GPU
-    "1xgpu-8b-8L-placement": dict(shape="llama3.1-8b", gpus=1, cap=None, layers=8, lengths="16K,64K,128K",
-                                  runs="params_cpu:1,params_gpu:1,tiled_mlp:1"),
+    "1xgpu-8b-8L-placement": one_gpu_8b_8l("16K,64K,128K", "params_cpu:1,params_gpu:1,tiled_mlp:1"),
     # the 3B shape at full depth (3B + optimizer states fit a 125 GiB host): the default to 256K (the plan's longest
     # is 289K on an H100), upstream's best to 128K; about 17 minutes on an H100: start it detached and poll
     "1xgpu-3b": dict(shape="llama3.2-3b", gpus=1, cap=None, layers=None, lengths="16K,64K,128K",

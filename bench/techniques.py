@@ -196,7 +196,6 @@ def plan_fits(argv: list[str], facts, model_config, world: int) -> Optional[bool
     from longctx.plan import plan
     from longctx.plan_search import check_fit
     from longctx.plan_settings import setup_from_resolved
-    from longctx.plan_types import Hardware
 
     try:
         cfg = config.parse(argv)
@@ -205,5 +204,4 @@ def plan_fits(argv: list[str], facts, model_config, world: int) -> Optional[bool
         return None
     if not facts.gpu_mem:
         return True
-    hw = Hardware(gpus=facts.gpus, gpu_mem=facts.gpu_mem, host_mem=facts.host_mem or 0)
-    return check_fit(plan(setup_from_resolved(settings, cfg, model_config)), hw).gpu_ok
+    return check_fit(plan(setup_from_resolved(settings, cfg, model_config)), facts).gpu_ok

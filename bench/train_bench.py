@@ -184,7 +184,6 @@ class Worker:
                 facts = dataclasses.replace(facts, gpu_mem=int(a.mem_cap_gib * GiB))
         self.facts = facts
         self.trainer = None
-        self.key = None
         self.picked: dict[int, tuple[str, ...]] = {}
         self.write({"kind": "meta", "run_id": a.run_id, "technique": self.tech.name, "technique_desc": self.tech.desc,
                     "device": facts.name, "n_gpus": self.world, "gpu_total_gib": (facts.gpu_mem or 0) / GiB or None,
@@ -221,25 +220,26 @@ class Worker:
         return config_mod.parse(argv)
 
     def trainer_for(self, length: int):
-        """The Trainer train.py would build at this --max-seq-len; the one in hand when it resolves the same."""
-        from longctx.trainer import Trainer
+        """The Trainer train.py would build at this --max-seq-len; the one in hand when it resolves to the same build
+        (Trainer.retarget)."""
+        from longctx.trainer import BuildDiffers, Trainer
 
         cfg = self.config(length)
         data = synthetic_data(length, self.a.docs, 2048 if self.a.shape == "tiny-llama" else 128000,
                               dp_world=self.world // max(1, cfg.sequence_parallel), seed=self.a.seed + length,
                               accum=cfg.grad_accum)
+        if self.trainer is not None:
+            try:
+                return self.trainer.retarget(cfg, data), cfg, False  # same build; this length's rows and settings
+            except BuildDiffers:
+                # A second DeepSpeed engine in one process: a 16K -> 128K rebuild of the 8B shape died on a 125 GiB
+                # host, most likely of the first engine's host memory (pinned CPU Adam buffers, tens of GiB) not
+                # given back. bench.run starts a fresh worker for this length and the rest.
+                raise FreshProcess(length) from None
         t = Trainer(cfg, rank=self.rank, world=self.world, local_rank=self.a.local_rank, data=data, facts=self.facts,
                     quiet=True).prepare()
-        key = dataclasses.replace(t.settings, why={}, tiled_mlp_shards=0, ds_config={})
-        if self.trainer is not None and key == self.key:
-            return self.trainer.retarget(cfg, data), cfg, False  # same build; this length's rows and plan
-        if self.trainer is not None:
-            # A second DeepSpeed engine in one process: a 16K -> 128K rebuild of the 8B shape died on a 125 GiB
-            # host, most likely of the first engine's host memory (pinned CPU Adam buffers, tens of GiB) not given
-            # back. bench.run starts a fresh worker for this length and the rest.
-            raise FreshProcess(length)
         t.setup(run_dir=False).build()
-        self.trainer, self.key = t, key
+        self.trainer = t
         return t, cfg, True
 
     def measure(self, length: int) -> dict:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from .errors import LongctxError
+from .errors import LongctxError, below_minimum, refuse_arguments
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "default_data"
 DEFAULT_MODEL = str(DEFAULT_DATA_DIR / "tiny_llama.json")
@@ -347,10 +347,7 @@ def validate(cfg: Config) -> None:
     problems = []
     if cfg.max_seq_len < 8:
         problems.append(f"--max-seq-len {cfg.max_seq_len} is too small (>= 8)")
-    if cfg.micro_batch_size < 1:
-        problems.append(f"--micro-batch-size must be >= 1, got {cfg.micro_batch_size}")
-    if cfg.grad_accum < 1:
-        problems.append(f"--grad-accum must be >= 1, got {cfg.grad_accum}")
+    problems += below_minimum(cfg, {"micro_batch_size": 1, "grad_accum": 1, "keep_last": 1, "sequence_parallel": 1})
     if cfg.max_steps <= 0 and cfg.epochs <= 0:
         problems.append("set --epochs > 0 or --max-steps > 0")
     if not 0 <= cfg.sft_drop_limit <= 1:
@@ -359,8 +356,6 @@ def validate(cfg: Config) -> None:
         problems.append(f"--eval-fraction must be in [0, 1), got {cfg.eval_fraction}")
     if cfg.lr is not None and cfg.lr < 0:
         problems.append(f"--lr must be >= 0, got {cfg.lr}")
-    if cfg.keep_last < 1:
-        problems.append(f"--keep-last must be >= 1, got {cfg.keep_last}")
     if not cfg.data:
         problems.append("--data: give at least one training file")
     unknown = [c for c in cfg.resume_allow_change if c not in RESUME_CHANGES]
@@ -372,8 +367,6 @@ def validate(cfg: Config) -> None:
         problems.append("--resume and --overwrite contradict each other; pick one")
     if cfg.num_offloaded_layers is not None and not cfg.offload_gradient_checkpointing:
         problems.append("--num-offloaded-layers needs --offload-gradient-checkpointing")
-    if cfg.sequence_parallel < 1:
-        problems.append(f"--sequence-parallel must be >= 1, got {cfg.sequence_parallel}")
     if cfg.offload_gradient_checkpointing and not cfg.gradient_checkpointing:
         problems.append("--offload-gradient-checkpointing needs --gradient-checkpointing")
     if cfg.keep_attention and not cfg.gradient_checkpointing:
@@ -386,6 +379,5 @@ def validate(cfg: Config) -> None:
         from .s2attn import config_problems as s2attn_problems
 
         problems += s2attn_problems(cfg)
-    if problems:
-        raise LongctxError("invalid arguments:\n  " + "\n  ".join(problems))
+    refuse_arguments(problems)
 

@@ -26,6 +26,19 @@ class GpuOutOfMemory(LongctxError):
     exit_code = 4
 
 
+def below_minimum(cfg, minimums: dict[str, float]) -> list[str]:
+    """The problem line of each of `cfg`'s options under its minimum, named as its flag: "--grad-accum must be >= 1,
+    got 0"."""
+    return [f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}"
+            for name, low in minimums.items() if getattr(cfg, name) < low]
+
+
+def refuse_arguments(problems: list[str]) -> None:
+    """A command line's argument checks, all reported at once: one LongctxError listing every problem (none: none)."""
+    if problems:
+        raise LongctxError("invalid arguments:\n  " + "\n  ".join(problems))
+
+
 def report(error: LongctxError) -> int:
     """A command-line tool's way out on a LongctxError: the message on stderr, no traceback; returns its exit code."""
     print(f"error: {error}", file=sys.stderr, flush=True)

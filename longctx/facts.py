@@ -1,10 +1,11 @@
-"""The one description of a machine: what a run's hardware and installed packages offer (Facts).
+"""The one description of a machine: what its hardware is and which packages it has installed (Facts).
 
     facts = Facts.detect()          # this machine (imports torch)
     facts = facts.as_target(...)    # the machine `--plan --gpus --gpu-mem --host-mem` names
+    facts = Facts.of_sizes(...)     # a machine known by its sizes alone (a what-if plan, a test)
 
-longctx.resolve decides from Facts alone; the memory plan reads their sizes as plan_types.Hardware
-(Facts.hardware()), and the preflight compares the plan with what is free at run time (preflight.Machine).
+longctx.resolve decides from Facts alone; the memory plan checks whether a plan fits them (gpu_usable, host_usable:
+longctx.plan_search.check_fit); the preflight compares the plan with what is free on them now (preflight.Room).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Optional
 
-from .plan_types import Hardware
+from .plan_types import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, HOST_USABLE
 
 
 @dataclass(frozen=True)
@@ -24,9 +25,10 @@ class Facts:
     kind: str = "cpu"                          # "cuda" | "cpu"
     name: str = "cpu"
     capability: Optional[tuple[int, int]] = None
-    gpu_mem: Optional[int] = None              # bytes per GPU (total)
-    gpus: int = 1                              # GPUs of the machine (planning) or ranks of this run
-    host_mem: Optional[int] = None             # bytes of host RAM
+    gpu_mem: Optional[int] = None              # bytes per GPU (total); None: no GPU memory to plan against
+    gpus: int = 1                              # ranks sharing this host's RAM: a run's ranks on this host, or the
+                                               # GPUs of a planned machine
+    host_mem: int = 0                          # bytes of host RAM (0: not known)
     varlen_attn: bool = False                  # torch.nn.attention.varlen.varlen_attn exists
     flash_attn: bool = False                   # the flash-attn package is installed
     fa4: Optional[str] = None                  # flash-attn-4's version where its kernels import
@@ -36,17 +38,36 @@ class Facts:
     fork: bool = False                         # the installed transformers is our fork
     assumed: tuple[str, ...] = ()              # facts assumed rather than probed (plans for a target)
 
+    @classmethod
+    def of_sizes(cls, *, gpus: int, gpu_mem: int, host_mem: int) -> "Facts":
+        """A machine of `gpus` GPUs of `gpu_mem` bytes sharing `host_mem` bytes of RAM, nothing else known."""
+        return cls("cuda", "", None, gpu_mem, gpus, host_mem)
+
+    @property
+    def gpu_usable(self) -> float:
+        """Bytes torch may allocate on one GPU: the card minus the CUDA context, divided by the allocator's slack."""
+        return ((self.gpu_mem or 0) - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_SLACK)
+
+    @property
+    def host_usable(self) -> float:
+        """Host RAM training may take, all ranks of the host together."""
+        return self.host_mem * HOST_USABLE
+
     @property
     def cuda(self) -> bool:
         return self.kind == "cuda"
 
+    def sm_at_least(self, sm: int) -> bool:
+        """A CUDA GPU of compute capability sm`sm` or newer (80: Ampere)."""
+        return self.cuda and self.capability is not None and tuple(self.capability) >= divmod(sm, 10)
+
     @property
     def sm80(self) -> bool:
-        return self.cuda and self.capability is not None and tuple(self.capability) >= (8, 0)
+        return self.sm_at_least(80)
 
     @property
     def sm90(self) -> bool:
-        return self.cuda and self.capability is not None and tuple(self.capability) >= (9, 0)
+        return self.sm_at_least(90)
 
     @classmethod
     def detect(cls, gpus: Optional[int] = None) -> "Facts":
@@ -78,13 +99,6 @@ class Facts:
                                     assumed=f.assumed + (f"a GPU of sm{cap[0]}{cap[1]}+ with liger-kernel installed",))
         return dataclasses.replace(f, gpus=gpus or f.gpus, gpu_mem=gpu_mem or f.gpu_mem,
                                    host_mem=host_mem or f.host_mem)
-
-    def hardware(self) -> Optional[Hardware]:
-        """The sizes the memory plan reads (None without GPU memory to plan against: a CPU run)."""
-        if not self.gpu_mem:
-            return None
-        return Hardware(gpus=self.gpus, gpu_mem=int(self.gpu_mem), host_mem=int(self.host_mem or 0),
-                        name="" if self.assumed else self.name)
 
 
 def _version(dist: str) -> Optional[str]:

@@ -20,18 +20,20 @@ them) returning the value and its `why`. Pure: no torch, no allocation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from . import dsconfig, opbuild
 from .errors import LongctxError
+from .facts import Facts
 from .flops import ModelShape
 from .plan import plan, tiled_mlp_shards
 from .plan_search import check_fit, largest_gpu_share, layer_sub_group_size
 from .plan_settings import attention_kind, setup_from_settings
 from .plan_states import optimizer_sub_groups
-from .plan_types import GiB, Hardware, Setup
+from .plan_types import GiB, Setup
 
 # Selective checkpointing pays where attention's recompute is large. Its cost is per op, not per token: torch's
 # selective checkpointing runs every op of a checkpointed layer through a Python dispatch mode, which a short step
@@ -66,17 +68,19 @@ class Candidates:
     world: int
     precision: str
     lr: float
-    on_cuda: bool
-    hw: Optional[Hardware]               # None: no GPU memory to plan against (a CPU run)
+    facts: Facts                         # the machine
     checkpointing: str
     offload_impl: str
     num_offloaded_layers: int
     attention: str                       # the user's name (longctx.resolve.AttentionChoice.name)
     liger: bool
     tied_embeddings: bool
-    # keep-attention is auto and the rows are long enough for it (KEEP_ATTENTION_MIN_TOKENS): kept where the plan fits
-    # the outputs, so the optimizer's placement must leave them room where it can
-    keep_attention_wanted: bool = False
+    unkeepable: str = ""                 # why this attention's outputs cannot be kept ("": they can)
+
+    @property
+    def hw(self) -> Optional[Facts]:
+        """The machine to plan against; None without GPU memory to plan against (a CPU run)."""
+        return self.facts if self.facts.gpu_mem else None
 
     @property
     def sp(self) -> int:
@@ -85,6 +89,23 @@ class Candidates:
     @property
     def dp_world(self) -> int:
         return max(1, self.world // self.sp)
+
+    def keep_attention_auto_off(self) -> Optional[str]:
+        """Why auto keeps no attention whatever the plan says; None where it keeps it if the plan fits the outputs."""
+        if self.unkeepable:
+            return self.unkeepable
+        if self.hw is None:
+            return "no GPU memory to plan against"
+        if self.cfg.max_seq_len / math.sqrt(self.sp) < KEEP_ATTENTION_MIN_TOKENS:
+            return KEEP_ATTENTION_WHY
+        return None
+
+    @property
+    def keep_attention_wanted(self) -> bool:
+        """Auto keeps attention here where the plan fits the outputs, so the optimizer's placement must leave them
+        room where it can."""
+        return (self.cfg.keep_attention is None and self.checkpointing != "none"
+                and self.keep_attention_auto_off() is None)
 
     @property
     def keep_requested(self) -> bool:
@@ -103,7 +124,7 @@ class Candidates:
     def ds_config(self, offload_params: Optional[bool], ratio: Optional[float] = 1.0) -> dict:
         cfg = self.cfg
         ds = dsconfig.build(cfg.deepspeed, cfg, world_size=self.dp_world, precision=self.precision, lr=self.lr,
-                            hidden_size=self.shape.hidden, on_cuda=self.on_cuda, offload_params=offload_params,
+                            hidden_size=self.shape.hidden, on_cuda=self.facts.cuda, offload_params=offload_params,
                             optimizer_ratio=ratio, layer_sub_group_size=layer_sub_group_size(self.shape, self.dp_world))
         if self.sp > 1:
             ds["sequence_parallel_size"] = self.sp
@@ -205,27 +226,34 @@ def resolve_optimizer_ratio(c: Candidates, requested_params: Optional[str],
     all_gpu_ds = c.ds_config(False if requested_params == "auto" else offload_params, 0.0)
     all_gpu = c.setup(all_gpu_ds)
     states_on_cpu = c.ds_config(offload_params, 1.0)
-    # the states' host bytes with no checkpoint offloaded: checkpoints take what host RAM is left (offloaded_layers)
-    cpu_host = plan(c.setup(states_on_cpu, offloaded=0)).host_total(hw.gpus)
-    host_holds = not hw.host_mem or cpu_host <= hw.host_usable
+
+    @functools.cache
+    def cpu_host() -> float:
+        """The states' host bytes with no checkpoint offloaded (checkpoints take what host RAM is left:
+        resolve_offloaded_layers); planned only where a branch below asks."""
+        return plan(c.setup(states_on_cpu, offloaded=0)).host_total(hw.gpus)
+
+    def host_holds() -> bool:
+        return not hw.host_mem or cpu_host() <= hw.host_usable
+
     if c.fits_untiled_or_tiled(all_gpu):
-        if (c.keep_attention_wanted and host_holds and not c.gpu_fits(c.setup(all_gpu_ds, keep=True))
+        if (c.keep_attention_wanted and host_holds() and not c.gpu_fits(c.setup(all_gpu_ds, keep=True))
                 and c.gpu_fits(c.setup(states_on_cpu, keep=True))):
             return 1.0, KEEP_OVER_GPU_STATES_WHY, False
         return 0.0, "auto: every state on the GPU (the plan fits them beside the step's activations)", \
             requested_params == "auto"
-    split = None if host_holds else largest_gpu_share(c.setup(states_on_cpu), c.fits_untiled_or_tiled)
+    split = None if host_holds() else largest_gpu_share(c.setup(states_on_cpu), c.fits_untiled_or_tiled)
     need = min(plan(dataclasses.replace(all_gpu, tiled_mlp_shards=n)).gpu_peak
                for n in (1, c.shards_if_tiled)) / GiB
     if split is None:
         return 1.0, (f"auto: all on the CPU (all on the GPU would plan {need:.1f} GiB of {hw.gpu_usable / GiB:.1f} "
-                     "usable" + ("; the host holds them, and their update overlaps the next forward)" if host_holds
+                     "usable" + ("; the host holds them, and their update overlaps the next forward)" if host_holds()
                                  else ", and not even one sub-group's states fit beside the step)")), False
     on, off = optimizer_sub_groups(split)
     ratio = split.optimizer_ratio
     return ratio, (f"auto: split (Twin-Flow, ratio {ratio:g}): {len(on)} of {len(on) + len(off)} sub-groups' states "
                    f"on the GPU, the largest share the plan fits (all on the GPU would plan {need:.1f} GiB of "
-                   f"{hw.gpu_usable / GiB:.1f} usable; all on the CPU {cpu_host / GiB:.1f} GiB of host RAM of "
+                   f"{hw.gpu_usable / GiB:.1f} usable; all on the CPU {cpu_host() / GiB:.1f} GiB of host RAM of "
                    f"{hw.host_usable / GiB:.1f} usable)"), False
 
 
@@ -291,26 +319,21 @@ def resolve_tiled_mlp(c: Candidates, ds: dict) -> tuple[bool, int, str]:
     return tiled, c.shards_if_tiled if tiled else 1, why
 
 
-def resolve_keep_attention(c: Candidates, ds: dict, shards: int, *, hf_fa4: str, hf_fa4_why: str,
-                           varlen_kwargs: bool) -> tuple[bool, str]:
+def resolve_keep_attention(c: Candidates, ds: dict, shards: int, *, varlen_kwargs: bool) -> tuple[bool, str]:
     """Selective checkpointing (longctx.selective) or the replay keeps attention's outputs: requested, or (auto)
-    wherever the plan fits the kept outputs on rows long enough to pay (KEEP_ATTENTION_MIN_TOKENS). `hf_fa4`:
-    transformers' flash-attention-4, whose outputs cannot be kept (`hf_fa4_why`)."""
+    wherever the plan fits the kept outputs and nothing else stands in the way (Candidates.keep_attention_auto_off:
+    an attention whose outputs cannot be kept, no GPU, rows too short to pay)."""
     cfg = c.cfg
     if c.checkpointing == "none":
         keep, why = False, "no checkpointing: nothing is recomputed"
-    elif cfg.keep_attention and c.attention == hf_fa4:
-        raise LongctxError(f"--keep-attention with --attn-implementation {hf_fa4}: {hf_fa4_why}. Use "
+    elif cfg.keep_attention and c.unkeepable:
+        raise LongctxError(f"--keep-attention with --attn-implementation {c.attention}: {c.unkeepable}. Use "
                            f"--no-keep-attention with it, or fa4 (longctx's ops over the same kernels, which can be "
                            "kept)")
     elif cfg.keep_attention is not None:
         keep, why = bool(cfg.keep_attention), "requested"
-    elif c.attention == hf_fa4:
-        keep, why = False, f"auto: off ({hf_fa4_why})"
-    elif c.hw is None:
-        keep, why = False, "auto: off (no GPU memory to plan against)"
-    elif cfg.max_seq_len / math.sqrt(c.sp) < KEEP_ATTENTION_MIN_TOKENS:
-        keep, why = False, f"auto: off ({KEEP_ATTENTION_WHY})"
+    elif (off := c.keep_attention_auto_off()) is not None:
+        keep, why = False, f"auto: off ({off})"
     else:
         keep = c.gpu_fits(c.setup(ds, shards, keep=True))
         why = ("auto: on (the plan fits every layer's attention output on the GPU; backward does not rerun "

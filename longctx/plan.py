@@ -3,7 +3,7 @@
     plan(Setup(...)) -> Plan                    the breakdown (bytes), GPU peak, host RAM, pinned
 
 Pure functions, no torch: usable on a CPU machine for any target hardware. The rest of the planner builds on plan():
-    longctx.plan_types      Setup, Hardware, Item, Plan
+    longctx.plan_types      Setup, Item, Plan (the machine a plan is checked against: longctx.facts.Facts)
     longctx.plan_states     parameters, gradients and optimizer states per rank: GPU items, host RAM, pinned memory
     longctx.plan_search     optimizer-state placement, fit checks, max_seq_len_that_fits, next_knobs, host_knob
     longctx.plan_settings   the Setup of a run from its ds_config and resolved settings

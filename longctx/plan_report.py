@@ -13,12 +13,13 @@ from typing import Optional
 
 from .data import estimate_resident_bytes
 from .errors import LongctxError
+from .facts import Facts
 from .plan import HEAD_CHUNK_TOKENS, plan, tiled_mlp_shards, working_set_units
 from .plan_search import check_fit, host_knob, max_seq_len_that_fits, next_knobs, placement_rows, short_of
 from .plan_settings import kept_attention_label, setup_from_resolved
 from .plan_states import total_params
-from .plan_types import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, HOST_USABLE, GiB, KiB, MiB, Hardware, Setup
-from .resolve import Facts, resolve
+from .plan_types import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, HOST_USABLE, GiB, KiB, MiB, Setup
+from .resolve import resolve
 
 
 # ---- text -------------------------------------------------------------------------------------------
@@ -45,7 +46,7 @@ def describe(setup: Setup) -> str:
             f"{s.tiled_mlp_shards if s.tiled_mlp_shards > 1 else 'off'} | sequence parallel {s.sp}")
 
 
-def format_plan(setup: Setup, hw: Hardware, *, model_name: str = "", optional: tuple[str, ...] = (),
+def format_plan(setup: Setup, hw: Facts, *, model_name: str = "", optional: tuple[str, ...] = (),
                 setup_at=None) -> str:
     p = plan(setup)
     s, sh = setup, setup.shape
@@ -54,7 +55,7 @@ def format_plan(setup: Setup, hw: Hardware, *, model_name: str = "", optional: t
     lines = [f"Memory plan: {model_name or 'model'} ({P / 1e9:.2f}B params: {sh.layers} layers, hidden {sh.hidden}, "
              f"vocab {sh.vocab:,}); {s.seq_len:,} tokens x micro-batch {s.micro_batch} per GPU; "
              f"{hw.gpus} GPU(s) x {hw.gpu_mem / GiB:g} GiB, host {hw.host_mem / GiB:g} GiB"
-             + (f" [{hw.name}]" if hw.name else ""),
+             + (f" [{hw.name}]" if hw.name and not hw.assumed else ""),
              f"  {describe(s)}", "", "GPU, per rank                                                   GiB"]
     for i in p.persistent:
         lines.append(f"  {i.name:<60}{gib(i.bytes)}")
@@ -87,9 +88,7 @@ def format_plan(setup: Setup, hw: Hardware, *, model_name: str = "", optional: t
     lines += [f"  {'total per rank':<60}{gib(p.host_per_rank)}",
               f"  {f'total, {hw.gpus} ranks (usable {HOST_USABLE:.0%} of {hw.host_mem / GiB:g} GiB)':<60}"
               f"{gib(p.host_total(hw.gpus))}  {'fits' if v.host_ok else 'DOES NOT FIT'}",
-              f"  {'pinned host memory, all ranks':<60}{gib(p.pinned * hw.gpus)}"
-              + ("" if hw.pinned_limit is None else
-                 f"  of {hw.pinned_limit / GiB:.1f} limit: {'fits' if v.pinned_ok else 'DOES NOT FIT'}"), ""]
+              f"  {'pinned host memory, all ranks':<60}{gib(p.pinned * hw.gpus)}", ""]
     placements = placement_rows(setup, hw)
     if placements:
         lines += placements + [""]
@@ -97,7 +96,7 @@ def format_plan(setup: Setup, hw: Hardware, *, model_name: str = "", optional: t
     lines.append(f"Largest max_seq_len that fits: {best:,} ({fmt_len(best)})" if best else
                  "Largest max_seq_len that fits: none (even 1K does not fit)")
     knobs = next_knobs(setup, hw, optional=optional)
-    if not v.host_ok or not v.pinned_ok:
+    if not v.host_ok:
         lines.append(f"Host memory is the limit: {host_knob(p, hw)}")
     if not knobs and not v.gpu_ok:
         more = ("a larger --sequence-parallel (on more GPUs: each rank holds 1/N of a row)" if setup.sp > 1 else
@@ -157,24 +156,23 @@ def cli_plan(cfg, optional: tuple[str, ...] = ()) -> str:
     settings = resolve(cfg, facts, mc, world=facts.gpus)
     data_bytes = estimate_resident_bytes(cfg.data)  # per rank; the tokens stay memory-mapped
     setup = dataclasses.replace(setup_from_resolved(settings, cfg, mc), data_bytes=data_bytes)
-    hw = facts.hardware()
 
     def setup_at(n: int) -> Setup:  # train.py's resolution at another --max-seq-len
         c = dataclasses.replace(cfg, max_seq_len=n)
         return dataclasses.replace(setup_from_resolved(resolve(c, facts, mc, world=facts.gpus), c, mc),
                                    data_bytes=data_bytes)
 
-    text = format_plan(setup, hw, model_name=Path(cfg.model).stem if Path(cfg.model).is_file() else cfg.model,
+    text = format_plan(setup, facts, model_name=Path(cfg.model).stem if Path(cfg.model).is_file() else cfg.model,
                        optional=optional, setup_at=setup_at)
     notes = ["; ".join(settings.header()[:2])] + [f"{k}: {v}" for k, v in settings.reasons()]
     if facts.assumed:
         notes.append("assumed: " + "; ".join(facts.assumed))
-    on_gpu = states_on_gpu_hint(setup, hw)
+    on_gpu = states_on_gpu_hint(setup, facts)
     return (text + "\n\nResolved (as train.py would run it):\n  " + "\n  ".join(notes)
             + (f"\n\n{on_gpu}" if on_gpu else ""))
 
 
-def states_on_gpu_hint(setup: Setup, hw: Hardware) -> Optional[str]:
+def states_on_gpu_hint(setup: Setup, hw: Facts) -> Optional[str]:
     """Where ZeRO-3 offloads the optimizer but the whole model's states would fit the GPUs, what keeping them there
     would plan to: ds_configs/zero3.json skips the CPU Adam step. A hint, not a resolution: the ds_config is the
     user's choice (DeepSpeed's partial offload would leave GPU sub-groups' Adam states out of checkpoints)."""

@@ -12,7 +12,8 @@ from .dsconfig import UNSPLIT_SUB_GROUP_SIZE
 from .flops import ModelShape
 from .plan import plan, tiled_mlp_shards
 from .plan_states import layer_params, optimizer_sub_groups, ratio_for
-from .plan_types import GiB, Hardware, Plan, Setup
+from .facts import Facts
+from .plan_types import GiB, Plan, Setup
 
 
 # ---- where the optimizer states go (offload_optimizer.ratio) -----------------------------------------------
@@ -54,7 +55,7 @@ def all_states_on_cpu(setup: Setup) -> Setup:
                    sub_group_size=UNSPLIT_SUB_GROUP_SIZE if split else setup.sub_group_size)
 
 
-def placement_rows(setup: Setup, hw: Hardware) -> list[str]:
+def placement_rows(setup: Setup, hw: Facts) -> list[str]:
     """`--plan`'s optimizer-state choices at this length: GPU peak and host RAM of each (ZeRO-3 with AdamW)."""
     if setup.zero_stage != 3 or setup.optimizer == "none":
         return []
@@ -85,26 +86,23 @@ def placement_rows(setup: Setup, hw: Hardware) -> list[str]:
 class Verdict:
     gpu_ok: bool
     host_ok: bool
-    pinned_ok: bool
 
     @property
     def ok(self) -> bool:
-        return self.gpu_ok and self.host_ok and self.pinned_ok
+        return self.gpu_ok and self.host_ok
 
 
-def check_fit(p: Plan, hw: Hardware) -> Verdict:
-    ranks = hw.gpus
-    pinned_total = p.pinned * ranks
-    return Verdict(gpu_ok=p.gpu_peak <= hw.gpu_usable,
-                   host_ok=p.host_total(ranks) <= hw.host_usable,
-                   pinned_ok=hw.pinned_limit is None or pinned_total <= hw.pinned_limit)
+def check_fit(p: Plan, hw: Facts) -> Verdict:
+    """Whether the plan fits one GPU of `hw` and, with its `gpus` ranks, the host's RAM. Pinned memory is part of the
+    host's (CUDA's pinned allocations are not bound by RLIMIT_MEMLOCK: the preflight notes that limit only)."""
+    return Verdict(gpu_ok=p.gpu_peak <= hw.gpu_usable, host_ok=p.host_total(hw.gpus) <= hw.host_usable)
 
 
-def fits(setup: Setup, hw: Hardware) -> bool:
+def fits(setup: Setup, hw: Facts) -> bool:
     return check_fit(plan(setup), hw).ok
 
 
-def max_seq_len_that_fits(setup: Setup, hw: Hardware, *, multiple: int = 1024, limit: int = 1 << 24,
+def max_seq_len_that_fits(setup: Setup, hw: Facts, *, multiple: int = 1024, limit: int = 1 << 24,
                           setup_at=None) -> int:
     """Largest seq_len (a multiple of `multiple`, up to `limit`) for which the plan fits `hw`; 0 if none.
     `setup_at(seq_len)` gives the Setup at another length (train.py's resolution changes with it: tiled MLP turns on
@@ -129,7 +127,7 @@ class Knob:
     what: str
     setup: Setup
 
-    def effect(self, base: Setup, hw: Hardware) -> tuple[float, float, int]:
+    def effect(self, base: Setup, hw: Facts) -> tuple[float, float, int]:
         """(GPU peak before, after, max_seq_len after), bytes and tokens."""
         return plan(base).gpu_peak, plan(self.setup).gpu_peak, max_seq_len_that_fits(self.setup, hw)
 
@@ -181,7 +179,7 @@ def candidate_knobs(setup: Setup, optional: tuple[str, ...] = ()) -> list[Knob]:
     return out
 
 
-def next_knobs(setup: Setup, hw: Hardware, n: int = 3,
+def next_knobs(setup: Setup, hw: Facts, n: int = 3,
                optional: tuple[str, ...] = ()) -> list[tuple[Knob, float, float, int]]:
     """The knobs that lower the GPU peak most, re-planned: (knob, peak before, peak after, max length),
     best first (the longest max_seq_len after the change)."""
@@ -195,15 +193,14 @@ def next_knobs(setup: Setup, hw: Hardware, n: int = 3,
     return scored[:n]
 
 
-def short_of(setup: Setup, hw: Hardware) -> str:
+def short_of(setup: Setup, hw: Facts) -> str:
     """What a setup that fits at no length runs out of, at the shortest length the search tries (1K)."""
     v = check_fit(plan(replace(setup, seq_len=1024)), hw)
-    what = [n for n, ok in (("GPU memory", v.gpu_ok), ("host RAM", v.host_ok), ("pinnable memory", v.pinned_ok))
-            if not ok]
+    what = [n for n, ok in (("GPU memory", v.gpu_ok), ("host RAM", v.host_ok)) if not ok]
     return "no length fits (" + " and ".join(what) + ")"
 
 
-def host_knob(p: Plan, hw: Hardware, usable: Optional[float] = None) -> str:
+def host_knob(p: Plan, hw: Facts, usable: Optional[float] = None) -> str:
     """What lowers host RAM, each re-planned against `usable` bytes for all of `hw`'s ranks (default: hw.host_usable):
     fewer checkpoints in host RAM, the parameters on the GPU, more optimizer states on the GPU (the smallest
     offload_optimizer.ratio split that fits the host, with its GPU peak), then more RAM or more ranks to divide the

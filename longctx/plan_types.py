@@ -1,5 +1,5 @@
-"""The types every plan module shares: what a plan is asked about (Setup, Hardware) and what it answers (Item,
-Plan), with the size units and the fit-check constants Hardware applies.
+"""The types every plan module shares: what a plan is asked about (Setup) and what it answers (Item, Plan), with the
+size units and the fit-check constants (the machine a plan is checked against is longctx.facts.Facts).
 """
 
 from __future__ import annotations
@@ -105,24 +105,6 @@ class Setup:
             return 0
         n = self.shape.layers if self.num_offloaded_layers is None else self.num_offloaded_layers
         return max(0, min(self.shape.layers, n))
-
-
-@dataclass(frozen=True)
-class Hardware:
-    gpus: int
-    gpu_mem: int            # bytes per GPU
-    host_mem: int           # bytes of host RAM shared by the `gpus` ranks (one node)
-    pinned_limit: Optional[int] = None   # bytes, if the machine limits it (None: only host RAM limits)
-    name: str = ""
-
-    @property
-    def gpu_usable(self) -> float:
-        """Bytes torch may allocate: the card minus the CUDA context, divided by the allocator's slack."""
-        return (self.gpu_mem - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_SLACK)
-
-    @property
-    def host_usable(self) -> float:
-        return self.host_mem * HOST_USABLE
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Step-0 preflight: compare the memory plan with this machine and refuse before an OOM crash or an OOM kill.
 
-    machine = probe(local_rank, local_world)        free GPU memory, host RAM (cgroup-aware), memlock limit
-    problems, notes = check(the_plan, machine)       pure: what does not fit, and the knob to turn
-    run(setup, local_rank, local_world, say)         probe + check + agree over ranks; LongctxError if refused
+    room = probe(facts, local_rank)                  what is free on the machine `facts` describes, now: GPU memory,
+                                                     host RAM (cgroup-aware); the memlock limit
+    problems, notes = check(the_plan, room)          pure: what does not fit, and the knob to turn
+    run(setup, facts, local_rank, say)               probe + check + agree over ranks; LongctxError if refused
 
 GPU: the predicted peak allocated x (1 + allocator slack) must fit in the free memory that
 torch.cuda.mem_get_info reports now (the CUDA context is already taken out of it). Host: the RAM the ranks of
@@ -30,22 +31,23 @@ from typing import Callable, Optional
 
 from .dist import all_reduce
 from .errors import GpuOutOfMemory, LongctxError
+from .facts import Facts
 from .plan import plan
 from .plan_report import fmt_len
 from .plan_search import host_knob, max_seq_len_that_fits, next_knobs
-from .plan_types import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GiB, Hardware, Plan, Setup
+from .plan_types import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GiB, Plan, Setup
 
 
 @dataclass(frozen=True)
-class Machine:
-    local_world: int
+class Room:
+    """What is free now on the machine `facts` describes (its sizes and `gpus`, the ranks sharing its RAM, are
+    facts.gpu_mem, facts.host_mem and facts.gpus)."""
+    facts: Facts
     gpu_free: Optional[int]         # bytes free on this rank's GPU now (None: no GPU)
-    gpu_total: Optional[int]
     host_available: int             # bytes the ranks of this host may still take
-    host_total: int
     rss_now: int                    # this process's RSS now (already out of host_available)
     memlock_limit: Optional[int]    # RLIMIT_MEMLOCK soft limit in bytes; None = unlimited
-    source: str = ""
+    source: str = ""                # where host_available was read
 
 
 def read_meminfo(path: str = "/proc/meminfo") -> dict[str, int]:
@@ -83,36 +85,35 @@ def memlock_limit() -> Optional[int]:
     return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
-def probe(local_rank: int, local_world: int) -> Machine:
+def probe(facts: Facts, local_rank: int) -> Room:
     import psutil
 
-    gpu_free = gpu_total = None
-    try:
-        import torch
+    gpu_free = None
+    if facts.cuda:
+        try:
+            import torch
 
-        if torch.cuda.is_available():
-            gpu_free, gpu_total = torch.cuda.mem_get_info(local_rank)
-    except Exception:  # noqa: BLE001 - no usable GPU: host checks only
-        pass
+            gpu_free = torch.cuda.mem_get_info(local_rank)[0]
+        except Exception:  # noqa: BLE001 - no usable GPU: host checks only
+            pass
     mem = read_meminfo()
-    vm = psutil.virtual_memory()
-    available = mem.get("MemAvailable", vm.available)
+    available = mem.get("MemAvailable", psutil.virtual_memory().available)
     room = cgroup_room()
     source = "MemAvailable"
     if room is not None and room < available:
         available, source = room, "cgroup memory.max - memory.current"
-    return Machine(local_world=local_world, gpu_free=gpu_free, gpu_total=gpu_total, host_available=int(available),
-                   host_total=int(mem.get("MemTotal", vm.total)), rss_now=int(psutil.Process().memory_info().rss),
-                   memlock_limit=memlock_limit(), source=source)
+    return Room(facts=facts, gpu_free=gpu_free, host_available=int(available),
+                rss_now=int(psutil.Process().memory_info().rss), memlock_limit=memlock_limit(), source=source)
 
 
 def _g(x: float) -> str:
     return f"{x / GiB:.1f} GiB"
 
 
-def knob_advice(setup: Setup, gpu_budget: float, host_mem: float, world: int) -> str:
-    """The knob lines for a GPU refusal, re-planned against this machine."""
-    hw = Hardware(gpus=world, gpu_mem=int(gpu_budget + CUDA_CONTEXT_BYTES), host_mem=int(host_mem))
+def knob_advice(setup: Setup, gpu_budget: float, host_mem: int, world: int) -> str:
+    """The knob lines for a GPU refusal, re-planned for `gpu_budget` bytes of a GPU (what is free or the card, the
+    CUDA context out of it) and `host_mem`, over the run's `world` ranks."""
+    hw = Facts.of_sizes(gpus=world, gpu_mem=int(gpu_budget + CUDA_CONTEXT_BYTES), host_mem=int(host_mem))
     best = max_seq_len_that_fits(setup, hw)
     lines = [f"  the largest --max-seq-len that fits as configured: {fmt_len(best) if best else 'none'}"]
     for k, before, after, mx in next_knobs(setup, hw):
@@ -121,27 +122,28 @@ def knob_advice(setup: Setup, gpu_budget: float, host_mem: float, world: int) ->
     return "\n".join(lines)
 
 
-def check(p: Plan, m: Machine) -> tuple[list[str], list[str]]:
-    """(problems that refuse the run, notes). Pure: the machine is given."""
+def check(p: Plan, m: Room) -> tuple[list[str], list[str]]:
+    """(problems that refuse the run, notes). Pure: the machine and what is free on it are given."""
     problems, notes = [], []
-    s = p.setup
+    s, f = p.setup, m.facts
     if m.gpu_free is not None:
         need = p.gpu_peak * (1 + ALLOCATOR_SLACK)
         if need > m.gpu_free:
             problems.append(
                 f"GPU: the plan needs {_g(need)} per rank (peak allocated {_g(p.gpu_peak)} in the "
                 f"'{p.peak_phase}' phase + {ALLOCATOR_SLACK:.0%} allocator slack), but only {_g(m.gpu_free)} of "
-                f"{_g(m.gpu_total or 0)} is free on this GPU. Knobs:\n"
-                + knob_advice(s, m.gpu_free, m.host_total, s.world))
-    add = m.local_world * max(0.0, p.host_per_rank - m.rss_now)
+                f"{_g(f.gpu_mem or 0)} is free on this GPU. Knobs:\n"
+                + knob_advice(s, m.gpu_free, f.host_mem, s.world))
+    add = f.gpus * max(0.0, p.host_per_rank - m.rss_now)
     if add > m.host_available:
         problems.append(
-            f"host RAM: {m.local_world} rank(s) on this host would add {_g(add)} ({_g(p.host_per_rank)} per rank: "
+            f"host RAM: {f.gpus} rank(s) on this host would add {_g(add)} ({_g(p.host_per_rank)} per rank: "
             + ", ".join(f"{i.name} {_g(i.bytes)}" for i in p.host[1:] if i.bytes)
             + f"), but only {_g(m.host_available)} is available ({m.source}); this would end in an OOM kill. "
-            "Knobs: " + host_knob(p, Hardware(gpus=m.local_world, gpu_mem=0, host_mem=m.host_total),
-                                  usable=m.host_available + m.local_world * m.rss_now))
-    pinned = p.pinned * m.local_world
+            # the host's knobs alone (no GPU verdicts): re-planned against what the ranks may take
+            "Knobs: " + host_knob(p, dataclasses.replace(f, gpu_mem=None),
+                                  usable=m.host_available + f.gpus * m.rss_now))
+    pinned = p.pinned * f.gpus
     if pinned and m.memlock_limit is not None and pinned > m.memlock_limit:
         notes.append(f"pinned host memory: the plan pins {_g(pinned)} on this host, above RLIMIT_MEMLOCK "
                      f"(ulimit -l = {m.memlock_limit // 1024} KiB). CUDA's pinned allocations do not count against "
@@ -149,7 +151,7 @@ def check(p: Plan, m: Machine) -> tuple[list[str], list[str]]:
     return problems, notes
 
 
-def _worst_over_ranks(m: Machine) -> Machine:
+def _worst_over_ranks(m: Room) -> Room:
     """Every rank judges by the least free GPU memory and host room of all ranks, so all decide alike."""
     big = float(1 << 62)
     free, avail, rss = all_reduce([float(m.gpu_free) if m.gpu_free is not None else big, float(m.host_available),
@@ -158,12 +160,13 @@ def _worst_over_ranks(m: Machine) -> Machine:
                                rss_now=int(rss))
 
 
-def run(setup: Setup, local_rank: int, local_world: int, say: Callable[[str], None] = print,
-        machine: Optional[Machine] = None) -> Plan:
-    """Probe (unless `machine` is given), check, agree over all ranks: every rank judges by the worst rank's
-    free memory, so all refuse together. Raises LongctxError with the reason and the knob."""
+def run(setup: Setup, facts: Facts, local_rank: int, say: Callable[[str], None] = print,
+        room: Optional[Room] = None) -> Plan:
+    """Probe what is free on the machine `facts` describes (unless `room` is given), check, agree over all ranks:
+    every rank judges by the worst rank's free memory, so all refuse together. Raises LongctxError with the reason
+    and the knob."""
     p = plan(setup)
-    m = _worst_over_ranks(machine or probe(local_rank, local_world))
+    m = _worst_over_ranks(room or probe(facts, local_rank))
     problems, notes = check(p, m)
     refused = bool(problems)
     for n in notes:
@@ -173,14 +176,14 @@ def run(setup: Setup, local_rank: int, local_world: int, say: Callable[[str], No
                            "breakdown; --no-preflight skips this check):\n" + "\n".join(problems))
     free = f", {_g(m.gpu_free)} free on the GPU" if m.gpu_free is not None else ""
     say(f"preflight: predicted peak {_g(p.gpu_peak)} per GPU{free}; host {_g(p.host_per_rank)} per rank "
-        f"x {local_world}, {_g(m.host_available)} available; pinned {_g(p.pinned * local_world)}")
+        f"x {m.facts.gpus}, {_g(m.host_available)} available; pinned {_g(p.pinned * m.facts.gpus)}")
     return p
 
 
-def out_of_memory(error: BaseException, *, where: str, rank: int, setup: Setup, output_dir) -> GpuOutOfMemory:
-    """The report of a CUDA out-of-memory error mid-run, with this rank's figures (train.py prints it and exits with
-    its code; the launcher stops the other ranks)."""
-    import psutil
+def out_of_memory(error: BaseException, *, where: str, rank: int, setup: Setup, facts: Facts,
+                  output_dir) -> GpuOutOfMemory:
+    """The report of a CUDA out-of-memory error mid-run on the machine `facts` describes, with this rank's figures
+    (train.py prints it and exits with its code; the launcher stops the other ranks)."""
     import torch  # the preflight's checks are pure: only this report and the probe read the device
 
     from .checkpoint import latest_complete  # checkpoint imports torch and DeepSpeed's state; only this report needs it
@@ -189,17 +192,17 @@ def out_of_memory(error: BaseException, *, where: str, rank: int, setup: Setup, 
     done = latest_complete(output_dir)
     return GpuOutOfMemory(out_of_memory_message(
         str(error), where=where, rank=rank, p=plan(setup), peak_allocated=torch.cuda.max_memory_allocated() if cuda
-        else None, card_bytes=torch.cuda.mem_get_info()[1] if cuda else None, host_mem=psutil.virtual_memory().total,
-        checkpoint=str(done) if done else None))
+        else None, facts=facts, checkpoint=str(done) if done else None))
 
 
 def out_of_memory_message(error: str, *, where: str, rank: int, p: Plan, peak_allocated: Optional[int],
-                          card_bytes: Optional[int], host_mem: int, checkpoint: Optional[str]) -> str:
+                          facts: Facts, checkpoint: Optional[str]) -> str:
     """What train.py says when CUDA runs out of memory mid-run (pure: every figure is given).
 
     error: torch's message; where: what the rank was doing; p: the plan the preflight checked; peak_allocated:
-    torch.cuda.max_memory_allocated() at the failure; card_bytes: the GPU's total memory (None: not known, no knob
+    torch.cuda.max_memory_allocated() at the failure; facts: the machine (without gpu_mem: no card size, no knob
     lines); checkpoint: the last complete checkpoint, or None."""
+    card_bytes = facts.gpu_mem
     first = error.strip().splitlines()[0] if error.strip() else "out of memory"
     lines = [f"GPU out of memory on rank {rank}, {where}.", f"  torch: {first}",
              f"  the memory plan predicted a peak of {_g(p.gpu_peak)} per GPU (its '{p.peak_phase}' phase)"
@@ -210,7 +213,7 @@ def out_of_memory_message(error: str, *, where: str, rank: int, p: Plan, peak_al
                  "No checkpoint was complete yet; the run starts over once it fits.")
     if card_bytes is not None:
         lines.append("Knobs that lower the peak (re-planned for this card):\n"
-                     + knob_advice(p.setup, card_bytes - CUDA_CONTEXT_BYTES, host_mem, p.setup.world))
+                     + knob_advice(p.setup, card_bytes - CUDA_CONTEXT_BYTES, facts.host_mem, p.setup.world))
     lines.append("train.py --plan (same arguments) shows the breakdown.")
     return "\n".join(lines)
 

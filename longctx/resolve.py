@@ -27,6 +27,7 @@ What it decides, and from what:
   tiled loss     chunked LM head + CE (no tokens x vocab logits) unless --no-tiled-loss
   the ds_config  longctx.dsconfig fills every "auto" from the above
   eval attention for evaluation's generation and scoring (longctx.evaluation): resolve_eval_attention
+  S2-Attn group  --s2-attn N, or max_seq_len / 4 for --s2-attn alone (longctx.s2attn runs it)
 """
 
 from __future__ import annotations
@@ -192,6 +193,26 @@ def fa4_head_dim_ok(head_dim: Optional[int], capability: Optional[tuple[int, int
     return capability is None or capability[0] < 10 or head_dim <= 128 or head_dim == 256
 
 
+FA4_NOT_INSTALLED = (f"flash-attn-4 is not installed (pip install '{gpu_extras.FA4}' for a CUDA 13 torch; use auto "
+                     "or sdpa_per_doc without it)")
+
+
+def refuse_unless_runs(name: str, facts: Facts, precision: str, *, missing: str, sm: int, whose: str = "",
+                       fa4_head_dim: Optional[int] = None) -> None:
+    """Refuse a kernel named by --attn-implementation where it cannot run: `missing` says what is not installed and
+    how to get it ("": installed); every such kernel needs a CUDA GPU of sm`sm`+ (`whose` requirement) and
+    bf16/fp16; flash-attention-4's also a head size it has (`fa4_head_dim`, where given)."""
+    flag = f"--attn-implementation {name}"
+    if missing:
+        raise LongctxError(f"{flag} is unavailable: {missing}")
+    if not facts.sm_at_least(sm) or precision not in ("bf16", "fp16"):
+        raise LongctxError(f"{flag} is unavailable here: it needs a CUDA GPU of sm{sm}+{whose} and bf16/fp16 "
+                           f"(device: {facts.name}, precision: {precision})")
+    if fa4_head_dim is not None and not fa4_head_dim_ok(fa4_head_dim, facts.capability):
+        raise LongctxError(f"{flag}: head_dim {fa4_head_dim} is not among flash-attention-4's sizes on {facts.name} "
+                           "(multiples of 8 up to 256 on sm90, up to 128 or 256 on sm100+); use auto or sdpa_per_doc")
+
+
 def resolve_attention(requested: str, facts: Facts, *, precision: str, packing: bool, max_seq_len: int,
                       dense_mask_max_len: int, head_dim: Optional[int] = None) -> AttentionChoice:
     """auto is fa4 where flash-attn-4 (the version measured) imports on an sm90 GPU in half precision: through
@@ -225,17 +246,8 @@ def resolve_attention(requested: str, facts: Facts, *, precision: str, packing: 
                                    max_seq_len=max_seq_len, dense_mask_max_len=dense_mask_max_len)
         return dataclasses.replace(choice, note=choice.note + fa4_note)
     if requested == "fa4":
-        if not facts.fa4:
-            raise LongctxError("--attn-implementation fa4 is unavailable: flash-attn-4 is not installed "
-                               f"(pip install '{gpu_extras.FA4}' for a CUDA 13 torch; use auto or sdpa_per_doc without "
-                               "it)")
-        if not facts.sm90 or not half:
-            raise LongctxError("--attn-implementation fa4 needs a CUDA GPU of sm90+ (its backward's requirement) and "
-                               f"bf16/fp16 (device: {facts.name}, precision: {precision})")
-        if not fa4_head_dim_ok(head_dim, facts.capability):
-            raise LongctxError(f"--attn-implementation fa4: head_dim {head_dim} is not among flash-attention-4's "
-                               f"sizes on {facts.name} (multiples of 8 up to 256 on sm90, up to 128 or 256 on "
-                               "sm100+); use auto or sdpa_per_doc")
+        refuse_unless_runs("fa4", facts, precision, missing="" if facts.fa4 else FA4_NOT_INSTALLED, sm=90,
+                           whose=" (its backward's requirement)", fa4_head_dim=head_dim)
         measured_version = gpu_extras.FA4_VERSION
         other = "" if facts.fa4 == measured_version else f"; measured with {measured_version}, not this version"
         return AttentionChoice("fa4", FA4, True, f"flash-attention-4 {facts.fa4} varlen (packed via cu_seqlens){other}")
@@ -244,36 +256,21 @@ def resolve_attention(requested: str, facts: Facts, *, precision: str, packing: 
                                "SDPA per document (cuDNN, then flash, then memory-efficient)" if facts.cuda else
                                "SDPA per document (CPU)")
     if requested == "flash_attention_2":
-        if not facts.flash_attn:
-            raise LongctxError("--attn-implementation flash_attention_2 is unavailable: the flash-attn package "
-                               "is not installed (use auto, sdpa_per_doc or varlen)")
-        if not facts.sm80 or not half:
-            raise LongctxError("--attn-implementation flash_attention_2 needs a CUDA GPU of sm80+ and bf16/fp16 "
-                               f"(device: {facts.name}, precision: {precision})")
+        refuse_unless_runs("flash_attention_2", facts, precision, sm=80, missing="" if facts.flash_attn else
+                           "the flash-attn package is not installed (use auto, sdpa_per_doc or varlen)")
         return AttentionChoice("flash_attention_2", "flash_attention_2", True,
                                "flash-attn varlen (packed documents via cu_seqlens)")
     if requested == HF_FA4:
         # transformers' own registration (stock 5.23: ALL_ATTENTION_FUNCTIONS and the mask interface), importing
         # flash_attn.cute's functions; the same package, sm90+ and half-precision needs as fa4
-        if not facts.fa4:
-            raise LongctxError(f"--attn-implementation {HF_FA4} is unavailable: flash-attn-4 is not installed (pip "
-                               f"install '{gpu_extras.FA4}' for a CUDA 13 torch)")
-        if not facts.sm90 or not half:
-            raise LongctxError(f"--attn-implementation {HF_FA4} needs a CUDA GPU of sm90+ and bf16/fp16 (device: "
-                               f"{facts.name}, precision: {precision})")
-        if not fa4_head_dim_ok(head_dim, facts.capability):
-            raise LongctxError(f"--attn-implementation {HF_FA4}: head_dim {head_dim} is not among flash-attention-4's "
-                               f"sizes on {facts.name}")
+        refuse_unless_runs(HF_FA4, facts, precision, missing="" if facts.fa4 else FA4_NOT_INSTALLED, sm=90,
+                           fa4_head_dim=head_dim)
         return AttentionChoice(HF_FA4, HF_FA4, True, f"transformers' flash_attention_4 (flash-attn-4 {facts.fa4}'s "
                                "autograd Function; packed via cu_seqlens, transformers' padding-free path)")
     if requested == "varlen":
-        if not facts.varlen_attn:
-            raise LongctxError("--attn-implementation varlen is unavailable: this torch has no "
-                               "torch.nn.attention.varlen.varlen_attn (needs torch >= 2.10)")
-        if not facts.sm80 or not half:
-            raise LongctxError("--attn-implementation varlen is unavailable here: PyTorch's varlen FlashAttention "
-                               f"needs a CUDA GPU of sm80+ and bf16/fp16 (device: {facts.name}, "
-                               f"precision: {precision})")
+        refuse_unless_runs("varlen", facts, precision, sm=80, whose=" (PyTorch's varlen FlashAttention)",
+                           missing="" if facts.varlen_attn else
+                           "this torch has no torch.nn.attention.varlen.varlen_attn (needs torch >= 2.10)")
         return AttentionChoice("varlen", VARLEN, True, "torch.nn.attention.varlen.varlen_attn (packed via cu_seqlens)")
     # upstream's sdpa / eager: a dense mask is built for packed rows (sdpa) or always (eager's S x S scores)
     dense = requested == "eager" or packing
@@ -380,12 +377,10 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
     lr, why["lr"] = resolve_lr(cfg)
     tokenizer, why["tokenizer"] = resolve_tokenizer(cfg)
 
-    c = Candidates(cfg=cfg, shape=shape, world=world, precision=precision, lr=lr, on_cuda=facts.cuda,
-                   hw=facts.hardware(), checkpointing=mode, offload_impl=impl, num_offloaded_layers=n_off,
-                   attention=attn.name, liger=liger, tied_embeddings=bool(_get(model_config, "tie_word_embeddings")),
-                   keep_attention_wanted=(cfg.keep_attention is None and mode != "none" and attn.name != HF_FA4
-                                          and cfg.max_seq_len / math.sqrt(int(cfg.sequence_parallel))
-                                          >= KEEP_ATTENTION_MIN_TOKENS))
+    c = Candidates(cfg=cfg, shape=shape, world=world, precision=precision, lr=lr, facts=facts, checkpointing=mode,
+                   offload_impl=impl, num_offloaded_layers=n_off, attention=attn.name, liger=liger,
+                   tied_embeddings=bool(_get(model_config, "tie_word_embeddings")),
+                   unkeepable=HF_FA4_KEEP if attn.name == HF_FA4 else "")
     raw = dsconfig.load(cfg.deepspeed)
     ds, placed = resolve_zero_placement(c, raw)
     why.update(placed)
@@ -395,10 +390,10 @@ def resolve(cfg, facts: Facts, model_config: Any, world: int) -> Resolved:
         why["checkpointing"] = all_not_held
     c = dataclasses.replace(c, num_offloaded_layers=n_off)
     tiled, shards, why["tiled_mlp"] = resolve_tiled_mlp(c, ds)
-    keep, why["keep_attention"] = resolve_keep_attention(c, ds, shards, hf_fa4=HF_FA4, hf_fa4_why=HF_FA4_KEEP,
-                                                         varlen_kwargs=attn.varlen_kwargs)
-    s2_group, s2_note = resolve_s2_group(cfg)
-    why["attention"] += s2_note
+    keep, why["keep_attention"] = resolve_keep_attention(c, ds, shards, varlen_kwargs=attn.varlen_kwargs)
+    s2_group, why["s2_group"] = resolve_s2_group(cfg.s2_attn, cfg.max_seq_len)
+    if s2_group:
+        why["attention"] += f"; S2-Attn in training (group {s2_group}, half the heads shifted by {s2_group // 2})"
 
     zero = ds.get("zero_optimization", {}) or {}
     on_cpu = {sec: isinstance(zero.get(sec), dict) and zero[sec].get("device") not in (None, "none")
@@ -424,14 +419,16 @@ def resolve_tiled_loss(requested: bool, liger: bool) -> tuple[bool, str]:
                   "LM head + cross-entropy in chunks: no tokens x vocab logits")
 
 
-def resolve_s2_group(cfg) -> tuple[Optional[int], str]:
-    """--s2-attn's group size (longctx.s2attn), and the note the attention reason gets."""
-    if cfg.s2_attn is None:
-        return None, ""
-    from .s2attn import resolve_group_size  # s2attn imports torch, which resolving does not
-
-    g = resolve_group_size(cfg.s2_attn, cfg.max_seq_len)
-    return g, f"; S2-Attn in training (group {g}, half the heads shifted by {g // 2})"
+def resolve_s2_group(s2_attn: Optional[int], max_seq_len: int) -> tuple[Optional[int], str]:
+    """The group size of S2-Attn (LongLoRA's shifted sparse attention in training, longctx.s2attn): --s2-attn N, or
+    for --s2-attn alone (0) LongLoRA's quarter of the row, max_seq_len / 4 rounded down to even (half a group is the
+    shift; config.validate refuses an odd N); None without --s2-attn."""
+    if s2_attn is None:
+        return None, "off (no --s2-attn)"
+    if s2_attn:
+        return s2_attn, f"requested: --s2-attn {s2_attn} tokens a group"
+    g = max(2, (max_seq_len // 4) // 2 * 2)
+    return g, f"auto (--s2-attn alone): max_seq_len / 4 rounded down to even, {g} tokens a group"
 
 
 def follows(s: Resolved, cfg, raw: dict, hidden: int) -> dict[str, str]:
@@ -464,7 +461,6 @@ def follows(s: Resolved, cfg, raw: dict, hidden: int) -> dict[str, str]:
         "optimizer_ratio": s.why.get("optimizer", "ds_config: the optimizer is not offloaded"),
         "world": f"{s.world} rank{'s' if s.world != 1 else ''}: the launcher's (--plan: --gpus)",
         "ds_config": f"{cfg.deepspeed}, every \"auto\" filled from these settings (longctx.dsconfig)",
-        "s2_group": (f"--s2-attn: {s.s2_group} tokens a group" if s.s2_group else "off (no --s2-attn)"),
         "total_steps": "decided with the data (resolve_schedule)",
         "warmup_steps": "decided with the data (resolve_schedule)",
         "min_lr_rate": "decided with the data (resolve_schedule)",

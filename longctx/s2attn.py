@@ -28,7 +28,6 @@ Packed rows are refused (config_problems): fixed token groups would cross docume
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import torch
@@ -42,22 +41,14 @@ NEEDS_MASK = ("eager", "flex_attention", "paged|eager")
 _ROW_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids")
 
 
-def resolve_group_size(s2_attn: int | None, max_seq_len: int) -> int | None:
-    """--s2-attn N -> N; --s2-attn (or 0) -> max_seq_len / 4 rounded down to even; unset -> None."""
-    if s2_attn is None:
-        return None
-    if s2_attn == 0:
-        return max(2, (max_seq_len // 4) // 2 * 2)
-    return s2_attn
-
-
 def config_problems(cfg) -> list[str]:
-    """Checks of --s2-attn that need only the config (called by config.validate)."""
+    """Checks of --s2-attn that need only the config (called by config.validate). The group size is decided by
+    longctx.resolve (resolve_s2_group): a size given here must be one it can take."""
     if cfg.s2_attn is None:
         return []
     problems = []
-    g = resolve_group_size(cfg.s2_attn, cfg.max_seq_len)
-    if g < 2 or g % 2:
+    g = cfg.s2_attn  # 0: --s2-attn alone, max_seq_len / 4 (always even and within the row)
+    if g and (g < 2 or g % 2):
         problems.append(f"--s2-attn {cfg.s2_attn}: the group size must be an even number >= 2 (half a group is "
                         "the shift)")
     elif g > cfg.max_seq_len:
@@ -144,14 +135,3 @@ def register(base_impl: str, group_size: int) -> str:
     s2attn_forward.base_impl, s2attn_forward.group_size = base_impl, group_size
     AttentionInterface.register(NAME, s2attn_forward)
     return NAME
-
-
-def wrap_choice(choice, cfg):
-    """train.py's attention choice with --s2-attn: the model gets NAME; rows stay (B, S) (no flattening)."""
-    if cfg.s2_attn is None:
-        return choice
-    g = resolve_group_size(cfg.s2_attn, cfg.max_seq_len)
-    name = register(choice.impl, g)
-    return dataclasses.replace(choice, impl=name, varlen_kwargs=False,
-                               note=f"S²-Attn in training (group {g}, half the heads shifted by {g // 2}) on "
-                                    f"{choice.impl}; full attention in eval")

@@ -35,8 +35,9 @@ from typing import Optional, Sequence
 import torch
 
 from . import (attention, checkpoint, data as data_mod, dist, dsconfig, gpu_extras, lora, modeling, opbuild,
-               overlap_step, preflight, resolve, resume, runs, sequence_parallel, universal)
-from .errors import GpuOutOfMemory, TrainingDiverged
+               overlap_step, preflight, resolve, resume, runs, sequence_parallel, tiled_mlp, universal)
+from .divergence import DivergenceGuard
+from .errors import GpuOutOfMemory, LongctxError
 from .metrics import Metrics, PhaseClock, lr_in_use
 from .plan_settings import setup_from_resolved
 
@@ -59,6 +60,10 @@ class Callback:
 
     def on_step_end(self, trainer: "Trainer", step: int, row: Optional[dict]) -> None:
         """After optimizer step `step` (1-based), its checkpoint included."""
+
+
+class BuildDiffers(LongctxError):
+    """Trainer.retarget: the new config would train another build than the one in hand (build a fresh one)."""
 
 
 @dataclass
@@ -150,7 +155,7 @@ class Trainer:
         self.plan_setup = dataclasses.replace(setup_from_resolved(s, cfg, self.model_config),
                                               data_bytes=self.data.resident_bytes())
         if cfg.preflight:  # refuse what cannot fit now, not with an OOM hours in (all ranks agree)
-            preflight.run(self.plan_setup, self.local_rank, dist.local_world(self.world), self.say)
+            preflight.run(self.plan_setup, self.facts, self.local_rank, self.say)
             if run_dir:  # and what the output filesystem cannot hold (collective)
                 preflight.run_disk(self.plan_setup, output_dir=cfg.output_dir, keep_last=cfg.keep_last,
                                    saves=checkpoint.count_saves(self.total_steps, cfg.save_interval),
@@ -204,13 +209,30 @@ class Trainer:
         return self
 
     def retarget(self, cfg, data) -> "Trainer":
-        """Train the built model and engine on `data` under `cfg` (another --max-seq-len) without rebuilding them.
+        """Train the built model and engine on `data` under `cfg`, another --max-seq-len, without rebuilding them.
 
-        The benchmark climbs a ladder of lengths; where a length resolves to the same settings as the one built, a
-        rebuild would only build the same engine again. Only cfg and data change: the resolution, the layout and
-        the step count stay those of the build, so the caller checks that the new cfg resolves the same
-        (bench/train_bench.py compares the settings)."""
-        self.cfg, self.data = cfg, data
+        The benchmark climbs a ladder of lengths; where a length resolves to the settings of the one built, a rebuild
+        would only build the same engine again. `cfg` is resolved as prepare() resolves it, its schedule from `data`;
+        BuildDiffers (a LongctxError) where it differs from the build's config in more than --max-seq-len, or its
+        settings or layout from the build's in more than their reasons and the tiled MLP's shard count (which is
+        set on the live model). Then the settings, the data and the memory plan's Setup are this length's."""
+        if dataclasses.replace(cfg, max_seq_len=self.cfg.max_seq_len) != self.cfg:
+            raise BuildDiffers("retarget changes --max-seq-len only; the config differs in more")
+        settings = resolve.resolve(cfg, self.facts, self.model_config, self.world)
+        layout = sequence_parallel.Layout.for_run(cfg.sequence_parallel, self.rank, self.world, cfg.micro_batch_size,
+                                                  settings.ds_config)
+        settings = resolve.resolve_schedule(settings, cfg, data.schedule.steps_per_epoch)
+        differ = [f.name for f in dataclasses.fields(settings) if f.name not in ("why", "tiled_mlp_shards")
+                  and getattr(settings, f.name) != getattr(self.settings, f.name)]
+        differ += ["layout"] if layout != self.layout else []
+        if differ:
+            raise BuildDiffers(f"--max-seq-len {cfg.max_seq_len} resolves to another build than the one in hand "
+                               f"(--max-seq-len {self.cfg.max_seq_len}): {', '.join(differ)} differ")
+        if settings.tiled_mlp and settings.tiled_mlp_shards != self.settings.tiled_mlp_shards:
+            tiled_mlp.enable(self.engine.module.lm, settings.tiled_mlp_shards)  # the count this length's plan assumes
+        self.cfg, self.data, self.settings = cfg, data, settings
+        self.plan_setup = dataclasses.replace(setup_from_resolved(settings, cfg, self.model_config),
+                                              data_bytes=data.resident_bytes())
         return self
 
     # ---- checkpointable state ----------------------------------------------------------------------------
@@ -397,7 +419,7 @@ class Trainer:
     def out_of_memory(self, error: BaseException) -> GpuOutOfMemory:
         """The report of a CUDA out-of-memory error, naming what this rank was doing."""
         return preflight.out_of_memory(error, where=self.activity, rank=self.rank, setup=self.plan_setup,
-                                       output_dir=self.cfg.output_dir)
+                                       facts=self.facts, output_dir=self.cfg.output_dir)
 
 
 def zero3_optimizer_installed(zero3: bool):
@@ -438,54 +460,4 @@ def run(cfg, *, rank: int, world: int, local_rank: int, callbacks: Sequence[Call
     return trainer
 
 
-# ---- pieces of the loop ----------------------------------------------------------------------------------------
-class DivergenceGuard:
-    """Stops the run instead of training on garbage.
-
-    bf16/fp32: a non-finite loss or grad norm stops at once (step and sample ids in the message).
-    fp16: overflowing steps are skipped by DeepSpeed's dynamic loss scaler and counted here; if the
-    scale sits at min_loss_scale and steps keep overflowing `patience` times in a row, it stops.
-    """
-
-    def __init__(self, precision: str, ds_config: dict, patience: int, engine):
-        self.fp16 = precision == "fp16"
-        self.min_scale = float(ds_config.get("fp16", {}).get("min_loss_scale", 1))
-        self.patience = patience
-        self.skipped = int(getattr(engine, "skipped_steps", 0))  # a resume's: Trainer.load_state_dict
-        self.collapsed = 0
-        self.loss_scale = None
-        scaler = getattr(engine.optimizer, "loss_scaler", None)
-        if self.fp16 and hasattr(scaler, "raise_error_at_min_scale"):
-            # DeepSpeed would raise a bare exception at the first overflow at the minimum scale; this
-            # guard stops instead, after `patience` of them, with a diagnosis.
-            scaler.raise_error_at_min_scale = False
-
-    def check(self, engine, step: int, loss: float, grad_norm: float | None, sample_ids: list[str]) -> None:
-        ids = ", ".join(sample_ids[:20]) + (f", ... ({len(sample_ids)} in all)" if len(sample_ids) > 20 else "")
-        if self.fp16:
-            skipped = int(getattr(engine, "skipped_steps", 0))
-            overflow = skipped > self.skipped
-            self.skipped = skipped
-            opt = engine.optimizer
-            scale = getattr(opt, "cur_scale", None) or getattr(getattr(opt, "loss_scaler", None), "cur_scale", None)
-            self.loss_scale = float(scale) if scale is not None else None
-            if overflow and self.loss_scale is not None and self.loss_scale <= self.min_scale:
-                self.collapsed += 1
-            else:
-                self.collapsed = 0
-            if self.collapsed >= self.patience:
-                raise TrainingDiverged(
-                    f"fp16 loss scale collapsed: at step {step} the scale is at its minimum ({self.min_scale:g}) and "
-                    f"the last {self.collapsed} steps overflowed anyway ({self.skipped} skipped in all). The "
-                    "gradients are inf/NaN even unscaled, so training has diverged or the values exceed fp16's "
-                    f"range. Last loss {loss:.4g}; samples of the step: {ids}. Try a lower --lr, a smaller "
-                    "--max-grad-norm, or bf16 on sm80+ GPUs.")
-            return
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"non-finite loss ({loss}) at step {step}; samples of the step: {ids}")
-        if grad_norm is not None and not math.isfinite(grad_norm):
-            raise TrainingDiverged(f"non-finite grad norm ({grad_norm}) at step {step} (loss {loss:.4g}); "
-                                   f"samples of the step: {ids}")
-
-
-__all__ = ["Callback", "StepResult", "Trainer", "run"]
+__all__ = ["BuildDiffers", "Callback", "StepResult", "Trainer", "run"]

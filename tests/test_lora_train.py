@@ -21,9 +21,9 @@ def test_flags_parse_and_resolve():
     cfg = config.parse(["--lora", "--s2-attn", "--no-packing", "--max-seq-len", "4096"])
     assert cfg.lora and cfg.s2_attn == 0 and cfg.trainable_modules == "embed,norm"
     assert cfg.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    from longctx.s2attn import resolve_group_size
+    from longctx.resolve import resolve_s2_group
 
-    assert resolve_group_size(cfg.s2_attn, cfg.max_seq_len) == 1024
+    assert resolve_s2_group(cfg.s2_attn, cfg.max_seq_len)[0] == 1024
     cfg = config.parse(["--lora", "--s2-attn", "512", "--no-packing", "--lora-target-modules", "q_proj,v_proj",
                         "--trainable-modules", "none", "--merge"])
     assert cfg.s2_attn == 512 and cfg.merge and cfg.trainable_modules == "none"

@@ -14,6 +14,8 @@ is installed. Two checks per kernel path, each able to catch a leak a loose tole
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import pytest
 import torch
 
@@ -48,17 +50,26 @@ def _run(fwd, q, k, v, cu):
     return out, (q, k, v)
 
 
-def _bounds():
+class Packed(NamedTuple):
+    fwd: Callable
+    cu: torch.Tensor              # cu_seqlens of LENS
+    spans: list[tuple[int, int]]  # each document's [start, end) in the row
+    qkv: list[torch.Tensor]
+    out: torch.Tensor
+    leaves: tuple                 # the q/k/v `out` was computed from, for gradients
+
+
+def _packed(kernel: str, seed: int) -> Packed:
+    """One packed row of LENS through `kernel`: its inputs, boundaries and output."""
+    fwd = _forward(kernel)
     cu = torch.tensor([0] + LENS, device="cuda").cumsum(0).to(torch.int32)
-    return cu, list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    qkv = _qkv(seed)
+    return Packed(fwd, cu, list(zip(cu[:-1].tolist(), cu[1:].tolist())), qkv, *_run(fwd, *qkv, cu))
 
 
 @pytest.mark.parametrize("kernel", ["sdpa_per_doc", "fa4"])
 def test_no_document_sees_another(kernel):
-    fwd = _forward(kernel)
-    cu, spans = _bounds()
-    q, k, v = _qkv(0)
-    out, _ = _run(fwd, q, k, v, cu)
+    fwd, cu, spans, (q, k, v), out, _ = _packed(kernel, 0)
     other = _qkv(1)
     for i, (s, e) in enumerate(spans):
         mixed = [o.clone() for o in other]
@@ -79,10 +90,7 @@ def test_no_document_sees_another(kernel):
 def test_each_document_matches_fp32_attention_of_it_alone(kernel):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    fwd = _forward(kernel)
-    cu, spans = _bounds()
-    q, k, v = _qkv(2)
-    out, leaves = _run(fwd, q, k, v, cu)
+    _, _, spans, (q, k, v), out, leaves = _packed(kernel, 2)
     go = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, go)
 

@@ -11,7 +11,8 @@ from longctx.plan import attention_workspace, loss_items, plan, working_set_unit
 from longctx.plan_report import format_plan, parse_size
 from longctx.plan_search import max_seq_len_that_fits, next_knobs
 from longctx.plan_states import model_state_items, total_params
-from longctx.plan_types import GiB, Hardware, Setup
+from longctx.facts import Facts
+from longctx.plan_types import GiB, Setup
 
 LLAMA8B = ModelShape(hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256)
 
@@ -289,7 +290,7 @@ def test_peak_is_the_largest_phase():
 
 
 def test_max_seq_len_is_the_boundary():
-    hw = Hardware(gpus=4, gpu_mem=48 * GiB, host_mem=512 * GiB)
+    hw = Facts.of_sizes(gpus=4, gpu_mem=48 * GiB, host_mem=512 * GiB)
     s = Setup(LLAMA8B, 1024, world=4, loss="liger", liger_kernels=True, checkpointing="offload")
     best = max_seq_len_that_fits(s, hw)
     assert best % 1024 == 0 and best > 64 * 1024
@@ -299,7 +300,7 @@ def test_max_seq_len_is_the_boundary():
 
 
 def test_next_knob_names_liger_when_logits_dominate():
-    hw = Hardware(gpus=8, gpu_mem=16 * GiB, host_mem=512 * GiB)
+    hw = Facts.of_sizes(gpus=8, gpu_mem=16 * GiB, host_mem=512 * GiB)
     s = Setup(LLAMA8B, 32768, world=8, precision="fp16", loss="chunked", checkpointing="offload")
     knobs = next_knobs(s, hw)
     assert knobs and knobs[0][0].flag == "--liger on"
@@ -309,7 +310,7 @@ def test_next_knob_names_liger_when_logits_dominate():
 def test_a_knob_that_fits_at_no_length_says_what_runs_out():
     """8B with its optimizer states on one 139 GiB GPU: offloading them lowers the GPU peak, but 8B's CPU Adam
     states do not fit a 125 GiB host at any length; the advice says so instead of "max_seq_len 0"."""
-    hw = Hardware(gpus=1, gpu_mem=139 * GiB, host_mem=125 * GiB)
+    hw = Facts.of_sizes(gpus=1, gpu_mem=139 * GiB, host_mem=125 * GiB)
     s = Setup(LLAMA8B, 32768, world=1, offload_params=True, offload_optimizer=False, loss="liger",
               liger_kernels=True, checkpointing="offload")
     text = format_plan(s, hw, model_name="llama3.1-8b")
@@ -327,7 +328,7 @@ def test_parse_size():
 
 
 def test_format_plan_has_every_section():
-    hw = Hardware(gpus=8, gpu_mem=16 * GiB, host_mem=512 * GiB, name="8xV100-16GB")
+    hw = Facts("cuda", "8xV100-16GB", (7, 0), 16 * GiB, 8, 512 * GiB)
     text = format_plan(Setup(LLAMA8B, 32768, world=8, precision="fp16", checkpointing="offload", loss="liger",
                              liger_kernels=True), hw, model_name="llama3.1-8b")
     for needle in ("GPU, per rank", "per-layer working set", "with tiled MLP", "Host RAM", "pinned host memory",

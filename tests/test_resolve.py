@@ -17,7 +17,6 @@ from longctx.plan_report import cli_plan
 from longctx.plan_search import check_fit, layer_sub_group_size, split_at
 from longctx.plan_settings import setup_from_resolved
 from longctx.plan_states import optimizer_sub_groups
-from longctx.plan_types import Hardware
 
 L8B_8L = json.loads((REPO / "longctx" / "default_data" / "llama3.1-8b.json").read_text()) | {"num_hidden_layers": 8}
 H200 = resolve.Facts("cuda", "NVIDIA H200", (9, 0), 141 << 30, gpus=1, host_mem=125 << 30, varlen_attn=True,
@@ -71,7 +70,7 @@ def test_tiled_mlp_only_when_the_plan_needs_it():
         cfg = config.parse(["--max-seq-len", "131072", "--offload-gradient-checkpointing"])
         untiled = plan(setup_from_resolved(dataclasses.replace(s, tiled_mlp=False, tiled_mlp_shards=1),
                                                      cfg, L8B_8L))
-        hw = Hardware(gpus=1, gpu_mem=gib * GiB, host_mem=125 * GiB)
+        hw = resolve.Facts.of_sizes(gpus=1, gpu_mem=gib * GiB, host_mem=125 * GiB)
         assert s.tiled_mlp == (not check_fit(untiled, hw).gpu_ok), gib
         assert s.tiled_mlp_shards == (32 if s.tiled_mlp else 1)  # ceil(128K / 4096)
     assert settings(dataclasses.replace(A6000, gpu_mem=16 * GiB), "--max-seq-len", "131072",
@@ -165,7 +164,7 @@ def test_attention_is_kept_only_where_the_plan_fits_it():
         s = settings(facts, *flags)
         kept = plan(setup_from_resolved(dataclasses.replace(s, keep_attention=True, reentrant=False),
                                                   cfg, L8B_8L))
-        hw = Hardware(gpus=1, gpu_mem=gib * GiB, host_mem=125 * GiB)
+        hw = resolve.Facts.of_sizes(gpus=1, gpu_mem=gib * GiB, host_mem=125 * GiB)
         assert s.keep_attention == check_fit(kept, hw).gpu_ok, gib
         assert s.reentrant == (not s.keep_attention)
         item = kept.components()["kept attention outputs"]
@@ -207,7 +206,7 @@ def test_checkpoints_the_host_cannot_hold_stay_on_the_gpu():
 
     m3b = make_config("llama3.2-3b").to_dict()
     h100 = dataclasses.replace(H200, name="NVIDIA H100", gpu_mem=80 * GiB)
-    hw = Hardware(gpus=1, gpu_mem=80 * GiB, host_mem=125 * GiB)
+    hw = resolve.Facts.of_sizes(gpus=1, gpu_mem=80 * GiB, host_mem=125 * GiB)
     flags = ("--max-seq-len", "262144", "--offload-gradient-checkpointing")
     s = settings(h100, *flags, model=m3b)
     setup = setup_from_resolved(s, config.parse(list(flags)), m3b)
@@ -251,7 +250,7 @@ def test_optimizer_states_split_by_the_largest_gpu_share_that_fits(facts, length
     chosen = setup_from_resolved(s, cfg, L8B)
     on, off = optimizer_sub_groups(chosen)
     assert (len(on), len(on) + len(off)) == (gpu_groups, 34)
-    hw = Hardware(gpus=1, gpu_mem=facts.gpu_mem, host_mem=facts.host_mem)
+    hw = resolve.Facts.of_sizes(gpus=1, gpu_mem=facts.gpu_mem, host_mem=facts.host_mem)
     assert check_fit(plan(chosen), hw).gpu_ok
     assert not check_fit(plan(split_at(chosen, gpu_groups + 1)), hw).gpu_ok
     assert f"{gpu_groups} of 34 sub-groups' states on the GPU" in s.why["optimizer"]
@@ -295,7 +294,7 @@ def test_optimizer_states_leave_the_gpu_where_that_is_what_lets_attention_be_kep
     assert s.why["optimizer"] == placement.KEEP_OVER_GPU_STATES_WHY
     # the step fits as resolved; with keeping refused, every state stays on the GPU
     cfg = config.parse(["--max-seq-len", "131072"])
-    assert check_fit(plan(setup_from_resolved(s, cfg, L8B_8L)), H100.hardware()).gpu_ok
+    assert check_fit(plan(setup_from_resolved(s, cfg, L8B_8L)), H100).gpu_ok
     gpu = auto_settings(H100, "--max-seq-len", "131072", "--no-keep-attention")
     assert not gpu.offload_optimizer and not gpu.offload_params and not gpu.keep_attention
     for n in ("65536", "16384"):

@@ -159,10 +159,13 @@ def cfg_ns(**kw):
 
 
 def test_group_size_and_config_checks():
-    assert s2attn.resolve_group_size(None, 1024) is None
-    assert s2attn.resolve_group_size(0, 1024) == 256
-    assert s2attn.resolve_group_size(0, 1030) == 256
-    assert s2attn.resolve_group_size(100, 1024) == 100
+    from longctx.resolve import resolve_s2_group
+
+    assert resolve_s2_group(None, 1024)[0] is None
+    assert resolve_s2_group(0, 1024)[0] == 256
+    assert resolve_s2_group(0, 1030)[0] == 256
+    assert resolve_s2_group(0, 8)[0] == 2
+    assert resolve_s2_group(100, 1024)[0] == 100
     assert s2attn.config_problems(cfg_ns()) == []
     assert s2attn.config_problems(cfg_ns(s2_attn=None, packing=True)) == []
     assert any("Add --no-packing" in p for p in s2attn.config_problems(cfg_ns(packing=True)))

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import random
 import re
 import sys
@@ -57,7 +56,8 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import LongctxError, report
+from ..errors import LongctxError
+from ..models import long_text_data as ltd
 
 SYSTEM = ("The user's message holds numbered documents, each under a line \"[doc N] path\", and a question. Answer "
           "with the tag and path of the document that defines the asked name on the first line, then its signature "
@@ -170,8 +170,6 @@ def _definitions(text: str, max_signature_chars: int) -> tuple[dict[str, int], l
 def stdlib_documents(root: Path, *, eval_share: float, max_signature_chars: int = 200) -> list[SourceDoc]:
     """Every parseable .py file of the standard library at `root` (tests excluded, as long_text_data reads it),
     named as in CPython's tree, with the names it defines and its askable definitions."""
-    from ..models import long_text_data as ltd
-
     docs = []
     for g in ltd.stdlib_groups(root):
         held = ltd.held_out(g.name, eval_share)
@@ -310,15 +308,10 @@ def build(tok, docs: list[SourceDoc], *, context_len: int, n_train: int, n_eval:
 
 def write(out: Path, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-
-    def dump(path, rows):
-        with path.open("w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-    dump(out / "train.jsonl", result["train"])
+    ltd.write_jsonl(out / "train.jsonl", result["train"])
     for L, rows in result["eval"].items():
-        dump(out / f"eval_{L}.jsonl", rows)
-    (out / "stats.json").write_text(json.dumps(result["stats"], indent=2) + "\n")
+        ltd.write_jsonl(out / f"eval_{L}.jsonl", rows)
+    ltd.write_stats(out, result["stats"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,9 +423,9 @@ def _lengths(s: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m longctx.evaluation.citation", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="directory for train.jsonl, eval_<len>.jsonl, stats.json")
-    p.add_argument("--tokenizer", required=True, help="tokenizer (model) directory with a chat template")
+    p = ltd.builder_parser("longctx.evaluation.citation", __doc__,
+                           out="directory for train.jsonl, eval_<len>.jsonl, stats.json",
+                           tokenizer="tokenizer (model) directory with a chat template")
     p.add_argument("--context-len", type=int, default=16384, help="tokens of a training conversation at most "
                    "(train.py's --max-seq-len)")
     p.add_argument("--eval-lengths", type=_lengths, default=list(DEFAULT_EVAL_LENGTHS),
@@ -447,9 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"], help="standard library root")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    from transformers import AutoTokenizer
 
-    try:
+    def build_result() -> dict:
+        from transformers import AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(args.tokenizer)
         if not getattr(tok, "chat_template", None):
             raise LongctxError(f"--tokenizer {args.tokenizer}: no chat template (the examples are conversations)")
@@ -457,13 +451,10 @@ def main(argv: list[str] | None = None) -> int:
                                 max_signature_chars=args.max_signature_chars)
         if not docs:
             raise LongctxError(f"--stdlib {args.stdlib}: no Python sources found")
-        result = build(tok, docs, context_len=args.context_len, n_train=args.n_train, n_eval=args.n_eval,
-                       eval_lengths=args.eval_lengths, max_doc_frac=args.max_doc_frac, seed=args.seed)
-    except LongctxError as e:
-        return report(e)
-    write(Path(args.out), result)
-    print(json.dumps(result["stats"], indent=2))
-    return 0
+        return build(tok, docs, context_len=args.context_len, n_train=args.n_train, n_eval=args.n_eval,
+                     eval_lengths=args.eval_lengths, max_doc_frac=args.max_doc_frac, seed=args.seed)
+
+    return ltd.build_and_write(args.out, build_result, write)
 
 
 if __name__ == "__main__":

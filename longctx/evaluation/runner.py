@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import LongctxError
+from ..errors import LongctxError, below_minimum, refuse_arguments
 
 TASKS = ("passkey", "multi_needle", "ppl", "longbench", "citation", "chat")
 DEFAULT_TASKS = TASKS[:-1]  # chat only when asked: it needs a chat template
@@ -146,22 +146,13 @@ def validate(cfg: EvalConfig) -> None:
         problems.append(f"--lengths must be integers >= 64, got {cfg.lengths}")
     if not cfg.depths or any(not 0 <= d <= 1 for d in cfg.depths):
         problems.append(f"--depths must be in [0, 1], got {cfg.depths}")
-    if cfg.samples < 1:
-        problems.append(f"--samples must be >= 1, got {cfg.samples}")
     if "multi_needle" in cfg.tasks and cfg.needles < 2:
         problems.append(f"--needles must be >= 2 for multi_needle, got {cfg.needles}")
-    for name in ("max_new_tokens", "ppl_docs", "logits_chunk", "longbench_max_new_tokens",
-                 "citation_max_new_tokens", "chat_max_new_tokens"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be >= 1")
-    if cfg.batch_tokens < 0:
-        problems.append(f"--batch-tokens must be >= 0, got {cfg.batch_tokens}")
-    if cfg.citation_samples < 0:
-        problems.append(f"--citation-samples must be >= 0, got {cfg.citation_samples}")
-    if cfg.ppl_seq_len < 2:
-        problems.append(f"--ppl-seq-len must be >= 2, got {cfg.ppl_seq_len}")
-    if problems:
-        raise LongctxError("invalid arguments:\n  " + "\n  ".join(problems))
+    problems += below_minimum(cfg, {"samples": 1, "max_new_tokens": 1, "ppl_docs": 1, "logits_chunk": 1,
+                                    "longbench_max_new_tokens": 1, "citation_max_new_tokens": 1,
+                                    "chat_max_new_tokens": 1, "batch_tokens": 0, "citation_samples": 0,
+                                    "ppl_seq_len": 2})
+    refuse_arguments(problems)
 
 
 def check_inputs(cfg: EvalConfig):

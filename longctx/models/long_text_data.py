@@ -30,6 +30,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 from ..errors import LongctxError, report
 
@@ -294,20 +295,49 @@ def build(tok, groups: list[Group], *, target_len: int, min_long_len: int, short
 def write(out: Path, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "eval"):
-        with (out / f"{split}.jsonl").open("w", encoding="utf-8") as f:
-            for t in result[split]:
-                f.write(json.dumps({"text": t}) + "\n")
+        write_jsonl(out / f"{split}.jsonl", ({"text": t} for t in result[split]))
     texts = out / "eval_texts"
     texts.mkdir(exist_ok=True)
     for i, t in enumerate(result["eval"]):
         (texts / f"{i:05d}.txt").write_text(t, encoding="utf-8")
-    (out / "stats.json").write_text(json.dumps(result["stats"], indent=2) + "\n")
+    write_stats(out, result["stats"])
+
+
+# ---- what the data builders share (this one and longctx.evaluation.citation) ---------------------------------
+def builder_parser(module: str, doc: str, *, out: str, tokenizer: str) -> argparse.ArgumentParser:
+    """A data builder's arguments: where it writes (--out) and the tokenizer it counts with; then its own."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    p.add_argument("--out", required=True, help=out)
+    p.add_argument("--tokenizer", required=True, help=tokenizer)
+    return p
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def write_stats(out: Path, stats: dict) -> None:
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+
+def build_and_write(out: str, build_result: Callable[[], dict], write_result: Callable[[Path, dict], None]) -> int:
+    """A data builder's command line once its arguments are parsed: `build_result()`, or the LongctxError that stops
+    it reported (exit code 2); then its files written into `out` and its stats printed."""
+    try:
+        result = build_result()
+    except LongctxError as e:
+        return report(e)
+    write_result(Path(out), result)
+    print(json.dumps(result["stats"], indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m longctx.models.long_text_data", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="directory for train.jsonl, eval.jsonl, eval_texts/, stats.json")
-    p.add_argument("--tokenizer", required=True, help="tokenizer (model) directory that token counts are made with")
+    p = builder_parser("longctx.models.long_text_data", __doc__,
+                       out="directory for train.jsonl, eval.jsonl, eval_texts/, stats.json",
+                       tokenizer="tokenizer (model) directory that token counts are made with")
     p.add_argument("--target-len", type=int, default=32768, help="tokens per document at most (train.py's "
                    "--max-seq-len)")
     p.add_argument("--min-long-len", type=int, default=0, help="a group this long or longer is a long document "
@@ -326,9 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-group-tokens", type=int, default=0, help="with a cap: tokens taken from one group at most "
                    "(its beginning; default 4 x --target-len)")
     args = p.parse_args(argv)
-    from transformers import AutoTokenizer
 
-    try:
+    def build_result() -> dict:
+        from transformers import AutoTokenizer
+
         sites = site_roots() if args.site_packages == "auto" else \
             [Path(x) for x in args.site_packages.split(",") if x.strip()]
         groups = (stdlib_groups(Path(args.stdlib)) if args.stdlib else []) + \
@@ -337,15 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         if not groups:
             raise LongctxError("no text found: check --stdlib and --doc-root")
         tok = AutoTokenizer.from_pretrained(args.tokenizer)
-        result = build(tok, groups, target_len=args.target_len, min_long_len=args.min_long_len or args.target_len // 4,
-                       short_share=args.short_share, eval_share=args.eval_share, seed=args.seed,
-                       max_train_tokens=args.max_train_tokens, max_eval_tokens=args.max_eval_tokens,
-                       max_group_tokens=args.max_group_tokens)
-    except LongctxError as e:
-        return report(e)
-    write(Path(args.out), result)
-    print(json.dumps(result["stats"], indent=2))
-    return 0
+        return build(tok, groups, target_len=args.target_len, min_long_len=args.min_long_len or args.target_len // 4,
+                     short_share=args.short_share, eval_share=args.eval_share, seed=args.seed,
+                     max_train_tokens=args.max_train_tokens, max_eval_tokens=args.max_eval_tokens,
+                     max_group_tokens=args.max_group_tokens)
+
+    return build_and_write(args.out, build_result, write)
 
 
 if __name__ == "__main__":
