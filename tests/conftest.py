@@ -127,8 +127,34 @@ def _remove_leaked_deepspeed_shm():
     before = set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.is_dir() else set()
     yield
     if shm.is_dir():
+        live = _listening_ports()
         for path in set(shm.glob("deepspeed_allreduce_buffer_*")) - before - _mapped(before):
-            path.unlink(missing_ok=True)
+            if _port_of(path) not in live:
+                path.unlink(missing_ok=True)
+
+
+def _port_of(buffer: Path) -> int | None:
+    """The master port in a buffer's name, deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>."""
+    parts = buffer.name.rsplit("_", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+def _listening_ports() -> set:
+    """The TCP ports something listens on. A run's master port is held by its rendezvous store from before its
+    ranks create their buffers until it ends; a buffer is created unmapped (DeepSpeed writes its 66 MB first), so
+    while its run lives the port is what tells it from a leaked one: a second test session's cleanup once unlinked a
+    rank's buffer in that window, and the other rank waited for it until the test's timeout."""
+    ports: set = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 3 and f[3] == "0A":  # LISTEN
+                ports.add(int(f[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def _mapped(ignore: set) -> set:
