@@ -122,26 +122,35 @@ def _transformers_is_the_fork():
 def _remove_leaked_deepspeed_shm():
     """DeepSpeed's CPU backend leaves a 66 MB /dev/shm buffer per rank of every run it starts (train.py unlinks its
     own; bench and test workers may not). Remove what a test's processes left, so RAM does not fill over the suite:
-    the new buffers no live process maps (another run on the machine, a second test session included, keeps its)."""
+    the new buffers no live process maps or holds open (another run on the machine, a second test session included,
+    keeps its; a rank holds its buffer open while it fills it, before it maps it, and its peers wait forever for a
+    buffer removed then)."""
     shm = Path("/dev/shm")
     before = set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.is_dir() else set()
     yield
     if shm.is_dir():
-        for path in set(shm.glob("deepspeed_allreduce_buffer_*")) - before - _mapped(before):
+        for path in set(shm.glob("deepspeed_allreduce_buffer_*")) - before - _in_use(before):
             path.unlink(missing_ok=True)
 
 
-def _mapped(ignore: set) -> set:
-    """The DeepSpeed shm buffers some live process maps (/proc/<pid>/maps), other than `ignore`."""
+def _in_use(ignore: set) -> set:
+    """The DeepSpeed shm buffers some live process maps (/proc/<pid>/maps) or holds open (/proc/<pid>/fd), other
+    than `ignore`."""
     found: set = set()
     if not Path("/proc/self/maps").exists():
         return found
-    for maps in Path("/proc").glob("[0-9]*/maps"):
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            text = maps.read_text()
+            names = [line.split()[-1] for line in (proc / "maps").read_text().splitlines() if line.strip()]
+            fds = list((proc / "fd").iterdir())
         except OSError:  # gone, or not ours to read
             continue
-        found |= {Path(line.split()[-1]) for line in text.splitlines() if "deepspeed_allreduce_buffer_" in line}
+        for fd in fds:
+            try:
+                names.append(os.readlink(fd))
+            except OSError:  # closed meanwhile
+                continue
+        found |= {Path(n) for n in names if "deepspeed_allreduce_buffer_" in n}
     return found - ignore
 
 
