@@ -1,5 +1,5 @@
 """Shared test setup: the `gpu` marker, a check that the transformers under test is our fork, and the fixtures
-many modules use (`tok`, `smollm2_dir`); plain helpers live in helpers_train.py."""
+several modules use (`tok`, `smollm2_dir`, `uninterrupted`); plain helpers live in helpers_train.py."""
 
 import os
 from pathlib import Path
@@ -160,6 +160,16 @@ def tok():
     from helpers_train import tokenizer
 
     return tokenizer()
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    """helpers_train.UninterruptedRuns: the uninterrupted launcher runs the resume tests compare with, one per
+    ds_config, made once per session (tests/test_train_resume.py and tests/test_resume_reshard.py resume copies of
+    the same zero3_offload run)."""
+    from helpers_train import UninterruptedRuns
+
+    return UninterruptedRuns(tmp_path_factory.mktemp("uninterrupted"))
 
 
 @pytest.fixture(scope="session")

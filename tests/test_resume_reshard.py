@@ -1,7 +1,8 @@
 """Resume on another number of ranks and another sequence-parallel degree (issue #36), through the real launcher.
 
 One uninterrupted 2-rank run (ZeRO-3 + CPU Adam offload, fp32, 4 rows per optimizer step: micro-batch 1 x grad
-accumulation 2 x 2 ranks) is the reference of a chain of resumes, each from a checkpoint the previous one wrote:
+accumulation 2 x 2 ranks; conftest.py's `uninterrupted`, which tests/test_train_resume.py resumes too) is the
+reference of a chain of resumes, each from a checkpoint the previous one wrote:
 2 ranks -> 1 (grad accumulation 4; its first conversion killed with -9 and redone) -> 2 (accumulation 2) -> 4
 (accumulation 1). Every resumed step must have the reference's sample ids and its loss within 1e-5 relative: a
 loss is a function of the weights before the step, so one resharded step that went wrong (weights, Adam moments,
@@ -21,16 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers_train import (fast_args, read_jsonl, run_train, run_until_paused, small_dataset, tiny_model_dir)
+from helpers_train import (RESUME_EXTRA, RESUME_STEPS as STEPS, fast_args, read_jsonl, run_train, run_until_paused,
+                           small_dataset, tiny_model_dir)
 
 pytestmark = pytest.mark.slow
-STEPS = 8
-EXTRA = ["--grad-accum", "2", "--save-interval", "2", "--keep-last", str(STEPS), "--lr-scheduler", "cosine",
-         "--warmup-steps", "2", "--no-save-final-model"]
 
 
 def _args(out: Path, data, model, more=()):
-    return fast_args(out, data, model, steps=STEPS, extra=EXTRA + list(more))
+    """The uninterrupted run's flags (ZeRO-3 with CPU offload, a checkpoint every step), `more` overriding."""
+    return fast_args(out, data, model, steps=STEPS, extra=RESUME_EXTRA + list(more))
 
 
 def _rows(out: Path) -> dict[int, dict]:
@@ -44,6 +44,7 @@ def _samples(out: Path) -> dict[int, list[str]]:
 def _resume_copy(src: Path, dst: Path, at: int) -> None:
     """`src`'s run directory as it was when its checkpoint of step `at` was the newest."""
     shutil.copytree(src, dst)
+    shutil.rmtree(dst / "final_model", ignore_errors=True)
     for c in (dst / "checkpoints").glob("step-*"):
         if int(c.name.split("-")[1].split(".")[0]) > at:
             shutil.rmtree(c)
@@ -72,13 +73,9 @@ def _check_continues(out: Path, ref: Path, at: int, world: int, accum: int) -> N
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("reshard")
-    data = small_dataset(d / "data")
-    model = tiny_model_dir(d / "init")
-    ref = d / "uninterrupted_2_ranks"
-    run_train(_args(ref, data, model))
-    return d, data, model, ref
+def setup(tmp_path_factory, uninterrupted):
+    ref, _ = uninterrupted("ds_configs/zero3_offload.json")  # 2 ranks, _args' flags
+    return tmp_path_factory.mktemp("reshard"), uninterrupted.data, uninterrupted.model, ref
 
 
 @pytest.fixture(scope="module")
