@@ -6,9 +6,9 @@ reference of a chain of resumes, each from a checkpoint the previous one wrote:
 2 ranks -> 1 (grad accumulation 4; its first conversion killed with -9 and redone) -> 2 (accumulation 2) -> 4
 (accumulation 1). Every resumed step must have the reference's sample ids and its loss within 1e-5 relative: a
 loss is a function of the weights before the step, so one resharded step that went wrong (weights, Adam moments,
-its step count, the lr schedule, the rows) shows in the losses after it. SP=2 -> SP=1 on the same data has its
-own uninterrupted SP=2 reference. Refusals (a changed global batch, model, data; a global batch that cannot be
-kept) are checked in-process on Trainer.prepare, which must refuse before the data or the model is loaded.
+its step count, the lr schedule, the rows) shows in the losses after it. SP=2 -> SP=1 is tests/test_sp_train.py's
+(its ZeRO-3 SP=2 run resumed on one rank). Refusals (a changed global batch, model, data; a global batch that cannot
+be kept) are checked in-process on Trainer.prepare, which must refuse before the data or the model is loaded.
 
 On 2 GPUs:  pytest -m gpu tests/test_resume_reshard.py  (2 GPUs -> 1, bf16)
 """
@@ -148,26 +148,6 @@ def test_prune_removes_a_universal_form_with_its_original(tmp_path):
         (ckpts / name / "COMPLETE").write_text("{}")
     checkpoint.prune(tmp_path, keep_last=2)
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000006", "step-00000006.universal", "step-00000008"]
-
-
-def test_sequence_parallel_two_to_one(tmp_path):
-    """SP=2 on 2 ranks (one data-parallel group) -> SP=1 on 1 rank, same data: grad accumulation stays 2."""
-    data = small_dataset(tmp_path / "data", n_text=40, n_chat=10, n_pr=10)
-    model = tiny_model_dir(tmp_path / "init")
-    steps = 4
-    extra = ["--grad-accum", "2", "--save-interval", "2", "--keep-last", "4", "--no-save-final-model"]
-    ref = tmp_path / "sp2"
-    run_train(fast_args(ref, data, model, steps=steps, extra=extra + ["--sequence-parallel", "2"]), nproc=2)
-    out = tmp_path / "sp1"
-    _resume_copy(ref, out, 2)
-    p = run_train(fast_args(out, data, model, steps=steps, extra=extra + ["--resume", "auto"]), nproc=1)
-    assert "sequence parallel 2" in p.stdout and "resumed at step 2" in p.stdout, p.stdout[-3000:]
-    got, want = _rows(out), _rows(ref)
-    assert _samples(out) == _samples(ref)
-    for s in (3, 4):
-        assert got[s]["loss"] == pytest.approx(want[s]["loss"], rel=1e-5), (s, got[s], want[s])
-    entry = json.loads((out / "ledger.json").read_text())["resumes"][-1]
-    assert (entry["from"]["sequence_parallel"], entry["to"]["sequence_parallel"]) == (2, 1)
 
 
 # ---- refusals, before anything is loaded ----------------------------------------------------------------------
