@@ -1,5 +1,5 @@
 """Shared test setup: the `gpu` marker, a check that the transformers under test is our fork, and the fixtures
-many modules use (`tok`, `smollm2_dir`); plain helpers live in helpers_train.py."""
+several modules use (`tok`, `smollm2_dir`, `uninterrupted`); plain helpers live in helpers_train.py."""
 
 import os
 from pathlib import Path
@@ -122,13 +122,15 @@ def _transformers_is_the_fork():
 def _remove_leaked_deepspeed_shm():
     """DeepSpeed's CPU backend leaves a 66 MB /dev/shm buffer per rank of every run it starts (train.py unlinks its
     own; bench and test workers may not). Remove what a test's processes left, so RAM does not fill over the suite:
-    the new buffers no live process maps (another run on the machine, a second test session included, keeps its)."""
+    the new buffers no live process maps or holds open and whose run's master port nothing listens on (another run on
+    the machine, a second test session included, keeps its; a rank fills its buffer before it maps it, and its peers
+    wait forever for a buffer removed then)."""
     shm = Path("/dev/shm")
     before = set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.is_dir() else set()
     yield
     if shm.is_dir():
         live = _listening_ports()
-        for path in set(shm.glob("deepspeed_allreduce_buffer_*")) - before - _mapped(before):
+        for path in set(shm.glob("deepspeed_allreduce_buffer_*")) - before - _in_use(before):
             if _port_of(path) not in live:
                 path.unlink(missing_ok=True)
 
@@ -157,17 +159,24 @@ def _listening_ports() -> set:
     return ports
 
 
-def _mapped(ignore: set) -> set:
-    """The DeepSpeed shm buffers some live process maps (/proc/<pid>/maps), other than `ignore`."""
+def _in_use(ignore: set) -> set:
+    """The DeepSpeed shm buffers some live process maps (/proc/<pid>/maps) or holds open (/proc/<pid>/fd), other
+    than `ignore`."""
     found: set = set()
     if not Path("/proc/self/maps").exists():
         return found
-    for maps in Path("/proc").glob("[0-9]*/maps"):
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            text = maps.read_text()
+            names = [line.split()[-1] for line in (proc / "maps").read_text().splitlines() if line.strip()]
+            fds = list((proc / "fd").iterdir())
         except OSError:  # gone, or not ours to read
             continue
-        found |= {Path(line.split()[-1]) for line in text.splitlines() if "deepspeed_allreduce_buffer_" in line}
+        for fd in fds:
+            try:
+                names.append(os.readlink(fd))
+            except OSError:  # closed meanwhile
+                continue
+        found |= {Path(n) for n in names if "deepspeed_allreduce_buffer_" in n}
     return found - ignore
 
 
@@ -177,6 +186,16 @@ def tok():
     from helpers_train import tokenizer
 
     return tokenizer()
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    """helpers_train.UninterruptedRuns: the uninterrupted launcher runs the resume tests compare with, one per
+    ds_config, made once per session (tests/test_train_resume.py and tests/test_resume_reshard.py resume copies of
+    the same zero3_offload run)."""
+    from helpers_train import UninterruptedRuns
+
+    return UninterruptedRuns(tmp_path_factory.mktemp("uninterrupted"))
 
 
 @pytest.fixture(scope="session")

@@ -285,6 +285,37 @@ def fast_args(out: Path, data: list[str], model: str, *, steps: int, extra: list
             "--lr", "3e-3", "--warmup-steps", "0", "--lr-scheduler", "constant", *extra]
 
 
+# The runs the resume tests resume copies of (tests/test_train_resume.py, tests/test_resume_reshard.py): 8 steps of
+# 4 rows (2 ranks x grad accumulation 2), a cosine schedule with warmup (the resumed lr must continue it), a checkpoint
+# at every step (all kept) and the final model. conftest.py's `uninterrupted` fixture makes each once per session.
+RESUME_STEPS = 8
+RESUME_EXTRA = ["--grad-accum", "2", "--lr-scheduler", "cosine", "--warmup-steps", "2", "--save-interval", "1",
+                "--keep-last", str(RESUME_STEPS)]
+
+
+class UninterruptedRuns:
+    """The uninterrupted runs of the resume tests, one per ds_config file, all from the same data and initial
+    weights, each made on first use: runs(ds_file) -> (run directory, the launcher's stdout)."""
+
+    def __init__(self, d: Path):
+        self.dir = d
+        self.data = small_dataset(d / "data")
+        self.model = tiny_model_dir(d / "init")
+        self._made: dict[str, tuple[Path, str]] = {}
+
+    def args(self, out: Path, ds_file: str, more: list[str] = ()) -> list[str]:
+        """train.py's arguments for a run (or a resume) of this family into `out`; `more` may override flags."""
+        a = fast_args(out, self.data, self.model, steps=RESUME_STEPS, extra=RESUME_EXTRA + list(more))
+        a[a.index("--deepspeed") + 1] = ds_file
+        return a
+
+    def __call__(self, ds_file: str) -> tuple[Path, str]:
+        if ds_file not in self._made:
+            out = self.dir / f"uninterrupted_{len(self._made)}_{Path(ds_file).stem}"
+            self._made[ds_file] = out, run_train(self.args(out, ds_file)).stdout
+        return self._made[ds_file]
+
+
 def reference_step(model_dir: str, data_file: Path, sample_ids: list[str]) -> tuple[float, float]:
     """Independent reference for one optimizer step over text documents: transformers' own forward and
     loss, one document at a time, fp32 on CPU. Returns (target-token mean loss, norm of its gradient)."""

@@ -167,6 +167,8 @@ def test_ranks_updating_at_different_paces_prefetch_the_same_parameters(setup):
 
 @pytest.mark.slow
 def test_overlapped_step_with_accumulation_and_a_resume_is_bitwise(setup):
+    """Also the exact-resume test of a kill -9 after a complete checkpoint (tests/test_train_resume.py has the kill
+    inside a save): the killed run's step 5 was logged after the step-4 checkpoint, and the resume redoes it."""
     d = setup[0]
     ref, out = d / "plain_ga4", d / "overlapped_ga4"
     extra = ("--grad-accum", "4", "--save-interval", "4")
@@ -174,9 +176,12 @@ def test_overlapped_step_with_accumulation_and_a_resume_is_bitwise(setup):
     run_until_paused(_args(setup, out, "on", *extra), out.with_name(f"{out.name}.PAUSED_AFTER_STEP"),
                      env={"LONGCTX_TEST_PAUSE_AFTER_STEP": "5"})
     assert (out / "checkpoints" / "step-00000004" / "COMPLETE").exists()
+    assert max(r["step"] for r in read_jsonl(out / "metrics.jsonl")) == 5
     p = run_train(_args(setup, out, "on", *extra, "--resume", "auto"))
     assert "resumed at step 4" in p.stdout
     _assert_same_run(out, ref)
+    assert read_jsonl(out / "samples.jsonl") == read_jsonl(ref / "samples.jsonl")
+    assert json.loads((out / "run.json").read_text())["resumed"]
 
 
 # ---- on a GPU ------------------------------------------------------------------------------------------------------

@@ -1,13 +1,14 @@
 """Resume on another number of ranks and another sequence-parallel degree (issue #36), through the real launcher.
 
 One uninterrupted 2-rank run (ZeRO-3 + CPU Adam offload, fp32, 4 rows per optimizer step: micro-batch 1 x grad
-accumulation 2 x 2 ranks) is the reference of a chain of resumes, each from a checkpoint the previous one wrote:
+accumulation 2 x 2 ranks; conftest.py's `uninterrupted`, which tests/test_train_resume.py resumes too) is the
+reference of a chain of resumes, each from a checkpoint the previous one wrote:
 2 ranks -> 1 (grad accumulation 4; its first conversion killed with -9 and redone) -> 2 (accumulation 2) -> 4
 (accumulation 1). Every resumed step must have the reference's sample ids and its loss within 1e-5 relative: a
 loss is a function of the weights before the step, so one resharded step that went wrong (weights, Adam moments,
-its step count, the lr schedule, the rows) shows in the losses after it. SP=2 -> SP=1 on the same data has its
-own uninterrupted SP=2 reference. Refusals (a changed global batch, model, data; a global batch that cannot be
-kept) are checked in-process on Trainer.prepare, which must refuse before the data or the model is loaded.
+its step count, the lr schedule, the rows) shows in the losses after it. SP=2 -> SP=1 is tests/test_sp_train.py's
+(its ZeRO-3 SP=2 run resumed on one rank). Refusals (a changed global batch, model, data; a global batch that cannot
+be kept) are checked in-process on Trainer.prepare, which must refuse before the data or the model is loaded.
 
 On 2 GPUs:  pytest -m gpu tests/test_resume_reshard.py  (2 GPUs -> 1, bf16)
 """
@@ -21,16 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers_train import (fast_args, read_jsonl, run_train, run_until_paused, small_dataset, tiny_model_dir)
+from helpers_train import (RESUME_EXTRA, RESUME_STEPS as STEPS, fast_args, read_jsonl, run_train, run_until_paused,
+                           small_dataset, tiny_model_dir)
 
 pytestmark = pytest.mark.slow
-STEPS = 8
-EXTRA = ["--grad-accum", "2", "--save-interval", "2", "--keep-last", str(STEPS), "--lr-scheduler", "cosine",
-         "--warmup-steps", "2", "--no-save-final-model"]
 
 
 def _args(out: Path, data, model, more=()):
-    return fast_args(out, data, model, steps=STEPS, extra=EXTRA + list(more))
+    """The uninterrupted run's flags (ZeRO-3 with CPU offload, a checkpoint every step), `more` overriding."""
+    return fast_args(out, data, model, steps=STEPS, extra=RESUME_EXTRA + list(more))
 
 
 def _rows(out: Path) -> dict[int, dict]:
@@ -44,6 +44,7 @@ def _samples(out: Path) -> dict[int, list[str]]:
 def _resume_copy(src: Path, dst: Path, at: int) -> None:
     """`src`'s run directory as it was when its checkpoint of step `at` was the newest."""
     shutil.copytree(src, dst)
+    shutil.rmtree(dst / "final_model", ignore_errors=True)
     for c in (dst / "checkpoints").glob("step-*"):
         if int(c.name.split("-")[1].split(".")[0]) > at:
             shutil.rmtree(c)
@@ -72,13 +73,9 @@ def _check_continues(out: Path, ref: Path, at: int, world: int, accum: int) -> N
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("reshard")
-    data = small_dataset(d / "data")
-    model = tiny_model_dir(d / "init")
-    ref = d / "uninterrupted_2_ranks"
-    run_train(_args(ref, data, model))
-    return d, data, model, ref
+def setup(tmp_path_factory, uninterrupted):
+    ref, _ = uninterrupted("ds_configs/zero3_offload.json")  # 2 ranks, _args' flags
+    return tmp_path_factory.mktemp("reshard"), uninterrupted.data, uninterrupted.model, ref
 
 
 @pytest.fixture(scope="module")
@@ -151,26 +148,6 @@ def test_prune_removes_a_universal_form_with_its_original(tmp_path):
         (ckpts / name / "COMPLETE").write_text("{}")
     checkpoint.prune(tmp_path, keep_last=2)
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000006", "step-00000006.universal", "step-00000008"]
-
-
-def test_sequence_parallel_two_to_one(tmp_path):
-    """SP=2 on 2 ranks (one data-parallel group) -> SP=1 on 1 rank, same data: grad accumulation stays 2."""
-    data = small_dataset(tmp_path / "data", n_text=40, n_chat=10, n_pr=10)
-    model = tiny_model_dir(tmp_path / "init")
-    steps = 4
-    extra = ["--grad-accum", "2", "--save-interval", "2", "--keep-last", "4", "--no-save-final-model"]
-    ref = tmp_path / "sp2"
-    run_train(fast_args(ref, data, model, steps=steps, extra=extra + ["--sequence-parallel", "2"]), nproc=2)
-    out = tmp_path / "sp1"
-    _resume_copy(ref, out, 2)
-    p = run_train(fast_args(out, data, model, steps=steps, extra=extra + ["--resume", "auto"]), nproc=1)
-    assert "sequence parallel 2" in p.stdout and "resumed at step 2" in p.stdout, p.stdout[-3000:]
-    got, want = _rows(out), _rows(ref)
-    assert _samples(out) == _samples(ref)
-    for s in (3, 4):
-        assert got[s]["loss"] == pytest.approx(want[s]["loss"], rel=1e-5), (s, got[s], want[s])
-    entry = json.loads((out / "ledger.json").read_text())["resumes"][-1]
-    assert (entry["from"]["sequence_parallel"], entry["to"]["sequence_parallel"]) == (2, 1)
 
 
 # ---- refusals, before anything is loaded ----------------------------------------------------------------------

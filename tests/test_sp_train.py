@@ -6,10 +6,15 @@
   scale: Adam alone would hide it) and the eval loss agree. The ZeRO-3 pair keeps attention by replay
   (longctx.attention_replay inside DeepSpeed's Ulysses wrapper; tests/test_train_packing.py proves SP=1 with it
   against a one-by-one reference).
+* The ZeRO-3 SP=2 run resumes on 1 rank with SP=1 from its step-2 checkpoint (issue #36: another sequence-parallel
+  degree; tests/test_resume_reshard.py has the other world sizes): the same rows and losses as the SP=2 run.
 * A head count not divisible by N stops the run with the reason, before the run directory is written.
 """
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import pytest
 
@@ -27,21 +32,41 @@ def test_sp2_equals_sp1(tmp_path, ds):
     common = ["--eval-fraction", "0.1", "--offload-gradient-checkpointing", "--tiled-mlp", "--no-save-final-model",
               "--deepspeed", f"ds_configs/{ds}.json", *kept]
     runs = {}
+
+    def args(out, sp, *more):
+        a = fast_args(out, data, model, steps=4, extra=common + ["--sequence-parallel", str(sp), "--save-interval", "2",
+                                                                 *more])
+        a[a.index("--max-seq-len") + 1] = "255"
+        return a
+
     for sp, nproc in ((1, 1), (2, 2)):
-        out = tmp_path / f"sp{sp}"
-        args = fast_args(out, data, model, steps=3, extra=common + ["--sequence-parallel", str(sp)])
-        args[args.index("--max-seq-len") + 1] = "255"
-        p = run_train(args, nproc=nproc)
+        p = run_train(args(tmp_path / f"sp{sp}", sp), nproc=nproc)
         if sp == 2:
             assert "sequence parallel 2" in p.stdout and "tiled MLP on" in p.stdout, p.stdout[-2000:]
             assert ("attention kept (replayed)" in p.stdout) == bool(kept), p.stdout[-2000:]
-        runs[sp] = read_jsonl(out / "metrics.jsonl")
-    assert [r["step"] for r in runs[1]] == [r["step"] for r in runs[2]] == [1, 2, 3]
+        runs[sp] = read_jsonl(tmp_path / f"sp{sp}" / "metrics.jsonl")
+    assert [r["step"] for r in runs[1]] == [r["step"] for r in runs[2]] == [1, 2, 3, 4]
     for a, b in zip(runs[1], runs[2]):
         assert b["tokens"] == a["tokens"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a, b)
     assert runs[2][-1]["eval_loss"] == pytest.approx(runs[1][-1]["eval_loss"], rel=1e-5)
+    if ds != "zero3_offload":
+        return
+    # SP=2 on 2 ranks (one data-parallel group) -> SP=1 on 1 rank from its step-2 checkpoint
+    sp2, out = tmp_path / "sp2", tmp_path / "sp2_resumed_as_sp1"
+    shutil.copytree(sp2, out)
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    p = run_train(args(out, 1, "--resume", "auto"), nproc=1)
+    assert "sequence parallel 2" in p.stdout and "resumed at step 2" in p.stdout, p.stdout[-3000:]
+    resumed = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert read_jsonl(out / "samples.jsonl") == read_jsonl(sp2 / "samples.jsonl")
+    for a, b in zip(runs[2][2:], resumed[2:]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+    assert resumed[-1]["eval_loss"] == pytest.approx(runs[2][-1]["eval_loss"], rel=1e-5)
+    entry = json.loads((out / "ledger.json").read_text())["resumes"][-1]
+    assert (entry["from"]["sequence_parallel"], entry["to"]["sequence_parallel"]) == (2, 1)
 
 
 def test_heads_not_divisible_by_sp_is_refused_early(tmp_path):

@@ -1,6 +1,7 @@
 """train.py end to end through the real `deepspeed` launcher: 2 CPU ranks on gloo.
 
-* every shipped ds_config trains the tiny model and the loss falls;
+* every shipped ds_config trains the tiny model and the loss falls (zero2 and zero3: the resume tests' uninterrupted
+  runs, conftest.py's `uninterrupted`), and the held-out loss, sharded over the ranks, falls;
 * the run directory holds what the issue asks for (run record, metrics fields, checkpoint marker);
 * the consolidated final_model reloads with from_pretrained in a fresh process and gives exactly the
   logits of the weights in the last DeepSpeed checkpoint (read independently with zero_to_fp32).
@@ -44,9 +45,10 @@ def _train(tmp, name, data_files, model_cfg, ds, steps=8, extra=()):
 @pytest.fixture(scope="module")
 def offload_run(tmp_path_factory, data_files, model_cfg):
     """The ZeRO-3 + CPU offload run the record, reload, progress and summary tests all read (one launch): a cosine
-    schedule and a held-out split, so the summary has an lr curve and a final eval loss to report."""
+    schedule and a held-out split evaluated every 4 steps, so the summary has an lr curve and a final eval loss to
+    report."""
     return _train(tmp_path_factory.mktemp("runs"), "zero3_offload", data_files, model_cfg, "zero3_offload",
-                  extra=["--lr-scheduler", "cosine", "--eval-fraction", "0.1"])
+                  extra=["--lr-scheduler", "cosine", "--eval-fraction", "0.1", "--eval-interval", "4"])
 
 
 def _assert_learns(out):
@@ -61,17 +63,19 @@ def _assert_learns(out):
 
 
 @pytest.mark.parametrize("ds", ["zero2", "zero3"])
-def test_ds_config_trains(tmp_path, data_files, model_cfg, ds):
-    # with a held-out split evaluated every 4 steps (the eval rows are sharded over the 2 ranks)
-    out, _ = _train(tmp_path, ds, data_files, model_cfg, ds, extra=["--eval-fraction", "0.1", "--eval-interval", "4"])
+def test_ds_config_trains(uninterrupted, ds):
+    """The resume tests' uninterrupted run of `ds` (2 ranks, grad accumulation 2, a cosine schedule, a checkpoint
+    every step) learns."""
+    out, _ = uninterrupted(f"ds_configs/{ds}.json")
     _assert_learns(out)
-    evals = [(r["step"], r["eval_loss"]) for r in read_jsonl(out / "metrics.jsonl") if "eval_loss" in r]
-    assert [s for s, _ in evals] == [4, 8] and evals[1][1] < evals[0][1]
 
 
 def test_zero3_offload_trains_and_records_the_run(offload_run):
     out, proc = offload_run
     _assert_learns(out)
+    # the held-out split evaluated every 4 steps (its rows are sharded over the 2 ranks)
+    evals = [(r["step"], r["eval_loss"]) for r in read_jsonl(out / "metrics.jsonl") if "eval_loss" in r]
+    assert [s for s, _ in evals] == [4, 8] and evals[1][1] < evals[0][1]
     run = json.loads((out / "run.json").read_text())
     assert run["world_size"] == 2 and run["precision"] == "fp32"
     assert "hash" in run["git"] and "patch_series_sha256" in run
