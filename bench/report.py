@@ -225,15 +225,18 @@ def phase_lines(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     out = ["| Technique | Length | forward s | of which waiting for the optimizer s | backward s | optimizer step s "
-           "| timed steps s |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+           "| background update s (Adam / copy) | timed steps s |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         p = r["phases_s"]
         steps = ", ".join(f"{t:.2f}" for t in r.get("step_times_s") or [])
         waited = p.get("forward: waited for the optimizer")  # the overlapped optimizer step (longctx.overlap_step)
+        whole = p.get("background update: whole update")  # its own seconds by part (rows since 2026-12-07)
+        update = (f"{fmt(whole)} ({fmt(p.get('background update: Adam'))} / "
+                  f"{fmt(p.get('background update: copy to the GPU'))})" if whole is not None else "-")
         out.append(f"| {r['technique']} | {fmt_len(r['seq_len'])} | {fmt(p.get('forward'))} | "
                    f"{fmt(waited) if waited is not None else '-'} | {fmt(p.get('backward'))} | {fmt(p.get('step'))} | "
-                   f"{steps} |")
+                   f"{update} | {steps} |")
     return out + [""]
 
 

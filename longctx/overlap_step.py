@@ -47,6 +47,10 @@ DS_ADAM_STEP = "_Z12ds_adam_stepimfffffbRN2at6TensorES1_S1_S1_"
 # on AVX-512) give every element the same instructions as one whole call, the tail included (checked at start-up).
 SLICE = 1 << 20
 
+# the parts of a background update timed in OverlappedStepMixin.overlap_update_s; "whole update" runs from the
+# hand-over to the last sub-group's end (the GIL and the thread's start included)
+UPDATE_PARTS = ("unscale and clip", "Adam", "copy to the GPU", "whole update")
+
 
 class CpuAdamKernel:
     """Stands in for DeepSpeedCPUAdam.ds_opt_adam (the loaded op): adam_update runs the same kernel without holding
@@ -177,6 +181,9 @@ class OverlappedStepMixin:
     _overlap = False
     overlap_observer: Optional[OverlapObserver] = None
     overlap_wait_s = 0.0  # seconds the main thread was blocked on the background update, in all
+    # seconds of the background updates, in all, by part (UPDATE_PARTS): where an update slower than the serial
+    # step spends its time (the benchmark's --breakdown reports them per step)
+    overlap_update_s: Optional[dict] = None
 
     # ---- set-up ----------------------------------------------------------------------------------------------
     def enable_overlap(self, module) -> str:
@@ -347,31 +354,48 @@ class OverlappedStepMixin:
                                         name="longctx-overlapped-step", daemon=True)
         self._thread.start()
 
-    def _update_sub_group(self, i: int, scaled_norm, timers: set) -> None:
-        """One sub-group, as DeepSpeed's step() loop does it."""
+    def _update_sub_group(self, i: int, scaled_norm, timers: set, clock: Optional[Callable] = None) -> None:
+        """One sub-group, as DeepSpeed's step() loop does it (`clock(part)` after each part, if given)."""
+        lap = clock or (lambda part: None)
         self._prepare_sub_group(i, timers)
         self.unscale_and_clip_grads(i, scaled_norm)
+        lap("unscale and clip")
         self._optimizer_step(i)
+        lap("Adam")
         self._reassign_or_swap_out_partitioned_parameters(i)
+        if clock is not None and self._copy_stream is not None:  # the background's 16-bit copy on its own
+            self._copy_stream.synchronize()                       # stream, done before the sub-group is `ready`
+        lap("copy to the GPU")
         self._release_sub_group(i, timers)
 
     def _update_in_background(self, sub_groups: list[int], scaled_norm, pinned: list[dict]) -> None:
         import torch
+
+        spent = self.overlap_update_s = self.overlap_update_s or dict.fromkeys(UPDATE_PARTS, 0.0)
+        start = last = time.perf_counter()
+        base = spent["whole update"]
+
+        def clock(part: str) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            spent[part] += now - last
+            last = now
 
         try:
             for i in sub_groups:
                 if self.overlap_observer is not None:
                     self.overlap_observer.before_update(self, i)
                 self._kernel.pin(pinned[self.sub_group_to_group_id[i]])
+                last = time.perf_counter()
                 try:
-                    if self._copy_stream is not None:  # the 16-bit copy on its own stream, done before `ready`
+                    if self._copy_stream is not None:
                         with torch.cuda.stream(self._copy_stream):
-                            self._update_sub_group(i, scaled_norm, set())
-                        self._copy_stream.synchronize()
+                            self._update_sub_group(i, scaled_norm, set(), clock)
                     else:
-                        self._update_sub_group(i, scaled_norm, set())
+                        self._update_sub_group(i, scaled_norm, set(), clock)
                 finally:
                     self._kernel.pin(None)
+                spent["whole update"] = base + time.perf_counter() - start  # from the hand-over, waits included
                 with self._cond:
                     self._pending.discard(i)
                     self._cond.notify_all()
@@ -404,3 +428,8 @@ def finish(engine) -> None:
 def waited_s(engine) -> float:
     """Seconds the main thread has been blocked on overlapped updates so far (0 without overlap)."""
     return float(getattr(engine.optimizer, "overlap_wait_s", 0.0))
+
+
+def update_s(engine) -> dict:
+    """Seconds of the background updates so far, by part (UPDATE_PARTS; empty without overlap)."""
+    return dict(getattr(engine.optimizer, "overlap_update_s", None) or {})

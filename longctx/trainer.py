@@ -289,11 +289,13 @@ class Trainer:
         last micro-batch) are added to it under those names. The device is synchronized at each boundary, which
         serializes what would overlap: a benchmark's breakdown, not for training. With the overlapped optimizer
         step, the seconds the forward and the backward waited for the previous update are added under
-        "forward: waited for the optimizer" and "backward: waited for the optimizer" (inside those phases)."""
+        "forward: waited for the optimizer" and "backward: waited for the optimizer" (inside those phases), and the
+        previous update's own seconds by part under "background update: <part>" (overlap_step.UPDATE_PARTS)."""
         step = self.step + 1 if step is None else step
         scale = self.layout.loss_scale(self.cfg.grad_accum, n_targets)
         loss_sum = torch.zeros((), dtype=torch.float64)
         clock = PhaseClock(phases, self.device)
+        updates0 = overlap_step.update_s(self.engine) if phases is not None else {}
         for m, batch in enumerate(micro_batches):
             of = (f"micro-batch {m + 1} of {len(micro_batches)}, {batch['input_ids'].numel():,} tokens, "
                   f"step {step} of {self.total_steps}")
@@ -309,6 +311,9 @@ class Trainer:
             self.engine.backward(loss * scale)
             clock.lap("backward")
             clock.add("backward: waited for the optimizer", overlap_step.waited_s(self.engine) - w1)
+            if phases is not None and m == len(micro_batches) - 1:  # the previous update has ended (backward waits)
+                for part, s1 in overlap_step.update_s(self.engine).items():
+                    clock.add(f"background update: {part}", s1 - updates0.get(part, 0.0))
             self.activity = f"in DeepSpeed's step after {of}"
             self.engine.step()
             clock.lap("step")

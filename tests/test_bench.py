@@ -177,17 +177,28 @@ def test_breakdown_times_the_phases_inside_the_step(smoke):
     from bench import report
 
     assert smoke["run_id"].endswith("_breakdown")
+    overlapped = 0
     for row in smoke["rows"]:
         assert len(row["step_times_s"]) == 2 and row["step_time_s"] == max(row["step_times_s"])
         phases = row["phases_s"]
         main = {k: phases[k] for k in ("forward", "backward", "step")}
         assert all(v > 0 for v in main.values()) and sum(main.values()) <= sum(row["step_times_s"]) / 2
         # the overlapped optimizer step's waits (auto: on with zero3_offload) are parts of forward and backward
-        waits = {k: v for k, v in phases.items() if k not in main}
+        waits = {k: v for k, v in phases.items() if k.endswith(": waited for the optimizer")}
         assert set(waits) == {"forward: waited for the optimizer", "backward: waited for the optimizer"}
         assert all(0 <= waits[f"{k}: waited for the optimizer"] <= main[k] for k in ("forward", "backward"))
+        # and the previous step's update, which ran in the background, by part: the parts lie inside its whole
+        update = {k.split(": ", 1)[1]: v for k, v in phases.items() if k.startswith("background update: ")}
+        assert set(phases) == set(main) | set(waits) | {f"background update: {k}" for k in update}
+        if not row["settings"]["overlap_step"]:
+            assert not update and not any(waits.values())
+            continue
+        assert set(update) == {"unscale and clip", "Adam", "copy to the GPU", "whole update"}
+        assert update["Adam"] > 0 and sum(v for k, v in update.items() if k != "whole update") <= update["whole update"]
+        overlapped += 1
+    assert overlapped >= 4  # longctx's rows
     text = report.render([smoke])
-    assert "optimizer step s" in text and "`--breakdown`" in text
+    assert "optimizer step s" in text and "`--breakdown`" in text and "background update s (Adam / copy)" in text
 
 
 def test_memory_at_peak_names_what_was_live(smoke):
