@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import os
 import threading
 import time
 from typing import Callable, Iterable, Optional
@@ -50,6 +51,9 @@ SLICE = 1 << 20
 # the parts of a background update timed in OverlappedStepMixin.overlap_update_s; "whole update" runs from the
 # hand-over to the last sub-group's end (the GIL and the thread's start included)
 UPDATE_PARTS = ("unscale and clip", "Adam", "copy to the GPU", "whole update")
+# A diagnostic (issue 32): the OpenMP threads of the background update, which by default has as many as the
+# forward's thread (one per core), so one core is shared while both run.
+THREADS_ENV = "LONGCTX_OVERLAP_UPDATE_THREADS"
 
 
 class CpuAdamKernel:
@@ -371,6 +375,9 @@ class OverlappedStepMixin:
     def _update_in_background(self, sub_groups: list[int], scaled_norm, pinned: list[dict]) -> None:
         import torch
 
+        threads = os.environ.get(THREADS_ENV)
+        if threads:  # this thread's OpenMP team only (CPU Adam's and torch's): the forward's thread keeps its own
+            torch.set_num_threads(int(threads))
         spent = self.overlap_update_s = self.overlap_update_s or dict.fromkeys(UPDATE_PARTS, 0.0)
         start = last = time.perf_counter()
         base = spent["whole update"]
