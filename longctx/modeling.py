@@ -9,8 +9,9 @@ accumulated or spread over ranks.
 The head is either Liger's fused linear cross-entropy (no [tokens x vocab] logits tensor) or a
 chunked, checkpointed linear + cross-entropy (logits of one chunk at a time). Both read
 `lm_head.weight` directly instead of calling `lm_head`, so under ZeRO-3 the weight is registered as
-an external parameter of the wrapper: DeepSpeed gathers it for the wrapper's forward and backward,
-where the lm_head module's own hooks would never fire.
+an external parameter of the wrapper's `LossHead`, a module of its own that runs after the decoder:
+DeepSpeed gathers the weight for the head's forward and backward, where the lm_head module's own hooks
+would never fire, and not at the start of the forward (see LossHead).
 """
 
 from __future__ import annotations
@@ -250,7 +251,7 @@ def build_model(cfg, model_config, kind: str, settings, layout):
     if zero3:
         import deepspeed
 
-        deepspeed.zero.register_external_parameter(model, lm.lm_head.weight)
+        deepspeed.zero.register_external_parameter(model.head, lm.lm_head.weight)
     mpu = sp_mod.register_ulysses(lm, impl, layout.size, 1 if settings.pass_varlen_kwargs else cfg.micro_batch_size)
     return model, mpu
 
@@ -331,9 +332,8 @@ class CausalLMWithLoss(nn.Module):
                  tiled_loss: bool = True):
         super().__init__()
         self.lm = lm
-        self.fused_ce = fused_ce
+        self.head = LossHead(lm.lm_head, fused_ce=fused_ce, tiled_loss=tiled_loss)
         self.labels_shifted = labels_shifted
-        self.tiled_loss = tiled_loss
         if getattr(lm.config, "final_logit_softcapping", None):
             raise LongctxError("models with final_logit_softcapping are not supported by the training loss")
         if getattr(lm.lm_head, "bias", None) is not None:
@@ -348,8 +348,26 @@ class CausalLMWithLoss(nn.Module):
         else:
             h, y = hidden[:, :-1, :].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
         keep = (y != -100).nonzero().view(-1)
-        h, y = h.index_select(0, keep), y.index_select(0, keep)
-        w = self.lm.lm_head.weight
+        return self.head(h.index_select(0, keep), y.index_select(0, keep))
+
+
+class LossHead(nn.Module):
+    """lm_head + the summed cross-entropy of the target tokens, as a module of its own, called after the decoder.
+
+    Why a module: under ZeRO-3, lm_head's weight is an external parameter of the module that reads it, and DeepSpeed
+    gathers a module's external parameters when that module's forward starts. Registered on the wrapper, the head
+    was gathered before the first layer ran, so the overlapped optimizer step (longctx.overlap_step) made the
+    forward wait for the head's update (a fifth of the 8B shape's 8-layer slice) before anything else. lm_head
+    stays the model's (not a child here: its state_dict keys are unchanged)."""
+
+    def __init__(self, lm_head: nn.Module, *, fused_ce: bool, tiled_loss: bool):
+        super().__init__()
+        object.__setattr__(self, "lm_head", lm_head)  # a plain reference, not a registered submodule
+        self.fused_ce = fused_ce
+        self.tiled_loss = tiled_loss
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        w = self.lm_head.weight
         if self.fused_ce:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 

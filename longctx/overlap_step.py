@@ -248,7 +248,13 @@ class OverlappedStepMixin:
             return
         params = self._module_params(module)
         needed = {self._sub_group_of[p] for p in params if p in self._sub_group_of}
+        t0 = time.perf_counter()
         self._wait(lambda: not (needed & self._pending))
+        if os.environ.get("LONGCTX_OVERLAP_TRACE") and needed - self._released:
+            import sys
+            print(f"[overlap trace] {type(module).__name__} sub-groups {sorted(needed)} at "
+                  f"{t0 - self._launched_at:.3f} s waited {time.perf_counter() - t0:.3f} s; pending "
+                  f"{len(self._pending)}", file=sys.stderr, flush=True)
         self._released |= needed
         stale = [p for p in params if p in self._stale_persistent]
         if stale:  # every rank enters the same modules in the same order: a collective is safe here
@@ -354,6 +360,11 @@ class OverlappedStepMixin:
             self._copy_stream.wait_stream(torch.cuda.current_stream())
         if self.overlap_observer is not None:
             self.overlap_observer.launched(self)
+        self._launched_at = time.perf_counter()
+        if os.environ.get("LONGCTX_OVERLAP_TRACE"):
+            import sys
+            print(f"[overlap trace] launch: order {on_cpu} numel "
+                  f"{[int(self.fp16_partitioned_groups_flat_numel[i]) for i in on_cpu]}", file=sys.stderr, flush=True)
         self._thread = threading.Thread(target=self._update_in_background, args=(on_cpu, scaled_norm, pinned),
                                         name="longctx-overlapped-step", daemon=True)
         self._thread.start()
@@ -403,6 +414,10 @@ class OverlappedStepMixin:
                 finally:
                     self._kernel.pin(None)
                 spent["whole update"] = base + time.perf_counter() - start  # from the hand-over, waits included
+                if os.environ.get("LONGCTX_OVERLAP_TRACE"):
+                    import sys
+                    print(f"[overlap trace] updated {i} at {time.perf_counter() - self._launched_at:.3f} s",
+                          file=sys.stderr, flush=True)
                 with self._cond:
                     self._pending.discard(i)
                     self._cond.notify_all()

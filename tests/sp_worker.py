@@ -145,7 +145,7 @@ def main():
                 tiled_mlp.enable(lm, shards=3)
             else:
                 tiled_mlp.disable(lm)
-            model.tiled_loss = tiled_loss
+            model.head.tiled_loss = tiled_loss
             batch = layout.collate(docs, c["rows"], pad_id=0, packing=c["packing"], max_seq_len=c["max_seq_len"],
                                    flatten=flatten)
             for prm in model.parameters():
