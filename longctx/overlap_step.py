@@ -282,6 +282,10 @@ class OverlappedStepMixin:
         with self._cond:
             return set(self._pending)
 
+    def sub_group_of(self, param) -> Optional[int]:
+        """The optimizer sub-group that holds `param` (None: not one of this optimizer's)."""
+        return self._sub_group_of.get(param)
+
     def forward_order(self) -> list[int]:
         """Sub-groups in the order the forward needs them (those it never gathers last, in index order)."""
         return self._order + [i for i in range(len(self.fp16_groups)) if i not in self._order]

@@ -80,7 +80,10 @@ class OverlapRecorder(Callback):
     def on_built(self, trainer):
         self.opt, self.rank = trainer.engine.optimizer, trainer.rank
         self.opt.overlap_observer = self
-        trainer.engine.module.lm.model.layers[0].register_forward_pre_hook(self._layer0_forward)
+        lm = trainer.engine.module.lm
+        lm.model.layers[0].register_forward_pre_hook(self._layer0_forward)
+        self.holders = {"embedding": lm.model.embed_tokens.weight, "head": lm.lm_head.weight,
+                        "last_layer": lm.model.layers[-1].self_attn.q_proj.weight}
 
     def _layer0_forward(self, module, args):
         if self.update and not self.began.is_set():
@@ -93,7 +96,10 @@ class OverlapRecorder(Callback):
         self.update += 1
         self.began.clear()
         self.finish_wait.clear()
-        self.last = optimizer.forward_order()[-1]
+        order = optimizer.forward_order()
+        self.last = order[-1]
+        self.rows.append({"update": self.update, "event": "order", "order": order,
+                          **{k: optimizer.sub_group_of(p) for k, p in self.holders.items()}})
 
     def before_update(self, optimizer, sub_group):
         if sub_group == self.last:

@@ -150,6 +150,13 @@ def test_overlapped_step_is_bitwise_and_overlaps_the_next_forward(setup):
         assert last[k]["after_layer0_forward"], last[k]
         assert last[k]["sub_group"] in began[k]["pending"], began[k]
     assert not last[STEPS]["after_layer0_forward"]
+    # the sub-groups are updated in the order the forward needs them: the embedding's first, the head's not before
+    # the last decoder layer's (the loss head gathers lm_head's weight at the end of the forward, not at its start;
+    # a sub-group can also hold a layer's norms, which the layer needs first)
+    orders = [r for r in rows if r["event"] == "order"]
+    assert len(orders) == STEPS
+    assert all(r["order"][0] == r["embedding"] != r["head"] for r in orders)
+    assert all(r["order"].index(r["head"]) >= r["order"].index(r["last_layer"]) for r in orders), orders[0]
 
 
 @pytest.mark.slow
