@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import os
 import threading
 import time
 from typing import Callable, Iterable, Optional
@@ -51,9 +50,6 @@ SLICE = 1 << 20
 # the parts of a background update timed in OverlappedStepMixin.overlap_update_s; "whole update" runs from the
 # hand-over to the last sub-group's end (the GIL and the thread's start included)
 UPDATE_PARTS = ("unscale and clip", "Adam", "copy to the GPU", "whole update")
-# A diagnostic (issue 32): the OpenMP threads of the background update, which by default has as many as the
-# forward's thread (one per core), so one core is shared while both run.
-THREADS_ENV = "LONGCTX_OVERLAP_UPDATE_THREADS"
 
 
 class CpuAdamKernel:
@@ -248,13 +244,7 @@ class OverlappedStepMixin:
             return
         params = self._module_params(module)
         needed = {self._sub_group_of[p] for p in params if p in self._sub_group_of}
-        t0 = time.perf_counter()
         self._wait(lambda: not (needed & self._pending))
-        if os.environ.get("LONGCTX_OVERLAP_TRACE") and needed - self._released:
-            import sys
-            print(f"[overlap trace] {type(module).__name__} sub-groups {sorted(needed)} at "
-                  f"{t0 - self._launched_at:.3f} s waited {time.perf_counter() - t0:.3f} s; pending "
-                  f"{len(self._pending)}", file=sys.stderr, flush=True)
         self._released |= needed
         stale = [p for p in params if p in self._stale_persistent]
         if stale:  # every rank enters the same modules in the same order: a collective is safe here
@@ -364,11 +354,6 @@ class OverlappedStepMixin:
             self._copy_stream.wait_stream(torch.cuda.current_stream())
         if self.overlap_observer is not None:
             self.overlap_observer.launched(self)
-        self._launched_at = time.perf_counter()
-        if os.environ.get("LONGCTX_OVERLAP_TRACE"):
-            import sys
-            print(f"[overlap trace] launch: order {on_cpu} numel "
-                  f"{[int(self.fp16_partitioned_groups_flat_numel[i]) for i in on_cpu]}", file=sys.stderr, flush=True)
         self._thread = threading.Thread(target=self._update_in_background, args=(on_cpu, scaled_norm, pinned),
                                         name="longctx-overlapped-step", daemon=True)
         self._thread.start()
@@ -390,9 +375,6 @@ class OverlappedStepMixin:
     def _update_in_background(self, sub_groups: list[int], scaled_norm, pinned: list[dict]) -> None:
         import torch
 
-        threads = os.environ.get(THREADS_ENV)
-        if threads:  # this thread's OpenMP team only (CPU Adam's and torch's): the forward's thread keeps its own
-            torch.set_num_threads(int(threads))
         spent = self.overlap_update_s = self.overlap_update_s or dict.fromkeys(UPDATE_PARTS, 0.0)
         start = last = time.perf_counter()
         base = spent["whole update"]
@@ -418,10 +400,6 @@ class OverlappedStepMixin:
                 finally:
                     self._kernel.pin(None)
                 spent["whole update"] = base + time.perf_counter() - start  # from the hand-over, waits included
-                if os.environ.get("LONGCTX_OVERLAP_TRACE"):
-                    import sys
-                    print(f"[overlap trace] updated {i} at {time.perf_counter() - self._launched_at:.3f} s",
-                          file=sys.stderr, flush=True)
                 with self._cond:
                     self._pending.discard(i)
                     self._cond.notify_all()

@@ -41,7 +41,10 @@ def test_every_technique_and_length_ran(smoke):
     assert set(got) == want
     assert all(r["status"] == "ok" for r in got.values()), [r for r in got.values() if r["status"] != "ok"]
     assert smoke["command"].startswith("python -m bench.run --profile cpu-smoke")
-    assert all(len(r["losses"]) == 3 for r in got.values())  # one warmup step, two timed
+    # one warmup step, two where the optimizer step overlaps the next forward (its first update is slow), two timed
+    assert all(r["warmup_steps"] == 1 + r["settings"]["overlap_step"] for r in got.values())
+    assert all(len(r["losses"]) == r["warmup_steps"] + 2 for r in got.values())
+    assert any(r["settings"]["overlap_step"] for r in got.values())
 
 
 def test_rows_that_took_no_update_are_not_results(smoke):
@@ -95,7 +98,9 @@ def test_first_step_loss_does_not_depend_on_the_technique(smoke):
     fp32 logits, longctx: chunked CE) must give the same first-step loss, near ln(vocab) for random ids at init."""
     rows = [r for r in smoke["rows"] if r["seq_len"] == 512 and r["docs"] == "1"]
     first = {r["technique"]: r["losses"][0] for r in rows}
-    assert len(set(round(v, 6) for v in first.values())) == 1, first
+    # equal to fp32 rounding: MKL's blocking (its thread count under load) moves the 6th decimal (7.637820 vs
+    # 7.637828 seen on a busy CI machine); a wrong kernel or loss moves the 3rd
+    assert max(first.values()) - min(first.values()) < 1e-5 * max(first.values()), first
     assert abs(next(iter(first.values())) - math.log(2048)) < 0.1
 
 
