@@ -42,6 +42,9 @@ def init(cuda: bool, rank: int) -> None:
     import deepspeed  # heavy, and only a run that trains gets here
     import torch
 
+    from .opbuild import probe_cpu_once
+
+    probe_cpu_once()  # before DeepSpeed's CPU backend loads its shared-memory comm op (below) and CPU Adam (later)
     if torch.distributed.is_initialized():
         return
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")

@@ -86,11 +86,12 @@ def main():
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from longctx import attention, batching, resolve
+    from longctx import attention, batching, opbuild, resolve
     from longctx.modeling import CausalLMWithLoss
     from longctx import sequence_parallel as sp_mod, tiled_mlp
 
     torch.set_num_threads(1)
+    opbuild.probe_cpu_once()  # as train.py's ranks do (longctx.dist.init)
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     sp = world

@@ -48,6 +48,28 @@ def test_which_configs_build_cpu_adam():
     assert not opbuild.needs_cpu_adam(torch_adam)
 
 
+def test_the_cpu_is_probed_once_per_process_and_every_caller_gets_its_answer(monkeypatch):
+    """DeepSpeed asks py-cpuinfo three times per rank (each probe a subprocess): after probe_cpu_once the real probe
+    runs once, and every call, made the way DeepSpeed makes it, gets an unshared copy of that probe's answer."""
+    cpuinfo = pytest.importorskip("cpuinfo")
+    calls = []
+    real = cpuinfo.get_cpu_info
+
+    def counted():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", counted)
+    opbuild.probe_cpu_once()
+    opbuild.probe_cpu_once()  # a second call keeps the first cache, not a cache of it
+    from cpuinfo import get_cpu_info  # as DeepSpeed's op builders and CPU Adam import it, at each call
+
+    first = get_cpu_info()
+    assert len(calls) == 1 and first == real() and "flags" in first
+    first["flags"].append("not-a-flag")
+    assert get_cpu_info() == real() and len(calls) == 1
+
+
 def lock_in(tmp_path) -> Path:
     lock = tmp_path / "cpu_adam" / "lock"
     lock.parent.mkdir(parents=True)

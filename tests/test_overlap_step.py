@@ -162,13 +162,13 @@ def test_overlapped_step_is_bitwise_and_overlaps_the_next_forward(setup):
 @pytest.mark.slow
 def test_ranks_updating_at_different_paces_prefetch_the_same_parameters(setup):
     """A prefetch is a collective: every rank must issue the same ones. With the last rank's update held back
-    (0.3 s before each sub-group), a gate on each rank's own progress let the fast rank prefetch what the slow one
+    (0.1 s before each sub-group), a gate on each rank's own progress let the fast rank prefetch what the slow one
     did not (gloo aborted on the mismatched all-gathers). The run must be the plain run's, bit for bit."""
     d = setup[0]
     ref, out = d / "plain_ga1", d / "overlapped_skewed"
     if not (ref / "final_model").exists():
         run_train(_args(setup, ref, "off"))
-    run_train(_args(setup, out, "on"), env={"LONGCTX_TEST_OVERLAP_SKEW": "0.3"}, timeout=300)
+    run_train(_args(setup, out, "on"), env={"LONGCTX_TEST_OVERLAP_SKEW": "0.1"}, timeout=300)
     _assert_same_run(out, ref)
 
 

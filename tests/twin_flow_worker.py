@@ -92,6 +92,7 @@ def main() -> None:
     from longctx import opbuild, zero3_optimizer
 
     on_gpu = torch.cuda.is_available()
+    opbuild.probe_cpu_once()  # as train.py's ranks do (longctx.dist.init)
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if not on_gpu:  # DeepSpeed's shared-memory all-reduce buffer, unlinked once every rank has it mapped

@@ -80,19 +80,28 @@ wait_data() {  # until data_$1 is complete; fail if the generator died first
     sleep 1
   done
 }
-trap 'kill "$GEN" 2>/dev/null || true' EXIT
+PPL_PIDS=()  # evaluate's background eval.py processes, stopped with the generator if the script exits early
+trap 'kill "$GEN" "${PPL_PIDS[@]}" 2>/dev/null || true' EXIT
 
 PPL=(--ppl-seq-len "$MAX_LEN" --ppl-docs "$PPL_DOCS" --ppl-buckets linear:8)
 EVAL=(eval.py --tasks passkey,multi_needle,ppl --filler bank --lengths "$LENGTHS" --depths 0,0.25,0.5,0.75,1
       --samples "$SAMPLES" --needles 4 --max-new-tokens 6 --seed 12345 --ppl-data "$OUT/data_$MAX_LEN/ppl_eval.jsonl"
       "${PPL[@]}")
 evaluate() {  # MODEL SIDE: the retrieval grid and every perplexity set
-  "$PY" "${EVAL[@]}" --model "$1" --output-dir "$OUT/eval_$2"
-  local set
+  # the perplexity sets alongside the grid, each eval.py in its own process (OUT/eval_SIDE_ppl_SET.log): most of a
+  # small model's evaluation is starting Python and loading the model, one thread at a time
+  local set pid failed=()
+  PPL_PIDS=()
   for set in ${PPL_SETS//,/ }; do
     "$PY" eval.py --tasks ppl --model "$1" --output-dir "$OUT/eval_$2_ppl_$set" \
-      --ppl-data "$OUT/data_$MAX_LEN/ppl_$set.jsonl" "${PPL[@]}"
+      --ppl-data "$OUT/data_$MAX_LEN/ppl_$set.jsonl" "${PPL[@]}" > "$OUT/eval_$2_ppl_$set.log" 2>&1 &
+    PPL_PIDS+=($!)
   done
+  "$PY" "${EVAL[@]}" --model "$1" --output-dir "$OUT/eval_$2"
+  for pid in "${PPL_PIDS[@]}"; do wait "$pid" || failed+=("$pid"); done
+  PPL_PIDS=()
+  for set in ${PPL_SETS//,/ }; do cat "$OUT/eval_$2_ppl_$set.log"; done
+  if [ ${#failed[@]} -gt 0 ]; then echo "a perplexity set's eval.py failed (its log is above)"; exit 1; fi
 }
 
 TRAIN=(train.py --config bench/learning_proof/train.yaml --overwrite --seed "$SEED" ${LIGER:+--liger "$LIGER"})
