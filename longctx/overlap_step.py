@@ -376,8 +376,7 @@ class OverlappedStepMixin:
         import torch
 
         spent = self.overlap_update_s = self.overlap_update_s or dict.fromkeys(UPDATE_PARTS, 0.0)
-        start = last = time.perf_counter()
-        base = spent["whole update"]
+        mark = last = time.perf_counter()
 
         def clock(part: str) -> None:
             nonlocal last
@@ -399,7 +398,9 @@ class OverlappedStepMixin:
                         self._update_sub_group(i, scaled_norm, set(), clock)
                 finally:
                     self._kernel.pin(None)
-                spent["whole update"] = base + time.perf_counter() - start  # from the hand-over, waits included
+                now = time.perf_counter()
+                spent["whole update"] += now - mark  # from the hand-over on, waits between the parts included
+                mark = now
                 with self._cond:
                     self._pending.discard(i)
                     self._cond.notify_all()
