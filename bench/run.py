@@ -10,7 +10,9 @@ the first DeepSpeed engine kept). Workers append rows to <results-dir>/raw/<run_
 <results-dir>/<run_id>.json is rewritten from it after every worker (atomically), so a killed run keeps what it
 measured. The raw JSONL is a working file: commit the collected JSON, not it.
 
-run_id = <date>_<device>_<shape>[-<layers>L]_<gpus>x_<cap>, e.g. 2026-12-04_h200_llama3.1-8b-8L_1x_nocap.
+run_id = <date>_<device>_<shape>[-<layers>L]_<gpus>x_<cap>, e.g. 2026-12-04_h200_llama3.1-8b-8L_1x_nocap, or
+<date>_<device>_<--name> (--name opt-cpu-128K: 2026-12-07_h100_opt-cpu-128K), so that runs of one shape on one day
+that measure different things keep their own files.
 """
 
 from __future__ import annotations
@@ -181,6 +183,8 @@ def parse_args(argv=None):
     p.add_argument("--memory-at-peak", action="store_true",
                    help="each row also says what was live at one more (untimed) step's peak (bench/memory_at_peak.py)")
     p.add_argument("--results-dir", default=str(RESULTS))
+    p.add_argument("--name", help="what the run measures, in its run_id instead of the shape (letters, digits, '.', "
+                                  "'-'): <date>_<device>_<name>")
     p.add_argument("--dry-run", action="store_true", help="print the worker commands and exit")
     p.add_argument("--master-port", type=int, default=29512)
     return p.parse_args(argv)
@@ -278,12 +282,14 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", a.name):
+        sys.exit(f"bench.run: --name {a.name!r}: letters, digits, '.' and '-' only (it names the results file)")
     prof = resolve_profile(a)
     device = "cpu" if prof["shape"] == "tiny-llama" else detect_device()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     run_id = run_id_for(date, device, prof["shape"], prof.get("layers"), int(prof.get("gpus") or 1), prof.get("cap"))
-    if a.profile:  # profiles of one shape and machine (placement, packed) must not overwrite each other
-        run_id = f"{date}_{device_slug(device)}_{a.profile}"
+    if a.profile or a.name:  # runs of one shape and machine (placement, packed) must not overwrite each other
+        run_id = f"{date}_{device_slug(device)}_{a.name or a.profile}"
     if a.grad_accum and a.grad_accum > 1:  # another step than the profile's: its own results
         run_id += f"_accum{a.grad_accum}"
     if a.breakdown:  # its step times include the phase syncs: not comparable with a plain run's, kept apart

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 
 import pytest
@@ -229,15 +230,25 @@ def test_grad_accum_trains_that_many_rows_per_optimizer_step(tmp_path):
     from bench import report
 
     p = subprocess.run([sys.executable, "-m", "bench.run", "--shape", "tiny-llama", "--runs", "longctx:1",
-                        "--lengths", "256", "--grad-accum", "3", "--results-dir", str(tmp_path)],
+                        "--lengths", "256", "--grad-accum", "3", "--name", "accum-check", "--results-dir",
+                        str(tmp_path)],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     (res,) = [json.loads(f.read_text()) for f in tmp_path.glob("*.json")]
-    assert res["run_id"].endswith("_accum3") and res["grad_accum"] == 3
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_cpu_accum-check_accum3", res["run_id"]) and res["grad_accum"] == 3
     (row,) = res["rows"]
     assert row["status"] == "ok" and row["n_docs"] == 3 and row["doc_lens"] == [256] * 3 and row["tokens"] == 768
     assert row["tokens_per_s"] == pytest.approx(768 / row["step_time_s"])
     assert "micro-batch 1 x 3 accumulated per optimizer step" in "\n".join(report.render_run(res))
+
+
+def test_a_run_name_that_cannot_name_a_file_is_refused_before_any_work(tmp_path):
+    from bench.run import main
+
+    with pytest.raises(SystemExit, match="--name"):
+        main(["--shape", "tiny-llama", "--runs", "longctx:1", "--lengths", "256", "--name", "../x",
+              "--results-dir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
 
 
 def test_the_step_time_figure_takes_each_techniques_newest_plain_rows():
