@@ -184,7 +184,7 @@ def parse_args(argv=None):
                    help="each row also says what was live at one more (untimed) step's peak (bench/memory_at_peak.py)")
     p.add_argument("--results-dir", default=str(RESULTS))
     p.add_argument("--name", help="what the run measures, in its run_id instead of the shape (letters, digits, '.', "
-                                  "'-'): <date>_<device>_<name>")
+                                  "'_', '-'), e.g. 8b-8L_placement-128K: <date>_<device>_<name>")
     p.add_argument("--dry-run", action="store_true", help="print the worker commands and exit")
     p.add_argument("--master-port", type=int, default=29512)
     return p.parse_args(argv)
@@ -282,8 +282,8 @@ def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    if a.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", a.name):
-        sys.exit(f"bench.run: --name {a.name!r}: letters, digits, '.' and '-' only (it names the results file)")
+    if a.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", a.name):
+        sys.exit(f"bench.run: --name {a.name!r}: letters, digits, '.', '_' and '-' only (it names the results file)")
     prof = resolve_profile(a)
     device = "cpu" if prof["shape"] == "tiny-llama" else detect_device()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")

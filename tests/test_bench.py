@@ -230,12 +230,12 @@ def test_grad_accum_trains_that_many_rows_per_optimizer_step(tmp_path):
     from bench import report
 
     p = subprocess.run([sys.executable, "-m", "bench.run", "--shape", "tiny-llama", "--runs", "longctx:1",
-                        "--lengths", "256", "--grad-accum", "3", "--name", "accum-check", "--results-dir",
+                        "--lengths", "256", "--grad-accum", "3", "--name", "tiny_accum-check", "--results-dir",
                         str(tmp_path)],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     (res,) = [json.loads(f.read_text()) for f in tmp_path.glob("*.json")]
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d_cpu_accum-check_accum3", res["run_id"]) and res["grad_accum"] == 3
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_cpu_tiny_accum-check_accum3", res["run_id"]) and res["grad_accum"] == 3
     (row,) = res["rows"]
     assert row["status"] == "ok" and row["n_docs"] == 3 and row["doc_lens"] == [256] * 3 and row["tokens"] == 768
     assert row["tokens_per_s"] == pytest.approx(768 / row["step_time_s"])
