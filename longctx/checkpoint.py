@@ -38,6 +38,7 @@ import torch
 from .errors import LongctxError
 from .modeling import restore_inference_settings
 from .runs import write_text_atomic as _write_atomic
+from .units import size
 
 MARKER = "COMPLETE"
 _TAG = re.compile(r"^step-(\d{8})$")
@@ -122,8 +123,6 @@ def write_failure(exc: BaseException, what: str, target: Path, output_dir: str |
         usage.free <= min(64 << 20, 0.05 * usage.total)
     if not (full or codes or any(k in text for k in TORCH_WRITER_FAILURES)):
         return None
-    from .preflight import size
-
     reason = (f"the filesystem is out of space ({size(usage.free)} free of {size(usage.total)})" if full
               else "the file could not be written")
     prev = latest_complete(output_dir)

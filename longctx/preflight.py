@@ -36,6 +36,7 @@ from .plan import plan
 from .plan_report import fmt_len
 from .plan_search import host_knob, max_seq_len_that_fits, next_knobs
 from .plan_types import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GiB, Plan, Setup
+from .units import size
 
 
 @dataclass(frozen=True)
@@ -225,14 +226,6 @@ def out_of_memory_message(error: str, *, where: str, rank: int, p: Plan, peak_al
 OPTIMIZER_BYTES_PER_PARAM = 12  # ZeRO's saved optimizer partitions: fp32 master + Adam exp_avg + exp_avg_sq
 PER_RANK_OVERHEAD = 64 << 10   # per-rank model-states file (ZeRO-3 placeholders, shapes), RNG state, markers
 DISK_HEADROOM = 0.10            # below need x (1 + this): a warning, since the prediction is not exact
-
-
-def size(b: float) -> str:
-    """Bytes for people: 812 B, 4.1 MiB, 15.3 GiB."""
-    for unit, k in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if abs(b) >= k:
-            return f"{b / k:.1f} {unit}"
-    return f"{int(b)} B"
 
 
 def model_params(setup: Setup) -> int:

@@ -228,11 +228,3 @@ def check_stage(r: Resume, ds_config: dict) -> None:
             f"{stage}{'' if universal.is_zero3_checkpoint(r.ckpt) else '; the checkpoint: not ZeRO-3'}). Resume "
             f"on {r.source.world} ranks with --sequence-parallel {r.source.sp}, or use a ZeRO-3 ds_config "
             "(ds_configs/zero3.json, zero3_offload.json) from the start.")
-
-
-def ledger_with_resume(ledger: dict, previous: Optional[dict], r: Optional[Resume]) -> dict:
-    """ledger.json's content: this start's data ledger, and every resume so far (the previous file's list)."""
-    resumes = list((previous or {}).get("resumes", []))
-    if r is not None:
-        resumes.append(r.ledger_entry())
-    return {**ledger, "resumes": resumes} if resumes else ledger

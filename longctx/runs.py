@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 from .errors import LongctxError
-from .resume import ledger_with_resume
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_FILE = "run.json"
@@ -202,6 +201,15 @@ def start(cfg, mode: str, record: dict, settings, ledger: dict, resuming=None) -
     previous = json.loads((out / "ledger.json").read_text()) if mode == "resume" and \
         (out / "ledger.json").is_file() else None
     write_text_atomic(out / "ledger.json", json.dumps(ledger_with_resume(ledger, previous, resuming), indent=2))
+
+
+def ledger_with_resume(ledger: dict, previous: dict | None, r) -> dict:
+    """ledger.json's content: this start's data ledger, and every resume so far (the previous file's list, then `r`,
+    a longctx.resume.Resume, if this start resumes)."""
+    resumes = list((previous or {}).get("resumes", []))
+    if r is not None:
+        resumes.append(r.ledger_entry())
+    return {**ledger, "resumes": resumes} if resumes else ledger
 
 
 def write_resolved(out: Path, settings) -> None:
