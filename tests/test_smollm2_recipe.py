@@ -1,5 +1,5 @@
-"""The SmolLM2 8K -> 32K recipe (recipes/smollm2_32k/, not run on a GPU yet) is a valid train.py config: it parses,
-and its memory plan for the extended model (the converter's 32K config) resolves and fits a 24 GiB GPU."""
+"""The SmolLM2 8K -> 32K recipe (recipes/smollm2_32k/) is a valid train.py config: it parses, and its memory plan
+for the extended model (the converter's 32K config) resolves and fits a 24 GiB GPU."""
 
 from __future__ import annotations
 
