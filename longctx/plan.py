@@ -36,7 +36,8 @@ These counts were derived from the ops, then checked against measured peaks (202
 removed, and the bench JSON since): tests/test_plan_calibration.py holds the plan within 10% (or 1 GiB) of them.
 
 Host RAM per rank: the process (HOST_PROCESS_BYTES), the model states as DeepSpeed allocates them
-(longctx.plan_states), the offloaded checkpoints, drawn from the same pinned cache, and the data's resident part.
+(longctx.plan_states), the offloaded checkpoints, drawn from the same pinned cache, and the data's resident part;
+the peak is that, or one of two moments of DeepSpeed's init when larger (host_at_init, host_at_flatten).
 
 Global constants are below, each with its physical meaning and where its value comes from. Nothing is
 tuned per configuration.
@@ -47,7 +48,7 @@ from __future__ import annotations
 import math
 
 from .flops import ModelShape
-from .plan_states import gpu_state_items, host_state_items, layer_params, pinned_block
+from .plan_states import gpu_state_items, host_state_items, layer_params, parameter_sizes, pinned_block
 from .plan_types import GiB, MiB, Item, Plan, Setup
 
 
@@ -293,4 +294,21 @@ def plan(setup: Setup) -> Plan:
         host.append(Item("data (document index and rows; tokens memory-mapped)", setup.data_bytes))
     at_init = HOST_PROCESS_BYTES + cache.at_init + setup.data_bytes if cache.at_init else 0.0
     return Plan(setup, persistent, phases, host, cache.pinned, working_set_untiled=untiled,
-                working_set_tiled=ws_units * U if setup.tiled_mlp_shards > 1 else None, host_at_init=at_init)
+                working_set_tiled=ws_units * U if setup.tiled_mlp_shards > 1 else None, host_at_init=at_init,
+                host_at_flatten=host_at_flatten(setup))
+
+
+def host_at_flatten(setup: Setup) -> float:
+    """Host RAM of a rank while DeepSpeed 0.19.8's ZeRO-3 optimizer, its parameters on the GPU, flattens them
+    (stage3.py _create_fp16_partitions_with_defragmentation -> zero/utils.py defragment): it copies this rank's
+    parameter partitions into one pageable CPU buffer, frees them on the GPU and copies the buffer back. That is
+    before any optimizer state exists and the buffer is freed after, so it is a peak of its own: 0 where it does
+    not happen (parameters offloaded: flattened in pinned host memory counted among the states; no optimizer).
+    One H100, 8B shape at 8 layers, all on the GPU: RSS rose 1.40 -> 6.66 GiB during the copy (2.79e9 x 2 B =
+    5.20 GiB) and fell to 1.45 GiB after, a peak the steady plan (4.0 GiB) had missed."""
+    if setup.zero_stage != 3 or setup.offload_params or setup.optimizer == "none":
+        return 0.0
+    W = setup.world
+    partitions = sum(math.ceil(n / W) for n in parameter_sizes(setup.shape, lm_head=setup.lm_head,
+                                                                tied=setup.tied_embeddings))
+    return HOST_PROCESS_BYTES + partitions * setup.act_bytes + setup.data_bytes

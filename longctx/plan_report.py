@@ -85,6 +85,8 @@ def format_plan(setup: Setup, hw: Facts, *, model_name: str = "", optional: tupl
         lines.append(f"  {(i.name + (f' ({i.note})' if i.note else ''))[:59]:<60}{gib(i.bytes)}")
     if p.host_at_init > p.host_steady:
         lines.append(f"  {'peak at init, before the pinned cache is emptied':<60}{gib(p.host_at_init)}")
+    if p.host_at_flatten > max(p.host_steady, p.host_at_init):
+        lines.append(f"  {'peak at init, parameters flattened through host RAM':<60}{gib(p.host_at_flatten)}")
     lines += [f"  {'total per rank':<60}{gib(p.host_per_rank)}",
               f"  {f'total, {hw.gpus} ranks (usable {HOST_USABLE:.0%} of {hw.host_mem / GiB:g} GiB)':<60}"
               f"{gib(p.host_total(hw.gpus))}  {'fits' if v.host_ok else 'DOES NOT FIT'}",

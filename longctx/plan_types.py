@@ -124,6 +124,7 @@ class Plan:
     working_set_untiled: float = 0.0
     working_set_tiled: Optional[float] = None
     host_at_init: float = 0.0               # per rank, before the pinned cache is emptied (0: never emptied)
+    host_at_flatten: float = 0.0            # per rank, while ZeRO-3 copies the GPU parameters through host RAM
 
     @property
     def phase_totals(self) -> dict[str, float]:
@@ -145,9 +146,10 @@ class Plan:
 
     @property
     def host_per_rank(self) -> float:
-        """The host peak: training, or the end of the optimizer's init where the emptied pinned cache was larger
-        than what training adds (most optimizer states on the GPU)."""
-        return max(self.host_steady, self.host_at_init)
+        """The host peak: training; or the end of the optimizer's init where the emptied pinned cache was larger
+        than what training adds (most optimizer states on the GPU); or, parameters on the GPU, the copy of this rank's
+        parameter partitions DeepSpeed makes through host RAM to flatten them (longctx.plan.host_at_flatten)."""
+        return max(self.host_steady, self.host_at_init, self.host_at_flatten)
 
     def host_total(self, ranks: int) -> float:
         return ranks * self.host_per_rank

@@ -153,6 +153,7 @@ def deepspeed_host_table(s: ModelShape, W: int, a: int, *, tied: bool, sub_group
     row["adam"] = 8 * P                                # DeepSpeedCPUAdam.step
     row["checkpoints"] = sum(pin(ckpt_tokens * h * a) for _ in range(s.layers))  # the fork's pinned layer inputs
     row["sub-groups"] = len(groups)
+    row["partition elements"] = P
     return row
 
 
@@ -184,6 +185,25 @@ def test_host_items_are_deepspeeds_buffers(shape, W, precision, tied, sub_group_
     pinned = sum(want[k] for k in ("per parameter", "flat params", "grads", "grad partitions", "checkpoints"))
     assert p.pinned == pinned
     assert p.host_per_rank == 3 * GiB + pinned + want["master"] + want["adam"]
+
+
+@pytest.mark.parametrize("shape,W,precision,tied", [(LLAMA8B, 1, "bf16", False), (LLAMA8B, 4, "bf16", False),
+                                                    (LLAMA8B, 8, "fp16", False), (LLAMA3B, 2, "bf16", True)])
+def test_parameters_on_the_gpu_are_flattened_through_host_ram(shape, W, precision, tied):
+    """ZeRO-3 with the parameters on the GPU: DeepSpeed 0.19.8 copies this rank's parameter partitions into one
+    pageable CPU buffer to flatten them (stage3.py _create_fp16_partitions_with_defragmentation -> zero/utils.py
+    defragment), before any optimizer state exists: a host peak of its own, the rank's partitions plus the process.
+    Not with the parameters offloaded (flattened in the pinned buffer the states count) nor without an optimizer."""
+    s = Setup(shape, 16384, world=W, precision=precision, tied_embeddings=tied, offload_params=False,
+              offload_optimizer=False, checkpointing="offload", loss="liger", liger_kernels=True)
+    want = deepspeed_host_table(shape, W, s.act_bytes, tied=tied, sub_group_size=10 ** 9, ckpt_tokens=16384)
+    p = plan(s)
+    assert p.host_at_flatten == 3 * GiB + s.act_bytes * want["partition elements"]
+    assert p.host_per_rank == max(p.host_steady, p.host_at_flatten)
+    assert plan(replace(s, offload_optimizer=True)).host_at_flatten == p.host_at_flatten
+    assert plan(replace(s, offload_params=True, offload_optimizer=True)).host_at_flatten == 0
+    assert plan(replace(s, optimizer="none")).host_at_flatten == 0
+    assert plan(replace(s, zero_stage=2)).host_at_flatten == 0
 
 
 def test_host_items_by_hand_8b_one_gpu():
