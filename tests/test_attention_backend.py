@@ -21,7 +21,8 @@ def choose(facts, precision, packing=True, max_seq_len=32768, **kw):
                                      max_seq_len=max_seq_len, dense_mask_max_len=kw.pop("dense", 8192))
 
 
-def test_auto_is_sdpa_per_document_everywhere():
+def test_auto_is_sdpa_per_document_without_flash_attention_4():
+    """Every machine without flash-attn-4 (tests/test_fa4.py: where auto takes fa4, and where it does not)."""
     for facts, precision in ((A6000, "bf16"), (dataclasses.replace(A6000, flash_attn=True), "bf16"),
                              (V100, "fp16"), (CPU, "fp32")):
         c = choose(facts, precision, max_seq_len=1 << 20)  # no dense mask, so any length packs
