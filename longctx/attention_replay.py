@@ -18,11 +18,9 @@ again.
 Reentrant checkpointing runs the forward under no_grad, where SDPA asks cuDNN and memory-efficient attention for
 no logsumexp (`compute_log_sumexp` is "inputs require grad and grad mode is on"), and backward needs it. So the
 recording asks for it always: the recorded outputs are those of a call that backward can use, and the replay
-matches the recompute's call, which asks for it, argument for argument. Before this, the first GPU run (8B shape,
-128K, cuDNN) showed a backward 3x faster than its work allows: the recompute had been handed a forward's outputs
-without a logsumexp. The CPU tests could not see it (CPU flash attention always returns one); tests/test_selective.py
-now has an op with the GPU kernels' contract, and a GPU test against no checkpointing (passed on an H100,
-2026-12-05, with documents through SDPA per document and through varlen_attn).
+matches the recompute's call, which asks for it, argument for argument. CPU flash attention always returns a
+logsumexp, so a CPU test alone cannot catch its absence: tests/test_selective.py has an op with the GPU kernels'
+contract, and a GPU test compares with no checkpointing.
 """
 
 from __future__ import annotations
