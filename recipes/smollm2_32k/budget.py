@@ -22,8 +22,9 @@ TRAIN_OVERHEAD_S = 75.0  # train.py outside its loop: launcher, imports, tokeniz
 #                          start and end, the DeepSpeed checkpoint and final model (57 s measured on the H200 with
 #                          2.5M tokens of data, 2026-12-04, plus ~20 s to tokenize 20x more)
 TRAIN_TOKENS_PER_S = 60_000.0  # 32K rows, no checkpointing, Liger: 65K/s median on the H200 (2026-12-04)
-CONVERT_S = 35.0        # measured 33 s on the H200 (CPU work: the GGUF's tokenizer and tensors)
-DATA_S = 60.0           # reading site-packages (~10 s), tokenizing what is kept (~10 s), citation examples (~30 s)
+CONVERT_S = 35.0        # measured 33 s on the H200, 26 s on an H100 (CPU work: the GGUF's tokenizer and tensors)
+DATA_S = 90.0           # measured 88 s on an H100 (2026-12-07, a run cut off later): site-packages, tokenizing what
+#                         is kept, the citation examples (one core); 60 s had been estimated
 FIGURES_S = 5.0
 MARGIN_S = 60.0         # for the estimates above being short
 
