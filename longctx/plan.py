@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 
 from .flops import ModelShape
-from .plan_states import gpu_state_items, host_state_items, layer_params, parameter_sizes, pinned_block
+from .plan_states import gpu_state_items, host_state_items, layer_params, pinned_block, rank_partitions
 from .plan_types import GiB, MiB, Item, Plan, Setup
 
 
@@ -308,7 +308,4 @@ def host_at_flatten(setup: Setup) -> float:
     5.20 GiB) and fell to 1.45 GiB after, a peak the steady plan (4.0 GiB) had missed."""
     if setup.zero_stage != 3 or setup.offload_params or setup.optimizer == "none":
         return 0.0
-    W = setup.world
-    partitions = sum(math.ceil(n / W) for n in parameter_sizes(setup.shape, lm_head=setup.lm_head,
-                                                                tied=setup.tied_embeddings))
-    return HOST_PROCESS_BYTES + partitions * setup.act_bytes + setup.data_bytes
+    return HOST_PROCESS_BYTES + sum(rank_partitions(setup)) * setup.act_bytes + setup.data_bytes

@@ -87,6 +87,13 @@ def parameter_sizes(s: ModelShape, *, lm_head: bool = True, tied: bool = False) 
     return [s.vocab * h] + layer * s.layers + [h] + ([s.vocab * h] if lm_head and not tied else [])
 
 
+def rank_partitions(setup: Setup) -> list[int]:
+    """Elements of one rank's ZeRO-3 partition of every parameter, in module order (Init._aligned_size // world:
+    each parameter padded to a multiple of the world size)."""
+    sizes = parameter_sizes(setup.shape, lm_head=setup.lm_head, tied=setup.tied_embeddings)
+    return [math.ceil(n / setup.world) for n in sizes]
+
+
 def sub_groups(partitions: list[int], sub_group_size: int) -> list[int]:
     """Elements of each ZeRO-3 optimizer sub-group (stage3.py _create_fp16_sub_groups): the parameters' partitions in
     order, a sub-group closed at the parameter that brings it to sub_group_size or more; one group if all fit."""
@@ -126,8 +133,7 @@ def optimizer_sub_groups(setup: Setup) -> tuple[list[int], list[int]]:
     otherwise ([], []))"""
     if setup.zero_stage != 3 or not setup.offload_optimizer or setup.optimizer == "none":
         return [], []
-    sizes = parameter_sizes(setup.shape, lm_head=setup.lm_head, tied=setup.tied_embeddings)
-    groups = sub_groups([math.ceil(n / setup.world) for n in sizes], setup.sub_group_size)
+    groups = sub_groups(rank_partitions(setup), setup.sub_group_size)
     k = gpu_sub_group_count(setup.optimizer_ratio, len(groups))
     return groups[:k], groups[k:]
 
@@ -165,7 +171,7 @@ def host_state_items(setup: Setup) -> tuple[list[Item], PinnedCache]:
 def _zero3_host_items(setup: Setup, cache: PinnedCache) -> list[Item]:
     s, a, W, pin, dt = setup.shape, setup.act_bytes, setup.world, setup.pin_memory, setup.precision
     sizes = parameter_sizes(s, lm_head=setup.lm_head, tied=setup.tied_embeddings)
-    P = sum(math.ceil(n / W) for n in sizes)  # this rank's partitions, each padded to a multiple of W
+    P = sum(rank_partitions(setup))
     stage3_optimizer = setup.optimizer != "none"
     items = []
     if setup.offload_params:
