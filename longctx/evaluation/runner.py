@@ -36,10 +36,12 @@ DEFAULT_TASKS = TASKS[:-1]  # chat only when asked: it needs a chat template
 
 @dataclass
 class EvalConfig:
+    # what is evaluated, and where the results go
     model: str
     tokenizer: str = ""
     output_dir: str = "runs/eval"
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    # the retrieval grid (passkey, multi_needle)
     lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     samples: int = 10
@@ -47,19 +49,23 @@ class EvalConfig:
     filler: str = "classic"
     seed: int = 0
     max_new_tokens: int = 10
+    # perplexity by position (0: the longest of `lengths`)
     ppl_data: str = ""
     ppl_seq_len: int = 0
     ppl_docs: int = 8
     ppl_buckets: str = "log"
     logits_chunk: int = 1024
+    # LongBench-style QA (0: the longest of `lengths`)
     longbench_data: str = ""
     longbench_template: str = ""
     longbench_max_len: int = 0
     longbench_max_new_tokens: int = 32
+    # the citation task and the chat prompts
     citation_data: str = ""
     citation_max_new_tokens: int = 128
     citation_samples: int = 0
     chat_max_new_tokens: int = 64
+    # how the model runs
     batch_tokens: int = 262144
     precision: str = "auto"
     attn_implementation: str = "auto"
