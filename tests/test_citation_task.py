@@ -21,6 +21,7 @@ import pytest
 
 from helpers_train import TOKENIZER, target_text
 from longctx import documents
+from longctx.errors import LongctxError
 from longctx.evaluation import citation as cit
 from longctx.models import long_text_data as ltd
 
@@ -203,6 +204,15 @@ def test_eval_task_generates_and_scores(tok, out, tmp_path, monkeypatch):
     tok2, _, _, lb, cites = runner.check_inputs(cfg)
     assert lb is None and sorted(cites) == list(EVAL_LENGTHS) and all(len(v) == 2 for v in cites.values())
     assert cit.stop_ids(tok) == {tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")}
+    # --citation-lengths: a subset of the data's lengths (a native model is asked only within its context); a
+    # length the data lacks is refused before the model is loaded
+    only = runner.parse(["--model", model_dir, "--tasks", "citation", "--citation-data", str(out),
+                         "--citation-lengths", str(EVAL_LENGTHS[0])])
+    assert sorted(runner.check_inputs(only)[4]) == [EVAL_LENGTHS[0]]
+    wrong = runner.parse(["--model", model_dir, "--tasks", "citation", "--citation-data", str(out),
+                          "--citation-lengths", "12345"])
+    with pytest.raises(LongctxError, match="--citation-lengths 12345: not in --citation-data"):
+        runner.check_inputs(wrong)
     model = generate.load_model(model_dir, precision="fp32", attn_impl="sdpa", device=torch.device("cpu"))
     res = runner.cite(model, tok2, cfg, cites)  # a random model: some output, scored
     assert set(res["by_length"]) == {"2048", "4096"} and len(res["samples"]) == 4
@@ -247,4 +257,5 @@ def test_gpu_run_evaluates_the_citation_task_only_when_asked(tmp_path, monkeypat
         cfg = seen[2]
         assert cfg.tasks == ["citation"] and cfg.citation_data == str(tmp_path / "data" / "citation")
         assert cfg.lengths == recipe_data.citation_lengths(4096) == [1024, 2048, 4096]
+        assert cfg.citation_lengths == cfg.lengths  # only these of the data's lengths (the native model: its own)
         assert res["citation"]["task"] == "citation" and res["seconds"]["citation"] == 1.0

@@ -64,6 +64,7 @@ class EvalConfig:
     citation_data: str = ""
     citation_max_new_tokens: int = 128
     citation_samples: int = 0
+    citation_lengths: list[int] = field(default_factory=list)  # empty: every length the data has
     chat_max_new_tokens: int = 64
     # how the model runs
     batch_tokens: int = 262144
@@ -127,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
       "citation question.")
     a("--citation-samples", type=int, default=d.citation_samples, help="Citation questions per context length "
       "(the first N; 0: all).")
+    a("--citation-lengths", type=_csv(int), default=d.citation_lengths, help="Context lengths of the citation "
+      "data to evaluate (default: all it has).")
     a("--chat-max-new-tokens", type=int, default=d.chat_max_new_tokens, help="Tokens generated per chat prompt.")
     a("--batch-tokens", type=int, default=d.batch_tokens, help="Prompt tokens decoded together at most (the KV "
       "cache of a batch is held at once; 0: all prompts of a task in one batch).")
@@ -186,6 +189,12 @@ def check_inputs(cfg: EvalConfig):
         if not getattr(tok, "chat_template", None):
             raise LongctxError(f"--citation-data: the tokenizer ({tok_path}) has no chat template")
         cites = citation.read(cfg.citation_data)
+        if cfg.citation_lengths:
+            missing = sorted(set(cfg.citation_lengths) - set(cites))
+            if missing:
+                raise LongctxError(f"--citation-lengths {','.join(map(str, missing))}: not in --citation-data "
+                                   f"{cfg.citation_data} (it has {','.join(map(str, sorted(cites)))})")
+            cites = {L: rows for L, rows in cites.items() if L in cfg.citation_lengths}
         if cfg.citation_samples:
             cites = {L: rows[:cfg.citation_samples] for L, rows in cites.items()}
     limit = model_cfg.get("max_position_embeddings")
