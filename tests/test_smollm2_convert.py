@@ -62,6 +62,15 @@ def test_context_extension_sets_the_rope_base(smollm2_dir):
     cfg = AutoConfig.from_pretrained(out)
     from_gguf.extend_context(cfg, 32768, 1e6)
     assert cfg.rope_parameters["rope_theta"] == 1e6
+    # --rope-factor 8: a 32K config whose base is made for 64K (headroom), the NTK formula written out here
+    cfg = AutoConfig.from_pretrained(out)
+    changed = from_gguf.extend_context(cfg, 32768, None, "ntk", 8.0)
+    theta = round(100000.0 * 8.0 ** (64 / 62), -3)
+    assert theta == 856000.0 and cfg.rope_parameters["rope_theta"] == theta
+    assert changed == {"max_position_embeddings": (8192, 32768), "rope_theta": (100000.0, theta)}
+    assert cfg.max_position_embeddings == 32768
+    with pytest.raises(LongctxError, match="--rope-factor 0.5: expected a factor >= 1"):
+        from_gguf.extend_context(AutoConfig.from_pretrained(out), 32768, None, "ntk", 0.5)
 
 
 def test_extended_model_uses_the_new_base(smollm2_dir):
@@ -77,28 +86,29 @@ def test_extended_model_uses_the_new_base(smollm2_dir):
     assert facts["nll_check_text"] < nll < 1.2 * facts["nll_check_text"]  # costs a little before training
 
 
-@pytest.mark.parametrize("rope", ["yarn", "llama3"])
-def test_scaled_rope_variants(smollm2_dir, tmp_path, rope):
+@pytest.mark.parametrize("rope,factor", [("yarn", None), ("llama3", None), ("yarn", 8.0)])
+def test_scaled_rope_variants(smollm2_dir, tmp_path, rope, factor):
     """write_variant: the converted directory with YaRN or Llama-3 scaling to 32K in its config (weights linked, not
     copied); the rotary frequencies it loads with keep the highest frequency and divide the lowest by the factor
     (both methods interpolate only wavelengths beyond the native 8K), YaRN's cos/sin scale is 0.1 ln(4) + 1, and
-    the model stays sane on the check text."""
+    the model stays sane on the check text. With --rope-factor 8 the lowest frequency is divided by 8, not 4."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, facts = smollm2_dir
     dst = tmp_path / rope
-    rp = from_gguf.write_variant(out, dst, 32768, rope)
-    assert rp["rope_type"] == rope and rp["factor"] == 4.0 and rp["rope_theta"] == 100000.0
+    rp = from_gguf.write_variant(out, dst, 32768, rope, factor)
+    f = factor or 4.0
+    assert rp["rope_type"] == rope and rp["factor"] == f and rp["rope_theta"] == 100000.0
     assert rp["original_max_position_embeddings"] == 8192
     assert json.loads((dst / "config.json").read_text())["max_position_embeddings"] == 32768
     assert (dst / "model.safetensors").stat().st_ino == (out / "model.safetensors").stat().st_ino
     model = AutoModelForCausalLM.from_pretrained(dst).eval()
     base = 1.0 / 100000.0 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64)
     inv = model.model.rotary_emb.inv_freq
-    assert inv[0] == pytest.approx(float(base[0])) and inv[-1] == pytest.approx(float(base[-1]) / 4, rel=1e-5)
+    assert inv[0] == pytest.approx(float(base[0])) and inv[-1] == pytest.approx(float(base[-1]) / f, rel=1e-5)
     assert 2 * math.pi / base[-1] > 8192 and 2 * math.pi / base[0] < 2048  # the band the check spans
     scale = model.model.rotary_emb.attention_scaling
-    assert scale == pytest.approx(0.1 * math.log(4) + 1 if rope == "yarn" else 1.0)
+    assert scale == pytest.approx(0.1 * math.log(f) + 1 if rope == "yarn" else 1.0)
     nll = from_gguf.text_nll(model, AutoTokenizer.from_pretrained(dst), from_gguf.check_text())
     assert facts["nll_check_text"] <= nll < 1.2 * facts["nll_check_text"]

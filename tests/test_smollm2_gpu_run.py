@@ -86,6 +86,14 @@ def test_every_phase_on_cpu(inputs):
     assert cmd[cmd.index("--eval-data") + 1] == str(data / "probe.jsonl")
     assert res["train"]["metrics"][-1]["eval_loss"] is not None  # the probe's answer NLL: the learning curve
 
+    # the extended config's RoPE is made for twice the target (--rope-factor's default): the NTK formula by hand
+    tiny = json.loads((Path(model) / "config.json").read_text())
+    hd = tiny.get("head_dim") or tiny["hidden_size"] // tiny["num_attention_heads"]
+    theta0 = (tiny.get("rope_parameters") or {}).get("rope_theta") or tiny["rope_theta"]
+    factor = 2 * T / tiny["max_position_embeddings"]
+    assert res["convert"]["rope_factor"] == factor
+    assert res["convert"]["rope_parameters"]["rope_theta"] == round(theta0 * factor ** (hd / (hd - 2)), -3)
+
     native, ext, after = (res["eval"][k] for k in ("native_before", "extended_before", "after"))
     assert native["passkey"]["lengths"] == [512] and ext["passkey"]["lengths"] == after["passkey"]["lengths"]
     assert "citation" not in native and set(after["citation"]["by_length"]) == {str(L) for L in

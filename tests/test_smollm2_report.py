@@ -54,6 +54,18 @@ def test_section_holds_the_numbers(results):
     assert "train loss 2.500 → 2.250" in text and "passkey-probe answer NLL 2.300" in text
 
 
+def test_section_names_the_rope(results):
+    """The 32K config's RoPE from the converter's facts; a factor beyond the extension is called headroom; a
+    results.json from before --rope-factor (no factor recorded) was scaled by the extension."""
+    results["convert"] = {"changed": {"max_position_embeddings": [8192, 32768], "rope_theta": [100000.0, 856000.0]},
+                          "rope_factor": 8.0}
+    assert ("RoPE of the 32K config: NTK-aware base: rope_theta 100,000 → 856,000, made for 8x the native context "
+            "(2x the 4x extension: headroom).") in report.section(results)
+    del results["convert"]["rope_factor"]
+    results["convert"]["changed"]["rope_theta"] = [100000.0, 418000.0]
+    assert "rope_theta 100,000 → 418,000, made for 4x the native context." in report.section(results)
+
+
 def test_section_holds_the_new_evaluations(results):
     """The held-out prose line, the citation table per length (native: only where it was asked), the chat answers
     side by side (one line each, pipes escaped), the rope comparison when there is one."""

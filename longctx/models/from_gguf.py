@@ -28,6 +28,12 @@ base (ABF, as SmolLM2 itself did from 2K to 8K, and Code Llama / Llama 2 Long) k
 every attention kernel and Liger's RoPE apply it unchanged, and the model starts close to its 8K self: the
 lowest frequency turns over 32K about as far as it used to over 8K. The converter reports the check text's NLL
 with the new base as well, the "before" number of the fine-tune.
+
+--rope-factor scales the RoPE for more than the new context (8 for a 32K config: rope_theta 856,000 with ntk).
+Retrieval measured on an H100 (docs/RESULTS.md, 2026-12-07) worked to about half the range a RoPE was made for,
+not to its end: the native model finds a passkey at every depth of 4K but at 0% depth of 8K (0 of 20), and the
+32K config, fine-tuned at 32K with a factor of 4, finds it at every depth of 16K and at 0-30% for depths 0-75% of
+32K. A factor of 2x the new context over the native one puts the target length where the native model retrieves.
 """
 
 from __future__ import annotations
@@ -98,9 +104,11 @@ def load_gguf(dtype=None, gguf: str | Path | None = None):
 ROPES = ("ntk", "yarn", "llama3")
 
 
-def scaled_rope(rope: str, theta: float, new_len: int, old_len: int = NATIVE_CONTEXT) -> dict:
-    """rope_parameters of YaRN or Llama-3-style scaling from old_len to new_len, the base kept."""
-    common = {"rope_theta": float(theta), "factor": new_len / old_len, "original_max_position_embeddings": old_len}
+def scaled_rope(rope: str, theta: float, new_len: int, old_len: int = NATIVE_CONTEXT,
+                factor: float | None = None) -> dict:
+    """rope_parameters of YaRN or Llama-3-style scaling by `factor` (default new_len / old_len), the base kept."""
+    common = {"rope_theta": float(theta), "factor": float(factor or new_len / old_len),
+              "original_max_position_embeddings": old_len}
     if rope == "yarn":
         return {"rope_type": "yarn", **common}
     if rope == "llama3":
@@ -109,10 +117,14 @@ def scaled_rope(rope: str, theta: float, new_len: int, old_len: int = NATIVE_CON
 
 
 def extend_context(config, max_position_embeddings: int | None, rope_theta: float | None,
-                   rope: str = "ntk") -> dict:
-    """Set the new position range and its RoPE (see the module docstring) on `config`; returns what changed."""
+                   rope: str = "ntk", rope_factor: float | None = None) -> dict:
+    """Set the new position range and its RoPE (see the module docstring) on `config`; returns what changed.
+    rope_factor: the RoPE is scaled by it instead of by the new range over the native one (headroom: see
+    --rope-factor)."""
     if rope not in ROPES:
         raise LongctxError(f"--rope {rope}: expected one of {', '.join(ROPES)}")
+    if rope_factor is not None and rope_factor < 1:
+        raise LongctxError(f"--rope-factor {rope_factor}: expected a factor >= 1 (1: the native RoPE)")
     changed = {}
     rp = dict(config.rope_parameters or {})
     old_theta = float(rp.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
@@ -120,12 +132,13 @@ def extend_context(config, max_position_embeddings: int | None, rope_theta: floa
     if max_position_embeddings and max_position_embeddings != native:
         changed["max_position_embeddings"] = (native, max_position_embeddings)
         if rope != "ntk" and max_position_embeddings > native:
-            new = scaled_rope(rope, rope_theta or old_theta, max_position_embeddings, native)
+            new = scaled_rope(rope, rope_theta or old_theta, max_position_embeddings, native, rope_factor)
             changed["rope_parameters"] = (rp, new)
             config.rope_parameters, rp = new, dict(new)
         elif rope_theta is None and max_position_embeddings > native:
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            rope_theta = round(ntk_rope_theta(old_theta, head_dim, max_position_embeddings, native), -3)
+            scaled_len = native * rope_factor if rope_factor else max_position_embeddings
+            rope_theta = round(ntk_rope_theta(old_theta, head_dim, scaled_len, native), -3)
         config.max_position_embeddings = max_position_embeddings
     if rope_theta is not None and rope_theta != old_theta:
         changed["rope_theta"] = (old_theta, rope_theta)
@@ -134,7 +147,8 @@ def extend_context(config, max_position_embeddings: int | None, rope_theta: floa
     return changed
 
 
-def write_variant(src: Path, dst: Path, max_position_embeddings: int, rope: str) -> dict:
+def write_variant(src: Path, dst: Path, max_position_embeddings: int, rope: str,
+                  rope_factor: float | None = None) -> dict:
     """A copy of the converted model directory `src` (native context) whose config extends it by `rope` (ROPES);
     the weights are hard links (copies across filesystems). Written to dst.tmp, then renamed. Returns the config's
     new rope_parameters."""
@@ -144,7 +158,7 @@ def write_variant(src: Path, dst: Path, max_position_embeddings: int, rope: str)
 
     src, dst = Path(src), Path(dst)
     config = AutoConfig.from_pretrained(src)
-    extend_context(config, max_position_embeddings, None, rope)
+    extend_context(config, max_position_embeddings, None, rope, rope_factor)
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -160,9 +174,10 @@ def write_variant(src: Path, dst: Path, max_position_embeddings: int, rope: str)
     return json.loads((dst / "config.json").read_text())["rope_parameters"]
 
 
-def extend_model(model, max_position_embeddings: int | None, rope_theta: float | None, rope: str = "ntk") -> dict:
+def extend_model(model, max_position_embeddings: int | None, rope_theta: float | None, rope: str = "ntk",
+                 rope_factor: float | None = None) -> dict:
     """extend_context on a loaded model, its rotary frequencies recomputed for the new RoPE."""
-    changed = extend_context(model.config, max_position_embeddings, rope_theta, rope)
+    changed = extend_context(model.config, max_position_embeddings, rope_theta, rope, rope_factor)
     if "rope_theta" in changed or "rope_parameters" in changed:
         rotary = model.model.rotary_emb
         device = rotary.inv_freq.device
@@ -184,7 +199,8 @@ def _write(model, tok, out: Path, say) -> None:
 
 
 def convert(out: Path, *, max_position_embeddings: int | None = None, rope_theta: float | None = None,
-            gguf: str | Path | None = None, native_out: Path | None = None, rope: str = "ntk", say=print) -> dict:
+            gguf: str | Path | None = None, native_out: Path | None = None, rope: str = "ntk",
+            rope_factor: float | None = None, say=print) -> dict:
     """Read, check, optionally extend, and write `out` atomically (out.tmp, then a rename). Returns the facts.
     `native_out`: also write the model as read (native context) there, before extending: one read of the GGUF
     (the slow part: its tokenizer) for both."""
@@ -202,7 +218,8 @@ def convert(out: Path, *, max_position_embeddings: int | None = None, rope_theta
     model.hf_quantizer = None
     if native_out:
         _write(model, tok, native_out, say)
-    facts = {"nll_check_text": nll, "changed": extend_model(model, max_position_embeddings, rope_theta, rope)}
+    facts = {"nll_check_text": nll,
+             "changed": extend_model(model, max_position_embeddings, rope_theta, rope, rope_factor)}
     if facts["changed"]:
         facts["nll_check_text_extended"] = text_nll(model, tok, text)
         say(f"context: {facts['changed']}; NLL with it {facts['nll_check_text_extended']:.4f} on the check text")
@@ -220,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rope-theta", type=float, default=None, help="RoPE base to write (native 100000)")
     p.add_argument("--rope", choices=ROPES, default="ntk", help="how the context is extended: ntk raises the base, "
                    "yarn and llama3 scale the frequencies (rope_parameters)")
+    p.add_argument("--rope-factor", type=float, default=None, help="scale the RoPE by this factor instead of by "
+                   "the new context over the native one: 2x that gives headroom (see the module docstring)")
     p.add_argument("--gguf", default=None, help=f"the .gguf file to read (default: {GGUF_NAME} from the installed "
                    f"{PACKAGE} package)")
     p.add_argument("--native-out", default=None, help="also write the model with its native context here (one "
@@ -227,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         convert(Path(args.out), max_position_embeddings=args.max_position_embeddings, rope_theta=args.rope_theta,
-                gguf=args.gguf, native_out=Path(args.native_out) if args.native_out else None, rope=args.rope)
+                gguf=args.gguf, native_out=Path(args.native_out) if args.native_out else None, rope=args.rope,
+                rope_factor=args.rope_factor)
     except LongctxError as e:
         return report(e)
     return 0

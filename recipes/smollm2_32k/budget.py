@@ -18,13 +18,14 @@ ATTN_FLOPS = 250e12
 MATMUL_FLOPS = 150e12
 DECODE_STEP_S = 0.025   # one cached decode step of a 30-layer HF Llama in eager mode: launch-bound, ~25 ms
 LOAD_S = 3.0            # a 135M checkpoint from local disk to the GPU, per eval.py run
-TRAIN_OVERHEAD_S = 75.0  # train.py outside its loop: launcher, imports, tokenizing ~50M tokens, the evals at the
-#                          start and end, the DeepSpeed checkpoint and final model (57 s measured on the H200 with
-#                          2.5M tokens of data, 2026-12-04, plus ~20 s to tokenize 20x more)
-TRAIN_TOKENS_PER_S = 60_000.0  # 32K rows, no checkpointing, Liger: 65K/s median on the H200 (2026-12-04)
-CONVERT_S = 35.0        # measured 33 s on the H200, 26 s on an H100 (CPU work: the GGUF's tokenizer and tensors)
-DATA_S = 90.0           # measured 88 s on an H100 (2026-12-07, a run cut off later): site-packages, tokenizing what
-#                         is kept, the citation examples (one core); 60 s had been estimated
+TRAIN_OVERHEAD_S = 75.0  # train.py outside its loop: launcher, imports, tokenizing ~30M tokens, the evals at the
+#                          start and end, the DeepSpeed checkpoint and final model (76 s measured on an H100 with
+#                          27M tokens, 2026-12-07; 57 s on the H200 with 2.5M tokens, 2026-12-04)
+TRAIN_TOKENS_PER_S = 63_000.0  # 32K rows, no checkpointing, Liger: medians 65.2K/s on an H100 (2026-12-07, 207
+#                                steps) and 65K/s on the H200 (2026-12-04); sized at 60K, the H100 run left 55 s idle
+CONVERT_S = 40.0        # measured 41 and 26 s on H100s, 33 s on the H200 (CPU work: the GGUF's tokenizer, tensors)
+DATA_S = 105.0          # measured 104 s and 88 s on H100s (2026-12-07): site-packages, tokenizing what is kept, the
+#                         citation examples (one core)
 FIGURES_S = 5.0
 MARGIN_S = 60.0         # for the estimates above being short
 

@@ -61,6 +61,8 @@ def parse(argv=None) -> argparse.Namespace:
     a("--budget-minutes", type=float, default=20.0, help="the whole run; training gets what the rest leaves")
     a("--target-len", type=int, default=32768, help="the new context length (max_seq_len, config, eval)")
     a("--rope", choices=("ntk", "yarn", "llama3"), default="ntk", help="the RoPE extension when not compared")
+    a("--rope-factor", type=float, default=0, help="the RoPE's scale factor (default: 2 x target / native, 8 for "
+      "32K: headroom, because retrieval measured to about half the range a RoPE is made for; see from_gguf)")
     a("--rope-compare", action="store_true", help="compare the three first and train with the best (~3.5 min "
       "on an H100: off by default, see the README's budget)")
     a("--rope-compare-steps", type=int, default=12)
@@ -96,6 +98,8 @@ def parse(argv=None) -> argparse.Namespace:
     a("--train-args", default="", help="more train.py flags, space-separated")
     a("--skip-native", action="store_true", help="no before-eval of the native 8K model")
     args = p.parse_args(argv)
+    if args.rope_factor and args.rope_factor < 1:
+        p.error("--rope-factor must be >= 1 (0: 2 x target / native)")
     if args.citation_train_share and not 0 <= args.citation_train_share < 1:
         p.error("--citation-train-share must be in [0, 1)")
     return args
@@ -105,6 +109,11 @@ def yaml_value(key: str):
     import yaml
 
     return yaml.safe_load(TRAIN_CONFIG.read_text())[key]
+
+
+def rope_factor(args) -> float:
+    """--rope-factor, or twice the extension: the target length sits where the RoPE's native half would be."""
+    return args.rope_factor or 2.0 * args.target_len / native_context(args)
 
 
 def native_context(args) -> int:
@@ -158,6 +167,7 @@ def evaluate(model: Path, work: Path, tag: str, args, lengths: list[int], cite_l
     if args.citation_eval and cite_lengths:
         cfgs.append(("citation", runner.EvalConfig(**common, output_dir=str(work / f"eval-citation-{tag}"),
                                                    tasks=["citation"], lengths=cite_lengths,
+                                                   citation_lengths=cite_lengths,
                                                    citation_data=str(work / "data" / "citation"),
                                                    citation_max_new_tokens=args.citation_max_new_tokens)))
     out, t0 = {}, time.monotonic()
@@ -269,7 +279,7 @@ def rope_compare(work: Path, native: Path, args, tokens_per_step: int) -> dict:
     for rope in from_gguf.ROPES:
         t = time.monotonic()
         d = work / "models" / f"rope-{rope}"
-        params = from_gguf.write_variant(native, d, T, rope)
+        params = from_gguf.write_variant(native, d, T, rope, rope_factor(args))
         before = nll_at_length(d, work, f"rope-{rope}-untrained", args)
         tr = train(work, args, d, work / f"rope-{rope}", args.rope_compare_steps, 0, args.rope_compare_steps)
         after = nll_at_length(Path(tr["final_model"]), work, f"rope-{rope}-trained", args)
@@ -364,10 +374,12 @@ def run(args, out: Path, work: Path) -> int:
             shutil.rmtree(native, ignore_errors=True)
             shutil.copytree(args.native_model, native)
             R.data["convert"] = {"native_model": args.native_model,
-                                 "rope_parameters": from_gguf.write_variant(native, ext, T, args.rope)}
+                                 "rope_parameters": from_gguf.write_variant(native, ext, T, args.rope,
+                                                                            rope_factor(args))}
         else:
             R.data["convert"] = from_gguf.convert(ext, max_position_embeddings=T, gguf=args.gguf or None,
-                                                  native_out=native, rope=args.rope)
+                                                  native_out=native, rope=args.rope, rope_factor=rope_factor(args))
+        R.data["convert"]["rope_factor"] = rope_factor(args)
 
     def data():
         from transformers import AutoTokenizer

@@ -164,6 +164,7 @@ def section(results: dict, fig_prefix: str = "smollm2_32k/") -> str:
                   f"documents ({d['train_long_tokens']:,} tokens), {d['train_short_docs']} short ones "
                   f"({d['train_short_tokens']:,} tokens, {d['short_share']:.0%}), held out {d['eval_docs']} documents "
                   f"({d['eval_tokens']:,} tokens) from groups no training text shares a file with.", ""]
+    lines += _rope_setting(results)
     c = (results.get("data") or {}).get("citation")
     if c:
         lines += [f"Citation task: {c['train']['examples']} training examples ({c.get('train_tokens', 0):,} tokens, "
@@ -244,6 +245,29 @@ def _chat_lines(sides) -> list[str]:
         out.append(f"| {_md(first['prompt'])} | " + " | ".join(_md(a[i]["answer"]) if i < len(a) else "—"
                                                                for _, a in chats) + " |")
     return out + [""]
+
+
+def _rope_setting(results: dict) -> list[str]:
+    """One sentence: the RoPE the 32K config was given (the converter's facts, or the compared variant chosen)."""
+    rc = results.get("rope_compare")
+    if rc:
+        return [f"RoPE: {rc['chosen']}, chosen by the comparison below.", ""]
+    conv = results.get("convert") or {}
+    changed = conv.get("changed") or {}
+    if "rope_theta" in changed:
+        what = "NTK-aware base: rope_theta {:,.0f} → {:,.0f}".format(*changed["rope_theta"])
+    elif "rope_parameters" in changed:
+        new = changed["rope_parameters"][1]
+        what = f"rope_type {new.get('rope_type')}"
+    else:
+        return []
+    native, new_len = changed.get("max_position_embeddings") or (0, 0)
+    extension = new_len / native if native else 0
+    factor = conv.get("rope_factor") or extension  # results.json before --rope-factor: scaled by the extension
+    how = f", made for {factor:g}x the native context" if factor else ""
+    if factor and extension and factor != extension:
+        how += f" ({factor / extension:g}x the {extension:g}x extension: headroom)"
+    return [f"RoPE of the {_fmt_len(new_len)} config: {what}{how}.", ""]
 
 
 def _rope_lines(results: dict) -> list[str]:

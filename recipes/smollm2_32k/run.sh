@@ -8,9 +8,9 @@ EVAL_LONG="--tasks passkey,multi_needle,ppl --lengths 4096,8192,16384,32768 --sa
            --ppl-data data/smollm2-32k/eval_texts --ppl-seq-len 32768 --ppl-docs 16"
 EVAL_SHORT="--tasks ppl --lengths 2048 --ppl-data data/smollm2-32k/eval_texts --ppl-seq-len 2048 --ppl-docs 64"
 
-# 1. the model, native (8K, theta 1e5) and with the 32K config (theta 418,000 by the NTK-aware factor)
+# 1. the model, native (8K, theta 1e5) and with the 32K config (theta 856,000: the NTK-aware factor for 64K, headroom)
 python -m longctx.models.from_gguf --out models/smollm2-135m
-python -m longctx.models.from_gguf --out models/smollm2-135m-32k --max-position-embeddings 32768
+python -m longctx.models.from_gguf --out models/smollm2-135m-32k --max-position-embeddings 32768 --rope-factor 8  # RoPE made for 64K: see README
 # 2. the data: stdlib + /usr/share/doc groups up to 32K tokens, held-out groups, 20% short documents
 python -m longctx.models.long_text_data --tokenizer models/smollm2-135m-32k --target-len 32768 --out data/smollm2-32k
 # 3. before: the native model and the extended config, untrained
