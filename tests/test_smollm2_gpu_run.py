@@ -8,6 +8,9 @@ runner), then checked against the files it wrote:
   each held-out question's answer is in its context;
 * train.py trained on the long text and the citation examples by share, with the passkey probe as its eval set;
 * the native model was evaluated only within its context; 20 prompts a cell is the default;
+* the rope probe runs every candidate through eval.py's runner; its choice (runner stubbed: this checks the rule)
+  is the most accurate candidate, ties to the earlier one, none when every candidate scores 0%, and the main run
+  trains and evaluates what it chose;
 * the rope comparison (train.py stubbed: this checks the choice, not training) picks the variant with the lowest
   measured NLL and the main run uses it;
 * the default plan fits 20 minutes with training >= 60% of it, and the comparison would not.
@@ -54,7 +57,7 @@ def flags(root: Path, model: str, out: str) -> list[str]:
             "--short-len", "256", "--short-docs", "2", "--citation-eval", "1", "--citation-max-new-tokens", "8",
             "--eval-share", "0.3", "--stdlib", str(root / "lib"), "--doc-root", "", "--site-packages", "",
             "--heldout-prose", str(root / "prose"), "--grad-accum", "1", "--probe-samples", "1",
-            "--budget-minutes", "30"]
+            "--rope-probe-samples", "1", "--budget-minutes", "30"]
 
 
 @pytest.mark.slow
@@ -62,8 +65,8 @@ def test_every_phase_on_cpu(inputs):
     root, model = inputs
     assert gpu_run.main(flags(root, model, "out") + ["--max-steps", "2"]) == 0
     res = json.loads((root / "out" / "results.json").read_text())
-    assert [k for k, v in res["phases"].items() if v["ok"]] == ["convert", "data", "before", "train", "after",
-                                                                 "figures"]
+    assert [k for k, v in res["phases"].items() if v["ok"]] == ["convert", "data", "rope", "before", "train",
+                                                                 "after", "figures"]
     assert res["progress"]["finished"] and res["progress"]["rc"] == 0
     log = (root / "out" / "gpu_run.log").read_text()
     assert all(f": {name}" in log for name in res["phases"]) and "train: step 2/2 (100%)" in log and "ETA" in log
@@ -94,7 +97,16 @@ def test_every_phase_on_cpu(inputs):
     assert res["convert"]["rope_factor"] == factor
     assert res["convert"]["rope_parameters"]["rope_theta"] == round(theta0 * factor ** (hd / (hd - 2)), -3)
 
+    probe = res["rope_probe"]
+    assert list(probe["variants"]) == ["ntk8", "yarn8"] and probe["length"] == T
+    assert all(len(v["accuracy_by_depth"]) == 4 for v in probe["variants"].values())
+    means = {k: v["mean"] for k, v in probe["variants"].items()}
+    assert probe["chosen"] == (max(means, key=means.get) if max(means.values()) > 0 else None)
+    expected_ext = (probe["variants"][probe["chosen"]]["model"] if probe["chosen"]
+                    else str(root / "out-work" / "models" / "smollm2-135m-32k"))
+
     native, ext, after = (res["eval"][k] for k in ("native_before", "extended_before", "after"))
+    assert ext["model"] == expected_ext
     assert native["passkey"]["lengths"] == [512] and ext["passkey"]["lengths"] == after["passkey"]["lengths"]
     assert "citation" not in native and set(after["citation"]["by_length"]) == {str(L) for L in
                                                                                recipe_data.citation_lengths(T)}
@@ -106,23 +118,74 @@ def test_every_phase_on_cpu(inputs):
     assert "**Citation task**" in text and "**Chat prompts, greedy**" in text and "held-out prose" in text
 
 
-def test_rope_comparison_picks_the_lowest_measured_nll(inputs, monkeypatch):
-    """train.py is replaced by a copy of the model (trained NLL = untrained), evaluation after the comparison by a
-    recorder: the choice is made on the NLL measured by eval.py's runner for each variant's config."""
-    root, model = inputs
-    used = {}
+def stub_train_and_evaluate(monkeypatch) -> dict:
+    """train.py replaced by a copy of its model (trained = untrained), the before/after evaluations by a recorder:
+    {"train": [model dirs trained], "eval": [(tag, model dir)]}."""
+    used: dict = {"train": [], "eval": []}
 
     def fake_train(work, args, model_dir, run_dir, steps, minutes, eval_interval):
         shutil.copytree(model_dir, run_dir / "final_model", dirs_exist_ok=True)
-        used.setdefault("train", []).append(Path(model_dir))
+        used["train"].append(Path(model_dir))
         return {"metrics": [{"step": 1, "loss": 1.0, "tokens": 10, "tokens_per_s": 5.0}], "summary": {},
                 "final_model": str(run_dir / "final_model"), "tokens_per_s_median": 5.0, "command": []}
 
     def fake_evaluate(model_dir, work, tag, args, lengths, cite):
-        used.setdefault("eval", []).append((tag, Path(model_dir)))
+        used["eval"].append((tag, Path(model_dir)))
         return {"seconds": {"total": 1.0}}
     monkeypatch.setattr(gpu_run, "train", fake_train)
     monkeypatch.setattr(gpu_run, "evaluate", fake_evaluate)
+    return used
+
+
+@pytest.mark.parametrize("scores,chosen", [
+    ({"ntk8": [0.5, 0.5, 0, 0], "yarn8": [1, 0, 0, 0], "llama38": [0, 0.25, 0, 0]}, "ntk8"),  # a tie: the earlier
+    ({"ntk8": [0, 0, 0, 0], "yarn8": [0, 0, 0.25, 0], "llama38": [0, 0, 0, 0]}, "yarn8"),
+    ({"ntk8": [0, 0, 0, 0], "yarn8": [0, 0, 0, 0], "llama38": [0, 0, 0, 0]}, None),  # nothing found: no choice
+])
+def test_rope_probe_choice_reaches_the_main_run(inputs, monkeypatch, scores, chosen):
+    """The probe's passkey accuracies come from a stub of eval.py's runner (each candidate's config is written for
+    real); the choice follows the rule, and the model trained and evaluated before is the chosen one's (or the
+    converted config when none is chosen)."""
+    from longctx.evaluation import runner
+
+    root, model = inputs
+    asked = []
+
+    def fake_run(cfg):
+        name = Path(cfg.model).name.removeprefix("rope-")
+        asked.append((name, cfg.tasks, cfg.lengths, cfg.depths, cfg.samples))
+        return {"passkey": {"accuracy": [[a] for a in scores[name]]}}
+    monkeypatch.setattr(runner, "run", fake_run)
+    used = stub_train_and_evaluate(monkeypatch)
+    out = f"probe-{chosen}"
+    assert gpu_run.main(flags(root, model, out) + ["--rope-probe", "ntk:8,yarn:8,llama3:8", "--rope-probe-samples",
+                                                   "3", "--max-steps", "1"]) == 0
+    res = json.loads((root / out / "results.json").read_text())
+    assert asked == [(n, ["passkey"], [T], [0.0, 0.25, 0.5, 0.75], 3) for n in scores]
+    assert res["rope_probe"]["chosen"] == chosen
+    rp = {k: v["rope_parameters"] for k, v in res["rope_probe"]["variants"].items()}
+    assert rp["yarn8"]["rope_type"] == "yarn" and rp["yarn8"]["factor"] == 8.0
+    assert rp["ntk8"]["rope_theta"] > 1e4  # the tiny model's base raised; its formula is test_smollm2_convert's
+    model_dir = (Path(res["rope_probe"]["variants"][chosen]["model"]) if chosen
+                 else root / f"{out}-work" / "models" / "smollm2-135m-32k")
+    assert used["train"] == [model_dir] and ("extended-before", model_dir) in used["eval"]
+
+
+def test_probe_candidates_are_checked():
+    assert gpu_run.probe_candidates("ntk:8, yarn:4") == [("ntk", 8.0), ("yarn", 4.0)]
+    assert gpu_run.probe_candidates("") == []
+    for bad in ("ntk", "rope:8", "ntk:0.5"):
+        with pytest.raises(ValueError):
+            gpu_run.probe_candidates(bad)
+    with pytest.raises(SystemExit):
+        gpu_run.parse(["--out", "x", "--rope-probe", "abc:2"])
+
+
+def test_rope_comparison_picks_the_lowest_measured_nll(inputs, monkeypatch):
+    """train.py is replaced by a copy of the model (trained NLL = untrained), evaluation after the comparison by a
+    recorder: the choice is made on the NLL measured by eval.py's runner for each variant's config."""
+    root, model = inputs
+    used = stub_train_and_evaluate(monkeypatch)
     assert gpu_run.main(flags(root, model, "rope") + ["--rope-compare", "--rope-compare-docs", "1",
                                                       "--max-steps", "1"]) == 0
     res = json.loads((root / "rope" / "results.json").read_text())

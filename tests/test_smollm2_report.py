@@ -66,6 +66,28 @@ def test_section_names_the_rope(results):
     assert "rope_theta 100,000 → 418,000, made for 4x the native context." in report.section(results)
 
 
+def test_section_shows_the_rope_probe(results):
+    """The probe's table (accuracy by depth and mean per candidate) and the chosen RoPE named above the tables; when
+    nothing was chosen, the converted config's RoPE with a word that the probe found nothing."""
+    results["convert"] = {"changed": {"max_position_embeddings": [8192, 32768], "rope_theta": [100000.0, 856000.0]},
+                          "rope_factor": 8.0}
+    results["rope_probe"] = {"length": 32768, "depths": [0.0, 0.25, 0.5, 0.75], "samples": 10, "rule": "highest",
+                             "chosen": "yarn8", "variants": {
+                                 "ntk8": {"rope": "ntk", "factor": 8.0, "rope_parameters": {"rope_theta": 856000.0},
+                                          "accuracy_by_depth": [0.1, 0.2, 0.3, 0.4], "mean": 0.25},
+                                 "yarn8": {"rope": "yarn", "factor": 8.0,
+                                           "rope_parameters": {"rope_type": "yarn", "factor": 8.0},
+                                           "accuracy_by_depth": [0.5, 0.5, 0.6, 0.6], "mean": 0.55}}}
+    text = report.section(results)
+    assert "RoPE of the 32K config: yarn made for 8x the native context (rope_type yarn, factor 8), chosen by " \
+           "the probe below." in text
+    assert "| ntk8 | rope_theta 856000 | 10% / 20% / 30% / 40% | 25% |" in text
+    assert "| yarn8 | rope_type yarn, factor 8 | 50% / 50% / 60% / 60% | 55% |" in text and "chosen: **yarn8**" in text
+    results["rope_probe"]["chosen"] = None
+    assert "made for 8x the native context (2x the 4x extension: headroom) (the probe below found no candidate " \
+           "above 0%)." in report.section(results)
+
+
 def test_section_holds_the_new_evaluations(results):
     """The held-out prose line, the citation table per length (native: only where it was asked), the chat answers
     side by side (one line each, pipes escaped), the rope comparison when there is one."""

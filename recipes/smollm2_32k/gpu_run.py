@@ -12,9 +12,12 @@ run is), so a failure keeps what came before; OUT/gpu_run.log has everything pri
   convert   longctx.models.from_gguf: the native model (8K) and the 32K config (--rope) from one read of the GGUF
   data      recipe_data.py: held-out prose, the citation task (training examples + held-out questions), long real
             text capped at what training consumes, the passkey probe (train.py's eval set: a retrieval learning curve)
-  rope      (--rope-compare) NTK base vs YaRN vs Llama-3-style scaling: --rope-compare-steps steps of train.py each
-            on the same data, held-out NLL at positions >= target/2 before and after; the lowest after picks the
-            RoPE of the main run (without it, --rope's)
+  rope      the RoPE of the main run, by measurement: --rope-probe's candidates (default NTK and YaRN made for 8x
+            the native context), untrained, answer passkey prompts at the target length (--rope-probe-samples a depth, depths
+            0-75%: the far range, where the first run failed); the highest accuracy wins, ties to the earlier
+            candidate, and with no candidate above 0% the --rope/--rope-factor config stays. Or (--rope-compare)
+            NTK base vs YaRN vs Llama-3-style scaling: --rope-compare-steps steps of train.py each on the same data,
+            held-out NLL at positions >= target/2 before and after; the lowest after picks
   before    eval.py's runner on the native model (retrieval and citation at the lengths it was trained for) and on
             the extended one, untrained: passkey and multi-needle over --lengths x --depths x --samples, NLL by
             position, short-text NLL on held-out training-domain windows and on the held-out prose, citation
@@ -63,6 +66,10 @@ def parse(argv=None) -> argparse.Namespace:
     a("--rope", choices=("ntk", "yarn", "llama3"), default="ntk", help="the RoPE extension when not compared")
     a("--rope-factor", type=float, default=0, help="the RoPE's scale factor (default: 2 x target / native, 8 for "
       "32K: headroom, because retrieval measured to about half the range a RoPE is made for; see from_gguf)")
+    a("--rope-probe", default="ntk:8,yarn:8", help="RoPE candidates rope:factor, tried untrained on passkey prompts "
+      "at the target length before anything is trained; the best is trained ('': none, --rope's). NTK made for 4x "
+      "is not among them: the first run measured it there, 0%% at every depth")
+    a("--rope-probe-samples", type=int, default=10, help="passkey prompts per depth (0, 25, 50, 75%%) per candidate")
     a("--rope-compare", action="store_true", help="compare the three first and train with the best (~3.5 min "
       "on an H100: off by default, see the README's budget)")
     a("--rope-compare-steps", type=int, default=12)
@@ -100,6 +107,10 @@ def parse(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.rope_factor and args.rope_factor < 1:
         p.error("--rope-factor must be >= 1 (0: 2 x target / native)")
+    try:
+        args.rope_candidates = probe_candidates(args.rope_probe)
+    except ValueError as e:
+        p.error(f"--rope-probe {args.rope_probe!r}: {e}")
     if args.citation_train_share and not 0 <= args.citation_train_share < 1:
         p.error("--citation-train-share must be in [0, 1)")
     return args
@@ -109,6 +120,55 @@ def yaml_value(key: str):
     import yaml
 
     return yaml.safe_load(TRAIN_CONFIG.read_text())[key]
+
+
+PROBE_DEPTHS = (0.0, 0.25, 0.5, 0.75)  # the far part of the context: depth 100% is answered by recency alone
+
+
+def probe_candidates(spec: str) -> list[tuple[str, float]]:
+    """'ntk:8,yarn:8' -> [('ntk', 8.0), ('yarn', 8.0)]; a factor is >= 1."""
+    from longctx.models import from_gguf
+
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        rope, _, factor = item.partition(":")
+        if rope not in from_gguf.ROPES or not factor:
+            raise ValueError(f"{item!r}: expected rope:factor with rope one of {', '.join(from_gguf.ROPES)}")
+        f = float(factor)
+        if f < 1:
+            raise ValueError(f"{item!r}: the factor must be >= 1")
+        out.append((rope, f))
+    return out
+
+
+def rope_probe(work: Path, native: Path, args) -> dict:
+    """Each candidate RoPE written over the native weights (write_variant) and asked passkey prompts at the target
+    length, untrained; the most accurate is trained. Untrained retrieval at the target length is what the first run
+    lacked after training (docs/RESULTS.md), and a variant that already finds some needles there starts nearer."""
+    from longctx.evaluation import runner
+    from longctx.models import from_gguf
+
+    T, out = args.target_len, {}
+    for rope, f in args.rope_candidates:
+        t, name = time.monotonic(), f"{rope}{f:g}"
+        d = work / "models" / f"rope-{name}"
+        params = from_gguf.write_variant(native, d, T, rope, f)
+        cfg = runner.EvalConfig(model=str(d), output_dir=str(work / f"eval-rope-{name}"), tasks=["passkey"],
+                                lengths=[T], depths=list(PROBE_DEPTHS), samples=args.rope_probe_samples,
+                                batch_tokens=args.batch_tokens)
+        runner.validate(cfg)
+        acc = [row[0] for row in runner.run(cfg)["passkey"]["accuracy"]]
+        out[name] = {"rope": rope, "factor": f, "rope_parameters": params, "model": str(d),
+                     "accuracy_by_depth": acc, "mean": sum(acc) / len(acc), "seconds": round(time.monotonic() - t, 1)}
+        print(f"  rope {name}: passkey at {T:,} untrained {out[name]['mean']:.0%} "
+              f"({' '.join(f'{a:.0%}' for a in acc)} at depths {', '.join(f'{x:.0%}' for x in PROBE_DEPTHS)})",
+              flush=True)
+    best = max(out, key=lambda k: out[k]["mean"])  # max keeps the first of equals: the order given
+    chosen = best if out[best]["mean"] > 0 else None
+    return {"variants": out, "chosen": chosen, "length": T, "depths": list(PROBE_DEPTHS),
+            "samples": args.rope_probe_samples,
+            "rule": "highest passkey accuracy at the target length, untrained; ties to the earlier candidate; none "
+                    "above 0%: the --rope/--rope-factor config"}
 
 
 def rope_factor(args) -> float:
@@ -332,8 +392,12 @@ def make_plan(args, lengths: list[int], native_lengths: list[int], cite: list[in
     est = {"convert": budget.CONVERT_S, "data": budget.DATA_S, "figures": budget.FIGURES_S, "after": full,
            "before": full + (0 if args.skip_native else
                              budget.eval_s(lengths=native_lengths, citation_lengths=native_cite, **ev)["total"])}
-    est["rope"] = 3 * (budget.TRAIN_OVERHEAD_S + args.rope_compare_steps * tokens_per_step / args.train_tokens_per_s
-                       + 2 * budget.LOAD_S + 2 * args.rope_compare_docs * budget.prefill_s(T)) * args.rope_compare
+    if args.rope_compare:
+        est["rope"] = 3 * (budget.TRAIN_OVERHEAD_S + args.rope_compare_steps * tokens_per_step / args.train_tokens_per_s
+                           + 2 * budget.LOAD_S + 2 * args.rope_compare_docs * budget.prefill_s(T))
+    else:
+        prompts = [T] * (len(PROBE_DEPTHS) * args.rope_probe_samples)
+        est["rope"] = len(args.rope_candidates) * (budget.LOAD_S + budget.generation_s(prompts, 7, args.batch_tokens))
     loop_s = budget_s - sum(est.values()) - budget.TRAIN_OVERHEAD_S - budget.MARGIN_S
     est["train"] = loop_s + budget.TRAIN_OVERHEAD_S
     steps = args.max_steps or budget.train_steps(loop_s - probe_evals_s(args), tokens_per_step,
@@ -388,9 +452,13 @@ def run(args, out: Path, work: Path) -> int:
         R.data["data"] = recipe_data.build(tok, work, args, planned_steps * tokens_per_step)
 
     def rope():
-        res = R.data["rope_compare"] = rope_compare(work, native, args, tokens_per_step)
-        state["ext"] = Path(res["variants"][res["chosen"]]["model"])
-        print(f"  chosen: {res['chosen']} ({res['rule']})", flush=True)
+        if args.rope_compare:
+            res = R.data["rope_compare"] = rope_compare(work, native, args, tokens_per_step)
+        else:
+            res = R.data["rope_probe"] = rope_probe(work, native, args)
+        if res["chosen"]:
+            state["ext"] = Path(res["variants"][res["chosen"]]["model"])
+        print(f"  chosen: {res['chosen'] or f'none, {ext.name} as converted'} ({res['rule']})", flush=True)
 
     def before():
         if not args.skip_native:
@@ -428,7 +496,7 @@ def run(args, out: Path, work: Path) -> int:
 
     fns = {"convert": convert, "data": data, "rope": rope, "before": before, "train": do_train, "after": after,
            "figures": figures}
-    names = [n for n in PHASES if n != "rope" or args.rope_compare]
+    names = [n for n in PHASES if n != "rope" or args.rope_compare or args.rope_candidates]
     rc = 0
     try:
         for i, name in enumerate(names, 1):

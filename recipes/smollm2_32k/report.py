@@ -252,6 +252,11 @@ def _rope_setting(results: dict) -> list[str]:
     rc = results.get("rope_compare")
     if rc:
         return [f"RoPE: {rc['chosen']}, chosen by the comparison below.", ""]
+    probe = results.get("rope_probe")
+    if probe and probe.get("chosen"):
+        v = probe["variants"][probe["chosen"]]
+        return [f"RoPE of the {_fmt_len(probe['length'])} config: {v['rope']} made for {v['factor']:g}x the native "
+                f"context ({_params(v['rope_parameters'])}), chosen by the probe below.", ""]
     conv = results.get("convert") or {}
     changed = conv.get("changed") or {}
     if "rope_theta" in changed:
@@ -267,20 +272,40 @@ def _rope_setting(results: dict) -> list[str]:
     how = f", made for {factor:g}x the native context" if factor else ""
     if factor and extension and factor != extension:
         how += f" ({factor / extension:g}x the {extension:g}x extension: headroom)"
-    return [f"RoPE of the {_fmt_len(new_len)} config: {what}{how}.", ""]
+    none = " (the probe below found no candidate above 0%)" if probe else ""
+    return [f"RoPE of the {_fmt_len(new_len)} config: {what}{how}{none}.", ""]
+
+
+def _params(rope_parameters: dict) -> str:
+    return ", ".join(f"{k} {x:g}" if isinstance(x, float) else f"{k} {x}" for k, x in rope_parameters.items())
 
 
 def _rope_lines(results: dict) -> list[str]:
-    rc = results.get("rope_compare")
+    return _probe_lines(results.get("rope_probe")) + _compare_lines(results.get("rope_compare"))
+
+
+def _probe_lines(probe: dict | None) -> list[str]:
+    if not probe:
+        return []
+    depths = " / ".join(f"{d:.0%}" for d in probe["depths"])
+    out = [f"**RoPE probe** (each candidate untrained, passkey at {_fmt_len(probe['length'])}, {probe['samples']} "
+           f"prompts per depth; rule: {probe['rule']}; chosen: **{probe['chosen'] or 'none'}**)", "",
+           f"| RoPE | rope_parameters | accuracy at depths {depths} | mean |", "| --- | --- | --- | --- |"]
+    for name, v in probe["variants"].items():
+        out.append(f"| {name} | {_params(v['rope_parameters'])} | "
+                   + " / ".join(f"{a:.0%}" for a in v["accuracy_by_depth"]) + f" | {v['mean']:.0%} |")
+    return out + [""]
+
+
+def _compare_lines(rc: dict | None) -> list[str]:
     if not rc:
         return []
     out = [f"**RoPE extension, compared** ({rc['steps']} steps of {rc['tokens_per_step']:,} tokens each, same data; "
            f"rule: {rc['rule']}; chosen: **{rc['chosen']}**)", "",
            "| RoPE | rope_parameters | NLL untrained | NLL trained |", "| --- | --- | --- | --- |"]
     for name, v in rc["variants"].items():
-        params = ", ".join(f"{k} {x:g}" if isinstance(x, float) else f"{k} {x}"
-                           for k, x in v["rope_parameters"].items())
-        out.append(f"| {name} | {params} | {v['late_nll_untrained']:.3f} | {v['late_nll_trained']:.3f} |")
+        out.append(f"| {name} | {_params(v['rope_parameters'])} | {v['late_nll_untrained']:.3f} | "
+                   f"{v['late_nll_trained']:.3f} |")
     return out + [""]
 
 
