@@ -13,11 +13,11 @@ run is), so a failure keeps what came before; OUT/gpu_run.log has everything pri
   data      recipe_data.py: held-out prose, the citation task (training examples + held-out questions), long real
             text capped at what training consumes, the passkey probe (train.py's eval set: a retrieval learning curve)
   rope      the RoPE of the main run, by measurement: --rope-probe's candidates (default NTK and YaRN made for 8x
-            the native context), untrained, answer passkey prompts at the target length (--rope-probe-samples a depth, depths
-            0-75%: the far range, where the first run failed); the highest accuracy wins, ties to the earlier
-            candidate, and with no candidate above 0% the --rope/--rope-factor config stays. Or (--rope-compare)
-            NTK base vs YaRN vs Llama-3-style scaling: --rope-compare-steps steps of train.py each on the same data,
-            held-out NLL at positions >= target/2 before and after; the lowest after picks
+            the native context), untrained, answer passkey prompts at the target length (--rope-probe-samples per
+            depth, depths 0-75%: the far range, where the first run failed); the highest accuracy wins, ties to the
+            earlier candidate, and with no candidate above 0% the --rope/--rope-factor config stays. Or
+            (--rope-compare) NTK base vs YaRN vs Llama-3-style scaling: --rope-compare-steps steps of train.py each
+            on the same data, held-out NLL at positions >= target/2 before and after; the lowest after picks
   before    eval.py's runner on the native model (retrieval and citation at the lengths it was trained for) and on
             the extended one, untrained: passkey and multi-needle over --lengths x --depths x --samples, NLL by
             position, short-text NLL on held-out training-domain windows and on the held-out prose, citation
