@@ -112,3 +112,12 @@ def test_scaled_rope_variants(smollm2_dir, tmp_path, rope, factor):
     assert scale == pytest.approx(0.1 * math.log(f) + 1 if rope == "yarn" else 1.0)
     nll = from_gguf.text_nll(model, AutoTokenizer.from_pretrained(dst), from_gguf.check_text())
     assert facts["nll_check_text"] <= nll < 1.2 * facts["nll_check_text"]
+
+
+def test_a_bad_rope_factor_is_refused_before_the_gguf_is_read(tmp_path, capsys):
+    """The CLI checks --rope-factor first: a GGUF path that does not exist is never reached (reading one takes ~20 s)."""
+    with pytest.raises(SystemExit) as e:
+        from_gguf.main(["--out", str(tmp_path / "m"), "--max-position-embeddings", "32768", "--rope-factor", "0.5",
+                        "--gguf", str(tmp_path / "absent.gguf")])
+    assert e.value.code == 2 and "--rope-factor 0.5: expected a factor >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--native-out", default=None, help="also write the model with its native context here (one "
                    "read of the GGUF for both)")
     args = p.parse_args(argv)
+    if args.rope_factor is not None and args.rope_factor < 1:  # before the GGUF's ~20 s read
+        p.error(f"--rope-factor {args.rope_factor:g}: expected a factor >= 1 (1: the native RoPE)")
     try:
         convert(Path(args.out), max_position_embeddings=args.max_position_embeddings, rope_theta=args.rope_theta,
                 gguf=args.gguf, native_out=Path(args.native_out) if args.native_out else None, rope=args.rope,
