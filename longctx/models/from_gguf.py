@@ -104,6 +104,12 @@ def load_gguf(dtype=None, gguf: str | Path | None = None):
 ROPES = ("ntk", "yarn", "llama3")
 
 
+def check_rope_factor(factor: float, what: str = "--rope-factor") -> None:
+    """A RoPE is made for at least the native context: a factor below 1 would shrink it."""
+    if factor < 1:
+        raise LongctxError(f"{what} {factor:g}: expected a factor >= 1 (1: the native RoPE)")
+
+
 def scaled_rope(rope: str, theta: float, new_len: int, old_len: int = NATIVE_CONTEXT,
                 factor: float | None = None) -> dict:
     """rope_parameters of YaRN or Llama-3-style scaling by `factor` (default new_len / old_len), the base kept."""
@@ -123,8 +129,8 @@ def extend_context(config, max_position_embeddings: int | None, rope_theta: floa
     --rope-factor)."""
     if rope not in ROPES:
         raise LongctxError(f"--rope {rope}: expected one of {', '.join(ROPES)}")
-    if rope_factor is not None and rope_factor < 1:
-        raise LongctxError(f"--rope-factor {rope_factor}: expected a factor >= 1 (1: the native RoPE)")
+    if rope_factor is not None:
+        check_rope_factor(rope_factor)
     changed = {}
     rp = dict(config.rope_parameters or {})
     old_theta = float(rp.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
@@ -244,8 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--native-out", default=None, help="also write the model with its native context here (one "
                    "read of the GGUF for both)")
     args = p.parse_args(argv)
-    if args.rope_factor is not None and args.rope_factor < 1:  # before the GGUF's ~20 s read
-        p.error(f"--rope-factor {args.rope_factor:g}: expected a factor >= 1 (1: the native RoPE)")
+    try:
+        if args.rope_factor is not None:
+            check_rope_factor(args.rope_factor)  # before the GGUF's ~20 s read
+    except LongctxError as e:
+        p.error(str(e))
     try:
         convert(Path(args.out), max_position_embeddings=args.max_position_embeddings, rope_theta=args.rope_theta,
                 gguf=args.gguf, native_out=Path(args.native_out) if args.native_out else None, rope=args.rope,

@@ -105,10 +105,15 @@ def parse(argv=None) -> argparse.Namespace:
     a("--train-args", default="", help="more train.py flags, space-separated")
     a("--skip-native", action="store_true", help="no before-eval of the native 8K model")
     args = p.parse_args(argv)
-    if args.rope_factor and args.rope_factor < 1:
-        p.error("--rope-factor must be >= 1 (0: 2 x target / native)")
+    from longctx.errors import LongctxError
+    from longctx.models import from_gguf
+
     try:
+        if args.rope_factor:  # 0: 2 x target / native
+            from_gguf.check_rope_factor(args.rope_factor)
         args.rope_candidates = probe_candidates(args.rope_probe)
+    except LongctxError as e:
+        p.error(str(e))
     except ValueError as e:
         p.error(f"--rope-probe {args.rope_probe!r}: {e}")
     if args.citation_train_share and not 0 <= args.citation_train_share < 1:
@@ -126,7 +131,8 @@ PROBE_DEPTHS = (0.0, 0.25, 0.5, 0.75)  # the far part of the context: depth 100%
 
 
 def probe_candidates(spec: str) -> list[tuple[str, float]]:
-    """'ntk:8,yarn:8' -> [('ntk', 8.0), ('yarn', 8.0)]; a factor is >= 1."""
+    """'ntk:8,yarn:8' -> [('ntk', 8.0), ('yarn', 8.0)]; a factor is >= 1 (from_gguf.check_rope_factor)."""
+    from longctx.errors import LongctxError
     from longctx.models import from_gguf
 
     out = []
@@ -134,9 +140,10 @@ def probe_candidates(spec: str) -> list[tuple[str, float]]:
         rope, _, factor = item.partition(":")
         if rope not in from_gguf.ROPES or not factor:
             raise ValueError(f"{item!r}: expected rope:factor with rope one of {', '.join(from_gguf.ROPES)}")
-        f = float(factor)
-        if f < 1:
-            raise ValueError(f"{item!r}: the factor must be >= 1")
+        try:
+            from_gguf.check_rope_factor(f := float(factor), "the factor")
+        except LongctxError as e:
+            raise ValueError(f"{item!r}: {e}") from None
         out.append((rope, f))
     return out
 
