@@ -114,10 +114,31 @@ def test_scaled_rope_variants(smollm2_dir, tmp_path, rope, factor):
     assert facts["nll_check_text"] <= nll < 1.2 * facts["nll_check_text"]
 
 
-def test_a_bad_rope_factor_is_refused_before_the_gguf_is_read(tmp_path, capsys):
-    """The CLI checks --rope-factor first: a GGUF path that does not exist is never reached (reading one takes ~20 s)."""
+@pytest.mark.parametrize("args,message", [
+    (["--max-position-embeddings", "32768", "--rope-factor", "0.5"], "--rope-factor 0.5: expected a factor >= 1"),
+    # a RoPE choice without a longer context would be ignored: refused (it was silently a no-op)
+    (["--rope-factor", "2"], "--rope-factor 2 scales the RoPE for a longer context, so it needs "
+                             "--max-position-embeddings above the native 8192 (given: none)"),
+    (["--max-position-embeddings", "8192", "--rope", "yarn"], "--rope yarn scales the RoPE for a longer context"),
+])
+def test_bad_rope_args_are_refused_before_the_gguf_is_read(tmp_path, capsys, args, message):
+    """The CLI checks its RoPE arguments first: a GGUF path that does not exist is never reached (reading one takes
+    ~20 s)."""
     with pytest.raises(SystemExit) as e:
-        from_gguf.main(["--out", str(tmp_path / "m"), "--max-position-embeddings", "32768", "--rope-factor", "0.5",
-                        "--gguf", str(tmp_path / "absent.gguf")])
-    assert e.value.code == 2 and "--rope-factor 0.5: expected a factor >= 1" in capsys.readouterr().err
+        from_gguf.main(["--out", str(tmp_path / "m"), *args, "--gguf", str(tmp_path / "absent.gguf")])
+    assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_a_rope_factor_needs_a_longer_context(smollm2_dir):
+    """extend_context (and so write_variant) refuses a factor at the native length instead of ignoring it; the config
+    is left as it was."""
+    from transformers import AutoConfig
+
+    out, _ = smollm2_dir
+    cfg = AutoConfig.from_pretrained(out)
+    with pytest.raises(LongctxError, match="--rope-factor 2 scales the RoPE for a longer context"):
+        from_gguf.extend_context(cfg, 8192, None, "ntk", 2.0)
+    with pytest.raises(LongctxError, match="--rope yarn scales"):
+        from_gguf.extend_context(cfg, None, None, "yarn")
+    assert cfg.rope_parameters["rope_theta"] == 100000.0 and cfg.max_position_embeddings == 8192

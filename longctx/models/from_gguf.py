@@ -110,6 +110,24 @@ def check_rope_factor(factor: float, what: str = "--rope-factor") -> None:
         raise LongctxError(f"{what} {factor:g}: expected a factor >= 1 (1: the native RoPE)")
 
 
+def check_rope_args(native: int, max_position_embeddings: int | None, rope: str = "ntk",
+                    rope_factor: float | None = None) -> None:
+    """A RoPE choice (--rope other than ntk, --rope-factor) only acts on a context extended beyond `native`:
+    refused elsewhere rather than silently ignored."""
+    if rope_factor is not None:
+        check_rope_factor(rope_factor)
+    if max_position_embeddings and max_position_embeddings > native:
+        return
+    if rope_factor is not None:
+        what = f"--rope-factor {rope_factor:g}"
+    elif rope != "ntk":
+        what = f"--rope {rope}"
+    else:
+        return
+    raise LongctxError(f"{what} scales the RoPE for a longer context, so it needs --max-position-embeddings above "
+                       f"the native {native} (given: {max_position_embeddings or 'none'})")
+
+
 def scaled_rope(rope: str, theta: float, new_len: int, old_len: int = NATIVE_CONTEXT,
                 factor: float | None = None) -> dict:
     """rope_parameters of YaRN or Llama-3-style scaling by `factor` (default new_len / old_len), the base kept."""
@@ -129,12 +147,11 @@ def extend_context(config, max_position_embeddings: int | None, rope_theta: floa
     --rope-factor)."""
     if rope not in ROPES:
         raise LongctxError(f"--rope {rope}: expected one of {', '.join(ROPES)}")
-    if rope_factor is not None:
-        check_rope_factor(rope_factor)
+    native = config.max_position_embeddings  # SmolLM2's NATIVE_CONTEXT; a test's tiny model has its own
+    check_rope_args(native, max_position_embeddings, rope, rope_factor)
     changed = {}
     rp = dict(config.rope_parameters or {})
     old_theta = float(rp.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-    native = config.max_position_embeddings  # SmolLM2's NATIVE_CONTEXT; a test's tiny model has its own
     if max_position_embeddings and max_position_embeddings != native:
         changed["max_position_embeddings"] = (native, max_position_embeddings)
         if rope != "ntk" and max_position_embeddings > native:
@@ -251,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                    "read of the GGUF for both)")
     args = p.parse_args(argv)
     try:
-        if args.rope_factor is not None:
-            check_rope_factor(args.rope_factor)  # before the GGUF's ~20 s read
+        # before the GGUF's ~20 s read
+        check_rope_args(NATIVE_CONTEXT, args.max_position_embeddings, args.rope, args.rope_factor)
     except LongctxError as e:
         p.error(str(e))
     try:
