@@ -111,3 +111,31 @@ def test_figures_are_written(results, tmp_path):
     assert sorted(p.name for p in paths) == ["multi_needle_before_after.png", "passkey_before_after.png",
                                              "ppl_before_after.png", "train_loss.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+
+
+def test_publish_keeps_the_results_behind_the_section(results, tmp_path, monkeypatch):
+    """publish writes the section into RESULTS.md and the run's results.json, byte for byte, beside the figures (the
+    committed JSON is what the published numbers came from); a second publish of the kept file leaves it as is."""
+    pytest.importorskip("matplotlib")
+    import json
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "RESULTS.md").write_text("# Results\n\n## Learning proof\n")
+    (docs / "smollm2_32k").mkdir()
+    (docs / "smollm2_32k" / "results.json").write_text('{"an": "older run"}')
+    (tmp_path / "README.md").write_text(f"# x\n{report.README_AFTER}\nrest\n")
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    monkeypatch.setattr(report, "DOCS", docs)
+    monkeypatch.setattr(report, "FIG_DIR", docs / "smollm2_32k")
+    run = tmp_path / "out" / "results.json"
+    run.parent.mkdir()
+    run.write_text(json.dumps(results, indent=1))
+    report.publish(run)
+    kept = docs / "smollm2_32k" / "results.json"
+    assert kept.read_bytes() == run.read_bytes()
+    text = (docs / "RESULTS.md").read_text()
+    assert report.BEGIN in text and "[smollm2_32k/results.json](smollm2_32k/results.json)" in text
+    assert text.index(report.END) < text.index("## Learning proof")
+    report.publish(kept)
+    assert kept.read_bytes() == run.read_bytes() and not list(kept.parent.glob("*.tmp"))

@@ -2,8 +2,9 @@
 
     python -m recipes.smollm2_32k.report figures --results OUT/results.json --to DIR   # the PNGs
     python -m recipes.smollm2_32k.report section --results OUT/results.json           # the markdown, to stdout
-    python -m recipes.smollm2_32k.report publish --results OUT/results.json           # PNGs into docs/smollm2_32k/,
-                                                                                      # the region in docs/RESULTS.md
+    python -m recipes.smollm2_32k.report publish --results OUT/results.json           # results.json and the PNGs
+                                                                                      # into docs/smollm2_32k/, the
+                                                                                      # region in docs/RESULTS.md
 Every number comes from results.json; nothing is typed in by hand.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -133,7 +135,8 @@ def section(results: dict, fig_prefix: str = "smollm2_32k/") -> str:
     lines = [f"## SmolLM2-135M-Instruct, 8K → {_fmt_len(args['target_len'])} context by full fine-tuning "
              f"(one {', '.join(env.get('gpus') or ['CPU'])})", "",
              "Written by `python -m recipes.smollm2_32k.report publish` from the results.json of "
-             "`recipes/smollm2_32k/gpu_run.sh` (the recipe: [recipes/smollm2_32k/](../recipes/smollm2_32k/README.md)). "
+             "`recipes/smollm2_32k/gpu_run.sh` (kept beside the figures: [smollm2_32k/results.json]"
+             "(smollm2_32k/results.json); the recipe: [recipes/smollm2_32k/](../recipes/smollm2_32k/README.md)). "
              f"torch {env.get('torch')}, transformers {env.get('transformers')}, deepspeed {env.get('deepspeed')}.", ""]
     if metrics:
         last = metrics[-1]
@@ -342,8 +345,21 @@ def readme_paragraph(results: dict) -> str:
             "[docs/RESULTS.md](docs/RESULTS.md) (figures in `docs/smollm2_32k/`).\n")
 
 
+def keep(results_path: Path) -> Path:
+    """The run's results.json, byte for byte, into FIG_DIR: the numbers behind the section and the figures are
+    committed with them (written beside, then renamed)."""
+    kept = FIG_DIR / "results.json"
+    if Path(results_path).resolve() != kept.resolve():
+        FIG_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = kept.with_name(kept.name + ".tmp")
+        tmp.write_bytes(Path(results_path).read_bytes())
+        os.replace(tmp, kept)
+    return kept
+
+
 def publish(results_path: Path) -> None:
     results = json.loads(Path(results_path).read_text())
+    print(f"kept {keep(results_path)}")
     for p in figures(results, FIG_DIR):
         print(f"wrote {p}")
     text = f"{BEGIN}\n{section(results)}{END}"
