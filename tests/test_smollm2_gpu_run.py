@@ -87,6 +87,10 @@ def test_every_phase_on_cpu(inputs):
     cmd = res["train"]["command"]
     assert f"{data / 'train.jsonl'}:0.8" in cmd and f"{data / 'citation_train.jsonl'}:0.2" in cmd
     assert cmd[cmd.index("--eval-data") + 1] == str(data / "probe.jsonl")
+    # rows longer than the target, so that its distances are trained with room: 1.5 x, and the config holds them
+    assert cmd[cmd.index("--max-seq-len") + 1] == str(res["args"]["train_len"]) == "12288"
+    trained_from = json.loads((Path(cmd[cmd.index("--model") + 1]) / "config.json").read_text())
+    assert trained_from["max_position_embeddings"] == 12288
     assert res["train"]["metrics"][-1]["eval_loss"] is not None  # the probe's answer NLL: the learning curve
 
     # the extended config's RoPE is made for twice the target (--rope-factor's default): the NTK formula by hand
@@ -198,6 +202,18 @@ def test_rope_comparison_picks_the_lowest_measured_nll(inputs, monkeypatch):
     assert used["train"][-1] == chosen and ("extended-before", chosen) in used["eval"]
 
 
+def test_training_rows_are_longer_than_the_target():
+    args = gpu_run.parse(["--out", "x"])
+    assert (args.target_len, args.train_len) == (32768, 49152)
+    assert gpu_run.parse(["--out", "x", "--target-len", "20000"]).train_len == 30720  # rounded up to 1024s
+    assert gpu_run.parse(["--out", "x", "--train-len", "32768"]).train_len == 32768
+    with pytest.raises(SystemExit):
+        gpu_run.parse(["--out", "x", "--train-len", "16384"])
+    # the assumed speed moves with the row length by the FLOPs a token costs there; a given speed is kept
+    assert args.train_tokens_per_s < gpu_run.parse(["--out", "x", "--train-len", "32768"]).train_tokens_per_s
+    assert gpu_run.parse(["--out", "x", "--train-tokens-per-s", "5e4"]).train_tokens_per_s == 5e4
+
+
 def test_default_plan_fits_twenty_minutes_with_training_the_most():
     args = gpu_run.parse(["--out", "x"])
     lengths, cite = [4096, 8192, 16384, 32768], recipe_data.citation_lengths(32768)
@@ -205,6 +221,7 @@ def test_default_plan_fits_twenty_minutes_with_training_the_most():
     est = plan["expected_seconds"]
     assert sum(est.values()) + plan["margin_s"] == pytest.approx(20 * 60, abs=1)
     assert plan["train_share_expected"] >= 0.6 and plan["planned_tokens"] > 5.1e6 * 5
+    assert plan["tokens_per_step"] == 4 * args.train_len
     with_rope = gpu_run.make_plan(gpu_run.parse(["--out", "x", "--rope-compare"]), lengths, [4096, 8192], cite,
                                   [8192])
     assert with_rope["train_share_expected"] < 0.6  # why the comparison is off by default

@@ -23,7 +23,8 @@ run is), so a failure keeps what came before; OUT/gpu_run.log has everything pri
             position, short-text NLL on held-out training-domain windows and on the held-out prose, citation
             accuracy at target/4, /2, x1, the fixed chat prompts
   train     deepspeed --num_gpus 1 train.py --config recipes/smollm2_32k/train_h200.yaml: long text and the
-            citation examples (--citation-train-share of the tokens), steps sized to what is left of the budget
+            citation examples (--citation-train-share of the tokens) in rows of --train-len (1.5 x the target),
+            steps sized to what is left of the budget
   after     the same evaluation of the trained model
   figures   (if matplotlib is installed) the PNGs of recipes/smollm2_32k/report.py into OUT
 The models, data and run directories stay in --work. The flags shrink every phase for a CPU check
@@ -62,7 +63,11 @@ def parse(argv=None) -> argparse.Namespace:
     a("--out", required=True, help="results.json, gpu_run.log and the PNGs")
     a("--work", default="", help="models, data, run directories (default: OUT/../<OUT name>-work)")
     a("--budget-minutes", type=float, default=20.0, help="the whole run; training gets what the rest leaves")
-    a("--target-len", type=int, default=32768, help="the new context length (max_seq_len, config, eval)")
+    a("--target-len", type=int, default=32768, help="the new context length: evaluation, the citation task")
+    a("--train-len", type=int, default=0, help="training rows and long documents up to this many tokens, and the "
+      "config's position range (default: 1.5 x --target-len, a multiple of 1024; 48K for 32K): retrieval fails at "
+      "the longest distance trained (the native model at its own 8K, every run's 32K config at 32K), so training "
+      "covers the target's distances with room")
     a("--rope", choices=("ntk", "yarn", "llama3"), default="ntk", help="the RoPE extension when not compared")
     a("--rope-factor", type=float, default=0, help="the RoPE's scale factor (default: 2 x target / native, 8 for "
       "32K: headroom, because retrieval measured to about half the range a RoPE is made for; see from_gguf)")
@@ -96,8 +101,8 @@ def parse(argv=None) -> argparse.Namespace:
     a("--stdlib", default=None, help="standard library root for the data (default: this Python's; '' skips it)")
     a("--doc-root", default="/usr/share/doc", help="package documentation for the data ('' skips it)")
     a("--site-packages", default="auto", help="installed packages' sources for the data: auto, dirs, or ''")
-    a("--train-tokens-per-s", type=float, default=budget.TRAIN_TOKENS_PER_S, help="assumed training speed (the "
-      "rope comparison measures it when run)")
+    a("--train-tokens-per-s", type=float, default=0, help="assumed training speed (default: budget.py's, measured "
+      "with 32K rows, scaled to --train-len by FLOPs a token; the rope comparison measures it when run)")
     a("--max-steps", type=int, default=0, help="default: what fits the budget")
     a("--grad-accum", type=int, default=0, help="default: train_h200.yaml's")
     a("--max-train-minutes", type=float, default=-1, help="default: what is left of the budget")
@@ -118,7 +123,17 @@ def parse(argv=None) -> argparse.Namespace:
         p.error(f"--rope-probe {args.rope_probe!r}: {e}")
     if args.citation_train_share and not 0 <= args.citation_train_share < 1:
         p.error("--citation-train-share must be in [0, 1)")
+    args.train_len = args.train_len or default_train_len(args.target_len)
+    args.train_tokens_per_s = args.train_tokens_per_s or budget.train_tokens_per_s(args.train_len)
+    if args.train_len < args.target_len:
+        p.error(f"--train-len {args.train_len:,} is below --target-len {args.target_len:,}: retrieval at the target "
+                "length would be asked at distances never trained")
     return args
+
+
+def default_train_len(target_len: int) -> int:
+    """1.5 x the target, rounded up to a multiple of 1024."""
+    return -(-3 * target_len // 2 // 1024) * 1024
 
 
 def yaml_value(key: str):
@@ -159,7 +174,7 @@ def rope_probe(work: Path, native: Path, args) -> dict:
     for rope, f in args.rope_candidates:
         t, name = time.monotonic(), f"{rope}{f:g}"
         d = work / "models" / f"rope-{name}"
-        params = from_gguf.write_variant(native, d, T, rope, f)
+        params = from_gguf.write_variant(native, d, args.train_len, rope, f)
         cfg = runner.EvalConfig(model=str(d), output_dir=str(work / f"eval-rope-{name}"), tasks=["passkey"],
                                 lengths=[T], depths=list(PROBE_DEPTHS), samples=args.rope_probe_samples,
                                 batch_tokens=args.batch_tokens)
@@ -310,7 +325,7 @@ def train(work: Path, args, model: Path, run_dir: Path, steps: int, minutes: flo
     cmd = launcher(args.nproc) + [
         "train.py", "--config", str(TRAIN_CONFIG), "--model", str(model), "--data", *files,
         "--eval-data", str(data / "probe.jsonl"), "--output-dir", str(run_dir), "--overwrite",
-        "--max-seq-len", str(args.target_len), "--max-steps", str(steps), "--eval-interval", str(eval_interval)]
+        "--max-seq-len", str(args.train_len), "--max-steps", str(steps), "--eval-interval", str(eval_interval)]
     if minutes > 0:
         cmd += ["--max-train-minutes", f"{minutes:.2f}"]
     if args.grad_accum:
@@ -346,7 +361,7 @@ def rope_compare(work: Path, native: Path, args, tokens_per_step: int) -> dict:
     for rope in from_gguf.ROPES:
         t = time.monotonic()
         d = work / "models" / f"rope-{rope}"
-        params = from_gguf.write_variant(native, d, T, rope, rope_factor(args))
+        params = from_gguf.write_variant(native, d, args.train_len, rope, rope_factor(args))
         before = nll_at_length(d, work, f"rope-{rope}-untrained", args)
         tr = train(work, args, d, work / f"rope-{rope}", args.rope_compare_steps, 0, args.rope_compare_steps)
         after = nll_at_length(Path(tr["final_model"]), work, f"rope-{rope}-trained", args)
@@ -390,7 +405,7 @@ def probe_evals_s(args) -> float:
 def make_plan(args, lengths: list[int], native_lengths: list[int], cite: list[int], native_cite: list[int]) -> dict:
     """Expected seconds per phase (budget.py's estimates) and the training steps that fill the rest of the budget."""
     accum = args.grad_accum or yaml_value("grad_accum")
-    T, tokens_per_step = args.target_len, accum * args.target_len * args.nproc
+    T, tokens_per_step = args.target_len, accum * args.train_len * args.nproc
     budget_s = args.budget_minutes * 60
     ev = dict(depths=len(args.depths.split(",")), samples=args.samples, ppl_docs=args.ppl_docs, ppl_len=T,
               short_docs=args.short_docs, short_len=args.short_len, citation_n=args.citation_eval,
@@ -445,10 +460,10 @@ def run(args, out: Path, work: Path) -> int:
             shutil.rmtree(native, ignore_errors=True)
             shutil.copytree(args.native_model, native)
             R.data["convert"] = {"native_model": args.native_model,
-                                 "rope_parameters": from_gguf.write_variant(native, ext, T, args.rope,
-                                                                            rope_factor(args))}
+                                 "rope_parameters": from_gguf.write_variant(native, ext, args.train_len,
+                                                                            args.rope, rope_factor(args))}
         else:
-            R.data["convert"] = from_gguf.convert(ext, max_position_embeddings=T, gguf=args.gguf or None,
+            R.data["convert"] = from_gguf.convert(ext, max_position_embeddings=args.train_len, gguf=args.gguf or None,
                                                   native_out=native, rope=args.rope, rope_factor=rope_factor(args))
         R.data["convert"]["rope_factor"] = rope_factor(args)
 

@@ -96,8 +96,10 @@ def build(tok, work: Path, args, planned_tokens: int, say=print) -> dict:
                                               golds)
     groups = kept + held
     long_share = 1 - share
-    eval_tokens = int(max(args.ppl_docs * T, args.short_docs * args.short_len) * 1.2)
-    result = ltd.build(tok, groups, target_len=T, min_long_len=T // 4, short_share=0.2, eval_share=args.eval_share,
+    # documents are cut at the training length; a held-out piece gives one NLL window of the target length
+    L = args.train_len
+    eval_tokens = int(max(args.ppl_docs * L, args.short_docs * args.short_len) * 1.2)
+    result = ltd.build(tok, groups, target_len=L, min_long_len=T // 4, short_share=0.2, eval_share=args.eval_share,
                        max_train_tokens=int(planned_tokens * long_share * 1.1), max_eval_tokens=eval_tokens)
     ltd.write(data, result)
     stats["long_text"] = result["stats"] | {"sources": {"stdlib": bool(stdlib_root), "doc_root": args.doc_root,

@@ -88,7 +88,8 @@ def _learning_curve(results: dict, metrics: list[dict], path: Path) -> Path:
     ax.axhline(math.log(10), color="grey", ls=":", lw=0.8, label="a random digit (ln 10)")
     ax.set_xlabel("tokens trained (millions)")
     ax.set_ylabel("nats/token")
-    ax.set_title(f"train.py, SmolLM2-135M at {_fmt_len(results['args']['target_len'])} tokens", fontsize=10)
+    row = results["args"].get("train_len") or results["args"]["target_len"]
+    ax.set_title(f"train.py, SmolLM2-135M, rows of {_fmt_len(row)} tokens", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -144,7 +145,8 @@ def section(results: dict, fig_prefix: str = "smollm2_32k/") -> str:
         tps = _median([r.get("tokens_per_s") for r in steady])
         tfl = _median([r.get("tflops") for r in steady])
         tokens = sum(r.get("tokens") or 0 for r in metrics)
-        lines += [f"Training: {last['step']} steps, {tokens:,} tokens, train loss {metrics[0]['loss']:.3f} → "
+        row = args.get("train_len") or args["target_len"]  # results.json before --train-len trained at the target
+        lines += [f"Training: {last['step']} steps, {tokens:,} tokens in rows of {_fmt_len(row)}, train loss {metrics[0]['loss']:.3f} → "
                   f"{last['loss']:.3f}"
                   + (f", passkey-probe answer NLL {last['eval_loss']:.3f}" if last.get("eval_loss") is not None
                      else "")
