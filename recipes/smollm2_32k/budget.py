@@ -21,10 +21,12 @@ LOAD_S = 3.0            # a 135M checkpoint from local disk to the GPU, per eval
 TRAIN_OVERHEAD_S = 75.0  # train.py outside its loop: launcher, imports, tokenizing ~30M tokens, the evals at the
 #                          start and end, the DeepSpeed checkpoint and final model (76 s measured on an H100 with
 #                          27M tokens, 2026-12-07; 57 s on the H200 with 2.5M tokens, 2026-12-04)
-TRAIN_TOKENS_PER_S = 63_000.0  # 32K rows, no checkpointing, Liger: medians 65.2K/s and 66.9K/s on H100s (2026-12-07,
-#                                207 and 229 steps) and 65K/s on the H200 (2026-12-04); sized at 60K, the H100 run
-#                                left 55 s idle
-TRAIN_TOKENS_PER_S_LEN = 32768  # the row length TRAIN_TOKENS_PER_S was measured at
+# Training speed by row length (no checkpointing, Liger, ZeRO-2 on one GPU), each a little under what was measured so
+# that a slower card still anneals: 32K rows 65.2K/s and 66.9K/s medians on H100s (2026-12-07, 207 and 229 steps),
+# 65K/s on the H200 (2026-12-04); 48K rows 57.6K/s on an H100 (2026-12-07, 85 steps). Rows hold shorter documents
+# too, so a longer row costs less than its FLOPs a token say (48K by FLOPs: 44.9K/s; the run left 176 s idle).
+TRAIN_TOKENS_PER_S_AT = {32768: 63_000.0, 49152: 55_000.0}
+TRAIN_TOKENS_PER_S = TRAIN_TOKENS_PER_S_AT[32768]
 CONVERT_S = 40.0        # measured 41 and 26 s on H100s, 33 s on the H200 (CPU work: the GGUF's tokenizer, tensors)
 DATA_S = 105.0          # measured 104 s and 88 s on H100s (2026-12-07): site-packages, tokenizing what is kept, the
 #                         citation examples (one core)
@@ -77,9 +79,10 @@ def train_flops_per_token(length: int, m: Model = Model(), params: float = 134e6
 
 
 def train_tokens_per_s(length: int) -> float:
-    """TRAIN_TOKENS_PER_S moved to rows of `length` tokens by the FLOPs a token costs there (an estimate: rows hold
-    shorter documents too, which cost less; 48K rows: ~45K tokens/s)."""
-    return TRAIN_TOKENS_PER_S * train_flops_per_token(TRAIN_TOKENS_PER_S_LEN) / train_flops_per_token(length)
+    """The speed measured at this row length, or at the nearest measured one moved by the FLOPs a token costs
+    (documents as long as the row: low for longer rows, which hold shorter documents too)."""
+    near = min(TRAIN_TOKENS_PER_S_AT, key=lambda n: abs(n - length))
+    return TRAIN_TOKENS_PER_S_AT[near] * train_flops_per_token(near) / train_flops_per_token(length)
 
 
 def train_steps(seconds: float, tokens_per_step: int, tokens_per_s: float = TRAIN_TOKENS_PER_S) -> int:

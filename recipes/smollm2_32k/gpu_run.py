@@ -102,7 +102,7 @@ def parse(argv=None) -> argparse.Namespace:
     a("--doc-root", default="/usr/share/doc", help="package documentation for the data ('' skips it)")
     a("--site-packages", default="auto", help="installed packages' sources for the data: auto, dirs, or ''")
     a("--train-tokens-per-s", type=float, default=0, help="assumed training speed (default: budget.py's, measured "
-      "with 32K rows, scaled to --train-len by FLOPs a token; the rope comparison measures it when run)")
+      "at 32K and 48K rows, moved to --train-len by FLOPs a token; the rope comparison measures it when run)")
     a("--max-steps", type=int, default=0, help="default: what fits the budget")
     a("--grad-accum", type=int, default=0, help="default: train_h200.yaml's")
     a("--max-train-minutes", type=float, default=-1, help="default: what is left of the budget")
