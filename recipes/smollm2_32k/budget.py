@@ -17,6 +17,8 @@ from dataclasses import dataclass
 ATTN_FLOPS = 250e12
 MATMUL_FLOPS = 150e12
 DECODE_STEP_S = 0.025   # one cached decode step of a 30-layer HF Llama in eager mode: launch-bound, ~25 ms
+CITATION_DECODE_STEP_S = 0.07  # the citation questions' decode steps, batches of 8-32 prompts at 8K-32K: 52 s for
+#                                the untrained config's 60 questions (96 tokens each, 6 batches) on an H100, 2026-12-07
 LOAD_S = 3.0            # a 135M checkpoint from local disk to the GPU, per eval.py run
 TRAIN_OVERHEAD_S = 75.0  # train.py outside its loop: launcher, imports, tokenizing ~30M tokens, the evals at the
 #                          start and end, the DeepSpeed checkpoint and final model (76 s measured on an H100 with
@@ -27,8 +29,9 @@ TRAIN_OVERHEAD_S = 75.0  # train.py outside its loop: launcher, imports, tokeniz
 # too, so a longer row costs less than its FLOPs a token say (48K by FLOPs: 44.9K/s; the run left 176 s idle).
 TRAIN_TOKENS_PER_S_AT = {32768: 63_000.0, 49152: 55_000.0}
 TRAIN_TOKENS_PER_S = TRAIN_TOKENS_PER_S_AT[32768]
-CONVERT_S = 40.0        # measured 41 and 26 s on H100s, 33 s on the H200 (CPU work: the GGUF's tokenizer, tensors)
-DATA_S = 105.0          # measured 104 s and 88 s on H100s (2026-12-07): site-packages, tokenizing what is kept, the
+CONVERT_S = 35.0        # measured 41, 26, 35 and 31 s on H100s, 33 s on the H200 (CPU work: the GGUF's tokenizer,
+#                         tensors)
+DATA_S = 90.0           # measured 104, 88, 86 and 58 s on H100s (2026-12-07): site-packages, tokenizing what is kept, the
 #                         citation examples (one core)
 FIGURES_S = 5.0
 MARGIN_S = 60.0         # for the estimates above being short
@@ -48,25 +51,28 @@ def prefill_s(length: int, m: Model = Model()) -> float:
     return attn / ATTN_FLOPS + 2.0 * m.matmul_params * length / MATMUL_FLOPS
 
 
-def generation_s(lengths: list[int], new_tokens: int, batch_tokens: int) -> float:
+def generation_s(lengths: list[int], new_tokens: int, batch_tokens: int, step_s: float = DECODE_STEP_S) -> float:
     """Prompts of these lengths answered with greedy_many: each prefill, and new_tokens decode steps per batch."""
     by_len: dict[int, int] = {}
     for n in lengths:
         by_len[n] = by_len.get(n, 0) + 1
     n_batches = sum(-(-k // max(1, batch_tokens // L)) for L, k in by_len.items())
-    return sum(prefill_s(n) for n in lengths) + n_batches * new_tokens * DECODE_STEP_S
+    return sum(prefill_s(n) for n in lengths) + n_batches * new_tokens * step_s
 
 
 def eval_s(*, lengths: list[int], depths: int, samples: int, ppl_docs: int, ppl_len: int, short_docs: int,
            short_len: int, citation_lengths: list[int], citation_n: int, batch_tokens: int,
-           prose: bool = True) -> dict:
-    """Seconds of one model's evaluation as gpu_run.evaluate runs it, by part."""
+           prose: bool = True, extra_prompts: list[int] = ()) -> dict:
+    """Seconds of one model's evaluation as gpu_run.evaluate runs it, by part (extra_prompts: the lengths of the
+    far-edge probe's passkey prompts)."""
     grid = [L for L in lengths for _ in range(depths * samples)]
     parts = {"retrieval": 2 * generation_s(grid, 7, batch_tokens),  # passkey + multi-needle, ~7 tokens an answer
              "ppl_long": ppl_docs * (prefill_s(ppl_len) + 2 * 135e6 * ppl_len / MATMUL_FLOPS),
              "ppl_short": (1 + prose) * short_docs * prefill_s(short_len),
-             "citation": generation_s([L for L in citation_lengths for _ in range(citation_n)], 80, batch_tokens),
+             "citation": generation_s([L for L in citation_lengths for _ in range(citation_n)], 80, batch_tokens,
+                                      CITATION_DECODE_STEP_S),
              "chat": generation_s([40] * 6, 64, batch_tokens),
+             "passkey_edge": generation_s(list(extra_prompts), 7, batch_tokens) if extra_prompts else 0.0,
              "loads": LOAD_S * (5 if citation_lengths else 4)}
     parts["total"] = sum(parts.values())
     return parts

@@ -21,7 +21,8 @@ run is), so a failure keeps what came before; OUT/gpu_run.log has everything pri
   before    eval.py's runner on the native model (retrieval and citation at the lengths it was trained for) and on
             the extended one, untrained: passkey and multi-needle over --lengths x --depths x --samples, NLL by
             position, short-text NLL on held-out training-domain windows and on the held-out prose, citation
-            accuracy at target/4, /2, x1, the fixed chat prompts
+            accuracy at target/4, /2, x1 (the untrained config at x1 only), the fixed chat prompts; for the
+            extended models the far-edge probe (--edge-samples: depth 0 at 5/8-7/8 of the target, depths 1-10%)
   train     deepspeed --num_gpus 1 train.py --config recipes/smollm2_32k/train_h200.yaml: long text and the
             citation examples (--citation-train-share of the tokens) in rows of --train-len (1.5 x the target),
             steps sized to what is left of the budget
@@ -83,6 +84,9 @@ def parse(argv=None) -> argparse.Namespace:
     a("--depths", default="0,0.25,0.5,0.75,1")
     a("--samples", type=int, default=20, help="prompts per retrieval cell")
     a("--needles", type=int, default=4)
+    a("--edge-samples", type=int, default=10, help="passkey prompts per cell of the far-edge probe of the extended "
+      "models, before and after: the needle at depth 0 at 5/8, 3/4 and 7/8 of the target length, and at depths "
+      "1, 2, 5 and 10%% of the target length (where depth-0 retrieval stops, by length and by distance; 0: none)")
     a("--batch-tokens", type=int, default=262144, help="prompt tokens decoded together in evaluation")
     a("--ppl-docs", type=int, default=12, help="held-out windows of --target-len tokens for NLL by position")
     a("--short-len", type=int, default=2048, help="short-text NLL window")
@@ -225,9 +229,19 @@ def check_inputs(args) -> None:
 # Evaluation
 # --------------------------------------------------------------------------------------------
 
-def evaluate(model: Path, work: Path, tag: str, args, lengths: list[int], cite_lengths: list[int]) -> dict:
+EDGE_DEPTHS = (0.01, 0.02, 0.05, 0.1)  # at the target length: the needle ~1-10% of it after BOS
+
+
+def edge_lengths(target_len: int) -> list[int]:
+    """The lengths at which the edge probe puts the needle at depth 0: 5/8, 3/4 and 7/8 of the target."""
+    return [target_len * k // 8 for k in (5, 6, 7)]
+
+
+def evaluate(model: Path, work: Path, tag: str, args, lengths: list[int], cite_lengths: list[int],
+             edge: bool = False) -> dict:
     """eval.py's runs on one model: the retrieval grid + NLL by position + chat, short-text NLL on held-out windows
-    of the training domains and of the held-out prose, the citation questions."""
+    of the training domains and of the held-out prose, the citation questions; with `edge`, the far-edge probe
+    (--edge-samples)."""
     import torch
 
     from longctx.evaluation import runner
@@ -252,6 +266,12 @@ def evaluate(model: Path, work: Path, tag: str, args, lengths: list[int], cite_l
                                                    citation_lengths=cite_lengths,
                                                    citation_data=str(work / "data" / "citation"),
                                                    citation_max_new_tokens=args.citation_max_new_tokens)))
+    if edge and args.edge_samples:
+        for kind, lens, ds in (("edge_length", edge_lengths(args.target_len), [0.0]),
+                               ("edge_depth", [args.target_len], list(EDGE_DEPTHS))):
+            cfgs.append((kind, runner.EvalConfig(**common, output_dir=str(work / f"eval-{kind}-{tag}"),
+                                                 tasks=["passkey"], lengths=lens, depths=ds,
+                                                 samples=args.edge_samples)))
     out, t0 = {}, time.monotonic()
     for kind, cfg in cfgs:
         runner.validate(cfg)
@@ -273,6 +293,15 @@ def evaluate(model: Path, work: Path, tag: str, args, lengths: list[int], cite_l
         res["seconds"]["citation"] = out["citation"]["seconds"].get("citation")
         if res["citation"]:
             res["citation"]["samples"] = res["citation"]["samples"][:6]
+    if "edge_length" in out:
+        by_len, by_depth = out["edge_length"]["passkey"], out["edge_depth"]["passkey"]
+        res["passkey_edge"] = {
+            "samples": args.edge_samples,
+            "depth0_by_length": {str(L): by_len["accuracy"][0][j] for j, L in enumerate(by_len["lengths"])},
+            "by_depth_at_target": {f"{d:g}": row[0] for d, row in zip(by_depth["depths"], by_depth["accuracy"])},
+            "target_len": args.target_len}
+        res["seconds"]["passkey_edge"] = round(sum(out[k]["seconds"].get("passkey", 0)
+                                                   for k in ("edge_length", "edge_depth")), 1)
     res["seconds"]["total"] = round(time.monotonic() - t0, 1)
     for k in ("passkey", "multi_needle"):
         if res[k]:
@@ -410,9 +439,12 @@ def make_plan(args, lengths: list[int], native_lengths: list[int], cite: list[in
     ev = dict(depths=len(args.depths.split(",")), samples=args.samples, ppl_docs=args.ppl_docs, ppl_len=T,
               short_docs=args.short_docs, short_len=args.short_len, citation_n=args.citation_eval,
               batch_tokens=args.batch_tokens, prose=args.heldout_prose != "none")
-    full = budget.eval_s(lengths=lengths, citation_lengths=cite, **ev)["total"]
+    edge = [L for L in edge_lengths(T) for _ in range(args.edge_samples)] + \
+        [T] * (len(EDGE_DEPTHS) * args.edge_samples)
+    full = budget.eval_s(lengths=lengths, citation_lengths=cite, extra_prompts=edge, **ev)["total"]
+    untrained = budget.eval_s(lengths=lengths, citation_lengths=cite[-1:], extra_prompts=edge, **ev)["total"]
     est = {"convert": budget.CONVERT_S, "data": budget.DATA_S, "figures": budget.FIGURES_S, "after": full,
-           "before": full + (0 if args.skip_native else
+           "before": untrained + (0 if args.skip_native else
                              budget.eval_s(lengths=native_lengths, citation_lengths=native_cite, **ev)["total"])}
     if args.rope_compare:
         est["rope"] = 3 * (budget.TRAIN_OVERHEAD_S + args.rope_compare_steps * tokens_per_step / args.train_tokens_per_s
@@ -487,11 +519,17 @@ def run(args, out: Path, work: Path) -> int:
             R.data["eval"]["native_before"] = evaluate(native, work, "native-before", args, native_lengths,
                                                        native_cite)
             R.save()
-        R.data["eval"]["extended_before"] = evaluate(state["ext"], work, "extended-before", args, lengths, cite)
+        # the untrained config's citation questions at the target length only: it follows no answer format (0% at
+        # every length in every run before, ~50 s of 96-token answers), and the target is at that length
+        R.data["eval"]["extended_before"] = evaluate(state["ext"], work, "extended-before", args, lengths, cite[-1:],
+                                                     edge=True)
 
     def do_train():
         measured = (R.data["eval"].get("extended_before") or {}).get("seconds", {}).get("total")
-        after_s = measured or est["after"]
+        # the after-evaluation asks the citation questions at every length, the untrained one at the last only
+        more = budget.generation_s([L for L in cite[:-1] for _ in range(args.citation_eval)], 80, args.batch_tokens,
+                                   budget.CITATION_DECODE_STEP_S) if args.citation_eval else 0.0
+        after_s = measured + more if measured else est["after"]
         left = budget_s - R.elapsed() - after_s - budget.FIGURES_S - budget.MARGIN_S - budget.TRAIN_OVERHEAD_S
         tps = (R.data.get("rope_compare") or {}).get("tokens_per_s") or args.train_tokens_per_s
         steps = args.max_steps or budget.train_steps(left - probe_evals_s(args), tokens_per_step, tps)
@@ -503,7 +541,8 @@ def run(args, out: Path, work: Path) -> int:
         R.data["train"] = train(work, args, state["ext"], work / "run", steps, minutes, max(1, steps // 8))
 
     def after():
-        R.data["eval"]["after"] = evaluate(work / "run" / "final_model", work, "after", args, lengths, cite)
+        R.data["eval"]["after"] = evaluate(work / "run" / "final_model", work, "after", args, lengths, cite,
+                                           edge=True)
 
     def figures():
         try:

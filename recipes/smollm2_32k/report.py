@@ -195,6 +195,7 @@ def section(results: dict, fig_prefix: str = "smollm2_32k/") -> str:
         lines += [f"| {_fmt_len(n['lengths'][-1])}, worst depth | " + " | ".join(_cell(v) for v in depth_min) + " |",
                   "| mean of the evaluated lengths | " + " | ".join(f"{r['mean_accuracy']:.0%}" for r in res) + " |",
                   ""]
+    lines += _edge_table(sides)
     longs = [ev.get("ppl_long") for _, _, ev in sides]
     if all(longs):
         r0 = longs[0]
@@ -250,6 +251,34 @@ def _chat_lines(sides) -> list[str]:
         out.append(f"| {_md(first['prompt'])} | " + " | ".join(_md(a[i]["answer"]) if i < len(a) else "—"
                                                                for _, a in chats) + " |")
     return out + [""]
+
+
+def _edge_table(sides) -> list[str]:
+    """The far-edge probe (gpu_run --edge-samples) of the sides that ran it, with the main grid's depth-0 cells."""
+    have = [(name, ev) for _, name, ev in sides if ev.get("passkey_edge")]
+    if not have:
+        return []
+    e0 = have[0][1]["passkey_edge"]
+    T = e0["target_len"]
+
+    def depth0(ev, L):
+        main = ev.get("passkey") or {}
+        if L in main.get("lengths", []) and 0.0 in main.get("depths", []):
+            return main["accuracy"][main["depths"].index(0.0)][main["lengths"].index(L)]
+        return ev["passkey_edge"]["depth0_by_length"].get(str(L))
+
+    lengths = sorted({int(L) for L in e0["depth0_by_length"]} | {L for _, ev in have
+                                                                  for L in (ev.get("passkey") or {}).get("lengths", [])})
+    lines = [f"**Passkey at the far edge** (the needle at depth 0, right after BOS, by context length; then at "
+             f"{_fmt_len(T)} the needle a little later: distance to the question in tokens; {e0['samples']} prompts "
+             "a cell at the probe's lengths and depths, the main grid's 20 elsewhere)", "",
+             "| needle | " + " | ".join(name for name, _ in have) + " |", "| --- |" + " --- |" * len(have)]
+    for L in lengths:
+        lines.append(f"| depth 0 of {_fmt_len(L)} | " + " | ".join(_cell(depth0(ev, L)) for _, ev in have) + " |")
+    for d in e0["by_depth_at_target"]:
+        lines.append(f"| depth {float(d):.0%} of {_fmt_len(T)} (~{round(T * (1 - float(d))):,} back) | "
+                     + " | ".join(_cell(ev["passkey_edge"]["by_depth_at_target"].get(d)) for _, ev in have) + " |")
+    return lines + [""]
 
 
 def _rope_setting(results: dict) -> list[str]:
