@@ -27,6 +27,8 @@ parameters and optimizer to CPU as `ds_configs/zero3_offload.json` did before pl
     opt_cpu          longctx with every optimizer state on the CPU (ratio 1), its update overlapping the next forward
     opt_cpu_serial   the same with the update after backward, as DeepSpeed runs it (--overlap-optimizer-step off)
     twin_flow        longctx with half the optimizer's sub-groups on the GPU (Twin-Flow, ratio 0.5)
+    twin_flow_most   the same at ratio 0.15: 8 of the 8-layer slice's 10 sub-groups on the GPU, the most the plan
+                     fits beside kept attention at 128K on an H100 (a candidate rule for auto, issue 32)
     all_gpu          longctx with parameters and optimizer on the GPU
     tiled_mlp        longctx with tiled MLP forced on
     sp               longctx with Ulysses sequence parallelism over every rank of the worker
@@ -149,6 +151,8 @@ TECHNIQUES = {t.name: t for t in (
               desc="longctx with every optimizer state on the CPU, updated after backward (DeepSpeed's order)"),
     Technique("twin_flow", _RECIPE, optimizer_ratio=0.5,
               desc="longctx with half the optimizer's sub-groups on the GPU (Twin-Flow ratio 0.5)"),
+    Technique("twin_flow_most", _RECIPE, optimizer_ratio=0.15,
+              desc="longctx with 8 of the 8-layer slice's 10 optimizer sub-groups on the GPU (Twin-Flow ratio 0.15)"),
     Technique("all_gpu", _RECIPE, "none", offload_optimizer="none",
               desc="longctx with parameters and optimizer on the GPU (ZeRO-3, no offload)"),
     Technique("tiled_mlp", _RECIPE + ("--tiled-mlp",), desc="longctx with tiled MLP forced on"),
