@@ -13,6 +13,7 @@ import gzip
 import json
 import shutil
 import sysconfig
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,20 @@ def test_heldout_prose_is_real_text_no_training_source_reads(tmp_path):
     db = heldout_prose.db_path()
     site = [g for g in ltd.site_groups([db.parents[2]]) if g.name.split("/")[1].startswith("hodgeys")]
     assert site == [] and db.suffix == ".db"  # its text lives in a database, its .py files are excluded too
+
+
+@pytest.mark.parametrize("capped", [False, True])
+def test_long_document_lengths_and_the_distances_they_train(tok, sources, capped):
+    """train_long_lengths: one count per training long document, the counts of a re-tokenization (uncapped; a capped
+    build counts its pieces from the group's tokens); and pairs_at_distance against counting the pairs one by one."""
+    kw = dict(max_train_tokens=3000, max_eval_tokens=1500) if capped else {}
+    _, result = _build(tok, sources, **kw)
+    lens, st = result["train_long_lengths"], result["stats"]
+    assert len(lens) == st["train_long_docs"] > 0 and sum(lens) == st["train_long_tokens"]
+    assert max(lens) <= TARGET
+    if not capped:  # the long documents' counts are among the training documents', the short ones are the rest
+        counts = [ltd.n_tokens(tok, t) for t in result["train"]]
+        assert not Counter(lens) - Counter(counts) and sum(counts) - sum(lens) == st["train_short_tokens"]
+    for d in (1, 100, TARGET // 2, max(lens) - 1, max(lens), max(lens) + 5):
+        by_hand = sum(1 for n in lens for i in range(n) if i + d < n)  # the key at i, the query d later
+        assert ltd.pairs_at_distance(lens, [d])[d] == by_hand

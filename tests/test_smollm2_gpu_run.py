@@ -87,6 +87,9 @@ def test_every_phase_on_cpu(inputs):
     cmd = res["train"]["command"]
     assert f"{data / 'train.jsonl'}:0.8" in cmd and f"{data / 'citation_train.jsonl'}:0.2" in cmd
     assert cmd[cmd.index("--eval-data") + 1] == str(data / "probe.jsonl")
+    pairs = res["data"]["long_text"]["pairs_at_distance"]  # how often the data shows each distance, to T's longest
+    assert list(pairs) == [str(d) for d in (T // 4, T // 2, 3 * T // 4, T - 32)]
+    assert list(pairs.values()) == sorted(pairs.values(), reverse=True) and pairs[str(T // 4)] > 0
     # rows longer than the target, so that its distances are trained with room: 1.5 x, and the config holds them
     assert cmd[cmd.index("--max-seq-len") + 1] == str(res["args"]["train_len"]) == "12288"
     trained_from = json.loads((Path(cmd[cmd.index("--model") + 1]) / "config.json").read_text())

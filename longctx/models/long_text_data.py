@@ -224,6 +224,7 @@ def build(tok, groups: list[Group], *, target_len: int, min_long_len: int, short
     eval_cap = max_eval_tokens or float("inf")
     group_cap = max_group_tokens or 4 * target_len
     train_long, eval_long, short_pool = [], [], []
+    long_lens: list[int] = []  # tokens of each training long document (bos and eos included), as counted
     tally = {"long": 0, "eval": 0, "pool": 0}
 
     def needed(g: Group) -> bool:
@@ -266,11 +267,16 @@ def build(tok, groups: list[Group], *, target_len: int, min_long_len: int, short
                 if tally[key] >= cap:
                     break
                 dest.append(piece)
-                tally[key] += min(step, len(ids) - k * step) + 2
+                n = min(step, len(ids) - k * step) + 2
+                tally[key] += n
+                if not held:
+                    long_lens.append(n)
     if not train_long:
         raise LongctxError(f"no group of at least {min_long_len:,} tokens for training; lower --min-long-len or add "
                            "--site-packages")
-    long_tokens = sum(n_tokens(tok, t) for t in train_long) if not capped else tally["long"]
+    if not capped:
+        long_lens = [n_tokens(tok, t) for t in train_long]
+    long_tokens = sum(long_lens)
     want_short = long_tokens * short_share / (1 - short_share) if short_share < 1 else float("inf")
     random.Random(seed).shuffle(short_pool)
     short, short_tokens = [], 0
@@ -289,7 +295,14 @@ def build(tok, groups: list[Group], *, target_len: int, min_long_len: int, short
              "eval_tokens": sum(n_tokens(tok, t) for t in eval_long) if not capped else tally["eval"]}
     if capped:
         stats.update(max_train_tokens=max_train_tokens, max_eval_tokens=max_eval_tokens)
-    return {"train": train, "eval": eval_long, "stats": stats}
+    return {"train": train, "eval": eval_long, "stats": stats, "train_long_lengths": long_lens}
+
+
+def pairs_at_distance(lengths: Iterable[int], distances: Iterable[int]) -> dict[int, int]:
+    """How many (query, key) token pairs d apart one pass over documents of these lengths trains, per distance d
+    (a document of n tokens holds n - d of them): how often the data shows the model each distance."""
+    lengths = list(lengths)
+    return {d: sum(max(0, n - d) for n in lengths) for d in distances}
 
 
 def write(out: Path, result: dict) -> None:

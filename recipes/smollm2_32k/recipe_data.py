@@ -102,7 +102,11 @@ def build(tok, work: Path, args, planned_tokens: int, say=print) -> dict:
     result = ltd.build(tok, groups, target_len=L, min_long_len=T // 4, short_share=0.2, eval_share=args.eval_share,
                        max_train_tokens=int(planned_tokens * long_share * 1.1), max_eval_tokens=eval_tokens)
     ltd.write(data, result)
-    stats["long_text"] = result["stats"] | {"sources": {"stdlib": bool(stdlib_root), "doc_root": args.doc_root,
+    # how often one pass over the long text shows each distance, up to that of the needle at depth 0 of a prompt of
+    # the target length (~T - 32: the needle's value sits a few tokens after BOS, the answer at the end)
+    pairs = ltd.pairs_at_distance(result["train_long_lengths"], (T // 4, T // 2, 3 * T // 4, T - 32))
+    stats["long_text"] = result["stats"] | {"pairs_at_distance": {str(d): n for d, n in pairs.items()},
+                                            "sources": {"stdlib": bool(stdlib_root), "doc_root": args.doc_root,
                                                         "site_packages": [str(s) for s in sites]},
                                             "files_dropped_for_eval_answers": dropped[:50],
                                             "n_files_dropped_for_eval_answers": len(dropped)}

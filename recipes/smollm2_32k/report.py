@@ -168,7 +168,11 @@ def section(results: dict, fig_prefix: str = "smollm2_32k/") -> str:
         lines += [f"Data ({src} of the GPU machine, `long_text_data` capped): {d['train_long_docs']} long "
                   f"documents ({d['train_long_tokens']:,} tokens), {d['train_short_docs']} short ones "
                   f"({d['train_short_tokens']:,} tokens, {d['short_share']:.0%}), held out {d['eval_docs']} documents "
-                  f"({d['eval_tokens']:,} tokens) from groups no training text shares a file with.", ""]
+                  f"({d['eval_tokens']:,} tokens) from groups no training text shares a file with."
+                  + ("" if not d.get("pairs_at_distance") else " Token pairs one pass shows at distance "
+                     + ", ".join(f"{int(k):,}: {v / 1e6:.2f}M" for k, v in d["pairs_at_distance"].items())
+                     + " (within one long document; the last is the needle's at depth 0 of the target length)."),
+                  ""]
     lines += _rope_setting(results)
     c = (results.get("data") or {}).get("citation")
     if c:
