@@ -233,8 +233,10 @@ def _citation_lines(sides) -> list[str]:
         return []
     lengths = sorted({int(L) for _, c in cites for L in c["by_length"]})
     n = max(v["n"] for _, c in cites for v in c["by_length"].values())
+    missing = any(len(c["by_length"]) < len(lengths) for _, c in cites)
     out = [f"**Citation task** (held-out modules; answer: the signature; citation: the document; {n} questions "
-           "per length; answer / citation / both)", "", "| length | " + " | ".join(name for name, _ in cites) + " |",
+           "per length; answer / citation / both"
+           + ("; — : not asked at that length" if missing else "") + ")", "", "| length | " + " | ".join(name for name, _ in cites) + " |",
            "| --- |" + " --- |" * len(cites)]
     for L in lengths:
         row = []
