@@ -66,9 +66,9 @@ def parse(argv=None) -> argparse.Namespace:
     a("--budget-minutes", type=float, default=20.0, help="the whole run; training gets what the rest leaves")
     a("--target-len", type=int, default=32768, help="the new context length: evaluation, the citation task")
     a("--train-len", type=int, default=0, help="training rows and long documents up to this many tokens, and the "
-      "config's position range (default: 1.5 x --target-len, a multiple of 1024; 48K for 32K): retrieval fails at "
-      "the longest distance trained (the native model at its own 8K, every run's 32K config at 32K), so training "
-      "covers the target's distances with room")
+      "config's position range (default: 1.5 x --target-len, a multiple of 1024; 48K for 32K), so every distance "
+      "the evaluation asks is trained (32K rows never show the needle's at depth 0 of 32K; 48K rows did not repair "
+      "that cell either, at 0.86x the tokens/s: docs/RESULTS.md)")
     a("--rope", choices=("ntk", "yarn", "llama3"), default="ntk", help="the RoPE extension when not compared")
     a("--rope-factor", type=float, default=0, help="the RoPE's scale factor (default: 2 x target / native, 8 for "
       "32K: headroom, because retrieval measured to about half the range a RoPE is made for; see from_gguf)")
