@@ -73,6 +73,10 @@ PROFILES: dict[str, dict] = {
     "1xgpu-8b-8L-stock": one_gpu_8b_8l("16K,64K,128K,256K", "longctx:1,stock_best:1,upstream_best:1"),
     # the two stock candidates stock_best picks between, each at every length: whether its pick is the faster
     "1xgpu-8b-8L-stock-candidates": one_gpu_8b_8l("16K,64K,128K", "stock_fa4:1,stock_sdpa_keep:1"),
+    # where the optimizer states go at 128K (issue 32): auto's choice against Twin-Flow at half and at the most the
+    # plan fits beside kept attention (one document), and auto on packed stdlib rows (the overlapped step's MFU
+    # target); with --breakdown --steps 2, ~9 minutes on an H100: start it detached and poll
+    "1xgpu-8b-8L-split": one_gpu_8b_8l("128K", "longctx:1,twin_flow:1,twin_flow_most:1,longctx:stdlib"),
     # where parameters live, and tiled MLP, side by side on one GPU
     "1xgpu-8b-8L-placement": one_gpu_8b_8l("16K,64K,128K", "params_cpu:1,params_gpu:1,tiled_mlp:1"),
     # the 3B shape at full depth (3B + optimizer states fit a 125 GiB host): the default to 256K (the plan's longest
