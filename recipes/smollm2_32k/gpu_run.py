@@ -232,9 +232,11 @@ def check_inputs(args) -> None:
 EDGE_DEPTHS = (0.01, 0.02, 0.05, 0.1)  # at the target length: the needle ~1-10% of it after BOS
 
 
-def edge_lengths(target_len: int) -> list[int]:
-    """The lengths at which the edge probe puts the needle at depth 0: 5/8, 3/4 and 7/8 of the target."""
-    return [target_len * k // 8 for k in (5, 6, 7)]
+def edge_cells(target_len: int) -> list[tuple[str, list[int], list[float]]]:
+    """The far-edge probe's grids, (kind, lengths, depths): the needle at depth 0 at 5/8, 3/4 and 7/8 of the target,
+    and at EDGE_DEPTHS of it."""
+    return [("edge_length", [target_len * k // 8 for k in (5, 6, 7)], [0.0]),
+            ("edge_depth", [target_len], list(EDGE_DEPTHS))]
 
 
 def evaluate(model: Path, work: Path, tag: str, args, lengths: list[int], cite_lengths: list[int],
@@ -267,8 +269,7 @@ def evaluate(model: Path, work: Path, tag: str, args, lengths: list[int], cite_l
                                                    citation_data=str(work / "data" / "citation"),
                                                    citation_max_new_tokens=args.citation_max_new_tokens)))
     if edge and args.edge_samples:
-        for kind, lens, ds in (("edge_length", edge_lengths(args.target_len), [0.0]),
-                               ("edge_depth", [args.target_len], list(EDGE_DEPTHS))):
+        for kind, lens, ds in edge_cells(args.target_len):
             cfgs.append((kind, runner.EvalConfig(**common, output_dir=str(work / f"eval-{kind}-{tag}"),
                                                  tasks=["passkey"], lengths=lens, depths=ds,
                                                  samples=args.edge_samples)))
@@ -439,8 +440,7 @@ def make_plan(args, lengths: list[int], native_lengths: list[int], cite: list[in
     ev = dict(depths=len(args.depths.split(",")), samples=args.samples, ppl_docs=args.ppl_docs, ppl_len=T,
               short_docs=args.short_docs, short_len=args.short_len, citation_n=args.citation_eval,
               batch_tokens=args.batch_tokens, prose=args.heldout_prose != "none")
-    edge = [L for L in edge_lengths(T) for _ in range(args.edge_samples)] + \
-        [T] * (len(EDGE_DEPTHS) * args.edge_samples)
+    edge = [L for _, lens, ds in edge_cells(T) for L in lens for _ in range(len(ds) * args.edge_samples)]
     full = budget.eval_s(lengths=lengths, citation_lengths=cite, extra_prompts=edge, **ev)["total"]
     untrained = budget.eval_s(lengths=lengths, citation_lengths=cite[-1:], extra_prompts=edge, **ev)["total"]
     est = {"convert": budget.CONVERT_S, "data": budget.DATA_S, "figures": budget.FIGURES_S, "after": full,
@@ -459,7 +459,8 @@ def make_plan(args, lengths: list[int], native_lengths: list[int], cite: list[in
     return {"lengths": lengths, "native_lengths": native_lengths, "citation_lengths": cite,
             "tokens_per_step": tokens_per_step, "grad_accum": accum, "planned_steps": steps,
             "planned_tokens": steps * tokens_per_step, "expected_seconds": {k: round(v, 1) for k, v in est.items()},
-            "train_share_expected": round(est["train"] / budget_s, 3), "margin_s": budget.MARGIN_S}
+            "train_share_expected": round(est["train"] / budget_s, 3), "margin_s": budget.MARGIN_S,
+            "citation_after_only_s": round(full - untrained, 1)}
 
 
 def run(args, out: Path, work: Path) -> int:
@@ -527,9 +528,7 @@ def run(args, out: Path, work: Path) -> int:
     def do_train():
         measured = (R.data["eval"].get("extended_before") or {}).get("seconds", {}).get("total")
         # the after-evaluation asks the citation questions at every length, the untrained one at the last only
-        more = budget.generation_s([L for L in cite[:-1] for _ in range(args.citation_eval)], 80, args.batch_tokens,
-                                   budget.CITATION_DECODE_STEP_S) if args.citation_eval else 0.0
-        after_s = measured + more if measured else est["after"]
+        after_s = measured + plan["citation_after_only_s"] if measured else est["after"]
         left = budget_s - R.elapsed() - after_s - budget.FIGURES_S - budget.MARGIN_S - budget.TRAIN_OVERHEAD_S
         tps = (R.data.get("rope_compare") or {}).get("tokens_per_s") or args.train_tokens_per_s
         steps = args.max_steps or budget.train_steps(left - probe_evals_s(args), tokens_per_step, tps)
