@@ -34,6 +34,11 @@ def _sides(results: dict) -> list[tuple[str, str, dict]]:
     return [(k, label, ev[k]) for k, label in SIDES if ev.get(k)]
 
 
+def _row_len(args: dict) -> int:
+    """The training row length: --train-len, or the target before that flag existed (rows were the target)."""
+    return args.get("train_len") or args["target_len"]
+
+
 def _fmt_len(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else f"{n:,}"
 
@@ -88,8 +93,7 @@ def _learning_curve(results: dict, metrics: list[dict], path: Path) -> Path:
     ax.axhline(math.log(10), color="grey", ls=":", lw=0.8, label="a random digit (ln 10)")
     ax.set_xlabel("tokens trained (millions)")
     ax.set_ylabel("nats/token")
-    row = results["args"].get("train_len") or results["args"]["target_len"]
-    ax.set_title(f"train.py, SmolLM2-135M, rows of {_fmt_len(row)} tokens", fontsize=10)
+    ax.set_title(f"train.py, SmolLM2-135M, rows of {_fmt_len(_row_len(results['args']))} tokens", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -145,8 +149,7 @@ def section(results: dict, fig_prefix: str = "smollm2_32k/") -> str:
         tps = _median([r.get("tokens_per_s") for r in steady])
         tfl = _median([r.get("tflops") for r in steady])
         tokens = sum(r.get("tokens") or 0 for r in metrics)
-        row = args.get("train_len") or args["target_len"]  # results.json before --train-len trained at the target
-        lines += [f"Training: {last['step']} steps, {tokens:,} tokens in rows of {_fmt_len(row)}, train loss {metrics[0]['loss']:.3f} → "
+        lines += [f"Training: {last['step']} steps, {tokens:,} tokens in rows of {_fmt_len(_row_len(args))}, train loss {metrics[0]['loss']:.3f} → "
                   f"{last['loss']:.3f}"
                   + (f", passkey-probe answer NLL {last['eval_loss']:.3f}" if last.get("eval_loss") is not None
                      else "")
@@ -277,7 +280,8 @@ def _edge_table(sides) -> list[str]:
                                                                   for L in (ev.get("passkey") or {}).get("lengths", [])})
     lines = [f"**Passkey at the far edge** (the needle at depth 0, right after BOS, by context length; then at "
              f"{_fmt_len(T)} the needle a little later: distance to the question in tokens; {e0['samples']} prompts "
-             "a cell at the probe's lengths and depths, the main grid's 20 elsewhere)", "",
+             f"a cell at the probe's lengths and depths, the main grid's "
+             f"{(have[0][1].get('passkey') or {}).get('samples_per_cell', '—')} elsewhere)", "",
              "| needle | " + " | ".join(name for name, _ in have) + " |", "| --- |" + " --- |" * len(have)]
     for L in lengths:
         lines.append(f"| depth 0 of {_fmt_len(L)} | " + " | ".join(_cell(depth0(ev, L)) for _, ev in have) + " |")
